@@ -1,0 +1,46 @@
+# Two commands do all set-up:  `make train`  and  `make test`.
+# Both create .venv if missing, install the pinned dependency set and the
+# project (compiling lafs_kernels._C), and are fast when nothing changed.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMPS      := $(VENV)/.stamps
+CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+MAX_JOBS    ?= 2
+export CUDA_HOME MAX_JOBS
+
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+
+.PHONY: setup train test test-fast bench info clean
+
+setup: $(STAMPS)/project
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/deps: $(PY) requirements.txt constraints.txt
+	$(PIP) install --upgrade pip -c constraints.txt -q || true
+	$(PIP) install -r requirements.txt -c constraints.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+# --no-build-isolation: the extension must be compiled against the torch in .venv.
+$(STAMPS)/project: $(STAMPS)/deps pyproject.toml $(EXT_SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e . -c constraints.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+train: setup
+	$(PY) -m lafs.train
+
+test: setup
+	$(PY) -m pytest tests -q --durations=15
+
+info: setup
+	$(PY) -m lafs_kernels.info
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build *.egg-info lafs_kernels/_C*.so lafs_kernels/_build_info.json $(STAMPS)

@@ -1,0 +1,33 @@
+// Schemas of the raw kernels in lafs_kernels._C.  These are backend kernels
+// without autograd: the public ops (Python `torch.library.custom_op`s in
+// lafs_kernels/ops/) call them and own the autograd formulas.  CPU
+// implementations live in csrc/cpu/, CUDA ones in csrc/cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef LAFS_WITH_CUDA
+int64_t lafs_cuda_runtime_version();  // csrc/cuda/runtime_version.cu
+#else
+static int64_t lafs_cuda_runtime_version() { return 0; }
+#endif
+
+TORCH_LIBRARY(lafs_kernels, m) {
+  // Landmark patch gather (SPEC section 1) on already selected and jittered
+  // centres.  image [B, C, H, W]; centres [B, K, 2] float32 (x, y) in pixels;
+  // returns tokens [B, K, P*P*C] in image's dtype.
+  m.def("_patch_gather_fwd(Tensor image, Tensor centres, int patch_size) -> Tensor");
+  // Gradients of _patch_gather_fwd.  grad_tokens [B, K, P*P*C].  Returns
+  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] float32
+  // or an empty tensor).  deterministic=True avoids float atomics.
+  m.def(
+      "_patch_gather_bwd(Tensor grad_tokens, Tensor image, Tensor centres, int patch_size, "
+      "bool need_image_grad, bool need_centre_grad, bool deterministic) -> (Tensor, Tensor)");
+  // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
+  // 0 when they were not compiled; `info` and the import check compare it.
+  m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);
+}
+
+// The extension is loaded as a Python module; the ops register themselves
+// through the static initialisers above, so the module itself is empty.
+static struct PyModuleDef lafs_kernels_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lafs_kernels_C_module); }

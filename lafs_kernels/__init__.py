@@ -1,0 +1,18 @@
+"""Fused kernels for LAFS / Part fViT face recognition.
+
+Public operations (each dispatches to the best backend for its inputs;
+``python -m lafs_kernels.info`` shows which are available here):
+
+* :func:`landmark_patch_gather` -- landmark-centred P x P patches as tokens.
+* :func:`margin_softmax_cross_entropy` -- CosFace / ArcFace / combined margin
+  softmax cross-entropy without materialising the ``[batch, classes]`` logits.
+
+Modules live in :mod:`lafs_kernels.nn`; functions with the original LAFS and
+insightface signatures in :mod:`lafs_kernels.compat`.
+"""
+from ._dispatch import BackendUnavailableError
+from .ops.landmark_patch_gather import landmark_patch_gather
+from .ops.margin_softmax import margin_softmax_cross_entropy
+
+__version__ = "0.1.0"
+__all__ = ["landmark_patch_gather", "margin_softmax_cross_entropy", "BackendUnavailableError", "__version__"]

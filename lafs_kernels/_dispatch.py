@@ -1,0 +1,176 @@
+"""Backend selection, one mechanism for every op.
+
+Backends:
+  ``torch``   the pure-PyTorch reference; runs everywhere.
+  ``cpu``     the C++ kernels of the compiled extension ``lafs_kernels._C``.
+  ``triton``  Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``.
+  ``cuda``    the CUDA kernels of ``lafs_kernels._C``.
+An op may add its own (the margin loss has ``chunked``, a blockwise PyTorch path).
+
+Each op builds an :class:`OpBackends` from :class:`Backend` declarations: the
+devices and dtypes a backend supports, what it needs installed, and any
+call-specific limits.  ``select`` answers with a backend name:
+
+* a backend forced by ``backend=`` or ``LAFS_KERNELS_BACKEND`` that cannot run
+  raises :class:`BackendUnavailableError` listing every reason;
+* otherwise the first backend of the device's preference list that can run is
+  chosen, silently falling back down the list.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import _extension
+
+ENV_BACKEND = "LAFS_KERNELS_BACKEND"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run this call; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """The facts about one call that decide which backend may run it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    deterministic: bool = False
+    requires_grad: bool = False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_missing_reason() -> Optional[str]:
+    """None when Triton can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # a broken install must not break import of lafs_kernels
+        return f"triton failed to import: {exc}"
+    return None
+
+
+def requires_triton(call: Call) -> list[str]:
+    reasons = []
+    missing = triton_missing_reason()
+    if missing:
+        reasons.append(missing)
+    if call.device.type == "cpu" and not triton_interpret():
+        reasons.append("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    return reasons
+
+
+def requires_extension(kind: str) -> Callable[[Call], list[str]]:
+    """Requirement that the compiled extension has ``kind`` ('cpu' or 'cuda') kernels."""
+
+    def check(call: Call) -> list[str]:
+        reason = _extension.missing_reason(kind)
+        return [reason] if reason else []
+
+    check.__name__ = f"requires_{kind}_extension"
+    return check
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one backend of one op supports.
+
+    ``checks`` are extra functions ``Call -> list of reasons`` (installation
+    state, determinism, call-specific limits); an empty list means it can run.
+    """
+
+    name: str
+    devices: frozenset
+    dtypes: tuple = FLOAT_DTYPES
+    checks: tuple = ()
+    deterministic: bool = True
+
+    def why_not(self, call: Call) -> list[str]:
+        reasons = []
+        if call.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(sorted(self.devices))} tensors, got {call.device.type}")
+        if call.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports dtypes {names}, got {str(call.dtype).replace('torch.', '')}")
+        if call.deterministic and not self.deterministic:
+            reasons.append("has no deterministic mode")
+        for check in self.checks:
+            reasons.extend(check(call))
+        return reasons
+
+
+@dataclass
+class OpBackends:
+    """The backends of one op and their order of preference per device type."""
+
+    op: str
+    backends: Sequence[Backend]
+    preference: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._by_name = {b.name: b for b in self.backends}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def why_not(self, name: str, call: Call) -> list[str]:
+        return self._by_name[name].why_not(call)
+
+    def select(self, call: Call, backend: Optional[str] = None) -> str:
+        forced, source = (backend, "backend=") if backend else (os.environ.get(ENV_BACKEND) or None, ENV_BACKEND)
+        if forced:
+            if forced not in self._by_name:
+                raise BackendUnavailableError(
+                    f"{self.op}: unknown backend {forced!r} (from {source}); this op has {', '.join(self.names)}"
+                )
+            reasons = self.why_not(forced, call)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"{self.op}: backend {forced!r} (from {source}) cannot run this call: " + "; ".join(reasons)
+                )
+            return forced
+        for name in self.preference.get(call.device.type, self.names):
+            if not self.why_not(name, call):
+                return name
+        reasons = {name: self.why_not(name, call) for name in self.names}
+        raise BackendUnavailableError(f"{self.op}: no backend can run this call: {reasons}")
+
+    def availability(self, device: str, dtype: torch.dtype = torch.float32) -> dict:
+        """{backend name: list of reasons it cannot run} for a typical call on ``device``."""
+        call = Call(device=torch.device(device), dtype=dtype)
+        return {name: self.why_not(name, call) for name in self.names}
+
+
+REGISTRY: dict[str, OpBackends] = {}
+
+
+def register(op_backends: OpBackends) -> OpBackends:
+    """Make an op's backends known to ``python -m lafs_kernels.info``."""
+    REGISTRY[op_backends.op] = op_backends
+    return op_backends
+
+
+def deterministic_requested(deterministic: Optional[bool]) -> bool:
+    """``deterministic=None`` follows ``torch.use_deterministic_algorithms``."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return bool(deterministic)
+
+
+def call_of(tensor: torch.Tensor, *, deterministic: bool = False, requires_grad: bool = False) -> Call:
+    return Call(device=tensor.device, dtype=tensor.dtype, deterministic=deterministic, requires_grad=requires_grad)

@@ -1,0 +1,44 @@
+"""Shared test conventions.
+
+* ``@pytest.mark.gpu`` tests need a CUDA device and skip cleanly without one.
+* Every test gets fresh random inputs: the ``rng`` fixture seeds from the
+  test's name and a per-run salt, so failures print the seed that reproduces them.
+* ``LAFS_TEST_SEED=<int>`` fixes the salt to replay a run.
+* Without a GPU, Triton kernels run on CPU tensors through the interpreter:
+  ``TRITON_INTERPRET=1`` is set here, before any kernel is decorated, because
+  ``triton.jit`` decides at decoration time whether to interpret.
+"""
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+RUN_SALT = int(os.environ.get("LAFS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"lafs test salt: LAFS_TEST_SEED={RUN_SALT}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A torch.Generator seeded freshly per test (seed shown on failure)."""
+    seed = (zlib.crc32(request.node.nodeid.encode()) ^ RUN_SALT) % (2**31)
+    request.node.user_properties.append(("seed", seed))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return gen

@@ -1,0 +1,49 @@
+"""Tolerances, in one place, for comparing a backend with the float64 reference.
+
+float32 results are judged by absolute and relative tolerances.  A float16 /
+bfloat16 result is judged against how far the same-dtype PyTorch computation
+is from float64: the backend's error may be at most ``LOW_PRECISION_FACTOR``
+times that error (plus a small floor for the case where the reference happens
+to be exact).
+"""
+import torch
+
+ATOL_RTOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+LOW_PRECISION_FACTOR = 2.0
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, scale=1.0, msg=""):
+    """Compare with the per-dtype tolerance of ``dtype`` (default: actual's).
+
+    ``scale`` widens both tolerances for quantities that sum many terms (for
+    example a gradient accumulated over a whole patch).
+    """
+    dtype = dtype or actual.dtype
+    atol, rtol = ATOL_RTOL[dtype]
+    torch.testing.assert_close(
+        actual.detach().to(torch.float64).cpu(),
+        expected.detach().to(torch.float64).cpu(),
+        atol=atol * scale,
+        rtol=rtol * scale,
+        msg=(lambda m: f"{msg}\n{m}") if msg else None,
+    )
+
+
+def assert_close_low_precision(actual, same_dtype_reference, float64_reference, *, floor=None, msg=""):
+    """Low-precision check: |actual - ref64| <= factor * |same_dtype_ref - ref64| + floor (max norms)."""
+    ref64 = float64_reference.detach().to(torch.float64).cpu()
+    err_ours = (actual.detach().to(torch.float64).cpu() - ref64).abs().max().item()
+    err_torch = (same_dtype_reference.detach().to(torch.float64).cpu() - ref64).abs().max().item()
+    if floor is None:
+        floor = ATOL_RTOL[actual.dtype][0] * max(1.0, ref64.abs().max().item())
+    bound = LOW_PRECISION_FACTOR * err_torch + floor
+    assert err_ours <= bound, (
+        f"{msg} max error {err_ours:.3e} vs float64 exceeds {LOW_PRECISION_FACTOR} x same-dtype PyTorch error "
+        f"{err_torch:.3e} + {floor:.1e}"
+    )
