@@ -21,7 +21,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMPS)/deps: $(PY) requirements.txt constraints.txt
-	$(PIP) install --upgrade pip -c constraints.txt -q || true
+	$(PIP) install --upgrade pip -c constraints.txt
 	$(PIP) install -r requirements.txt -c constraints.txt
 	@mkdir -p $(STAMPS) && touch $@
 

@@ -103,6 +103,8 @@ class Backend:
         reasons = []
         if call.device.type not in self.devices:
             reasons.append(f"runs on {'/'.join(sorted(self.devices))} tensors, got {call.device.type}")
+        elif call.device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("no CUDA device is available")
         if call.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"supports dtypes {names}, got {str(call.dtype).replace('torch.', '')}")

@@ -21,7 +21,6 @@ def collect() -> dict:
 
         triton_version = triton.__version__
     loaded, ext_reason = _extension.load()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
         "lafs_kernels": lafs_kernels.__version__,
         "python": platform.python_version(),
@@ -35,7 +34,7 @@ def collect() -> dict:
         "extension_cuda_runtime": _extension.cuda_runtime_version(),
         "build_info": _extension.build_info(),
         "ops": {
-            op: {device: backends.availability(device) for device in devices}
+            op: {device: backends.availability(device) for device in ("cpu", "cuda")}
             for op, backends in sorted(_dispatch.REGISTRY.items())
         },
     }
