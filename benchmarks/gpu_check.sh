@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The one check of the GPU paths, for a machine with an NVIDIA H100/H200 (CUDA 13, torch and Triton
+# installed, no network). In under eight minutes it
+#   1. finds Python (.venv/bin/python, else python3; LAFS_GPU_CHECK_PYTHON overrides) and the CUDA toolkit,
+#   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed),
+#   3. runs the GPU-marked tests (pytest -m gpu tests),
+#   4. runs the GPU benchmarks at the issues' shapes (pytest benchmarks --benchmark-only),
+#   5. prints a short table last.
+# Writes into OUT_DIR: build.log info.txt tests.log bench.log bench.json RESULTS.md summary.txt.
+# Exit status 0 only when every step passed; otherwise FAIL lines name the failed steps.
+#
+# usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run]
+#   --dry-run (or LAFS_GPU_CHECK_CPU=1): on a machine without a GPU, run every step up to the first GPU
+#   call (environment, toolkit, CUDA build, build record) and stop there.
+set -uo pipefail
+
+usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+DRY_RUN=${LAFS_GPU_CHECK_CPU:-0}
+for arg in "$@"; do
+  case $arg in --dry-run) DRY_RUN=1 ;; *) usage ;; esac
+done
+case $DRY_RUN in ""|0) DRY_RUN=0 ;; *) DRY_RUN=1 ;; esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+START=$(date +%s)
+FAILED=()
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+say() { echo "gpu_check [$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
+fail() { FAILED+=("$1"); echo "FAIL: $1" | tee -a "$SUMMARY" >&2; }
+finish() {
+  say "total $(( $(date +%s) - START ))s; outputs in $OUT"
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    for f in "${FAILED[@]}"; do echo "FAIL: $f" | tee -a "$SUMMARY"; done
+    exit 1
+  fi
+  echo "$1" | tee -a "$SUMMARY"
+  exit 0
+}
+abort() { fail "$1"; finish "unreachable"; }
+
+# ---- 1. Python and toolkit ------------------------------------------------------------------------------
+PY=${LAFS_GPU_CHECK_PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in "$ROOT/.venv/bin/python" python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
+      PY=$candidate; break
+    fi
+  done
+fi
+[ -n "$PY" ] || abort "no Python with torch found (.venv/bin/python, python3); set LAFS_GPU_CHECK_PYTHON"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+say "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+
+VERSIONS=$("$PY" - <<'EOF'
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except Exception as exc:
+    triton_version = f"MISSING ({exc})"
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, GPU: {gpu}")
+EOF
+) || abort "torch failed to import"
+say "$VERSIONS"
+case $VERSIONS in *"triton MISSING"*) fail "triton is not importable: the Triton GPU paths cannot be checked" ;; esac
+case $VERSIONS in *"(CUDA None)"*) abort "torch is a CPU-only build: install a CUDA build of torch" ;; esac
+
+HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$HAS_GPU" != "1" ] && [ "$DRY_RUN" = "0" ]; then
+  abort "no CUDA device visible to torch (torch.cuda.is_available() is False); use --dry-run to check the build only"
+fi
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+  --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /' | tee -a "$SUMMARY"
+
+find_cuda_home() {
+  local nvcc
+  for home in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13* /opt/cuda; do
+    [ -n "$home" ] && [ -x "$home/bin/nvcc" ] && { echo "$home"; return; }
+  done
+  # nvcc on the PATH may be a wrapper outside the toolkit: accept it only next to include/cuda.h
+  nvcc=$(command -v nvcc 2>/dev/null) && nvcc=$(readlink -f "$nvcc") \
+    && [ -f "$(dirname "$(dirname "$nvcc")")/include/cuda.h" ] && { dirname "$(dirname "$nvcc")"; return; }
+  # the pip wheel nvidia-cuda-nvcc
+  "$PY" -c "import nvidia.cuda_nvcc, os; print(os.path.dirname(nvidia.cuda_nvcc.__file__))" 2>/dev/null
+}
+CUDA_HOME=$(find_cuda_home)
+[ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/nvcc" ] || abort "no CUDA toolkit with nvcc found; set CUDA_HOME"
+export CUDA_HOME
+say "CUDA_HOME=$CUDA_HOME: $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*')"
+
+# ---- 2. build the extension for sm_90 -------------------------------------------------------------------
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+"$PY" -c "import ninja" >/dev/null 2>&1 || command -v ninja >/dev/null 2>&1 \
+  || say "warning: ninja not found: the extension compiles one file at a time"
+say "building lafs_kernels._C (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) -> build.log"
+if ! timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -n 30 "$OUT/build.log" >&2
+  abort "build of the extension failed or took over 300 s (see build.log)"
+fi
+"$PY" -m lafs_kernels.info > "$OUT/info.txt" 2>&1 || abort "python -m lafs_kernels.info failed (see info.txt)"
+"$PY" - <<'EOF' >> "$OUT/info.txt" 2>&1 || abort "the build has no CUDA kernels or does not load (see info.txt)"
+from lafs_kernels import _extension
+loaded, reason = _extension.load()
+compiled = _extension.build_info().get("backends_compiled", [])
+assert loaded, f"extension does not load: {reason}"
+assert "cuda" in compiled, f"extension built without CUDA kernels: {_extension.build_info()}"
+print(f"extension loads; CUDA kernels compiled for {_extension.build_info().get('cuda_arch_list')}")
+EOF
+say "build ok: $(tail -n 1 "$OUT/info.txt")"
+
+if [ "$HAS_GPU" != "1" ]; then
+  say "DRY RUN: no GPU on this machine; every step before the first GPU call passed. Stopping here."
+  finish "DRY RUN PASSED (GPU tests and benchmarks not run)"
+fi
+
+# ---- 3. GPU tests ---------------------------------------------------------------------------------------
+say "GPU tests: pytest -m gpu tests -> tests.log"
+timeout 150 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > "$OUT/tests.log" 2>&1
+status=$?
+tail -n 3 "$OUT/tests.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+case $status in
+  0) ;;
+  5) fail "no GPU-marked tests were collected (tests.log)" ;;
+  124) fail "GPU tests took over 150 s (tests.log)" ;;
+  *) fail "GPU tests failed (exit $status, tests.log)"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 | tee -a "$SUMMARY" ;;
+esac
+
+# ---- 4. GPU benchmarks ----------------------------------------------------------------------------------
+say "GPU benchmarks: pytest benchmarks --benchmark-only -> bench.log, bench.json"
+LAFS_BENCH_BUDGET_S=${LAFS_BENCH_BUDGET_S:-0.5} timeout 240 "$PY" -m pytest benchmarks --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json "$OUT/bench.json" --benchmark-columns=median,rounds,iterations \
+  > "$OUT/bench.log" 2>&1
+status=$?
+tail -n 3 "$OUT/bench.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+case $status in
+  0) ;;
+  124) fail "benchmarks took over 240 s (bench.log)" ;;
+  *) fail "benchmarks failed (exit $status, bench.log): a mismatch with a baseline fails its benchmark"
+     grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head -n 20 | tee -a "$SUMMARY" ;;
+esac
+
+# ---- 5. report ------------------------------------------------------------------------------------------
+if [ -s "$OUT/bench.json" ]; then
+  "$PY" benchmarks/report.py "$OUT/bench.json" --out "$OUT/RESULTS.md" --charts none --summary \
+    | tee -a "$SUMMARY" || fail "report.py failed"
+else
+  fail "no benchmark JSON was written"
+fi
+finish "PASS: build, GPU tests and benchmarks (targets above: met / MISSED)"

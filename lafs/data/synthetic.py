@@ -1,0 +1,519 @@
+"""Synthetic aligned faces: the built-in data set that needs no files.
+
+Each identity is a set of face-part parameters (outline, hairline, eyes, brows,
+nose, mouth, and part textures: iris tone, brow style, freckles, moles,
+stubble, wrinkles) drawn from a seeded generator; each image of an identity
+adds nuisances that carry no identity: skin tone, hair and background colour,
+background clutter, pose (in-plane rotation, scale, shift, a yaw-like parallax
+of the inner parts), expression (smile, open mouth, raised brows, eye
+openness), lighting (gradient, brightness, colour cast), blur and noise.  Skin
+tone and background are per image on purpose, so that a global colour never
+identifies anybody.
+
+Faces are drawn around the ArcFace template (eyes near y=52, nose tip near
+y=72, mouth corners near y=92 in a 112x112 crop), so they look like
+insightface's aligned crops, and every image comes with its five landmarks.
+Drawing is polygon filling with cv2 (anti-aliased, sub-pixel), well under a
+millisecond per face.
+"""
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from .image import IMAGE_SIZE, apply_transform
+
+# Points are drawn with cv2's fixed-point `shift` for sub-pixel placement.
+_SHIFT = 4
+_SCALE = 1 << _SHIFT
+_CENTER_X = 56.0
+_ROTATION_CENTER = (56.0, 62.0)
+
+# Depth of each part for the yaw-like parallax: the nose moves most, the outline least.
+_DEPTH_OUTLINE, _DEPTH_CHEEK, _DEPTH_EYES, _DEPTH_MOUTH, _DEPTH_NOSE = 0.0, 0.35, 0.55, 0.6, 1.0
+
+
+class SyntheticFaces(torch.utils.data.Dataset):
+    """Deterministic synthetic face data set, rendered on the fly.
+
+    Item ``i`` is image ``i % images_per_identity`` of identity ``i // images_per_identity``
+    (label = that identity, 0..num_identities-1).  Identities are global indices
+    ``identity_offset + label``: data sets with the same ``seed`` and disjoint
+    offset ranges hold disjoint identities (held-out verification identities).
+
+    ``difficulty`` scales every per-image nuisance (0: identical images per
+    identity apart from the random skin tone and background, 1: the default
+    strength; values up to about 2 stay face-like).  ``transform`` receives the
+    uint8 ``[112,112,3]`` RGB array and returns one.  ``cache=True`` keeps the
+    rendered uint8 images in memory (37 KB each).
+
+    ``dataset[i] -> (image float32 [3,112,112] in [-1, 1], label int)``;
+    ``render(i) -> (rgb uint8 [112,112,3], label, five_points float32 [5,2])``.
+    """
+
+    def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, identity_offset: int = 0,
+                 difficulty: float = 1.0, transform=None, cache: bool = False):
+        if num_identities < 1 or images_per_identity < 1:
+            raise ValueError(f"need at least one identity and one image per identity, got "
+                             f"num_identities={num_identities}, images_per_identity={images_per_identity}")
+        if seed < 0 or identity_offset < 0:
+            raise ValueError(f"seed and identity_offset must be non-negative, got {seed}, {identity_offset}")
+        if not 0.0 <= difficulty <= 3.0:
+            raise ValueError(f"difficulty must be in [0, 3], got {difficulty}")
+        self.num_identities = int(num_identities)
+        self.images_per_identity = int(images_per_identity)
+        self.seed = int(seed)
+        self.identity_offset = int(identity_offset)
+        self.difficulty = float(difficulty)
+        self.transform = transform
+        self.labels = np.repeat(np.arange(self.num_identities, dtype=np.int64), self.images_per_identity)
+        self.num_classes = self.num_identities
+        self._identities = {}
+        self._cache = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image, label, _ = self.render(index)
+        return apply_transform(image, self.transform, f"SyntheticFaces item {index}"), label
+
+    def render(self, index: int):
+        """Image ``index`` as (rgb uint8 [112,112,3], label, five_points float32 [5,2] in pixels:
+        left eye, right eye, nose tip, left mouth corner, right mouth corner)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"SyntheticFaces index {index} out of range for {len(self)} images")
+        index = int(index) % len(self)
+        if self._cache is not None and index in self._cache:
+            image, points = self._cache[index]
+            return image.copy(), int(self.labels[index]), points.copy()
+        label, image_number = divmod(index, self.images_per_identity)
+        identity = self._identity(label)
+        rng = np.random.default_rng([self.seed, 2, self.identity_offset + label, image_number])
+        image, points = _render_face(identity, _sample_nuisance(rng, self.difficulty), rng)
+        if self._cache is not None:
+            self._cache[index] = (image, points)
+            image, points = image.copy(), points.copy()
+        return image, label, points
+
+    def _identity(self, label: int) -> dict:
+        if label not in self._identities:
+            rng = np.random.default_rng([self.seed, 1, self.identity_offset + label])
+            self._identities[label] = _sample_identity(rng)
+        return self._identities[label]
+
+
+def verification_pairs(dataset, num_pairs: int, seed: int = 0):
+    """Balanced verification pairs from a data set's identities (e.g. held-out ``SyntheticFaces``).
+
+    Returns ``(images float32 [2N,3,112,112], issame bool [N])`` with pair ``i`` =
+    ``images[2i], images[2i+1]`` (the order of insightface's ``.bin`` files); the
+    first ``N // 2`` drawn pairs are positive (two different images of one
+    identity) and the rest negative, then the pair order is shuffled.
+    """
+    if num_pairs < 2:
+        raise ValueError(f"num_pairs must be at least 2 (one positive, one negative), got {num_pairs}")
+    labels = np.asarray(dataset.labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    repeated = classes[counts >= 2]
+    if len(repeated) == 0 or len(classes) < 2:
+        raise ValueError("verification pairs need an identity with at least two images and at least two identities")
+    members = {label: np.flatnonzero(labels == label) for label in classes}
+    rng = np.random.default_rng(seed)
+    num_positive = num_pairs // 2
+    pairs = []
+    for label in rng.choice(repeated, size=num_positive):
+        first, second = rng.choice(members[label], size=2, replace=False)
+        pairs.append((first, second, True))
+    for _ in range(num_pairs - num_positive):
+        label_a, label_b = rng.choice(classes, size=2, replace=False)
+        pairs.append((rng.choice(members[label_a]), rng.choice(members[label_b]), False))
+    order = rng.permutation(num_pairs)
+    images = torch.empty(2 * num_pairs, 3, IMAGE_SIZE, IMAGE_SIZE)
+    issame = np.empty(num_pairs, dtype=bool)
+    for slot, pair_index in enumerate(order):
+        first, second, same = pairs[pair_index]
+        images[2 * slot] = dataset[int(first)][0]
+        images[2 * slot + 1] = dataset[int(second)][0]
+        issame[slot] = same
+    return images, issame
+
+
+def _sample_identity(rng: np.random.Generator) -> dict:
+    """Face-part parameters of one identity, in the canonical (upright, frontal) 112x112 frame."""
+    u = rng.uniform
+    eye_half_spacing = u(14.0, 21.0)
+    return {
+        "face_center_y": u(57.0, 63.0),
+        "face_half_width": u(33.0, 43.0),
+        "face_half_height": u(45.0, 54.0),
+        "forehead_power": u(2.0, 3.4),   # superellipse exponents: larger = squarer
+        "chin_power": u(1.5, 3.0),
+        "jaw_taper": u(0.0, 0.3),
+        "hairline_y": u(12.0, 30.0),
+        "hairline_curve": u(-8.0, 14.0),
+        "hairline_tilt": u(-6.0, 6.0),
+        "hair_strands": rng.integers(0, 14),
+        "hair_strand_angle": u(-0.8, 0.8),
+        "eye_half_spacing": eye_half_spacing,
+        "eye_y": u(49.0, 55.0),
+        "eye_half_width": u(5.5, 8.5),
+        "eye_height_up": u(2.2, 4.6),
+        "eye_height_down": u(1.2, 3.4),
+        "eye_tilt": u(-0.28, 0.28),
+        "iris_radius": u(0.45, 0.75),   # fraction of the eye opening
+        "iris_tone": u(0.15, 0.7),      # darkness relative to the sclera
+        "lid_thickness": int(rng.integers(1, 3)),
+        "brow_gap": u(5.0, 11.0),
+        "brow_length": u(11.0, 20.0),
+        "brow_offset": u(-3.0, 3.0),
+        "brow_thickness": u(1.5, 4.5),
+        "brow_taper": u(0.2, 1.0),
+        "brow_arch": u(-1.5, 5.0),
+        "brow_slope": u(-0.3, 0.3),
+        "brow_hatched": bool(rng.random() < 0.35),
+        "nose_tip_y": u(68.0, 76.0),
+        "nose_length": u(12.0, 24.0),
+        "nose_half_width": u(5.0, 10.5),
+        "nose_bridge_half_width": u(1.5, 4.5),
+        "nostril_radius": u(1.0, 2.6),
+        "nose_tip_drop": u(0.5, 4.0),
+        "mouth_y": u(88.0, 95.0),
+        "mouth_half_width": u(10.0, 17.0),
+        "upper_lip": u(1.5, 4.5),
+        "lower_lip": u(2.0, 6.0),
+        "cupid_bow": u(0.0, 1.8),
+        "mouth_curve": u(-2.0, 2.0),
+        "lip_tone": u(0.55, 0.9),
+        "moles": u([8.0, 20.0], [104.0, 104.0], size=(int(rng.integers(0, 4)), 2)),
+        "mole_radius": u(0.8, 2.0),
+        "freckles": u([20.0, 55.0], [92.0, 85.0], size=(int(rng.integers(0, 40)) * int(rng.random() < 0.4), 2)),
+        "stubble": u([30.0, 80.0], [82.0, 112.0], size=(int(rng.integers(60, 160)) * int(rng.random() < 0.3), 2)),
+        "forehead_wrinkles": int(rng.integers(0, 4)),
+        "nasolabial_depth": u(0.0, 1.0) * (rng.random() < 0.5),
+    }
+
+
+def _sample_nuisance(rng: np.random.Generator, difficulty: float) -> dict:
+    """Per-image nuisances; every strength is proportional to ``difficulty``."""
+    d = difficulty
+    n = rng.standard_normal
+    skin_level = rng.uniform(0.0, 1.0)
+    dark, light = np.array([95.0, 62.0, 45.0]), np.array([240.0, 205.0, 180.0])
+    return {
+        "angle": float(np.clip(n() * 9.0 * d, -25.0, 25.0)),
+        "scale": float(math.exp(np.clip(n() * 0.06 * d, -0.2, 0.2))),
+        "shift": np.clip(n(2) * 2.5 * d, -7.0, 7.0),
+        "yaw": float(np.clip(n() * 0.35 * d, -0.8, 0.8)),
+        "smile": float(n() * 2.0 * d),
+        "mouth_open": float(max(0.0, n() * 2.5 * d)),
+        "brow_raise": float(n() * 1.5 * d),
+        "eye_open": float(math.exp(np.clip(n() * 0.25 * d, -0.9, 0.4))),
+        "skin": dark + (light - dark) * skin_level + n(3) * 12.0,
+        "hair": rng.uniform(15.0, 110.0) * np.array([1.0, 0.85, 0.7]) + n(3) * 8.0,
+        "background": rng.uniform(0.0, 255.0, size=3),
+        "background_corners": rng.uniform(-40.0, 40.0, size=(4, 3)),
+        "clutter": int(rng.poisson(3.0 * d)),
+        "light_gradient": rng.uniform(0.0, 0.55 * d),
+        "light_angle": rng.uniform(0.0, 2.0 * math.pi),
+        "brightness": float(math.exp(np.clip(n() * 0.2 * d, -0.6, 0.5))),
+        "color_cast": np.exp(np.clip(n(3) * 0.06 * d, -0.2, 0.2)),
+        "blur_sigma": rng.uniform(0.0, 1.1 * d),
+        "noise_std": rng.uniform(1.0, 7.0) * d,
+    }
+
+
+class _Pose:
+    """Maps canonical points to image pixels: yaw-like parallax by depth, then rotation/scale/shift."""
+
+    def __init__(self, nuisance: dict):
+        cx, cy = _ROTATION_CENTER
+        angle = math.radians(nuisance["angle"])
+        scale = nuisance["scale"]
+        cos, sin = scale * math.cos(angle), scale * math.sin(angle)
+        tx, ty = nuisance["shift"]
+        self.matrix = np.array([[cos, -sin], [sin, cos]])
+        self.offset = np.array([cx - cos * cx + sin * cy + tx, cy - sin * cx - cos * cy + ty])
+        self.yaw = nuisance["yaw"]
+
+    def __call__(self, points: np.ndarray, depth) -> np.ndarray:
+        """points [N,2] canonical, depth scalar or [N] -> [N,2] pixel coordinates."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        x = _CENTER_X + (points[:, 0] - _CENTER_X) * (1.0 - 0.12 * abs(self.yaw)) + self.yaw * 9.0 * np.asarray(depth)
+        return np.stack([x, points[:, 1]], axis=1) @ self.matrix.T + self.offset
+
+
+class _DrawList:
+    """Primitives in the canonical frame, posed together and drawn in order.
+
+    Colours are ``skin_gain * skin + hair_gain * hair + constant`` so one list
+    built per identity serves every image (whose skin and hair colours differ).
+    Kinds: ``fill`` (polygon), ``line`` (open polyline), ``pixels`` (one pixel per
+    point: freckle and stubble textures), ``disc`` (points[0] centre, points[1]
+    x = radius).
+    """
+
+    def __init__(self):
+        self.kinds, self.points, self.depths, self.thickness = [], [], [], []
+        self.skin_gain, self.hair_gain, self.constant = [], [], []
+
+    def add(self, kind, points, depth, skin=0.0, hair=0.0, constant=0.0, thickness=1):
+        self.kinds.append(kind)
+        self.points.append(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+        self.depths.append(depth)
+        self.thickness.append(max(1, int(round(thickness))))
+        self.skin_gain.append(skin)
+        self.hair_gain.append(hair)
+        self.constant.append(constant)
+
+    def freeze(self) -> "_DrawList":
+        """Concatenate the per-primitive arrays once (lists built per identity are reused by every image)."""
+        counts = [len(p) for p in self.points]
+        self.all_points = np.concatenate(self.points) if self.points else np.zeros((0, 2))
+        self.all_depths = np.repeat(np.asarray(self.depths, dtype=np.float64), counts)
+        self.bounds = np.cumsum([0] + counts).tolist()
+        self.gains = []
+        for values in (self.skin_gain, self.hair_gain, self.constant):
+            gains = np.empty((len(values), 3))
+            for k, value in enumerate(values):
+                gains[k] = value
+            self.gains.append(gains)
+        return self
+
+    def draw(self, canvas: np.ndarray, pose: _Pose, skin: np.ndarray, hair: np.ndarray, y_shift=None):
+        """Draw onto the uint8 RGB canvas; ``y_shift`` optionally moves every point vertically first."""
+        if not hasattr(self, "all_points"):
+            self.freeze()
+        points = self.all_points if y_shift is None else self.all_points + (0.0, y_shift)
+        posed = pose(points, self.all_depths)
+        fixed = np.round(posed * _SCALE).astype(np.int32)
+        skin_gain, hair_gain, constant = self.gains
+        colors = np.clip(skin_gain * skin + hair_gain * hair + constant, 0.0, 255.0).tolist()
+        size = canvas.shape[0]
+        for k, kind in enumerate(self.kinds):
+            start, stop = self.bounds[k], self.bounds[k + 1]
+            color = colors[k]
+            if kind == "fill":
+                cv2.fillPoly(canvas, [fixed[start:stop]], color, cv2.LINE_AA, _SHIFT)
+            elif kind == "line":
+                cv2.polylines(canvas, [fixed[start:stop]], False, color, self.thickness[k], cv2.LINE_AA, _SHIFT)
+            elif kind == "disc":
+                radius = int(self.all_points[start + 1, 0] * _SCALE)
+                cv2.circle(canvas, tuple(fixed[start].tolist()), radius, color, -1, cv2.LINE_AA, _SHIFT)
+            else:  # pixels
+                xy = np.round(posed[start:stop]).astype(np.int64)
+                inside = ((xy >= 0) & (xy < size)).all(axis=1)
+                canvas[xy[inside, 1], xy[inside, 0]] = color
+
+
+def _ellipse(cx, cy, rx, ry, count=24):
+    t = np.linspace(0.0, 2.0 * math.pi, count, endpoint=False)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def _outline(p: dict, count: int = 64) -> np.ndarray:
+    """Face outline: a superellipse whose upper and lower halves have their own exponents, jaw tapered."""
+    t = np.linspace(0.0, 2.0 * math.pi, count, endpoint=False)
+    sin, cos = np.sin(t), np.cos(t)
+    power = np.where(cos >= 0, p["forehead_power"], p["chin_power"])
+    x = np.sign(sin) * np.abs(sin) ** (2.0 / power) * p["face_half_width"]
+    x *= 1.0 - p["jaw_taper"] * np.clip(-cos, 0.0, 1.0) ** 2
+    y = -np.sign(cos) * np.abs(cos) ** (2.0 / power) * p["face_half_height"]
+    return np.stack([_CENTER_X + x, p["face_center_y"] + y], axis=1)
+
+
+def _hairline(p: dict, x: np.ndarray) -> np.ndarray:
+    u = (x - _CENTER_X) / p["face_half_width"]
+    return p["hairline_y"] + p["hairline_curve"] * u ** 2 + p["hairline_tilt"] * u
+
+
+def _ribbon(center, thickness):
+    """Polygon around a centre line with the given per-point thickness."""
+    direction = np.gradient(center, axis=0)
+    normal = np.stack([-direction[:, 1], direction[:, 0]], axis=1)
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
+    offset = normal * (thickness[:, None] * 0.5)
+    return np.concatenate([center + offset, (center - offset)[::-1]])
+
+
+def _build_identity_parts(p: dict) -> dict:
+    """Per-identity drawing: the static lists (skin, textures, nose) and the eye/brow geometry."""
+    back = _DrawList()
+    outline = _outline(p)
+    center = np.array([_CENTER_X, p["face_center_y"]])
+    back.add("fill", (outline - center) * 1.07 + center - (0.0, 2.0), _DEPTH_OUTLINE, hair=1.0)
+    for k in range(p["hair_strands"]):
+        x0 = _CENTER_X + (k / max(1, p["hair_strands"] - 1) - 0.5) * 1.4 * p["face_half_width"]
+        y0 = _hairline(p, np.array([x0]))[0]
+        angle = p["hair_strand_angle"] + 0.25 * (k % 3 - 1)
+        back.add("line", [[x0, y0 - 1.0], [x0 + 10.0 * math.sin(angle), y0 - 10.0 * math.cos(angle)]],
+                 _DEPTH_OUTLINE, hair=0.55)
+    skin_area = outline.copy()
+    skin_area[:, 1] = np.maximum(skin_area[:, 1], _hairline(p, skin_area[:, 0]))
+    back.add("fill", skin_area, _DEPTH_OUTLINE, skin=1.0)
+    for k in range(p["forehead_wrinkles"]):
+        x = np.linspace(_CENTER_X - 14.0, _CENTER_X + 14.0, 8)
+        y = p["eye_y"] - p["brow_gap"] - 8.0 - 4.0 * k + 1.5 * ((x - _CENTER_X) / 14.0) ** 2
+        if y[0] > _hairline(p, x[:1])[0] + 2.0:
+            back.add("line", np.stack([x, y], 1), _DEPTH_CHEEK, skin=0.8)
+    back.add("pixels", p["freckles"], _DEPTH_CHEEK, skin=0.72)
+    back.add("pixels", p["stubble"], _DEPTH_MOUTH, skin=0.55, hair=0.1)
+    for mole in p["moles"]:
+        back.add("disc", [mole, (p["mole_radius"], 0.0)], _DEPTH_CHEEK, skin=0.35)
+    if p["nasolabial_depth"] > 0:
+        for side in (-1, 1):
+            fold = [[_CENTER_X + side * (p["nose_half_width"] + 2.0), p["nose_tip_y"] - 1.0],
+                    [_CENTER_X + side * (p["mouth_half_width"] + 3.0), p["mouth_y"] - 1.0],
+                    [_CENTER_X + side * (p["mouth_half_width"] + 3.5), p["mouth_y"] + 4.0]]
+            back.add("line", fold, _DEPTH_CHEEK, skin=1.0 - 0.3 * p["nasolabial_depth"])
+
+    brows = _DrawList()
+    for side in (-1, 1):
+        line, thickness = _brow_line(p, side)
+        if p["brow_hatched"]:
+            for (x, y), t in zip(line, thickness):
+                brows.add("line", [[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]], _DEPTH_EYES,
+                          skin=0.15, hair=0.8)
+        else:
+            brows.add("fill", _ribbon(line, thickness), _DEPTH_EYES, skin=0.15, hair=0.8)
+
+    nose = _DrawList()
+    tip_y = p["nose_tip_y"]
+    for side in (-1, 1):
+        bridge = [[_CENTER_X + side * p["nose_bridge_half_width"], tip_y - p["nose_length"]],
+                  [_CENTER_X + side * p["nose_bridge_half_width"] * 1.3, tip_y - p["nose_length"] * 0.5],
+                  [_CENTER_X + side * p["nose_half_width"], tip_y - 1.0]]
+        nose.add("line", bridge, 0.8, skin=0.78)
+        nostril = _ellipse(_CENTER_X + side * p["nose_half_width"] * 0.5, tip_y + 1.0,
+                           p["nostril_radius"], p["nostril_radius"] * 0.6, 10)
+        nose.add("fill", nostril, _DEPTH_NOSE, skin=0.35)
+    x = np.linspace(-1.0, 1.0, 9)
+    nose.add("line", np.stack([_CENTER_X + x * p["nose_half_width"] * 0.8,
+                               tip_y + p["nose_tip_drop"] * (1.0 - x ** 2) - 1.0], 1), _DEPTH_NOSE, skin=0.7)
+    return {"back": back.freeze(), "brows": brows.freeze(), "nose": nose.freeze(), "eyes": _eye_shapes(p)}
+
+
+def _eye_shapes(p: dict):
+    """Eye opening, upper lid, iris and pupil in eye-local coordinates (eye fully open), per side."""
+    half_width = p["eye_half_width"]
+    up, down = p["eye_height_up"], p["eye_height_down"]
+    s = np.linspace(0.0, math.pi, 12)
+    local_x = -np.cos(s) * half_width
+    upper = np.stack([local_x, -up * np.sin(s)], axis=1)
+    lower = np.stack([local_x[::-1], down * np.sin(s[::-1])], axis=1)
+    frac = lambda x: np.clip(1.0 - (x / half_width) ** 2, 0.0, 1.0) ** 0.5  # noqa: E731
+
+    def clip_to_opening(points):
+        x = np.clip(points[:, 0], -half_width, half_width)
+        return np.stack([x, np.clip(points[:, 1], -up * frac(x), down * frac(x))], axis=1)
+
+    iris_r = p["iris_radius"] * (up + down) * 0.75
+    iris = clip_to_opening(_ellipse(0.0, 0.3, iris_r, iris_r, 16))
+    pupil = clip_to_opening(_ellipse(0.0, 0.3, 0.45 * iris_r, 0.45 * iris_r, 12))
+    shapes = [np.concatenate([upper, lower]), upper, iris, pupil]
+    sides = []
+    for side in (-1, 1):
+        tilt = side * p["eye_tilt"]  # outer corners up for positive tilt, mirrored between the eyes
+        rotation = np.array([[math.cos(tilt), math.sin(tilt)], [-math.sin(tilt), math.cos(tilt)]])
+        sides.append((rotation, np.array([_CENTER_X + side * p["eye_half_spacing"], p["eye_y"]])))
+    return shapes, sides
+
+
+def _brow_line(p: dict, side: int):
+    """Brow centre line (inner end first) and its thickness along the line."""
+    u = np.linspace(0.0, 1.0, 10)
+    eye_x = _CENTER_X + side * p["eye_half_spacing"]
+    inner_x = eye_x - side * (p["brow_length"] * 0.5 - p["brow_offset"])
+    x = inner_x + side * p["brow_length"] * u
+    y = (p["eye_y"] - p["brow_gap"] - p["brow_arch"] * 4.0 * u * (1.0 - u)
+         + p["brow_slope"] * p["brow_length"] * (u - 0.5))
+    thickness = p["brow_thickness"] * (1.0 - p["brow_taper"] * 0.6 * u)
+    return np.stack([x, y], axis=1), thickness
+
+
+def _expression_parts(p: dict, parts: dict, nuisance: dict):
+    """Eyes (openness) and mouth (smile, opening) of one image, and their canonical landmarks."""
+    faces = _DrawList()
+    shapes, sides = parts["eyes"]
+    squash = np.array([1.0, nuisance["eye_open"]])
+    eye_centers = []
+    for rotation, center in sides:
+        opening, lid, iris, pupil = [(shape * squash) @ rotation.T + center for shape in shapes]
+        faces.add("fill", opening, _DEPTH_EYES, constant=(235.0, 232.0, 225.0))
+        faces.add("fill", iris, _DEPTH_EYES, constant=np.array([200.0, 170.0, 140.0]) * (1.0 - p["iris_tone"]))
+        faces.add("fill", pupil, _DEPTH_EYES, constant=15.0)
+        faces.add("line", lid, _DEPTH_EYES, skin=0.3, thickness=p["lid_thickness"])
+        eye_centers.append(center)
+
+    mouth = _DrawList()
+    half_width = p["mouth_half_width"] * (1.0 + 0.04 * nuisance["smile"])
+    u = np.linspace(-1.0, 1.0, 15)
+    x = _CENTER_X + u * half_width
+    meet = p["mouth_y"] - (p["mouth_curve"] + nuisance["smile"]) * u ** 2  # where the lips meet
+    gap = nuisance["mouth_open"] * (1.0 - u ** 2)
+    upper_top = meet - p["upper_lip"] * (1.0 - u ** 2) ** 0.7 + p["cupid_bow"] * np.exp(-(u / 0.18) ** 2)
+    lower_bottom = meet + gap + p["lower_lip"] * (1.0 - u ** 2) ** 0.8
+    upper_edge, lower_edge = np.stack([x, meet - 0.5 * gap], 1), np.stack([x, meet + 0.5 * gap], 1)
+    lip = np.array([0.95, 0.62, 0.62]) * p["lip_tone"]
+    mouth.add("fill", np.concatenate([upper_edge, lower_edge[::-1]]), _DEPTH_MOUTH, constant=(40.0, 20.0, 20.0))
+    mouth.add("fill", np.concatenate([np.stack([x, upper_top], 1), upper_edge[::-1]]), _DEPTH_MOUTH, skin=lip * 0.9)
+    mouth.add("fill", np.concatenate([lower_edge, np.stack([x, lower_bottom], 1)[::-1]]), _DEPTH_MOUTH, skin=lip)
+    corners = np.array([[x[0], meet[0]], [x[-1], meet[-1]]])
+    return faces, mouth, np.array(eye_centers), corners
+
+
+def _render_face(p: dict, nuisance: dict, rng: np.random.Generator):
+    """Draw one face; returns (rgb uint8 [112,112,3], five points float32 [5,2])."""
+    if "_parts" not in p:
+        p["_parts"] = _build_identity_parts(p)
+    parts = p["_parts"]
+    pose = _Pose(nuisance)
+    canvas = _background(nuisance, rng)
+    skin, hair = nuisance["skin"], nuisance["hair"]
+    eyes, mouth, eye_centers, corners = _expression_parts(p, parts, nuisance)
+    parts["back"].draw(canvas, pose, skin, hair)
+    eyes.draw(canvas, pose, skin, hair)
+    parts["brows"].draw(canvas, pose, skin, hair, y_shift=-nuisance["brow_raise"])
+    parts["nose"].draw(canvas, pose, skin, hair)
+    mouth.draw(canvas, pose, skin, hair)
+    image = _photometric(canvas, nuisance, rng)
+    points = np.concatenate([pose(eye_centers, _DEPTH_EYES), pose([[_CENTER_X, p["nose_tip_y"]]], _DEPTH_NOSE),
+                             pose(corners, _DEPTH_MOUTH)])
+    return image, points.astype(np.float32)
+
+
+def _background(nuisance: dict, rng: np.random.Generator) -> np.ndarray:
+    """uint8 RGB canvas: a bilinear blend of four random corner colours, and a few random blobs (clutter)."""
+    corners = np.clip(nuisance["background"] + nuisance["background_corners"], 0, 255).astype(np.uint8)
+    canvas = cv2.resize(corners.reshape(2, 2, 3), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    clutter = _DrawList()
+    for _ in range(nuisance["clutter"]):
+        center, radii = rng.uniform(0, IMAGE_SIZE, 2), rng.uniform(3, 25, 2)
+        clutter.add("fill", _ellipse(center[0], center[1], radii[0], radii[1], 12), 0.0, constant=rng.uniform(0, 255, 3))
+    if clutter.kinds:
+        clutter.draw(canvas, _IDENTITY_POSE, 0.0, 0.0)
+    return canvas
+
+
+# Fixed unit-variance noise; each image reads a random window of it with a random sign
+# (drawing fresh Gaussian noise per image costs more than the rest of the rendering).
+_NOISE = np.random.default_rng(20240607).standard_normal((2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3), dtype=np.float32)
+_IDENTITY_POSE = _Pose({"angle": 0.0, "scale": 1.0, "shift": (0.0, 0.0), "yaw": 0.0})
+
+
+def _photometric(canvas: np.ndarray, nuisance: dict, rng: np.random.Generator) -> np.ndarray:
+    """Blur, lighting gradient, brightness, colour cast and noise; returns uint8."""
+    if nuisance["blur_sigma"] > 0.3:
+        canvas = cv2.GaussianBlur(canvas, (0, 0), nuisance["blur_sigma"])
+    # The light ramp: a bilinear blend of four corner gains (cv2.resize of a 2x2 image is the fast way).
+    direction = np.array([math.cos(nuisance["light_angle"]), math.sin(nuisance["light_angle"])])
+    corners = 1.0 + nuisance["light_gradient"] * (np.array([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]) @ direction)
+    gains = (corners[:, None] * (nuisance["brightness"] * nuisance["color_cast"])).astype(np.float32)
+    light = cv2.resize(gains.reshape(2, 2, 3), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    image = canvas.astype(np.float32) * light
+    if nuisance["noise_std"] > 0:
+        top, left = rng.integers(0, IMAGE_SIZE, 2)
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        image += _NOISE[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE] * np.float32(sign * nuisance["noise_std"])
+    return np.clip(image, 0.0, 255.0).astype(np.uint8)

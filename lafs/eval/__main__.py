@@ -1,0 +1,139 @@
+"""``python -m lafs.eval verify|ijb``: the verification sets and IJB-B / IJB-C 1:1 from the command line.
+
+    python -m lafs.eval verify --model runs/demo --data faces_webface_112x112 --targets lfw,cfp_fp,agedb_30
+    python -m lafs.eval ijb --model part_fvit_b.pt --root IJB_release/IJBC --target IJBC --out ijbc_eval
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .ijb import FARS, TARGETS, evaluate_ijb
+from .plots import plot_roc
+from .verification import load_bin, verify_model
+
+DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
+
+
+def load_model(path: str, device: torch.device):
+    """The model to evaluate: ``lafs.models.load_model`` (run folder, our checkpoint, official state dict)."""
+    from lafs.models import load_model as load
+
+    return load(path, device=device)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _write_json(data, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+        file.write("\n")
+
+
+def run_verify(args) -> dict:
+    targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+    paths = {name: os.path.join(args.data, f"{name}.bin") for name in targets}
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
+    device = _device(args.device)
+    model = load_model(args.model, device)
+    results = {}
+    for name, path in paths.items():
+        images, issame = load_bin(path)
+        results[name] = verify_model(model, images, issame, batch_size=args.batch_size, device=device)
+        result = results[name]
+        print(
+            f"[{name}] Accuracy-Flip: {result['accuracy'] * 100:.2f} ± {result['std'] * 100:.2f} %  "
+            f"threshold {result['threshold']:.3f}  XNorm {result['xnorm']:.4f}  ({result['num_pairs']} pairs)",
+            flush=True,
+        )
+    report = {"model": args.model, "data": args.data, "sets": results}
+    _write_json(report, args.out)
+    print(f"wrote {args.out}")
+    return report
+
+
+def run_ijb(args) -> dict:
+    device = _device(args.device)
+    model = load_model(args.model, device)
+    result = evaluate_ijb(
+        model, args.root, args.target, batch_size=args.batch_size, device=device,
+        num_workers=args.num_workers, chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    target = args.target.upper()
+    os.makedirs(args.out, exist_ok=True)
+    scores_path = os.path.join(args.out, f"{target.lower()}_scores.npy")
+    table_path = os.path.join(args.out, f"{target.lower()}_tar_at_far.json")
+    plot_path = os.path.join(args.out, f"{target.lower()}_roc.png")
+    np.save(scores_path, result.scores)
+    table = {f"{far:.0e}": round(tar * 100, 4) for far, tar in result.tar.items()}
+    print(f"{target} 1:1 verification, {len(result.scores)} pairs, TAR (%) at FAR:")
+    print("  ".join(f"{far:>7}" for far in table))
+    print("  ".join(f"{tar:7.2f}" for tar in table.values()))
+    report = {"model": args.model, "root": args.root, "target": target, "num_pairs": len(result.scores),
+              "tar_at_far_percent": table}
+    _write_json(report, table_path)
+    plot_roc(result.fpr, result.tpr, result.tar, plot_path, f"{target} 1:1 ROC")
+    print(f"wrote {scores_path}, {table_path}, {plot_path}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lafs.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model_help = "a lafs.train run folder, one of our checkpoint files, or an official Part fViT state dict"
+    device_help = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default: auto)"
+
+    verify = commands.add_parser("verify", help="accuracy with flip (10-fold) on the .bin verification sets",
+                                 description="Accuracy with flip test, mean ± std over 10 folds, best threshold "
+                                             "and XNorm on insightface's .bin verification sets.")
+    verify.add_argument("--model", required=True, help=model_help)
+    verify.add_argument("--data", required=True, help="folder holding <name>.bin for every target")
+    verify.add_argument("--targets", default=DEFAULT_TARGETS,
+                        help=f"comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw (default: {DEFAULT_TARGETS})")
+    verify.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    verify.add_argument("--device", default="auto", help=device_help)
+    verify.add_argument("--out", default="verification.json", help="JSON file for the results (default: verification.json)")
+    verify.set_defaults(run=run_verify)
+
+    ijb = commands.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification: TAR at FAR 1e-6 .. 1e-1",
+                              description="IJB-B / IJB-C 1:1 verification: TAR at FAR "
+                                          + ", ".join(f"{far:.0e}" for far in FARS)
+                                          + "; writes the pair scores (.npy), the table (JSON) and the ROC (PNG).")
+    ijb.add_argument("--model", required=True, help=model_help)
+    ijb.add_argument("--root", required=True, help="dataset root holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
+    ijb.add_argument("--target", required=True, type=str.upper, choices=TARGETS, help="IJBB or IJBC")
+    ijb.add_argument("--out", default="ijb_eval", help="output folder (default: ijb_eval)")
+    ijb.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    ijb.add_argument("--device", default="auto", help=device_help)
+    ijb.add_argument("--num-workers", type=int, default=4,
+                     help="image decoding / alignment worker processes (0: in the main process; default: 4)")
+    ijb.add_argument("--chunk-size", type=int, default=1 << 16,
+                     help="template pairs scored at a time, bounds memory (default: 65536)")
+    ijb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ijb.set_defaults(run=run_ijb)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

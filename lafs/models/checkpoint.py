@@ -1,0 +1,149 @@
+"""Our model file format, atomic saving, and ``load_model`` for every kind of file a user may hold.
+
+Format ``lafs/v1``: ``{"format": "lafs/v1", "kind": "PartFViT" | "PartTransformer",
+"arch": <flat config, see lafs.models.presets>, "state_dict": {...}}``.  A
+training checkpoint written by ``lafs.train`` stores this dict under ``"model"``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import nn
+
+from .official import IncompatibleCheckpointError, infer_official_config, load_official_state_dict, unwrap_official
+from .part_fvit import PartFViT
+from .presets import build_model, build_transformer
+from .transformer import PartTransformer
+
+FORMAT = "lafs/v1"
+_BUILDERS = {"PartFViT": build_model, "PartTransformer": build_transformer}
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def model_to_dict(model: nn.Module) -> dict:
+    """A :class:`PartFViT` or :class:`PartTransformer` as a ``lafs/v1`` dict (CPU tensors)."""
+    kind = type(model).__name__
+    if kind not in _BUILDERS:
+        raise TypeError(f"model_to_dict saves PartFViT or PartTransformer; got {kind}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "kind": kind, "arch": model.arch_config(), "state_dict": state}
+
+
+def is_model_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT
+
+
+def model_from_dict(d: Mapping) -> nn.Module:
+    """Rebuild the model saved by :func:`model_to_dict` (strict load)."""
+    if not is_model_dict(d):
+        found = d.get("format") if isinstance(d, Mapping) else type(d).__name__
+        raise ValueError(f"not a {FORMAT} model dict (format: {found!r})")
+    kind = d.get("kind", "PartFViT")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r} in a {FORMAT} dict; known: {sorted(_BUILDERS)}")
+    model = _BUILDERS[kind](dict(d["arch"]))
+    result = model.load_state_dict(d["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise IncompatibleCheckpointError(
+            f"{FORMAT} state dict does not match its own arch: missing {result.missing_keys[:12]}, "
+            f"unexpected {result.unexpected_keys[:12]}")
+    return model
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training checkpoints also carry Python / NumPy random states, which the
+        # weights-only unpickler refuses; such a file is one the user wrote.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
+    """A run folder -> its ``checkpoints/best.pt`` (else ``last.pt``); a file -> itself."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such checkpoint file or run folder: {path}")
+    for folder in (path / "checkpoints", path):
+        for name in ("best.pt", "last.pt"):
+            if (folder / name).is_file():
+                return folder / name
+    stages = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
+    hint = f"; it holds stages {stages}: pass one of them, e.g. {path / stages[-1]}" if stages else ""
+    raise FileNotFoundError(f"{path} has no checkpoints/best.pt or checkpoints/last.pt{hint}")
+
+
+def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> PartFViT:
+    """A :class:`PartFViT` in eval mode from a run folder, one of our files, or an official state dict.
+
+    Run folder: ``checkpoints/best.pt``, else ``last.pt``.  Training checkpoint:
+    the ``lafs/v1`` dict under ``"model"``.  Official Part fViT state dict (plain
+    or wrapped): the architecture is read from its shapes (``part_fvit_b`` for the
+    released weights).
+    """
+    file = resolve_checkpoint_path(path)
+    try:
+        obj = _torch_load(file)
+    except Exception as err:
+        raise ValueError(f"cannot read {file} as a torch checkpoint: {err}") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{file} holds a {type(obj).__name__}, not a model checkpoint")
+    if is_model_dict(obj.get("model")):
+        obj = obj["model"]
+    if is_model_dict(obj):
+        model = model_from_dict(obj)
+        if not isinstance(model, PartFViT):
+            raise ValueError(f"{file} holds a {type(model).__name__} without a landmark CNN; rebuild it with "
+                             "lafs.models.model_from_dict and combine it with a landmark CNN")
+    else:
+        model = _official_model(obj, file)
+    return model.to(device).eval()
+
+
+def _official_model(obj: Mapping, file: Path) -> PartFViT:
+    try:
+        state = unwrap_official(obj)
+    except IncompatibleCheckpointError as err:
+        raise ValueError(f"{file}: unknown checkpoint format (neither {FORMAT} nor an official Part fViT state dict; "
+                         f"top-level keys {sorted(map(str, obj))[:12]}): {err}") from None
+    try:
+        model = build_model(infer_official_config(state))
+        result = load_official_state_dict(model, state)
+    except IncompatibleCheckpointError as err:
+        raise IncompatibleCheckpointError(f"{file}: {err}") from None
+    if "landmark_cnn" not in result.loaded:
+        raise IncompatibleCheckpointError(
+            f"{file} holds no landmark CNN (a pretraining checkpoint?); load it into a transformer with "
+            "lafs.models.load_official_state_dict")
+    return model

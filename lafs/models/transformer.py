@@ -1,0 +1,203 @@
+"""The Part fViT transformer: landmark patch tokens -> face embedding.
+
+Parameter names follow the original code (``patch_to_embedding``,
+``cls_token``, ``pos_embedding``, ``layers.<i>.0.fn.norm``,
+``layers.<i>.0.fn.fn.to_qkv``, ``layers.<i>.1.fn.fn.net.<j>``,
+``mlp_head.0``).  timm's ``Attention`` / ``Mlp`` / ``Block`` use other names
+and scale scores by ``dim_head ** -0.5``, so only timm's ``DropPath`` and
+``trunc_normal_`` are reused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ``heads * dim_head`` inner width.
+
+    Scores are scaled by ``dim ** -0.5`` (the model width, not the head width),
+    as in the original Part fViT; with dim 768 and 11 heads of 64 this is
+    sqrt(64/768) times the usual scale.  x: [B, N, dim] -> [B, N, dim].
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim ** -0.5
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+
+class FeedForward(nn.Module):
+    """Linear-GELU-Dropout-Linear-Dropout.  x: [B, N, dim] -> [B, N, dim]."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PreNorm(nn.Module):
+    """fn(LayerNorm(x))."""
+
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class ResidualDropPath(nn.Module):
+    """x + drop_path(fn(x))."""
+
+    def __init__(self, fn: nn.Module, drop_path: float):
+        super().__init__()
+        self.fn = fn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fn(x))
+
+
+class PartTransformer(nn.Module):
+    """Pre-norm ViT over landmark patch tokens; the output is the cls token through LayerNorm.
+
+    Every block uses the same ``drop_path`` rate (the original applies one rate,
+    0.1, to all residual branches).  Weights start from the usual ViT
+    initialisation (truncated normal, std 0.02, for linears, ``cls_token`` and
+    ``pos_embedding``); the original draws the two tokens from N(0, 1).
+    """
+
+    def __init__(self, num_landmarks: int = 196, patch_size: int = 8, channels: int = 3, dim: int = 768,
+                 depth: int = 12, heads: int = 11, dim_head: int = 64, mlp_dim: int = 2048, dropout: float = 0.0,
+                 emb_dropout: float = 0.0, drop_path: float = 0.1):
+        super().__init__()
+        self.num_landmarks = num_landmarks
+        self.patch_size = patch_size
+        self.channels = channels
+        self.dim = dim
+        self.depth = depth
+        self.heads = heads
+        self.dim_head = dim_head
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout
+        self.emb_dropout_rate = emb_dropout
+        self.drop_path_rate = drop_path
+
+        self.patch_to_embedding = nn.Linear(patch_size * patch_size * channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, num_landmarks + 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                ResidualDropPath(PreNorm(dim, Attention(dim, heads, dim_head, dropout)), drop_path),
+                ResidualDropPath(PreNorm(dim, FeedForward(dim, mlp_dim, dropout)), drop_path),
+            ])
+            for _ in range(depth)
+        )
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embedding, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def token_dim(self) -> int:
+        """Features per token: P * P * C."""
+        return self.patch_size * self.patch_size * self.channels
+
+    def arch_config(self) -> dict:
+        """Constructor arguments that rebuild this module."""
+        return {"num_landmarks": self.num_landmarks, "patch_size": self.patch_size, "channels": self.channels,
+                "dim": self.dim, "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head,
+                "mlp_dim": self.mlp_dim, "dropout": self.dropout_rate, "emb_dropout": self.emb_dropout_rate,
+                "drop_path": self.drop_path_rate}
+
+    def positional_embedding(self, batch: int, num_tokens: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Positions for [cls, tokens]: [1 or B, 1 + K, dim].
+
+        Without ``index`` the first K + 1 positions are used, as the original
+        does (K = L gives each landmark its own position).  With ``index``
+        [B, K] (the landmark each token was cut around, e.g. 36 of 196 drawn for
+        a LAFS local view), token k of image b gets ``pos_embedding[1 + index[b, k]]``,
+        so a subsampled token keeps the position of its landmark.  The original
+        LAFS code instead gives a K-token view the first K + 1 positions, which
+        ties positions to token order rather than to landmarks.
+        """
+        if index is None:
+            if num_tokens > self.num_landmarks:
+                raise ValueError(f"{num_tokens} tokens but only {self.num_landmarks} positions; pass index "
+                                 "to say which landmark each token belongs to")
+            return self.pos_embedding[:, : num_tokens + 1]
+        if index.shape != (batch, num_tokens):
+            raise ValueError(f"index must be [B, K] = [{batch}, {num_tokens}] like the tokens; got {tuple(index.shape)}")
+        if index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"index must be int64 (or int32); got {index.dtype}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_landmarks):
+            raise ValueError(f"index values must lie in [0, {self.num_landmarks}); got range "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        table = self.pos_embedding[0]
+        cls_pos = table[:1].expand(batch, 1, self.dim)
+        return torch.cat([cls_pos, table[1:][index]], dim=1)
+
+    def forward(self, tokens: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, K, P*P*C] (from ``landmark_patch_gather``), index [B, K] or None -> embeddings [B, dim]."""
+        if tokens.dim() != 3 or tokens.shape[2] != self.token_dim:
+            raise ValueError(f"PartTransformer expects tokens [B, K, {self.token_dim}] (P={self.patch_size}, "
+                             f"C={self.channels}); got shape {tuple(tokens.shape)}")
+        b, k, _ = tokens.shape
+        x = self.patch_to_embedding(tokens)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        x = self.dropout(x + self.positional_embedding(b, k, index))
+        for attention, feed_forward in self.layers:
+            x = feed_forward(attention(x))
+        return self.mlp_head(x[:, 0])
+
+    # Layer-wise learning-rate decay (BEiT / LAFS fine-tuning): group 0 holds the
+    # embeddings, group i + 1 block i, group depth + 1 the final norm.
+    @property
+    def num_layer_groups(self) -> int:
+        return self.depth + 2
+
+    def layer_id(self, param_name: str) -> int:
+        """Layer group of a parameter named relative to this module (``layers.3.0.fn.norm.weight`` -> 4)."""
+        if param_name in ("cls_token", "pos_embedding") or param_name.startswith("patch_to_embedding."):
+            return 0
+        if param_name.startswith("layers."):
+            return int(param_name.split(".")[1]) + 1
+        if param_name.startswith("mlp_head."):
+            return self.depth + 1
+        raise KeyError(f"{param_name!r} is not a parameter name of PartTransformer")
+
+    def layer_lr_scales(self, decay: float) -> dict[str, float]:
+        """Learning-rate multiplier per parameter name: ``decay ** (num_layer_groups - 1 - layer_id)``."""
+        top = self.num_layer_groups - 1
+        return {name: decay ** (top - self.layer_id(name)) for name, _ in self.named_parameters()}

@@ -1,0 +1,161 @@
+"""LAFS multi-view builder: landmark-centred patch tokens of augmented crops.
+
+For each image of a batch (``[B, 3, H, W]`` in [-1, 1]) and each view, as the
+released LAFS pretraining script does:
+
+1. random resized crop (scale range, 112 x 112) and horizontal flip;
+2. landmarks predicted on that plain crop by the frozen landmark CNN (eval mode, no grad);
+3. a colour-augmented copy of the crop (DINO's jitter, grayscale, blur, solarisation);
+4. patches cut from the augmented copy around the landmarks, each jittered by
+   N(0, jitter_std^2) pixels: all L landmarks for global views, ``local_tokens``
+   drawn at random (with replacement by default) for local views.
+
+Step 4 is one ``lafs_kernels.landmark_patch_gather`` call per view group (all
+global views of the batch, then all local views).  Every random number comes
+from one ``torch.Generator``, so a seed reproduces the views exactly.
+
+In eval mode (``builder.eval()``) there is one view per image: the image itself,
+all landmarks in order, no crop, colour change, jitter or subsampling.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from lafs_kernels import landmark_patch_gather
+
+from .augment import colour_augment, random_resized_crops
+
+# (blur probability, solarisation probability) per view, from DINO / LAFS: the first
+# global view is always blurred, the second rarely blurred and sometimes solarised.
+GLOBAL_VIEW_COLOUR = ((1.0, 0.0), (0.1, 0.2))
+LOCAL_VIEW_COLOUR = (0.5, 0.0)
+
+
+class ViewGroup(NamedTuple):
+    """Views of the same token count, view-major: row ``v * B + b`` is view v of image b.
+
+    tokens: [V*B, K, P*P*3] patch tokens; index: [V*B, K] int64 landmark id of each token
+    (for the transformer's positional embedding).
+    """
+
+    tokens: torch.Tensor
+    index: torch.Tensor
+
+
+class MultiViewBuilder(nn.Module):
+    """``builder(images [B, 3, H, W] in [-1, 1]) -> [global ViewGroup, local ViewGroup]``.
+
+    Args:
+      landmark_cnn: module mapping images [N, 3, S, S] to landmarks [N, L, 2] (pixels);
+        frozen here (no gradients, always in eval mode).
+      patch_size: P of the tokens.
+      global_views / local_views: views per image in each group (2 and 8 in LAFS);
+        a group with 0 views is left out.
+      local_tokens: tokens per local view (36 of 196 in LAFS).
+      jitter_std: landmark jitter in pixels (5 in LAFS; 0 turns it off).
+      replacement: draw local tokens with replacement (LAFS) or without.
+      global_scale / local_scale: area range of the random resized crops (LAFS uses
+        0.4-1 for both: its local views are made like the global ones, only with fewer tokens).
+      image_size: side of the crops.
+      seed: seed of the builder's own generator, used when ``forward`` gets none.
+    """
+
+    def __init__(
+        self,
+        landmark_cnn: nn.Module,
+        patch_size: int = 8,
+        global_views: int = 2,
+        local_views: int = 8,
+        local_tokens: int = 36,
+        jitter_std: float = 5.0,
+        replacement: bool = True,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.4, 1.0),
+        image_size: int = 112,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if global_views < 1 or local_views < 0:
+            raise ValueError(f"need global_views >= 1 and local_views >= 0, got {global_views}, {local_views}")
+        if local_views and local_tokens < 1:
+            raise ValueError(f"local_tokens must be >= 1, got {local_tokens}")
+        if jitter_std < 0:
+            raise ValueError(f"jitter_std must be >= 0, got {jitter_std}")
+        for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+        self.landmark_cnn = landmark_cnn.eval().requires_grad_(False)
+        self.patch_size = patch_size
+        self.global_views = global_views
+        self.local_views = local_views
+        self.local_tokens = local_tokens
+        self.jitter_std = float(jitter_std)
+        self.replacement = replacement
+        self.global_scale = tuple(global_scale)
+        self.local_scale = tuple(local_scale)
+        self.image_size = image_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train(self, mode: bool = True) -> "MultiViewBuilder":
+        """Switch augmentation on (train) or off (eval); the landmark CNN always stays in eval mode."""
+        self.training = mode
+        self.landmark_cnn.eval()
+        return self
+
+    @property
+    def crops_per_image(self) -> int:
+        return self.global_views + self.local_views
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> list[ViewGroup]:
+        self._check(images)
+        if not self.training:
+            landmarks = self.landmark_cnn(images)
+            tokens = landmark_patch_gather(images, landmarks, self.patch_size)
+            return [ViewGroup(tokens, self._all_landmarks(landmarks))]
+        generator = self.generator if generator is None else generator
+        global_colour = [GLOBAL_VIEW_COLOUR[v % len(GLOBAL_VIEW_COLOUR)] for v in range(self.global_views)]
+        groups = [self._group(images, self.global_views, self.global_scale, global_colour, None, generator)]
+        if self.local_views:
+            local_colour = [LOCAL_VIEW_COLOUR] * self.local_views
+            groups.append(
+                self._group(images, self.local_views, self.local_scale, local_colour, self.local_tokens, generator)
+            )
+        return groups
+
+    def _group(self, images, views, scale, colour, num_tokens, generator) -> ViewGroup:
+        """One view group: ``views`` crops of every image, ``num_tokens`` tokens each (None: all landmarks)."""
+        batch = images.shape[0]
+        crops = random_resized_crops(images.repeat(views, 1, 1, 1), self.image_size, scale, generator)
+        landmarks = self.landmark_cnn(crops)
+        probabilities = torch.tensor(colour, dtype=torch.float64).repeat_interleave(batch, dim=0)  # [V*B, 2]
+        coloured = colour_augment((crops + 1) * 0.5, probabilities[:, 0], probabilities[:, 1], generator) * 2 - 1
+        index = None  # all landmarks in order
+        if num_tokens is not None:
+            index = self._draw_index(landmarks.shape[0], landmarks.shape[1], num_tokens, generator)
+            index = index.to(landmarks.device)
+        tokens = landmark_patch_gather(
+            coloured, landmarks, self.patch_size, index=index, jitter_std=self.jitter_std, generator=generator
+        )
+        return ViewGroup(tokens, self._all_landmarks(landmarks) if index is None else index)
+
+    def _draw_index(self, rows: int, num_landmarks: int, num_tokens: int, generator) -> torch.Tensor:
+        if self.replacement:
+            return torch.randint(0, num_landmarks, (rows, num_tokens), generator=generator)
+        if num_tokens > num_landmarks:
+            raise ValueError(f"cannot draw {num_tokens} of {num_landmarks} landmarks without replacement")
+        return torch.rand(rows, num_landmarks, generator=generator).argsort(dim=1)[:, :num_tokens]
+
+    @staticmethod
+    def _all_landmarks(landmarks: torch.Tensor) -> torch.Tensor:
+        rows, num_landmarks = landmarks.shape[:2]
+        return torch.arange(num_landmarks, device=landmarks.device).expand(rows, num_landmarks)
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"MultiViewBuilder expects images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"MultiViewBuilder expects floating-point images in [-1, 1], got {images.dtype}")

@@ -1,0 +1,74 @@
+"""Training and verification data of a stage, built from its config (errors before training starts)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError
+
+
+def build_train_set(cfg: Config, *, few_shot: bool = True):
+    """The training set of ``cfg.data`` (with the few-shot subset applied when configured)."""
+    data = cfg.data
+    if data.source == "synthetic":
+        from lafs.data.synthetic import SyntheticFaces
+
+        dataset = SyntheticFaces(data.synthetic.identities, data.synthetic.images_per_identity, seed=cfg.seed,
+                                 difficulty=data.synthetic.difficulty, cache=True)
+    elif data.source == "rec":
+        from lafs.data import FaceRecordDataset
+
+        try:
+            dataset = FaceRecordDataset(data.root, color=data.color)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.root {data.root!r}: cannot read the .rec set: {exc}") from exc
+    else:
+        from lafs.data import ImageFolderFaces
+
+        try:
+            dataset = ImageFolderFaces(data.root)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.root {data.root!r}: cannot read the image folder: {exc}") from exc
+    if len(dataset) == 0:
+        raise ConfigError(f"the training set ({data.source}, root {data.root!r}) holds no images")
+    shots = data.few_shot.images_per_identity
+    if few_shot and (shots is not None or data.few_shot.identity_fraction < 1.0):
+        from lafs.data import few_shot_subset
+
+        dataset = few_shot_subset(dataset, images_per_identity=shots, identity_fraction=data.few_shot.identity_fraction,
+                                  seed=cfg.seed)
+        if len(dataset) == 0:
+            raise ConfigError("the few-shot subset is empty: raise data.few_shot.identity_fraction")
+    return dataset
+
+
+def build_val_sets(cfg: Config) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """``[(name, images [2N,3,112,112] or uint8 [2N,112,112,3], issame [N])]``: the .bin files of
+    ``val.bins`` or, without them, pairs of held-out synthetic identities (never trained on)."""
+    val = cfg.val
+    if val.bins:
+        from lafs.eval.verification import load_bin
+
+        sets = []
+        for path in val.bins:
+            try:
+                images, issame = load_bin(path)
+            except Exception as exc:
+                raise ConfigError(f"val.bins: cannot read {path}: {exc}") from exc
+            sets.append((Path(path).stem, images, np.asarray(issame, dtype=bool)))
+        return sets
+    from lafs.data.synthetic import SyntheticFaces, verification_pairs
+
+    held_out = SyntheticFaces(val.synthetic_identities, val.synthetic_images_per_identity, seed=cfg.seed,
+                              identity_offset=_held_out_offset(cfg), difficulty=cfg.data.synthetic.difficulty)
+    images, issame = verification_pairs(held_out, val.pairs, seed=cfg.seed)
+    return [("synthetic_held_out", images, issame)]
+
+
+def _held_out_offset(cfg: Config) -> int:
+    """First held-out identity: after the training identities of a synthetic set (a margin for any size)."""
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic.identities
+    return 1_000_000

@@ -1,0 +1,60 @@
+"""AdamW parameter groups with layer-wise learning-rate decay, and per-step schedules.
+
+Schedules are numpy arrays indexed by the global optimizer step (as DINO does),
+so resuming at step k reads exactly the value an uninterrupted run would use.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lafs.ssl.schedules import cosine_schedule
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0) -> np.ndarray:
+    """[total_steps] values: linear warmup from 0 to ``base``, then cosine to ``final`` (lafs.ssl's schedule)."""
+    return cosine_schedule(base, final, epochs=1, iters_per_epoch=total_steps,
+                           warmup_epochs=min(warmup_steps, total_steps) / total_steps)
+
+
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm gains and the learned tokens / position embeddings get no weight decay."""
+    return param.ndim <= 1 or name.endswith(("cls_token", "pos_embedding", "pos_embed"))
+
+
+def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight_decay: float,
+                 layer_decay: float, head: torch.nn.Module | None = None) -> list[dict]:
+    """AdamW groups for a PartFViT (``model.landmark_cnn``, ``model.transformer``) and its margin head.
+
+    Each group carries ``lr_scale`` (multiplied with the scheduled lr each step)
+    and ``weight_decay``. Block ``i`` of a depth-D transformer gets
+    ``layer_decay ** (D + 1 - (i + 1))``; the embedding and the landmark CNN
+    get ``layer_decay ** (D + 1)``; the final norm and the margin head 1.
+    """
+    transformer = model.transformer
+    top = transformer.num_layer_groups - 1
+    groups: dict[tuple, dict] = {}
+
+    def add(param, lr_scale, decay):
+        key = (lr_scale, decay)
+        group = groups.setdefault(key, {"params": [], "lr_scale": lr_scale, "weight_decay": decay})
+        group["params"].append(param)
+
+    for name, param in model.landmark_cnn.named_parameters():
+        if param.requires_grad:
+            add(param, layer_decay ** top, 0.0 if _no_weight_decay(name, param) else landmark_weight_decay)
+    for name, param in transformer.named_parameters():
+        if param.requires_grad:
+            scale = layer_decay ** (top - transformer.layer_id(name))
+            add(param, scale, 0.0 if _no_weight_decay(name, param) else weight_decay)
+    if head is not None:
+        for name, param in head.named_parameters():
+            if param.requires_grad:
+                add(param, 1.0, weight_decay)
+    return list(groups.values())
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Scheduled lr times each group's layer-decay ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

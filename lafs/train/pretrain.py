@@ -1,0 +1,118 @@
+"""Stage 2: LAFS self-supervised pretraining (DINO on landmark-centred patch views).
+
+The landmark CNN comes from stage 1 (or an official checkpoint), frozen in eval
+mode inside ``lafs.ssl.MultiViewBuilder``; ``lafs.ssl.DINOTrainer`` owns student,
+teacher, DINO head and loss, optimizer and the per-step schedules. Labels of
+the training set are never read. Verification embeds the held-out pairs with
+the teacher transformer behind the frozen landmark CNN.
+"""
+from __future__ import annotations
+
+import torch
+
+from lafs.models import create_model
+from lafs.models.checkpoint import model_to_dict
+from lafs.models.part_fvit import PartFViT
+from lafs.ssl.step import DINOSettings, DINOTrainer
+from lafs.ssl.views import MultiViewBuilder
+
+from . import plots
+from .config import ConfigError
+from .data import build_train_set, build_val_sets
+from .loop import Stage, autocast_dtype
+from .weights import load_landmark_cnn
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    @property
+    def progress_keys(self) -> tuple:
+        return ("loss", "teacher_temp")
+
+    def build(self) -> None:
+        cfg = self.cfg
+        for key in ("optim.epochs", "dino.warmup_teacher_temp_epochs", "dino.freeze_last_layer_epochs"):
+            if not float(cfg.get_path(key)).is_integer():
+                raise ConfigError(f"{key} must be a whole number of epochs for pretraining; got {cfg.get_path(key)}")
+        self.train_set = build_train_set(cfg)
+        self.val_sets = build_val_sets(cfg)
+        try:
+            template = create_model(cfg.model.name, **cfg.model.overrides)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model: {exc}") from exc
+        self.landmark_cnn = template.landmark_cnn
+        load_landmark_cnn(self.landmark_cnn, cfg.init.landmark)
+        self.landmark_cnn.to(self.device).eval().requires_grad_(False)
+        self.student = template.transformer
+        self.teacher = create_model(cfg.model.name, **cfg.model.overrides).transformer
+
+    def setup_schedules(self) -> None:
+        cfg, v, d = self.cfg, self.cfg.views, self.cfg.dino
+        views = MultiViewBuilder(
+            self.landmark_cnn, patch_size=self.student.patch_size, global_views=2, local_views=v.local_count,
+            local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
+            global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
+            image_size=self.landmark_cnn.image_size, seed=cfg.seed + self.dist.rank)
+        amp = autocast_dtype(cfg.train.amp, self.device)
+        settings = DINOSettings(
+            epochs=int(cfg.optim.epochs), iters_per_epoch=self.steps_per_epoch, batch_size=cfg.optim.batch_size,
+            out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+            norm_last_layer=d.norm_last_layer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+            warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
+            weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
+            warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
+            warmup_teacher_temp_epochs=int(d.warmup_teacher_temp_epochs), student_temp=d.student_temp,
+            center_momentum=d.center_momentum, clip_grad=cfg.optim.clip_grad,
+            freeze_last_layer=int(d.freeze_last_layer_epochs),
+            amp_dtype={None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp])
+        self.trainer = DINOTrainer(self.student.to(self.device), self.teacher.to(self.device), views, settings,
+                                   device=self.device)
+
+    def current_lr(self, step: int) -> float:
+        return float(self.trainer.lr_schedule[min(step, self.trainer.total_steps - 1)])
+
+    def train_step(self, micro_batches: list, step: int) -> dict:
+        if len(micro_batches) != 1:
+            raise ConfigError("pretraining does not accumulate gradients: set optim.accum_steps=1")
+        images, _ = micro_batches[0]  # labels are never used
+        try:
+            stats = self.trainer.train_step(images, step, step // self.steps_per_epoch)
+        except FloatingPointError:
+            return {"loss": float("nan")}
+        stats.pop("lr")
+        return stats
+
+    def embedding_model(self) -> PartFViT:
+        """The teacher transformer behind the frozen landmark CNN (eval mode): what verification uses.
+
+        Both parts are shared with the trainer, so the model stays in eval mode
+        (verification restores the mode it found; the teacher must never train).
+        """
+        return PartFViT(self.landmark_cnn, self.trainer.teacher.backbone).eval()
+
+    def validate(self) -> dict:
+        if not self.dist.is_main:
+            return {}
+        from lafs.eval.verification import verify_model
+
+        model = self.embedding_model()
+        results = {name: verify_model(model, images, issame, batch_size=self.cfg.val.batch_size,
+                                      device=self.device)["accuracy"] for name, images, issame in self.val_sets}
+        return {"accuracy": sum(results.values()) / len(results), **{f"acc_{k}": v for k, v in results.items()}}
+
+    def state_dict(self) -> dict:
+        return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
+                "student_transformer": model_to_dict(self.trainer.student.backbone),
+                "landmark_cnn": self.landmark_cnn.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["dino"])
+
+    def finish(self, summary: dict) -> dict:
+        if self.cfg.train.plots:
+            plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
+            _, images, _ = self.val_sets[0]
+            plots.landmarks(self.embedding_model(), images[:8], self.run.path / "landmarks.png", device=self.device)
+        summary["train_images"] = len(self.train_set)
+        return summary

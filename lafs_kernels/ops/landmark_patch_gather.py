@@ -1,0 +1,382 @@
+"""Landmark-centred patch gather (SPEC section 1): P x P patches around landmarks as tokens.
+
+Shapes:
+  image      [B, C, H, W]  float32 / float16 / bfloat16 / float64, any strides
+  landmarks  [B, L, 2]     pixel coordinates (x along W, y along H)
+  index      [B, K]        int64 in [0, L): which landmarks become tokens (repeats allowed)
+  tokens     [B, K, P*P*C] dtype of ``image``; feature ``f = (i*P + j)*C + c`` where
+                           i is the x offset, j the y offset, c the channel
+
+Token k samples bilinearly (zero padding, like ``grid_sample(align_corners=False)``)
+at ``x_i = lx + i - P/2 - 0.5`` and ``y_j = ly + j - P/2 - 0.5``.  Non-finite
+centres give a zero patch and zero gradients.
+
+Structure: selecting landmarks (``index`` or ``num_samples`` drawn from the
+generator) and jitter are plain torch and produce ``centres [B, K, 2]``, so
+autograd sums the landmark gradient over repeated indices and every backend
+sees the same centres for the same generator state.  The custom op
+``lafs_kernels::landmark_patch_gather`` then gathers patches at those centres
+with one of the backends below; its backward is the custom op
+``lafs_kernels::landmark_patch_gather_backward``.  Both take the backend name as
+an argument, so ``torch.compile`` traces each as one node.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._dispatch import (
+    Backend,
+    OpBackends,
+    call_of,
+    deterministic_requested,
+    register,
+    requires_extension,
+    requires_triton,
+)
+
+LOW_PRECISION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+BACKENDS = register(
+    OpBackends(
+        op="landmark_patch_gather",
+        backends=(
+            Backend("torch", frozenset({"cpu", "cuda"})),
+            Backend("cpu", frozenset({"cpu"}), checks=(requires_extension("cpu"),)),
+            # The Triton image gradient uses float atomics: no deterministic mode.
+            Backend(
+                "triton",
+                frozenset({"cpu", "cuda"}),
+                dtypes=LOW_PRECISION_DTYPES,
+                checks=(requires_triton,),
+                deterministic=False,
+            ),
+            Backend("cuda", frozenset({"cuda"}), checks=(requires_extension("cuda"),)),
+        ),
+        preference={"cuda": ["cuda", "triton", "torch"], "cpu": ["cpu", "torch"]},
+    )
+)
+
+
+# --------------------------------------------------------------------------- reference (torch backend)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bilinear_taps(image: Tensor, centres: Tensor, patch_size: int):
+    """The four bilinear taps of every sample of every patch.
+
+    Yields ``(dx, dy, weight_x [B,K,P], weight_y [B,K,P], inside [B,K,P,P],
+    flat [B,K,P,P])``: tap (dx, dy) of sample (i, j) is pixel ``flat`` (index
+    into H*W), weighted ``weight_x[i] * weight_y[j]``, and zero where not
+    ``inside`` the image.
+    """
+    H, W = image.shape[-2:]
+    P = patch_size
+    # A non-finite centre moves to a point whose whole patch lies outside the
+    # image: zero patch, and (through where) zero gradient.
+    finite = centres.isfinite().all(dim=-1, keepdim=True)
+    centres = torch.where(finite, centres, torch.full_like(centres, -(P + 2.0)))
+    offsets = torch.arange(P, device=centres.device, dtype=centres.dtype) - P / 2 - 0.5
+    x = centres[..., 0, None] + offsets  # [B, K, P] sample positions along W
+    y = centres[..., 1, None] + offsets  # [B, K, P] sample positions along H
+    x_floor, y_floor = x.floor(), y.floor()
+    fx, fy = x - x_floor, y - y_floor
+    for dx, weight_x in ((0, 1 - fx), (1, fx)):
+        for dy, weight_y in ((0, 1 - fy), (1, fy)):
+            xs, ys = x_floor + dx, y_floor + dy
+            inside = ((xs >= 0) & (xs <= W - 1))[..., :, None] & ((ys >= 0) & (ys <= H - 1))[..., None, :]
+            flat = ys.clamp(0, H - 1)[..., None, :] * W + xs.clamp(0, W - 1)[..., :, None]
+            yield dx, dy, weight_x, weight_y, inside, flat.long()
+
+
+def _pixels(image: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, H*W, C] in the accumulation dtype."""
+    B, C, H, W = image.shape
+    return image.permute(0, 2, 3, 1).reshape(B, H * W, C).to(_accumulation_dtype(image.dtype))
+
+
+def reference_forward(image: Tensor, centres: Tensor, patch_size: int) -> Tensor:
+    """tokens [B, K, P*P*C] from image [B, C, H, W] and centres [B, K, 2] (plain torch)."""
+    B, C = image.shape[:2]
+    K, P = centres.shape[1], patch_size
+    pixels = _pixels(image)
+    tokens = pixels.new_zeros(B, K, P, P, C)
+    for _, _, weight_x, weight_y, inside, flat in _bilinear_taps(image, centres.to(pixels.dtype), P):
+        values = pixels.gather(1, flat.reshape(B, -1, 1).expand(-1, -1, C)).reshape(B, K, P, P, C)
+        weight = weight_x[..., :, None] * weight_y[..., None, :] * inside
+        tokens += weight[..., None] * values
+    return tokens.reshape(B, K, P * P * C).to(image.dtype)
+
+
+def reference_backward(grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad):
+    """(grad_image [B,C,H,W] or empty, grad_centres [B,K,2] or empty) of :func:`reference_forward`."""
+    B, C, H, W = image.shape
+    K, P = centres.shape[1], patch_size
+    pixels = _pixels(image)
+    grad = grad_tokens.reshape(B, K, P, P, C).to(pixels.dtype)
+    grad_pixels = torch.zeros_like(pixels) if need_image_grad else None
+    grad_x = pixels.new_zeros(B, K)
+    grad_y = pixels.new_zeros(B, K)
+    batch = torch.arange(B, device=image.device)[:, None]
+    for dx, dy, weight_x, weight_y, inside, flat in _bilinear_taps(image, centres.to(pixels.dtype), P):
+        if need_image_grad:
+            weight = weight_x[..., :, None] * weight_y[..., None, :] * inside
+            # index_put_ with accumulate is deterministic on CPU and CUDA.
+            grad_pixels.index_put_((batch, flat.reshape(B, -1)), (weight[..., None] * grad).reshape(B, -1, C), True)
+        if need_centre_grad:
+            values = pixels.gather(1, flat.reshape(B, -1, 1).expand(-1, -1, C)).reshape(B, K, P, P, C)
+            grad_value = (grad * values).sum(-1) * inside  # d loss / d (tap value * weight) [B, K, P, P]
+            sign_x, sign_y = 2 * dx - 1, 2 * dy - 1  # d weight / d f: -1 for the left/top tap, +1 else
+            grad_x += sign_x * (grad_value * weight_y[..., None, :]).sum((-1, -2))
+            grad_y += sign_y * (grad_value * weight_x[..., :, None]).sum((-1, -2))
+    grad_image = image.new_empty(0)
+    if need_image_grad:
+        grad_image = torch.empty_like(image)
+        grad_image.copy_(grad_pixels.reshape(B, H, W, C).permute(0, 3, 1, 2))
+    grad_centres = torch.stack((grad_x, grad_y), dim=-1).to(centres.dtype) if need_centre_grad else centres.new_empty(0)
+    return grad_image, grad_centres
+
+
+# --------------------------------------------------------------------------- backend table
+
+
+def _triton_module():
+    from ..triton import landmark_patch_gather as triton_gather  # imports triton only when used
+
+    return triton_gather
+
+
+def _forward(backend, image, centres, patch_size):
+    if backend == "torch":
+        return reference_forward(image, centres, patch_size)
+    if backend == "triton":
+        return _triton_module().patch_gather_forward(image, centres, patch_size)
+    return torch.ops.lafs_kernels._patch_gather_fwd(image, centres, patch_size)
+
+
+def _backward(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic):
+    if backend == "torch":
+        return reference_backward(grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad)
+    if backend == "triton":
+        return _triton_module().patch_gather_backward(
+            grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad
+        )
+    return torch.ops.lafs_kernels._patch_gather_bwd(
+        grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic
+    )
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("lafs_kernels::landmark_patch_gather", mutates_args=())
+def patch_gather_op(image: Tensor, centres: Tensor, patch_size: int, backend: str, deterministic: bool) -> Tensor:
+    """tokens [B, K, P*P*C] at centres [B, K, 2] (already selected and jittered).
+
+    ``deterministic`` only affects the backward pass (image gradient without float atomics).
+    """
+    return _forward(backend, image, centres, patch_size)
+
+
+@patch_gather_op.register_fake
+def _(image, centres, patch_size, backend, deterministic):
+    B, C = image.shape[:2]
+    return image.new_empty(B, centres.shape[1], patch_size * patch_size * C)
+
+
+@torch.library.custom_op("lafs_kernels::landmark_patch_gather_backward", mutates_args=())
+def patch_gather_backward_op(
+    grad_tokens: Tensor,
+    image: Tensor,
+    centres: Tensor,
+    patch_size: int,
+    backend: str,
+    need_image_grad: bool,
+    need_centre_grad: bool,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_image like image or empty, grad_centres [B, K, 2] or empty)."""
+    return _backward(
+        backend, grad_tokens.contiguous(), image, centres, patch_size, need_image_grad, need_centre_grad, deterministic
+    )
+
+
+@patch_gather_backward_op.register_fake
+def _(grad_tokens, image, centres, patch_size, backend, need_image_grad, need_centre_grad, deterministic):
+    grad_image = torch.empty_like(image) if need_image_grad else image.new_empty(0)
+    grad_centres = centres.new_empty(centres.shape) if need_centre_grad else centres.new_empty(0)
+    return grad_image, grad_centres
+
+
+def _setup_context(ctx, inputs, output):
+    image, centres, patch_size, backend, deterministic = inputs
+    ctx.save_for_backward(image, centres)
+    ctx.patch_size, ctx.backend, ctx.deterministic = patch_size, backend, deterministic
+
+
+def _backward_formula(ctx, grad_tokens):
+    image, centres = ctx.saved_tensors
+    need_image_grad, need_centre_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_image_grad or need_centre_grad):
+        return None, None, None, None, None
+    grad_image, grad_centres = patch_gather_backward_op(
+        grad_tokens, image, centres, ctx.patch_size, ctx.backend, need_image_grad, need_centre_grad, ctx.deterministic
+    )
+    return (
+        grad_image if need_image_grad else None,
+        grad_centres if need_centre_grad else None,
+        None,
+        None,
+        None,
+    )
+
+
+patch_gather_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def _check_inputs(image, landmarks, patch_size, index, num_samples, replacement, jitter_std):
+    if not isinstance(image, Tensor) or image.dim() != 4:
+        raise ValueError(f"image must be a [B, C, H, W] tensor, got {_describe(image)}")
+    if image.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"image must be float32, float16, bfloat16 or float64, got {image.dtype}")
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"image must have C, H, W >= 1, got shape {tuple(image.shape)}")
+    if not isinstance(landmarks, Tensor) or landmarks.dim() != 3 or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks must be a [B, L, 2] tensor of (x, y), got {_describe(landmarks)}")
+    if not landmarks.is_floating_point():
+        raise TypeError(f"landmarks must be a floating-point tensor, got {landmarks.dtype}")
+    if landmarks.shape[0] != image.shape[0]:
+        raise ValueError(f"landmarks batch {landmarks.shape[0]} does not match image batch {image.shape[0]}")
+    if landmarks.device != image.device:
+        raise ValueError(f"landmarks are on {landmarks.device} but image is on {image.device}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be an int >= 1, got {patch_size!r}")
+    if not (isinstance(jitter_std, (int, float)) and math.isfinite(jitter_std) and jitter_std >= 0):
+        raise ValueError(f"jitter_std must be a finite number >= 0, got {jitter_std!r}")
+    num_landmarks = landmarks.shape[1]
+    if index is not None:
+        if num_samples is not None:
+            raise ValueError("give either index or num_samples, not both")
+        if not isinstance(index, Tensor) or index.dim() != 2 or index.shape[0] != image.shape[0]:
+            raise ValueError(f"index must be a [B, K] tensor with B = {image.shape[0]}, got {_describe(index)}")
+        if index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
+        if index.device != image.device:
+            raise ValueError(f"index is on {index.device} but image is on {image.device}")
+        # Data-dependent check (one sync); under torch.compile indexing itself still rejects bad indices.
+        if index.numel() and not torch.compiler.is_compiling():
+            low, high = index.min().item(), index.max().item()
+            if low < 0 or high >= num_landmarks:
+                raise IndexError(f"index values must lie in [0, {num_landmarks}), got range [{low}, {high}]")
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if not replacement and num_samples > num_landmarks:
+            raise ValueError(f"cannot draw {num_samples} of {num_landmarks} landmarks without replacement")
+        if num_landmarks == 0:
+            raise ValueError("cannot draw num_samples from zero landmarks")
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _generator_of(generator: Union[torch.Generator, int, None]) -> Optional[torch.Generator]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def select_centres(
+    landmarks: Tensor,
+    *,
+    index: Optional[Tensor] = None,
+    num_samples: Optional[int] = None,
+    replacement: bool = True,
+    jitter_std: float = 0.0,
+    generator: Union[torch.Generator, int, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """centres [B, K, 2] in ``dtype``: landmarks [B, L, 2] selected by ``index`` (or
+    ``num_samples`` drawn from ``generator``) plus N(0, jitter_std^2) noise.
+
+    Random numbers come from ``generator`` on its own device (the default
+    generator of the landmarks' device when None), drawn in one fixed order
+    (indices, then jitter), so the same generator state gives the same centres
+    whatever backend gathers the patches.
+    """
+    generator = _generator_of(generator)
+    draw_device = generator.device if generator is not None else landmarks.device
+    B, L = landmarks.shape[:2]
+    if num_samples is not None:
+        if replacement:
+            index = torch.randint(0, L, (B, num_samples), generator=generator, device=draw_device)
+        else:
+            index = torch.rand(B, L, generator=generator, device=draw_device).argsort(dim=1)[:, :num_samples]
+        index = index.to(landmarks.device)
+    centres = landmarks.to(dtype)
+    if index is not None:
+        batch = torch.arange(B, device=landmarks.device)[:, None]
+        centres = centres[batch, index.long()]  # backward accumulates over repeated indices
+    if jitter_std > 0:
+        noise = torch.randn(centres.shape, generator=generator, device=draw_device, dtype=dtype)
+        centres = centres + jitter_std * noise.to(landmarks.device)
+    return centres
+
+
+def landmark_patch_gather(
+    image: Tensor,
+    landmarks: Tensor,
+    patch_size: int = 8,
+    *,
+    index: Optional[Tensor] = None,
+    num_samples: Optional[int] = None,
+    replacement: bool = True,
+    jitter_std: float = 0.0,
+    generator: Union[torch.Generator, int, None] = None,
+    deterministic: Optional[bool] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Sample a P x P patch around each (selected, jittered) landmark: tokens [B, K, P*P*C].
+
+    Args:
+      image: [B, C, H, W] float32 / float16 / bfloat16 / float64, any strides.
+      landmarks: [B, L, 2] pixel coordinates (x, y); gradients flow to them.
+      patch_size: P >= 1.
+      index: optional [B, K] int64 in [0, L), repeats allowed; default all L in order.
+      num_samples: draw K = num_samples indices per image from ``generator``
+        (with replacement unless ``replacement=False``).
+      jitter_std: std (pixels) of Gaussian noise added to each selected coordinate.
+      generator: torch.Generator or int seed for the random parts.
+      deterministic: bitwise-repeatable image gradient (no float atomics);
+        None follows ``torch.use_deterministic_algorithms``.
+      backend: force 'torch', 'cpu', 'triton' or 'cuda' (else the best available;
+        ``LAFS_KERNELS_BACKEND`` also forces one).
+    """
+    _check_inputs(image, landmarks, patch_size, index, num_samples, replacement, jitter_std)
+    centres = select_centres(
+        landmarks,
+        index=index,
+        num_samples=num_samples,
+        replacement=replacement,
+        jitter_std=float(jitter_std),
+        generator=generator,
+        dtype=_accumulation_dtype(image.dtype),
+    )
+    deterministic = deterministic_requested(deterministic)
+    call = call_of(image, deterministic=deterministic and image.requires_grad, requires_grad=image.requires_grad)
+    name = BACKENDS.select(call, backend)
+    return patch_gather_op(image, centres, patch_size, name, deterministic)

@@ -1,0 +1,186 @@
+"""Triton kernels of the margin-softmax cross-entropy, one class chunk per launch.
+
+Each program owns a ``[BLOCK_B rows, BLOCK_C classes]`` tile: it computes the raw
+dot products with ``tl.dot`` over D, the centres' squared norms from the same
+loads (W is never normalised in memory), the cosines, the logits with the
+margined target logits put in place, and then
+* forward: the tile's max, sum of exponentials, logit sum and best cosine per row;
+* backward: ``g = dcos / |W_c|`` for the tile (and ``1 / |W_c|``), from which the
+  caller's two GEMMs give the gradients of x and W.
+
+The margined target logits and their derivatives are computed by the caller from
+the ``B*T`` gathered centres, so no kernel needs ``acos``.  Launchers take tensors
+and return tensors; they know nothing of backend selection.
+"""
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12
+
+
+def _blocks(device: torch.device):
+    """(BLOCK_B, BLOCK_C, BLOCK_D); the interpreter gets small tiles (it runs numpy per tile)."""
+    if device.type == "cuda":
+        return 64, 128, 64
+    return 16, 32, 16
+
+
+@triton.jit
+def _tile_logits(
+    X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
+    stride_x, stride_w, T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    w_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        k_ok = ks < D
+        x_tile = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc)
+        w32 = w_tile.to(tl.float32)
+        w_sq += tl.sum(w32 * w32, 1)
+    inv_w = 1.0 / tl.maximum(tl.sqrt(w_sq), EPS)
+    inv_x = tl.load(INV_X + rows, mask=row_ok, other=0.0)
+    cos = acc * inv_x[:, None] * inv_w[None, :]
+    logits = cos * s
+    for t in tl.static_range(T):
+        label = tl.load(LABELS + rows * T + t, mask=row_ok, other=-1)
+        target = tl.load(TARGET + rows * T + t, mask=row_ok, other=0.0)
+        logits = tl.where(cols[None, :] == label[:, None], target[:, None], logits)
+    return cos, logits, inv_w
+
+
+@triton.jit
+def _forward_kernel(
+    X, W, INV_X, LABELS, TARGET, OUT_MAX, OUT_SUM, OUT_LOGIT_SUM, OUT_BEST, OUT_ARG,
+    B, C, D, s, stride_x, stride_w, num_col_blocks,
+    T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < B
+    col_ok = cols < C
+    cos, logits, inv_w = _tile_logits(
+        X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
+        stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+    )
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    tile_max = tl.max(logits, 1)
+    tile_sum = tl.sum(tl.exp(logits - tile_max[:, None]), 1)
+    logit_sum = tl.sum(tl.where(col_ok[None, :], logits, 0.0), 1)
+    cos = tl.where(col_ok[None, :], cos, float("-inf"))
+    best = tl.max(cos, 1)
+    arg = tl.argmax(cos, 1) + pid_c * BLOCK_C
+    out = rows * num_col_blocks + pid_c
+    tl.store(OUT_MAX + out, tile_max, mask=row_ok)
+    tl.store(OUT_SUM + out, tile_sum, mask=row_ok)
+    tl.store(OUT_LOGIT_SUM + out, logit_sum, mask=row_ok)
+    tl.store(OUT_BEST + out, best, mask=row_ok)
+    tl.store(OUT_ARG + out, arg, mask=row_ok)
+
+
+@triton.jit
+def _backward_kernel(
+    X, W, INV_X, LABELS, TARGET, DERIV, LSE, GRAD_LSE, GRAD_TARGET, GRAD_LOGIT_SUM, G, INV_W,
+    B, C, D, s, stride_x, stride_w,
+    T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < B
+    col_ok = cols < C
+    cos, logits, inv_w = _tile_logits(
+        X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
+        stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+    )
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    grad_lse = tl.load(GRAD_LSE + rows, mask=row_ok, other=0.0)
+    grad_logit_sum = tl.load(GRAD_LOGIT_SUM + rows, mask=row_ok, other=0.0)
+    # d loss / d logit = grad_lse * softmax + grad_logit_sum (+ grad_target at the targets)
+    dlogit = tl.exp(logits - lse[:, None]) * grad_lse[:, None] + grad_logit_sum[:, None]
+    slope = tl.full([BLOCK_B, BLOCK_C], 1.0, dtype=tl.float32)
+    for t in tl.static_range(T):
+        label = tl.load(LABELS + rows * T + t, mask=row_ok, other=-1)
+        hit = cols[None, :] == label[:, None]
+        grad_target = tl.load(GRAD_TARGET + rows * T + t, mask=row_ok, other=0.0)
+        deriv = tl.load(DERIV + rows * T + t, mask=row_ok, other=1.0)
+        dlogit += tl.where(hit, grad_target[:, None], 0.0)
+        slope = tl.where(hit, deriv[:, None], slope)
+    dcos = tl.where(row_ok[:, None] & col_ok[None, :], dlogit * slope * s, 0.0)
+    tl.store(INV_W + cols, inv_w, mask=col_ok & (pid_b == 0))
+    g = dcos * inv_w[None, :]
+    tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
+    # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
+    # the norms are applied to the accumulated tile.
+    x, w, inv_x = x.contiguous(), w.contiguous(), inv_x.float().contiguous()
+    block_b, block_c, block_d = _blocks(w.device)
+    grid = (triton.cdiv(x.shape[0], block_b), triton.cdiv(w.shape[0], block_c))
+    meta = dict(
+        T=labels.shape[1], BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, IEEE=w.dtype == torch.float32,
+        # The interpreter's tl.dot mis-multiplies bfloat16 (triton 3.8): it gets float32 tiles there.
+        UPCAST=w.device.type == "cpu" and w.dtype == torch.bfloat16,
+    )
+    return x, w, inv_x, grid, meta
+
+
+def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
+    """One chunk's row statistics.
+
+    x [B, D] embeddings and inv_x [B] their inverse norms; w [c, D] the chunk of W; labels [B, T] int64 columns
+    of the targets in this chunk (-1: none); target_logit [B, T] float32 (s * margined cos).
+    Returns the chunk's log-sum-exp [B], logit sum [B], best cosine [B] and its column [B].
+    """
+    x, w, inv_x, grid, meta = _common(x, inv_x, w, labels)
+    rows, cols = x.shape[0], grid[1]
+    stats = torch.empty(4, rows, cols, dtype=torch.float32, device=x.device)
+    arg = torch.empty(rows, cols, dtype=torch.int32, device=x.device)
+    _forward_kernel[grid](
+        x, w, inv_x, labels.contiguous(), target_logit.float().contiguous(),
+        stats[0], stats[1], stats[2], stats[3], arg,
+        rows, w.shape[0], x.shape[1], float(s), x.stride(0), w.stride(0), cols, **meta,
+    )
+    tile_max, tile_sum, tile_logit_sum, tile_best = stats
+    chunk_max = tile_max.max(1).values
+    chunk_lse = chunk_max + torch.log((tile_sum * torch.exp(tile_max - chunk_max[:, None])).sum(1))
+    best, block = tile_best.max(1, keepdim=True)
+    return chunk_lse, tile_logit_sum.sum(1), best[:, 0], arg.gather(1, block)[:, 0].long()
+
+
+def chunk_backward(x, inv_x, w, labels, target_logit, target_derivative, lse, grad_lse, grad_target, grad_logit_sum, s: float):
+    """One chunk's ``g = dcos / |W_c|`` [B, c] (W's dtype) and ``1 / max(|W_c|, EPS)`` [c] float32.
+
+    Inputs as :func:`chunk_forward`, plus target_derivative [B, T], lse [B] and the
+    gradients of lse [B], target_logit [B, T] and logit sum [B] (all float32).
+    """
+    x, w, inv_x, grid, meta = _common(x, inv_x, w, labels)
+    rows, classes = x.shape[0], w.shape[0]
+    g = torch.empty(rows, classes, dtype=w.dtype, device=x.device)
+    inv_w = torch.empty(classes, dtype=torch.float32, device=x.device)
+
+    def f32(t):
+        return t.float().contiguous()
+
+    _backward_kernel[grid](
+        x, w, inv_x, labels.contiguous(), f32(target_logit), f32(target_derivative), f32(lse),
+        f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, inv_w,
+        rows, classes, x.shape[1], float(s), x.stride(0), w.stride(0), **meta,
+    )
+    return g, inv_w

@@ -1,0 +1,237 @@
+"""lafs.eval.ijb: TAR@FAR, template aggregation, pair scores, meta files, the whole protocol on a tiny folder."""
+import copy
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from insightface.utils.face_align import norm_crop
+from sklearn.metrics import roc_curve
+
+from lafs.data.synthetic import SyntheticFaces
+from lafs.eval.ijb import FARS, aggregate_templates, evaluate_ijb, read_protocol, score_pairs, tar_at_far
+from test_eval_align import place_in_canvas
+from test_eval_verification import TinyFaceNet
+from tolerances import assert_close
+
+
+# ---------------------------------------------------------------- a tiny IJB-style folder
+
+
+@dataclass
+class IJBFolder:
+    root: str
+    names: list
+    template_ids: list
+    media_ids: list
+    points: np.ndarray  # [I,5,2] in the loose crops
+    faceness: np.ndarray  # [I]
+    pairs: list  # (template 1, template 2, label)
+
+
+def write_ijb_folder(root, rng: torch.Generator, target="ijbc", num_identities=3, templates_per_identity=2,
+                     images_per_template=3) -> IJBFolder:
+    """Loose crops of synthetic faces (each moved into a larger canvas by a random similarity),
+    with their five points, faceness scores, templates of two media, and every template pair."""
+    faces = SyntheticFaces(num_identities, templates_per_identity * images_per_template,
+                           seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    os.makedirs(os.path.join(root, "meta"))
+    os.makedirs(os.path.join(root, "loose_crop"))
+    template_pool = torch.randperm(9000, generator=rng)[: num_identities * templates_per_identity] + 1000
+    names, template_ids, media_ids, points, identities = [], [], [], [], {}
+    for index in range(len(faces)):
+        face, label, face_points = faces.render(index)
+        template = int(template_pool[index // images_per_template])
+        identities[template] = label
+        canvas, moved = place_in_canvas(face, face_points, rng)
+        name = f"{index + 1}.jpg"
+        cv2.imwrite(os.path.join(root, "loose_crop", name), canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        names.append(name)
+        template_ids.append(template)
+        media_ids.append(1 + (index % images_per_template) // 2)  # media 1: two images, media 2: the rest
+        points.append(moved)
+    faceness = (0.3 + 0.7 * torch.rand(len(names), generator=rng)).numpy().astype(np.float32)
+    templates = sorted(identities)
+    pairs = [(a, b, int(identities[a] == identities[b])) for i, a in enumerate(templates) for b in templates[i + 1:]]
+    with open(os.path.join(root, "meta", f"{target}_face_tid_mid.txt"), "w") as file:
+        file.writelines(f"{n} {t} {m}\n" for n, t, m in zip(names, template_ids, media_ids))
+    with open(os.path.join(root, "meta", f"{target}_name_5pts_score.txt"), "w") as file:
+        for name, five, score in zip(names, points, faceness):
+            file.write(" ".join([name, *(f"{v:.4f}" for v in five.reshape(-1)), f"{score:.6f}"]) + "\n")
+    with open(os.path.join(root, "meta", f"{target}_template_pair_label.txt"), "w") as file:
+        file.writelines(f"{a} {b} {label}\n" for a, b, label in pairs)
+    return IJBFolder(str(root), names, template_ids, media_ids, np.array(points), faceness, pairs)
+
+
+def expected_pair_scores(model: torch.nn.Module, folder: IJBFolder) -> np.ndarray:
+    """The protocol written out directly, in float64, one image at a time."""
+    model64 = copy.deepcopy(model).double().eval()
+    image_features = []
+    with torch.no_grad():
+        for name, five, score in zip(folder.names, folder.points, folder.faceness):
+            rgb = cv2.imread(os.path.join(folder.root, "loose_crop", name))[:, :, ::-1]
+            crop = norm_crop(np.ascontiguousarray(rgb), np.round(five, 4))
+            x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].double() / 127.5 - 1
+            image_features.append(((model64(x) + model64(x.flip(3)))[0] * float(f"{score:.6f}")).numpy())
+    templates = {}
+    for feature, template, medium in zip(image_features, folder.template_ids, folder.media_ids):
+        templates.setdefault(template, {}).setdefault(medium, []).append(feature)
+    normalised = {}
+    for template, media in templates.items():
+        total = sum(np.mean(features, axis=0) for features in media.values())
+        normalised[template] = total / np.linalg.norm(total)
+    return np.array([normalised[a] @ normalised[b] for a, b, _ in folder.pairs])
+
+
+# ---------------------------------------------------------------- TAR at FAR
+
+
+def direct_tar_at_far(labels, scores, fars):
+    fpr, tpr, _ = roc_curve(labels, scores)
+    result = {}
+    for far in fars:
+        # nearest FPR first, then the highest TPR
+        order = np.lexsort((-tpr, np.abs(fpr - far)))
+        result[far] = tpr[order[0]]
+    return result
+
+
+def test_tar_at_far_matches_roc_curve(rng):
+    num_pairs = 20000
+    labels = (torch.rand(num_pairs, generator=rng) < 0.1).long()
+    scores = torch.randn(num_pairs, generator=rng) + 2.5 * labels
+    scores = (scores * 20).round() / 20  # ties in the scores
+    tar = tar_at_far(labels.numpy(), scores.numpy())
+    expected = direct_tar_at_far(labels.numpy(), scores.numpy(), FARS)
+    assert list(tar) == list(FARS)
+    for far in FARS:
+        assert tar[far] == pytest.approx(expected[far], abs=1e-12)
+    assert tar[1e-1] > tar[1e-3]  # a real ROC, not a constant
+
+
+def test_tar_at_far_equidistant_points_take_the_higher_tar():
+    # ROC points (0, 1/3) and (0.2, 2/3) are both 0.1 from FAR 0.1
+    positives, negatives = [0.9, 0.7, 0.3], [0.8, 0.5, 0.4, 0.2, 0.1]
+    labels = [1] * len(positives) + [0] * len(negatives)
+    tar = tar_at_far(labels, positives + negatives, fars=(0.1,))
+    assert tar[0.1] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- templates and scores
+
+
+def test_template_aggregation_hand_built():
+    features = np.array([
+        [1.0, 0.0, 0.0],  # template 7, media 1
+        [3.0, 0.0, 0.0],  # template 7, media 1
+        [0.0, 1.0, 0.0],  # template 7, media 2
+        [0.0, 0.0, 2.0],  # template 3, media 1
+        [0.0, 4.0, 4.0],  # template 9, media 1 (same media id as in template 7: a different group)
+        [0.0, 0.0, 4.0],  # template 9, media 5
+    ])
+    template_ids, template_features = aggregate_templates(features, [7, 7, 7, 3, 9, 9], [1, 1, 2, 1, 1, 5])
+    np.testing.assert_array_equal(template_ids, [3, 7, 9])
+    # 7: mean([1,0,0],[3,0,0]) + [0,1,0] = [2,1,0]; 3: [0,0,2]; 9: [0,4,4] + [0,0,4] = [0,4,8]
+    expected = np.array([[0, 0, 1], [2 / np.sqrt(5), 1 / np.sqrt(5), 0], [0, 1 / np.sqrt(5), 2 / np.sqrt(5)]])
+    np.testing.assert_allclose(template_features, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_score_pairs_in_chunks_and_unknown_templates():
+    template_ids = np.array([3, 7, 9])
+    features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    pairs = np.array([[3, 7], [7, 9], [9, 3], [7, 7], [3, 9]])
+    scores = score_pairs(template_ids, features, pairs, chunk_size=2)
+    np.testing.assert_allclose(scores, [0.6, 0.8, 0.0, 1.0, 0.0], atol=1e-7)
+    with pytest.raises(ValueError, match=r"pairs.txt:4: template 8 has no images"):
+        score_pairs(template_ids, features, np.array([[3, 7], [7, 9], [9, 3], [7, 8]]), "pairs.txt", chunk_size=2)
+
+
+# ---------------------------------------------------------------- the whole protocol
+
+
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface's norm_crop
+def test_evaluate_ijb_matches_direct_computation(tmp_path, rng):
+    folder = write_ijb_folder(tmp_path / "IJBC", rng)
+    model = TinyFaceNet(rng)
+    result = evaluate_ijb(model, folder.root, "IJBC", batch_size=4, device="cpu", num_workers=0, chunk_size=4,
+                          progress=False)
+    expected = expected_pair_scores(model, folder)
+    assert_close(torch.from_numpy(result.scores), torch.from_numpy(expected).float(), scale=10)
+    np.testing.assert_array_equal(result.labels, [label for _, _, label in folder.pairs])
+    expected_tar = direct_tar_at_far(result.labels, result.scores, FARS)
+    assert result.tar == pytest.approx(expected_tar)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _meta(root, suffix):
+    return os.path.join(root, "meta", f"ijbb_{suffix}.txt")
+
+
+def _replace_line(path, line_number, text):
+    with open(path) as file:
+        lines = file.readlines()
+    lines[line_number - 1] = text + "\n"
+    with open(path, "w") as file:
+        file.writelines(lines)
+
+
+@pytest.fixture
+def small_folder(tmp_path, rng):
+    return write_ijb_folder(tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=1,
+                            images_per_template=2)
+
+
+def test_missing_meta_file(small_folder):
+    os.remove(_meta(small_folder.root, "template_pair_label"))
+    with pytest.raises(FileNotFoundError, match=r"meta file missing: .*ijbb_template_pair_label\.txt"):
+        read_protocol(small_folder.root, "IJBB")
+    with pytest.raises(FileNotFoundError, match=r"ijbc_face_tid_mid\.txt"):
+        read_protocol(small_folder.root, "IJBC")
+
+
+def test_landmark_row_with_wrong_number_of_values(small_folder):
+    path = _meta(small_folder.root, "name_5pts_score")
+    _replace_line(path, 2, "2.jpg 1 2 3 4 5 6 7 8 9 0.9")
+    with pytest.raises(ValueError, match=r"ijbb_name_5pts_score\.txt:2: expected 12 values .*got 11"):
+        read_protocol(small_folder.root, "IJBB")
+    _replace_line(path, 2, "2.jpg 1 2 3 4 5 6 7 8 9 x 0.9")
+    with pytest.raises(ValueError, match=r"ijbb_name_5pts_score\.txt:2: value 'x' is not a number"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+def test_image_lists_must_agree(small_folder):
+    _replace_line(_meta(small_folder.root, "face_tid_mid"), 2, "other.jpg 5 1")
+    with pytest.raises(ValueError, match=r"image 2 is '2.jpg' but .*ijbb_face_tid_mid\.txt lists 'other.jpg'"):
+        read_protocol(small_folder.root, "IJBB")
+    _replace_line(_meta(small_folder.root, "face_tid_mid"), 2, "2.jpg five 1")
+    with pytest.raises(ValueError, match=r"ijbb_face_tid_mid\.txt:2: template id 'five' is not an integer"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+def test_bad_pair_lines(small_folder):
+    path = _meta(small_folder.root, "template_pair_label")
+    with open(path, "a") as file:
+        file.write("5 6\n")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: expected 3 values"):
+        read_protocol(small_folder.root, "IJBB")
+    _replace_line(path, 2, "5 6 2")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: label 2, expected 0 or 1"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+def test_template_without_images(small_folder, rng):
+    with open(_meta(small_folder.root, "template_pair_label"), "a") as file:
+        file.write(f"{small_folder.template_ids[0]} 99999 0\n")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: template 99999 has no images"):
+        evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", num_workers=0, progress=False)
+
+
+def test_undecodable_image(small_folder, rng):
+    with open(os.path.join(small_folder.root, "loose_crop", "2.jpg"), "wb") as file:
+        file.write(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"loose_crop/2\.jpg: missing or cannot be decoded .*ijbb_name_5pts_score\.txt line 2"):
+        evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", num_workers=0, progress=False)

@@ -1,0 +1,235 @@
+"""lafs.eval.verification: safe .bin loading, the 10-fold protocol, the flip-test embedding."""
+import io
+import os
+import pickle
+import struct
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+from sklearn.metrics.pairwise import paired_euclidean_distances
+from sklearn.model_selection import KFold
+
+from lafs.eval.verification import UnsafePickleError, embed_with_flip, evaluate, load_bin, verify_model
+from tolerances import assert_close
+
+
+# ---------------------------------------------------------------- test data
+
+
+def random_faces(rng: torch.Generator, count: int) -> np.ndarray:
+    """Smooth random RGB images uint8 [count,112,112,3] (stand-ins for aligned faces)."""
+    coarse = torch.rand(count, 3, 8, 8, generator=rng)
+    smooth = torch.nn.functional.interpolate(coarse, size=(112, 112), mode="bilinear", align_corners=False)
+    return (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_pairs(rng: torch.Generator, num_pairs: int, noise: float = 12.0) -> tuple[np.ndarray, list[bool]]:
+    """Pairs of images: "same" pairs are one image and a noisy copy, others two unrelated images.
+
+    Returns (images uint8 [2N,112,112,3] RGB, issame list of N).
+    """
+    issame = (torch.rand(num_pairs, generator=rng) < 0.5).tolist()
+    firsts = random_faces(rng, num_pairs)
+    others = random_faces(rng, num_pairs)
+    noisy = np.clip(firsts + noise * torch.randn(firsts.shape, generator=rng).numpy(), 0, 255).astype(np.uint8)
+    seconds = np.where(np.array(issame)[:, None, None, None], noisy, others)
+    images = np.stack([firsts, seconds], axis=1).reshape(-1, 112, 112, 3)
+    return images, issame
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", rgb[:, :, ::-1])
+    assert ok
+    return encoded.tobytes()
+
+
+class _Python2StylePickler(pickle._Pickler):
+    """Writes byte strings as Python 2 ``str`` (BINSTRING), as the old .bin files hold them."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def write_bin(path, images: np.ndarray, issame, *, py2_style=False, array_bins=False, protocol=pickle.HIGHEST_PROTOCOL):
+    """Write a verification .bin: (encoded PNGs, issame) pickled like insightface's files."""
+    bins = [encode_png(image) for image in images]
+    if array_bins:
+        bins = [np.frombuffer(encoded, np.uint8) for encoded in bins]
+    buffer = io.BytesIO()
+    if py2_style:
+        _Python2StylePickler(buffer, protocol=2).dump((bins, list(issame)))
+    else:
+        pickle.dump((bins, list(issame)), buffer, protocol=protocol)
+    with open(path, "wb") as file:
+        file.write(buffer.getvalue())
+
+
+class TinyFaceNet(torch.nn.Module):
+    """A stand-in face model: [B,3,112,112] in [-1,1] -> [B,16], not flip invariant."""
+
+    def __init__(self, rng: torch.Generator):
+        super().__init__()
+        self.pool = torch.nn.AvgPool2d(14)
+        self.proj = torch.nn.Linear(3 * 8 * 8, 16)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=rng) * 0.2)
+            self.proj.bias.copy_(torch.randn(16, generator=rng))
+
+    def forward(self, x):
+        return self.proj(self.pool(x).flatten(1))
+
+
+# ---------------------------------------------------------------- load_bin
+
+
+@pytest.mark.parametrize(
+    "py2_style,array_bins,protocol", [(False, False, 5), (False, True, 4), (False, True, 5), (True, False, 2), (True, True, 2)]
+)
+def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, protocol):
+    images, issame = make_pairs(rng, 5)
+    path = tmp_path / "set.bin"
+    write_bin(path, images, issame, py2_style=py2_style, array_bins=array_bins, protocol=protocol)
+    if py2_style:
+        with pytest.raises(UnicodeDecodeError):
+            pickle.loads(path.read_bytes())  # why old files need encoding='bytes'
+    loaded, loaded_issame = load_bin(path)
+    assert loaded.dtype == np.uint8 and loaded.shape == (10, 112, 112, 3)
+    np.testing.assert_array_equal(loaded, images)
+    assert loaded_issame == issame
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_load_bin_refuses_a_pickle_that_runs_code(tmp_path, rng):
+    images, issame = make_pairs(rng, 2)
+    bins = [encode_png(image) for image in images]
+    witness, marker = tmp_path / "plain_pickle_ran", tmp_path / "load_bin_ran"
+    # the same payload does run code under plain pickle.load
+    pickle.loads(pickle.dumps((bins, [True, _RunsCode(witness)])))
+    assert witness.exists()
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps((bins, [issame[0], _RunsCode(marker)])))
+    with pytest.raises(UnsafePickleError) as error:
+        load_bin(path)
+    assert not marker.exists()
+    assert str(path) in str(error.value) and f"{os.system.__module__}.system" in str(error.value)
+
+
+def test_load_bin_refuses_other_globals(tmp_path):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(pickle.dumps(([np.float32(1.0)], [])))  # a numpy scalar: not what a .bin holds
+    with pytest.raises(UnsafePickleError, match="numpy.*scalar"):
+        load_bin(path)
+
+
+def test_load_bin_bad_content(tmp_path, rng):
+    images, issame = make_pairs(rng, 2)
+    path = tmp_path / "bad.bin"
+    bins = [encode_png(image) for image in images]
+    bins[3] = b"not an image"
+    path.write_bytes(pickle.dumps((bins, issame)))
+    with pytest.raises(ValueError, match=r"bad\.bin: image 3 .*could not be decoded"):
+        load_bin(path)
+    path.write_bytes(pickle.dumps((bins[:3], issame)))
+    with pytest.raises(ValueError, match=r"bad\.bin: 3 images for 2 pairs"):
+        load_bin(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"bad\.bin: not a readable"):
+        load_bin(path)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def sklearn_protocol(embeddings: np.ndarray, issame: np.ndarray):
+    """The protocol written directly with scikit-learn: returns (fold accuracies, chosen thresholds)."""
+    distances = paired_euclidean_distances(embeddings[0::2], embeddings[1::2]) ** 2
+    thresholds = np.arange(0, 4, 0.01)
+    accuracies, chosen = [], []
+    for train, test in KFold(n_splits=10, shuffle=False).split(distances):
+        best_threshold, best_accuracy = None, -1.0
+        for threshold in thresholds:
+            accuracy = accuracy_score(issame[train], distances[train] < threshold)
+            if accuracy > best_accuracy:
+                best_threshold, best_accuracy = threshold, accuracy
+        chosen.append(best_threshold)
+        accuracies.append(accuracy_score(issame[test], distances[test] < best_threshold))
+    return np.array(accuracies), np.array(chosen)
+
+
+def test_evaluate_matches_sklearn(rng):
+    num_pairs, dim = 203, 8  # not a multiple of 10: uneven folds
+    issame = (torch.rand(num_pairs, generator=rng) < 0.5).numpy()
+    first = torch.nn.functional.normalize(torch.randn(num_pairs, dim, generator=rng, dtype=torch.float64), dim=1)
+    noise = torch.randn(num_pairs, dim, generator=rng, dtype=torch.float64) * torch.rand(num_pairs, 1, generator=rng)
+    other = torch.randn(num_pairs, dim, generator=rng, dtype=torch.float64)
+    second = torch.where(torch.from_numpy(issame)[:, None], first + noise, other)
+    second = torch.nn.functional.normalize(second, dim=1)
+    embeddings = torch.stack([first, second], dim=1).reshape(-1, dim).numpy()
+
+    result = evaluate(embeddings, issame.tolist())
+    expected_accuracies, expected_thresholds = sklearn_protocol(embeddings, issame)
+    np.testing.assert_array_equal(result.best_thresholds, expected_thresholds)
+    np.testing.assert_array_equal(result.accuracies, expected_accuracies)
+    assert result.accuracy == pytest.approx(expected_accuracies.mean())
+    assert result.std == pytest.approx(expected_accuracies.std())
+    assert 0.6 < result.accuracy < 1.0  # the data separates the pairs partly: a non-trivial case
+
+
+def test_evaluate_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[2N, D\] = \[40, D\] for 20 pairs"):
+        evaluate(np.zeros((39, 4)), [True] * 20)
+    with pytest.raises(ValueError, match="nrof_folds"):
+        evaluate(np.zeros((10, 4)), [True] * 5)
+
+
+# ---------------------------------------------------------------- embedding and the whole protocol
+
+
+def test_embed_with_flip_matches_direct_computation(rng):
+    model = TinyFaceNet(rng).train()
+    images, _ = make_pairs(rng, 5)
+    embeddings, xnorm = embed_with_flip(model, images, batch_size=3, device="cpu")
+    assert model.training  # restored: training calls this
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1.0
+        model64 = TinyFaceNet(rng).double()
+        model64.load_state_dict(model.state_dict())
+        raw, raw_flip = model64(x), model64(x.flip(3))
+        expected = torch.nn.functional.normalize(raw + raw_flip, dim=1)
+        expected_xnorm = torch.cat([raw.norm(dim=1), raw_flip.norm(dim=1)]).mean().item()
+    assert_close(torch.from_numpy(embeddings), expected.float())
+    assert xnorm == pytest.approx(expected_xnorm, rel=1e-5)
+    float_input = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    from_float, _ = embed_with_flip(model, float_input, batch_size=10)
+    assert_close(torch.from_numpy(from_float), torch.from_numpy(embeddings))
+
+
+def test_verify_model_on_a_bin(tmp_path, rng):
+    images, issame = make_pairs(rng, 60)
+    write_bin(tmp_path / "lfw.bin", images, issame)
+    loaded, loaded_issame = load_bin(tmp_path / "lfw.bin")
+    model = TinyFaceNet(rng)
+    result = verify_model(model, loaded, loaded_issame, batch_size=32, device="cpu")
+    embeddings, xnorm = embed_with_flip(model, loaded, batch_size=7)
+    expected = evaluate(embeddings, loaded_issame)
+    assert result["accuracy"] == pytest.approx(expected.accuracy)
+    assert result["std"] == pytest.approx(expected.std)
+    assert result["threshold"] == pytest.approx(expected.threshold)
+    assert result["xnorm"] == pytest.approx(xnorm, rel=1e-5)
+    assert result["num_pairs"] == 60
+    assert result["accuracy"] > 0.9  # a noisy copy is nearer than an unrelated image

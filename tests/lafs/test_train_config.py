@@ -1,0 +1,111 @@
+"""Recipes, overrides and the errors a bad configuration gives before any training starts."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lafs.train import config as cfgmod
+from lafs.train.__main__ import main
+
+
+def test_every_recipe_resolves_or_asks_for_its_data(tmp_path):
+    """Built-in recipes hold only known keys; the real-data ones stop at the missing data.root."""
+    recipes = sorted(p.stem for p in cfgmod.RECIPE_DIR.glob("*.yaml"))
+    assert {"demo", "webface4m_supervised", "webface4m_pretrain", "webface4m_finetune", "ms1mv3_supervised",
+            "ms1mv3_pretrain", "ms1mv3_finetune"} <= set(recipes)
+    for name in recipes:
+        tree = cfgmod.load_recipe(name)
+        if cfgmod.is_demo_recipe(tree):
+            stages = cfgmod.resolve_demo(tree, {"supervised": tmp_path, "pretrain": tmp_path})
+            assert stages["finetune"].init.landmark == str(tmp_path)
+            assert stages["scratch"].init.pretrained is None and stages["scratch"].init.landmark is None
+            continue
+        stage = name.split("_")[1]
+        with pytest.raises(cfgmod.ConfigError, match="data.root is required"):
+            cfgmod.resolve_stage(stage, tree)
+        (tmp_path / "train.rec").write_bytes(b"")
+        (tmp_path / "train.idx").write_text("")
+        extra = [("init.landmark", str(tmp_path))] if stage != "supervised" else []
+        tree = cfgmod.apply_overrides(tree, [("data.root", str(tmp_path))] + extra)
+        cfg = cfgmod.resolve_stage(stage, tree)
+        assert cfg.loss.s == 64.0 if stage != "pretrain" else cfg.dino.student_temp == 0.1
+
+
+def test_paper_settings_in_recipes():
+    ms1 = cfgmod.load_recipe("ms1mv3_finetune")
+    web = cfgmod.load_recipe("webface4m_finetune")
+    assert ms1["optim"]["layer_decay"] == web["optim"]["layer_decay"] == 0.58
+    assert web["aug"]["mixup_prob"] == 0.1 and ms1["aug"]["mixup_prob"] == 0.2
+    assert ms1["data"]["color"] == "bgr" and web["data"]["color"] == "rgb"
+    for name in ("webface4m_supervised", "ms1mv3_supervised"):
+        loss = cfgmod.load_recipe(name)["loss"]
+        assert (loss["type"], loss["s"], loss["m"]) == ("cosface", 64.0, 0.4)
+
+
+def test_overrides_are_typed_and_dotted():
+    parsed = cfgmod.parse_overrides(["optim.lr=5e-4", "val.bins=[]", "data.root=null", "train.original_path=true"])
+    assert parsed == [("optim.lr", 5e-4), ("val.bins", []), ("data.root", None), ("train.original_path", True)]
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "supervised")
+    cfg = cfgmod.resolve_stage("supervised", cfgmod.apply_overrides(tree, parsed[:1] + [("optim.epochs", 3)]))
+    assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3.0 and isinstance(cfg.optim.epochs, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr must be >= 0"),
+    ("optim.lr=fast", "optim.lr must be float"),
+    ("optim.lrr=1e-3", "did you mean optim.lr"),
+    ("loss.type=softmax", "loss.type must be one of cosface, arcface"),
+    ("optim.warmup_epochs=100", "warmup_epochs .* exceeds optim.epochs"),
+    ("optim.batch_size=0", "optim.batch_size must be >= 1"),
+    ("train.original_path=1", "train.original_path must be bool"),
+    ("data.source=rec", "data.root is required"),
+    ("val.bins=[/no/such/lfw.bin]", "is not a file"),
+])
+def test_bad_values_name_the_problem(override, message):
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "supervised")
+    with pytest.raises(cfgmod.ConfigError, match=message):
+        cfgmod.resolve_stage("supervised", cfgmod.apply_overrides(tree, cfgmod.parse_overrides([override])))
+
+
+def test_stage_reference_outside_the_demo_is_an_error():
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "pretrain")
+    with pytest.raises(cfgmod.ConfigError, match="only the demo provides"):
+        cfgmod.resolve_stage("pretrain", tree)
+
+
+def test_cli_reports_config_errors_before_training(tmp_path, capsys):
+    code = main(["supervised", "optim.lr=-3", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "optim.lr must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    code = main(["supervised", "data.source=rec", f"data.root={tmp_path}", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "has no train.rec" in capsys.readouterr().err
+
+
+def test_missing_recipe_and_malformed_yaml(tmp_path):
+    with pytest.raises(cfgmod.ConfigError, match="no recipe named 'nope'"):
+        cfgmod.load_recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(cfgmod.ConfigError, match="not valid YAML"):
+        cfgmod.load_recipe(str(bad))
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "lafs.train", "--help"], capture_output=True, text=True, check=True).stdout
+    for stage_schema in cfgmod.SCHEMAS.values():
+        for opt in stage_schema:
+            assert f"  {opt.key}=" in out, opt.key
+    for flag in ("--config", "--out", "--resume", "--original-path"):
+        assert flag in out
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    stages = cfgmod.resolve_demo(cfgmod.load_recipe("demo"), {"supervised": tmp_path, "pretrain": tmp_path})
+    for name, cfg in stages.items():
+        path = tmp_path / f"{name}.yaml"
+        cfgmod.dump(cfg, path)
+        again = cfgmod.resolve_stage("finetune" if name == "scratch" else name, yaml.safe_load(path.read_text()))
+        assert again == cfg
