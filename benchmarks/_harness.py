@@ -106,7 +106,7 @@ def measure(benchmark, *, op: str, impl: str, ours: bool, mode: str, dtype: str,
         op=op, impl=impl, ours=ours, mode=mode, dtype=dtype, device=device, device_name=device_name(device),
         shape=shape, work=work or {}, rounds=rounds, iterations=iterations, smoke=SMOKE,
     )
-    benchmark.pedantic(case, rounds=rounds, iterations=iterations, warmup_rounds=0 if SMOKE else 1)
+    benchmark.pedantic(case, rounds=rounds, iterations=iterations)  # _plan has warmed up
     if memory_spec is None:
         return
     if device == "cuda" or SMOKE:

@@ -12,6 +12,7 @@
 # usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run]
 #   --dry-run (or LAFS_GPU_CHECK_CPU=1): on a machine without a GPU, run every step up to the first GPU
 #   call (environment, toolkit, CUDA build, build record) and stop there.
+#   LAFS_GPU_CHECK_BUILD_TIMEOUT (default 300 s) bounds the build; MAX_JOBS defaults to nproc.
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
@@ -102,9 +103,10 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 "$PY" -c "import ninja" >/dev/null 2>&1 || command -v ninja >/dev/null 2>&1 \
   || say "warning: ninja not found: the extension compiles one file at a time"
 say "building lafs_kernels._C (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) -> build.log"
-if ! timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+BUILD_TIMEOUT=${LAFS_GPU_CHECK_BUILD_TIMEOUT:-300}
+if ! timeout "$BUILD_TIMEOUT" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -n 30 "$OUT/build.log" >&2
-  abort "build of the extension failed or took over 300 s (see build.log)"
+  abort "build of the extension failed or took over $BUILD_TIMEOUT s (see build.log)"
 fi
 "$PY" -m lafs_kernels.info > "$OUT/info.txt" 2>&1 || abort "python -m lafs_kernels.info failed (see info.txt)"
 "$PY" - <<'EOF' >> "$OUT/info.txt" 2>&1 || abort "the build has no CUDA kernels or does not load (see info.txt)"

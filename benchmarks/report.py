@@ -1,6 +1,6 @@
 """Turn saved benchmark JSON into benchmarks/RESULTS.md and PNG charts.
 
-    python benchmarks/report.py                     # newest run per environment in benchmarks/results/
+    python benchmarks/report.py                     # all of benchmarks/results/ (newest run per op and environment)
     python benchmarks/report.py run.json --out R.md --charts none --summary
 
 Tables (one per op, one for training throughput): per shape group, our
@@ -137,13 +137,29 @@ def load_run(path: str) -> Run:
     return Run(path, data.get("machine_info", {}), data.get("commit_info", {}), data.get("datetime", ""), results)
 
 
-def newest_per_environment(paths: list[str]) -> list[str]:
-    """Result files are ``<environment>_<UTC time>.json``: keep the newest of each environment."""
-    newest = {}
-    for path in sorted(paths):
-        env = re.sub(r"_\d{8}T\d{6}Z$", "", os.path.splitext(os.path.basename(path))[0])
-        newest[env] = path
-    return sorted(newest.values())
+def environment_of(path: str) -> str:
+    """Result files are ``<environment>_<UTC time>.json``."""
+    return re.sub(r"_\d{8}T\d{6}Z$", "", os.path.splitext(os.path.basename(path))[0])
+
+
+def select_runs(paths: list[str]) -> list[Run]:
+    """Per environment and op, the results of the newest file holding that op.
+
+    An op's speed-ups therefore always compare numbers of one run, even when a
+    later run measured only some of the ops.
+    """
+    runs = [load_run(p) for p in sorted(paths)]  # within an environment, oldest first
+    chosen = {}
+    for run in runs:
+        for op in {r.op for r in run.results}:
+            chosen[(environment_of(run.path), op)] = run
+    selected = []
+    for run in runs:
+        ops = {op for (_, op), holder in chosen.items() if holder is run}
+        if ops:
+            selected.append(Run(run.path, run.machine, run.commit, run.when,
+                                [r for r in run.results if r.op in ops]))
+    return selected
 
 
 # ---------------------------------------------------------------- formatting
@@ -180,10 +196,16 @@ def env_header(run: Run) -> list[str]:
     lafs = run.machine.get("lafs", {})
     cpu = run.machine.get("cpu", {}).get("brand_raw", run.machine.get("processor", ""))
     commit = run.commit.get("id", "")[:10] + (" (dirty)" if run.commit.get("dirty") else "")
-    load = lafs.get("cpu_load_1_5_15min")
-    return [
+    load = " / ".join(f"{x:.1f}" for x in lafs.get("cpu_load_1_5_15min", ()))
+    busy = []
+    cores = run.machine.get("cpu", {}).get("count") or os.cpu_count()
+    one_minute = (lafs.get("cpu_load_1_5_15min") or [0])[0]
+    if one_minute > cores:
+        busy = [f"- **Busy machine**: load {one_minute:.1f} on {cores} cores while measuring; absolute times are "
+                "inflated and noisy, ratios compare numbers of the same run. Rerun on a quiet machine for final numbers."]
+    return busy + [
         f"- **{lafs.get('device_name', run.device)}** ({run.device}); CPU: {cpu}; "
-        f"{lafs.get('torch_threads', '?')} torch threads; load average at the end {load}",
+        f"{lafs.get('torch_threads', '?')} torch threads; load average (1/5/15 min) at the end {load}",
         f"- {run.when[:19].replace('T', ' ')} UTC; torch {lafs.get('torch')} (CUDA {lafs.get('torch_cuda')}), "
         f"Triton {lafs.get('triton')}, Python {lafs.get('python')}, commit {commit}",
         f"- file: `{os.path.relpath(run.path, HERE)}`",
@@ -338,8 +360,10 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             if not rows:
                 continue
             rows.sort(key=lambda r: (r["ours"].group, r["ours"].impl))
-            labels = [f"{shape_text(r['ours'].shape)}\n{r['ours'].dtype} {r['ours'].mode} {r['ours'].impl}"
-                      for r in rows]
+            varying = [k for k in rows[0]["ours"].shape
+                       if k == "B" or len({str(r["ours"].shape.get(k)) for r in rows}) > 1]
+            labels = [f"{shape_text({k: r['ours'].shape[k] for k in varying})}\n"
+                      f"{r['ours'].dtype} {r['ours'].mode}\n{r['ours'].impl}" for r in rows]
             present = [b for b in baseline_names if any(b in r["baselines"] for r in rows)]
             fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
             width = 0.8 / max(1, len(present))
@@ -356,7 +380,7 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             ax.set_title(f"{title}\n{device}", fontsize=10)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = os.path.join(folder, f"{op}_{run.device}.png")
+            path = os.path.join(folder, f"{op}_{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}.png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -369,13 +393,19 @@ def render(runs: list[Run], charts: list[str], out_path: str) -> str:
     lines = ["# Benchmark results", "",
              "Generated by `python benchmarks/report.py` from the JSON of `pytest benchmarks --benchmark-only` "
              f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC). Times are medians.", ""]
+    environments = defaultdict(list)
     for run in runs:
-        lines += [f"## {run.machine.get('lafs', {}).get('device_name', run.device)}", "", *env_header(run), ""]
-        if run.copy_bytes_per_s:
-            lines += [f"Copy bandwidth measured in the same run: {run.copy_bytes_per_s / 1e9:.1f} GB/s "
-                      "(bytes read + written).", ""]
-        for op in OPS:
-            lines += op_table(run, op)
+        environments[run.machine.get("lafs", {}).get("device_name", run.device)].append(run)
+    for device, device_runs in environments.items():
+        lines += [f"## {device}", ""]
+        for run in device_runs:
+            ops = ", ".join(op for op in OPS if any(r.op == op for r in run.results))
+            lines += [f"Run of {ops}:", "", *env_header(run), ""]
+            if run.copy_bytes_per_s:
+                lines += [f"Copy bandwidth measured in the same run: {run.copy_bytes_per_s / 1e9:.1f} GB/s "
+                          "(bytes read + written).", ""]
+            for op in OPS:
+                lines += op_table(run, op)
     lines += targets_section(runs)
     if charts:
         lines += ["## Charts", ""]
@@ -395,10 +425,10 @@ def main(argv=None) -> None:
     parser.add_argument("--summary", action="store_true", help="print the short table to stdout")
     args = parser.parse_args(argv)
 
-    paths = args.json or newest_per_environment(glob.glob(os.path.join(HERE, "results", "*.json")))
+    paths = args.json or glob.glob(os.path.join(HERE, "results", "*.json"))
     if not paths:
         parser.error("no result files: run `pytest benchmarks --benchmark-only` first")
-    runs = [load_run(p) for p in paths]
+    runs = select_runs(paths)
     charts = [] if args.charts == "none" else write_charts(runs, args.charts)
     text = render(runs, charts, args.out)
     if args.preamble:

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--layout", choices=LAYOUTS, default="header",
                       help="header: insightface face2rec layout with identity ranges (default); "
                            "flat: scalar labels at keys 0..N-1")
-    pack.add_argument("--quality", type=int, default=95, help="JPEG quality, or PNG compression level (default 95)")
+    pack.add_argument("--quality", type=int, help="JPEG quality (default 95), or PNG compression level 0-9 (default 3)")
     pack.add_argument("--format", dest="img_fmt", choices=(".jpg", ".png"), default=".jpg",
                       help="image encoding inside the records (default .jpg)")
     pack.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -37,7 +37,7 @@ def read_landmarks(path) -> dict:
     return landmarks
 
 
-def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality: int = 95,
+def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality=None,
                 img_fmt: str = ".jpg", progress: bool = True) -> dict:
     """Write ``out/train.rec``, ``train.idx`` and ``property`` from the face folder ``src``.
 
@@ -48,11 +48,14 @@ def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality: 
     ``[class, 1]`` labels at keys 1..N, identity ranges after them);
     ``"flat"`` writes scalar labels at keys 0..N-1.  Classes follow the sorted
     identity folder names.  Files appear only when everything was written.
+    ``quality``: JPEG quality (default 95) or PNG compression level 0-9 (default 3).
     Returns {"images": N, "identities": num_ids}.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src, out = Path(src), Path(out)
+    if quality is None:
+        quality = 3 if img_fmt == ".png" else 95
     identities, samples = list_identity_images(src)
     landmarks = read_landmarks(landmarks_file) if landmarks_file is not None else None
     if landmarks is not None:

@@ -18,7 +18,6 @@ from torch import nn
 from .official import IncompatibleCheckpointError, infer_official_config, load_official_state_dict, unwrap_official
 from .part_fvit import PartFViT
 from .presets import build_model, build_transformer
-from .transformer import PartTransformer
 
 FORMAT = "lafs/v1"
 _BUILDERS = {"PartFViT": build_model, "PartTransformer": build_transformer}

@@ -27,8 +27,8 @@ _TRANSFORMER_TENSORS = ("cls_token", "pos_embedding")
 CLASSIFIER_KEY = "loss.weight"
 # Keys the original models carry that Part fViT does not use: the masked-token and
 # global-token parameters of LAFS variants, and the DINO projection head.
-_UNUSED = {"mask_token": "LAFS mask token (unused by Part fViT)"}
-_UNUSED_PREFIXES = {"global_token.": "LAFS global-token projection (unused by Part fViT)",
+_UNUSED_PREFIXES = {"mask_token": "LAFS mask token (unused by Part fViT)",
+                    "global_token.": "LAFS global-token projection (unused by Part fViT)",
                     "head.": "DINO projection head (pretraining only)"}
 
 
@@ -134,12 +134,12 @@ def split_official(state: dict[str, torch.Tensor]) -> tuple[dict, dict, Optional
         if ours is not None:
             part, rest = ours.split(".", 1)
             (landmark if part == "landmark_cnn" else transformer)[rest] = value
-        elif key in _UNUSED:
-            ignored[key] = _UNUSED[key]
-        elif any(key.startswith(p) for p in _UNUSED_PREFIXES):
-            ignored[key] = next(why for p, why in _UNUSED_PREFIXES.items() if key.startswith(p))
         else:
-            unknown.append(key)
+            why = next((why for prefix, why in _UNUSED_PREFIXES.items() if key.startswith(prefix)), None)
+            if why is None:
+                unknown.append(key)
+            else:
+                ignored[key] = why
     if unknown:
         raise IncompatibleCheckpointError(
             "keys that belong to no part of Part fViT (not an official Part fViT / LAFS state dict?):"
@@ -173,10 +173,12 @@ def load_official_state_dict(model: nn.Module, checkpoint: Mapping, which: str =
         targets = {"landmark_cnn": (model.landmark_cnn, landmark), "transformer": (model.transformer, transformer)}
     elif isinstance(model, PartTransformer):
         targets = {"transformer": (model, transformer)}
-        ignored.update({k: "landmark CNN (the model is a transformer alone)" for k in landmark})
+        ignored.update({_official_name("landmark_cnn", k): "landmark CNN (the model is a transformer alone)"
+                        for k in landmark})
     elif isinstance(model, LandmarkCNN):
         targets = {"landmark_cnn": (model, landmark)}
-        ignored.update({k: "transformer (the model is a landmark CNN alone)" for k in transformer})
+        ignored.update({_official_name("transformer", k): "transformer (the model is a landmark CNN alone)"
+                        for k in transformer})
     else:
         raise TypeError(f"load_official_state_dict loads into PartFViT, PartTransformer or LandmarkCNN; "
                         f"got {type(model).__name__}")

@@ -61,7 +61,8 @@ class PartFViT(nn.Module):
         """images [B, 3, S, S] -> (embeddings [B, dim], landmarks [B, L, 2] pixel (x, y))."""
         size = self.image_size
         if images.dim() != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"PartFViT expects images [B, 3, {size}, {size}] in [-1, 1]; got shape {tuple(images.shape)}")
+            raise ValueError(f"PartFViT expects images [B, 3, {size}, {size}] in [-1, 1]; "
+                             f"got shape {tuple(images.shape)}")
         landmarks = self.landmark_cnn(images)
         tokens = landmark_patch_gather(images, landmarks, self.patch_size)
         return self.transformer(tokens), landmarks

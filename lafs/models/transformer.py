@@ -158,7 +158,8 @@ class PartTransformer(nn.Module):
                                  "to say which landmark each token belongs to")
             return self.pos_embedding[:, : num_tokens + 1]
         if index.shape != (batch, num_tokens):
-            raise ValueError(f"index must be [B, K] = [{batch}, {num_tokens}] like the tokens; got {tuple(index.shape)}")
+            raise ValueError(f"index must be [B, K] = [{batch}, {num_tokens}] like the tokens; "
+                             f"got {tuple(index.shape)}")
         if index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"index must be int64 (or int32); got {index.dtype}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_landmarks):

@@ -184,7 +184,9 @@ def colour_augment(
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"colour_augment needs RGB images [N, 3, H, W], got {tuple(images.shape)}")
     if blur_p.shape != (n,) or solarize_p.shape != (n,):
-        raise ValueError(f"colour_augment: blur_p and solarize_p must be [{n}], got {tuple(blur_p.shape)}, {tuple(solarize_p.shape)}")
+        raise ValueError(
+            f"colour_augment: blur_p and solarize_p must be [{n}], got {tuple(blur_p.shape)}, {tuple(solarize_p.shape)}"
+        )
     do_jitter = torch.rand(n, generator=generator) < jitter_p
     do_gray = torch.rand(n, generator=generator) < grayscale_p
     do_blur = torch.rand(n, generator=generator) < blur_p.cpu()

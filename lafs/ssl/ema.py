@@ -20,6 +20,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         )
     for i, (t, s) in enumerate(zip(teacher_params, student_params)):
         if t.shape != s.shape:
-            raise ValueError(f"ema_update: parameter {i} has shape {tuple(t.shape)} in teacher, {tuple(s.shape)} in student")
+            raise ValueError(
+                f"ema_update: parameter {i} has shape {tuple(t.shape)} in teacher, {tuple(s.shape)} in student"
+            )
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, [s.detach() for s in student_params], alpha=1.0 - momentum)

@@ -41,7 +41,7 @@ class OfficialDINOLoad:
 
 
 def official_head_state(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The DINO head entries of a flat official dict (``module.``/``backbone.`` removed), keyed for :class:`DINOHead`."""
+    """The DINO head entries of a flat official dict (prefixes removed), keyed for :class:`DINOHead`."""
     head = {}
     for key, value in flat.items():
         if key.startswith("head."):
@@ -62,7 +62,8 @@ def load_official_pretraining(
     for which in ("student", "teacher"):
         if which not in checkpoint or not isinstance(checkpoint[which], Mapping):
             raise IncompatibleCheckpointError(
-                f"not a LAFS pretraining checkpoint: no {which!r} state dict (top-level keys: {sorted(checkpoint)[:12]})"
+                f"not a LAFS pretraining checkpoint: no {which!r} state dict "
+                f"(top-level keys: {sorted(checkpoint)[:12]})"
             )
     ignored: dict[str, str] = {}
     for which, model in (("student", student), ("teacher", teacher)):
@@ -84,9 +85,10 @@ def load_official_pretraining(
         center_loaded = True
     for key in ("optimizer", "fp16_scaler"):
         if key in checkpoint:
-            ignored[key] = "optimizer state of the original parameter order (not transferable)"
+            ignored[key] = "training state of the original run (its parameter order differs; not transferable)"
     epoch = checkpoint.get("epoch")
-    return OfficialDINOLoad(epoch=int(epoch) if epoch is not None else None, center_loaded=center_loaded, ignored=ignored)
+    epoch = int(epoch) if epoch is not None else None
+    return OfficialDINOLoad(epoch=epoch, center_loaded=center_loaded, ignored=ignored)
 
 
 def _load_head(head: nn.Module, state: dict[str, torch.Tensor], which: str) -> None:
@@ -95,4 +97,6 @@ def _load_head(head: nn.Module, state: dict[str, torch.Tensor], which: str) -> N
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise IncompatibleCheckpointError(f"the checkpoint's {which} DINO head does not fit this DINOHead: {err}") from None
+        raise IncompatibleCheckpointError(
+            f"the checkpoint's {which} DINO head does not fit this DINOHead: {err}"
+        ) from None

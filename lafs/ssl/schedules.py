@@ -47,7 +47,9 @@ def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, e
     stops part way up the warmup (the temperature never reaches ``temp``).
     """
     if epochs < 1 or warmup_epochs < 0:
-        raise ValueError(f"teacher_temp_schedule needs epochs >= 1 and warmup_epochs >= 0, got {epochs}, {warmup_epochs}")
+        raise ValueError(
+            f"teacher_temp_schedule needs epochs >= 1 and warmup_epochs >= 0, got {epochs}, {warmup_epochs}"
+        )
     warmup = np.linspace(warmup_temp, temp, warmup_epochs)
     constant = np.full(max(epochs - warmup_epochs, 0), temp, dtype=np.float64)
     return np.concatenate((warmup, constant))[:epochs]

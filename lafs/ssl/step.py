@@ -14,6 +14,7 @@ models, optimizer, schedules (arrays indexed by global step) and the DINO loss.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -129,8 +130,9 @@ class DINOTrainer:
         ).to(device)
         self.student_forward: nn.Module = self.student
         if _world_size() > 1:
+            cuda_index = device.index if device.index is not None else torch.cuda.current_device()
             self.student_forward = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == "cuda" else None
+                self.student, device_ids=[cuda_index] if device.type == "cuda" else None
             )
 
         self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student))
@@ -172,7 +174,7 @@ class DINOTrainer:
             student_out = self.student_forward(groups)
             loss = self.loss(student_out, teacher_out, epoch)
         loss_value = loss.item()
-        if not torch.isfinite(loss).item():
+        if not math.isfinite(loss_value):
             raise FloatingPointError(f"DINO loss is {loss_value} at step {global_step} (epoch {epoch}); stopping")
 
         self.optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ all landmarks in order, no crop, colour change, jitter or subsampling.
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple, Optional
 
 import torch
@@ -49,8 +50,9 @@ class MultiViewBuilder(nn.Module):
     """``builder(images [B, 3, H, W] in [-1, 1]) -> [global ViewGroup, local ViewGroup]``.
 
     Args:
-      landmark_cnn: module mapping images [N, 3, S, S] to landmarks [N, L, 2] (pixels);
-        frozen here (no gradients, always in eval mode).
+      landmark_cnn: module mapping images [N, 3, S, S] to landmarks [N, L, 2] (pixels).  The
+        builder keeps a frozen copy (no gradients, always in eval mode), so training the
+        original elsewhere (fine-tuning) does not change the views.
       patch_size: P of the tokens.
       global_views / local_views: views per image in each group (2 and 8 in LAFS);
         a group with 0 views is left out.
@@ -87,7 +89,7 @@ class MultiViewBuilder(nn.Module):
         for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
-        self.landmark_cnn = landmark_cnn.eval().requires_grad_(False)
+        self.landmark_cnn = copy.deepcopy(landmark_cnn).eval().requires_grad_(False)
         self.patch_size = patch_size
         self.global_views = global_views
         self.local_views = local_views
@@ -156,6 +158,8 @@ class MultiViewBuilder(nn.Module):
 
     def _check(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"MultiViewBuilder expects images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"MultiViewBuilder expects images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}"
+            )
         if not images.is_floating_point():
             raise TypeError(f"MultiViewBuilder expects floating-point images in [-1, 1], got {images.dtype}")

@@ -39,7 +39,7 @@ examples:
   python -m lafs.train supervised --out runs/quick --resume       # continue runs/quick from last.pt
 
 In the demo recipe, options of one stage are prefixed with its name (supervised.optim.lr=2e-3,
-fewshot.images_per_identity=3); seed, data, val and model apply to every stage.
+fewshot.images_per_identity=3); seed, data, val, model and train apply to every stage.
 
 options (key=value; values are YAML; [stages] where an option exists only there):
 {options}

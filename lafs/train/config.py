@@ -23,7 +23,7 @@ import yaml
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STAGES = ("supervised", "pretrain", "finetune")
-SHARED_SECTIONS = ("seed", "data", "val", "model")
+SHARED_SECTIONS = ("seed", "data", "val", "model", "train")
 
 
 class ConfigError(ValueError):
@@ -353,6 +353,8 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
             for name in ("train.rec", "train.idx"):
                 if not os.path.isfile(os.path.join(root, name)):
                     fail(f"data.root {root!r} has no {name} (data.source 'rec' needs train.rec and train.idx)")
+    if "loss" in cfg and cfg.loss.partial_fc_sample_rate <= 0:
+        fail("loss.partial_fc_sample_rate must be > 0")
     for path in cfg.val.bins:
         if not isinstance(path, str) or not os.path.isfile(path):
             fail(f"val.bins: {path!r} is not a file")

@@ -13,7 +13,7 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
     """The training set of ``cfg.data`` (with the few-shot subset applied when configured)."""
     data = cfg.data
     if data.source == "synthetic":
-        from lafs.data.synthetic import SyntheticFaces
+        from lafs.data import SyntheticFaces
 
         dataset = SyntheticFaces(data.synthetic.identities, data.synthetic.images_per_identity, seed=cfg.seed,
                                  difficulty=data.synthetic.difficulty, cache=True)
@@ -37,8 +37,12 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
     if few_shot and (shots is not None or data.few_shot.identity_fraction < 1.0):
         from lafs.data import few_shot_subset
 
-        dataset = few_shot_subset(dataset, images_per_identity=shots, identity_fraction=data.few_shot.identity_fraction,
-                                  seed=cfg.seed)
+        keep_all = int(np.bincount(np.asarray(dataset.labels)).max())
+        try:
+            dataset = few_shot_subset(dataset, images_per_identity=shots or keep_all,
+                                      identity_fraction=data.few_shot.identity_fraction, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"data.few_shot: {exc}") from exc
         if len(dataset) == 0:
             raise ConfigError("the few-shot subset is empty: raise data.few_shot.identity_fraction")
     return dataset
@@ -59,7 +63,7 @@ def build_val_sets(cfg: Config) -> list[tuple[str, torch.Tensor, np.ndarray]]:
                 raise ConfigError(f"val.bins: cannot read {path}: {exc}") from exc
             sets.append((Path(path).stem, images, np.asarray(issame, dtype=bool)))
         return sets
-    from lafs.data.synthetic import SyntheticFaces, verification_pairs
+    from lafs.data import SyntheticFaces, verification_pairs
 
     held_out = SyntheticFaces(val.synthetic_identities, val.synthetic_images_per_identity, seed=cfg.seed,
                               identity_offset=_held_out_offset(cfg), difficulty=cfg.data.synthetic.difficulty)

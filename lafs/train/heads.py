@@ -1,11 +1,15 @@
 """The margin-softmax head of a recognition stage, and the original-path model for comparisons.
 
-``MarginHead(embeddings [B, D] float32, labels [B] or [B, T], label_weights None or [B, T])
--> (loss scalar, argmax [B])``: the class centres and the fused loss of
-``lafs_kernels.nn`` (CosFace / ArcFace on one process, PartialFC with the
-centres sharded across processes under torchrun). ``train.original_path`` swaps
-in ``lafs_kernels.baselines``: the unfused loss and the per-landmark
-``grid_sample`` loop.
+Every head maps ``(embeddings [B, D] float32, labels [B] or [B, T], label_weights None or [B, T])``
+to ``(loss scalar, argmax [B] or None)``:
+
+* one process: ``lafs_kernels.nn.CosFace`` / ``ArcFace`` (fused; soft targets for mixup; the
+  argmax for training accuracy comes from the same pass);
+* several processes: ``lafs_kernels.nn.PartialFC``, class centres sharded across the ranks
+  (no argmax; mixup as the weighted sum of the per-label losses, equal to the soft target
+  because one mixup weight holds for the whole batch);
+* ``train.original_path``: ``lafs_kernels.baselines`` — the unfused loss with its full
+  ``[B, C]`` logits, and the per-landmark ``grid_sample`` loop for the tokens.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lafs_kernels import margin_softmax_cross_entropy
+from lafs_kernels.nn import ArcFace, CosFace, PartialFC
 
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import Distributed
 
 
@@ -26,21 +30,35 @@ def margin_parameters(cfg: Config) -> dict:
     return {"s": cfg.loss.s, "m1": 1.0, "m2": cfg.loss.m, "m3": 0.0}
 
 
-class FusedMarginHead(nn.Module):
-    """Class centres ``weight [C, D]`` + the fused margin loss (soft targets for mixup, argmax for accuracy)."""
+class FusedHead(nn.Module):
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings, labels, label_weights=None):
+        return self.loss(embeddings, labels, label_weights=label_weights, return_argmax=True)
+
+
+class ShardedHead(nn.Module):
+    def __init__(self, loss: PartialFC):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings, labels, label_weights=None):
+        if labels.dim() == 1:
+            return self.loss(embeddings, labels), None
+        weights = _batch_constant_weights(label_weights)
+        return sum(w * self.loss(embeddings, labels[:, t]) for t, w in enumerate(weights)), None
+
+
+class OriginalHead(nn.Module):
+    """The unfused loss of ``lafs_kernels.baselines``; mixup as the weighted sum of per-label losses."""
 
     def __init__(self, embedding_dim: int, num_classes: int, margin: dict):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim).normal_(0, 0.01))
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
         self.margin = margin
-
-    def forward(self, embeddings, labels, label_weights=None):
-        return margin_softmax_cross_entropy(embeddings, self.weight, labels, label_weights=label_weights,
-                                            return_argmax=True, **self.margin)
-
-
-class OriginalMarginHead(FusedMarginHead):
-    """The unfused loss users run today (full [B, C] logits); mixup as a weighted sum of per-label losses."""
 
     def forward(self, embeddings, labels, label_weights=None):
         from lafs_kernels.baselines.margin import unfused_margin_loss
@@ -54,11 +72,25 @@ class OriginalMarginHead(FusedMarginHead):
         return (losses * label_weights).sum(dim=1).mean(), argmax
 
 
+def _batch_constant_weights(label_weights: torch.Tensor) -> list[float]:
+    first = label_weights[0]
+    if not torch.equal(label_weights, first.expand_as(label_weights)):
+        raise ValueError("PartialFC takes soft targets only with one weight per target for the whole batch")
+    return first.tolist()
+
+
 def build_margin_head(cfg: Config, embedding_dim: int, num_classes: int, dist: Distributed) -> nn.Module:
     margin = margin_parameters(cfg)
     if cfg.train.original_path:
-        return OriginalMarginHead(embedding_dim, num_classes, margin)
-    return FusedMarginHead(embedding_dim, num_classes, margin)
+        if dist.enabled:
+            raise ConfigError("train.original_path (the unfused baseline) runs on one process only")
+        return OriginalHead(embedding_dim, num_classes, margin)
+    if dist.enabled:
+        return ShardedHead(PartialFC((margin["m1"], margin["m2"], margin["m3"]), embedding_dim, num_classes,
+                                     sample_rate=cfg.loss.partial_fc_sample_rate, s=margin["s"]))
+    if cfg.loss.type == "cosface":
+        return FusedHead(CosFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m))
+    return FusedHead(ArcFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m))
 
 
 class OriginalPathModel(nn.Module):
@@ -69,7 +101,7 @@ class OriginalPathModel(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from lafs_kernels.baselines.gather import grid_sample_loop_gather
+        from lafs_kernels.baselines.gather import gather_patches_loop
 
         landmarks = self.model.landmark_cnn(images)
-        return self.model.transformer(grid_sample_loop_gather(images, landmarks, self.model.patch_size))
+        return self.model.transformer(gather_patches_loop(images, landmarks, self.model.patch_size))

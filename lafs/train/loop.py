@@ -286,10 +286,11 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
                dynamic_ncols=True, leave=True)
     images_per_step = cfg.optim.batch_size * accum * dist.world_size
     window_start, window_images = time.perf_counter(), 0
-    train_start, trained_images = time.perf_counter(), 0
+    train_seconds, trained_images = 0.0, 0
     last_val = {}
     try:
         while step < end:
+            step_start = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
             metrics = stage.train_step(micro, step)
             loss_ok = math.isfinite(metrics["loss"])
@@ -312,6 +313,7 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
                                  if k in record})
                 window_start, window_images = time.perf_counter(), 0
             at_val = (cfg.val.every_steps and step % cfg.val.every_steps == 0) or step == stage.total_steps
+            train_seconds += time.perf_counter() - step_start
             if at_val:
                 last_val = stage.validate()
                 if last_val:
@@ -324,9 +326,10 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
                 if is_best:
                     best = {"accuracy": last_val["accuracy"], "step": step}
                 _save(stage, step, best, is_best)
+            if at_val or checkpoint_now:
+                window_start, window_images = time.perf_counter(), 0  # throughput counts training only
     finally:
         bar.close()
-    train_seconds = time.perf_counter() - train_start
     summary = {"stage": stage.name, "steps": step, "total_steps": stage.total_steps,
                "finished": step >= stage.total_steps, "world_size": dist.world_size,
                "images_per_s": trained_images / max(train_seconds, 1e-9), "train_seconds": train_seconds}

@@ -22,7 +22,7 @@ def curves(log: list[dict], path: Path, title: str = "") -> None:
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
     if train and "acc" in train[0]:
-        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label="training (margin logits)",
+        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label="training batches",
                     color="tab:orange")
     if val:
         ax_acc.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", label="verification",

@@ -82,13 +82,15 @@ class SupervisedStage(Stage):
                 loss, argmax = self.head(embeddings.float(), labels, label_weights=weights)
                 self.scaler.scale(loss / accum).backward()
             losses.append(loss.detach())
-            primary = labels if labels.dim() == 1 else labels[:, 0]
-            correct += int((argmax == primary).sum())
-            seen += primary.numel()
+            if argmax is not None:  # Partial FC (several processes) gives no argmax
+                primary = labels if labels.dim() == 1 else labels[:, 0]
+                correct += int((argmax == primary).sum())
+                seen += primary.numel()
         loss = torch.stack(losses).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": float(loss)}
+        accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.tensor(0.0)
         if cfg.optim.clip_grad > 0:
@@ -97,7 +99,7 @@ class SupervisedStage(Stage):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss), "acc": correct / max(seen, 1), "grad_norm": float(grad_norm)}
+        return {"loss": float(loss), **accuracy, "grad_norm": float(grad_norm)}
 
     def validate(self) -> dict:
         """Verification on every configured set; ``accuracy`` is their mean (main process only)."""

@@ -77,7 +77,7 @@ def load_pretrained_transformer(target: nn.Module, source: str) -> None:
     except FileNotFoundError as exc:
         raise ConfigError(f"init.pretrained: {exc}") from exc
     state = torch.load(path, map_location="cpu", weights_only=False)
-    teacher = state.get("teacher") if isinstance(state, Mapping) else None
+    teacher = state.get("teacher_transformer") if isinstance(state, Mapping) else None
     if isinstance(teacher, Mapping) and "arch" in teacher:
         check_same_architecture(target, teacher["arch"], f"init.pretrained {str(path)!r}")
         _load_strict(target, teacher["state_dict"], f"init.pretrained {str(path)!r}")

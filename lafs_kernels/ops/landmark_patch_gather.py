@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _extension
 from .._dispatch import (
     Backend,
     OpBackends,
@@ -157,6 +158,7 @@ def _forward(backend, image, centres, patch_size):
         return reference_forward(image, centres, patch_size)
     if backend == "triton":
         return _triton_module().patch_gather_forward(image, centres, patch_size)
+    _extension.load()  # registers the raw kernels (a no-op after the first call)
     return torch.ops.lafs_kernels._patch_gather_fwd(image, centres, patch_size)
 
 
@@ -167,6 +169,7 @@ def _backward(backend, grad_tokens, image, centres, patch_size, need_image_grad,
         return _triton_module().patch_gather_backward(
             grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad
         )
+    _extension.load()
     return torch.ops.lafs_kernels._patch_gather_bwd(
         grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic
     )
@@ -243,7 +246,7 @@ patch_gather_op.register_autograd(_backward_formula, setup_context=_setup_contex
 # --------------------------------------------------------------------------- public function
 
 
-def _check_inputs(image, landmarks, patch_size, index, num_samples, replacement, jitter_std):
+def _check_inputs(image, landmarks, patch_size, index, num_samples, jitter_std):
     if not isinstance(image, Tensor) or image.dim() != 4:
         raise ValueError(f"image must be a [B, C, H, W] tensor, got {_describe(image)}")
     if image.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -277,13 +280,6 @@ def _check_inputs(image, landmarks, patch_size, index, num_samples, replacement,
             low, high = index.min().item(), index.max().item()
             if low < 0 or high >= num_landmarks:
                 raise IndexError(f"index values must lie in [0, {num_landmarks}), got range [{low}, {high}]")
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if not replacement and num_samples > num_landmarks:
-            raise ValueError(f"cannot draw {num_samples} of {num_landmarks} landmarks without replacement")
-        if num_landmarks == 0:
-            raise ValueError("cannot draw num_samples from zero landmarks")
 
 
 def _describe(value) -> str:
@@ -298,6 +294,34 @@ def _generator_of(generator: Union[torch.Generator, int, None]) -> Optional[torc
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def draw_index(
+    batch: int,
+    num_landmarks: int,
+    num_samples: int,
+    *,
+    replacement: bool = True,
+    generator: Union[torch.Generator, int, None] = None,
+    device: Union[torch.device, str, None] = None,
+) -> Tensor:
+    """index [batch, num_samples] int64: landmarks drawn uniformly per image, with or
+    without replacement, from ``generator`` on its own device (the default
+    generator of ``device`` when None), then moved to ``device``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if num_landmarks < 1 or (not replacement and num_samples > num_landmarks):
+        kind = "with" if replacement else "without"
+        raise ValueError(f"cannot draw {num_samples} of {num_landmarks} landmarks {kind} replacement")
+    generator = _generator_of(generator)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draw_device = generator.device if generator is not None else device
+    if replacement:
+        index = torch.randint(0, num_landmarks, (batch, num_samples), generator=generator, device=draw_device)
+    else:
+        scores = torch.rand(batch, num_landmarks, generator=generator, device=draw_device)
+        index = scores.argsort(dim=1)[:, :num_samples]
+    return index.to(device)
 
 
 def select_centres(
@@ -322,11 +346,7 @@ def select_centres(
     draw_device = generator.device if generator is not None else landmarks.device
     B, L = landmarks.shape[:2]
     if num_samples is not None:
-        if replacement:
-            index = torch.randint(0, L, (B, num_samples), generator=generator, device=draw_device)
-        else:
-            index = torch.rand(B, L, generator=generator, device=draw_device).argsort(dim=1)[:, :num_samples]
-        index = index.to(landmarks.device)
+        index = draw_index(B, L, num_samples, replacement=replacement, generator=generator, device=landmarks.device)
     centres = landmarks.to(dtype)
     if index is not None:
         batch = torch.arange(B, device=landmarks.device)[:, None]
@@ -366,7 +386,7 @@ def landmark_patch_gather(
       backend: force 'torch', 'cpu', 'triton' or 'cuda' (else the best available;
         ``LAFS_KERNELS_BACKEND`` also forces one).
     """
-    _check_inputs(image, landmarks, patch_size, index, num_samples, replacement, jitter_std)
+    _check_inputs(image, landmarks, patch_size, index, num_samples, jitter_std)
     centres = select_centres(
         landmarks,
         index=index,

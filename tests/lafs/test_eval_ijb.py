@@ -65,16 +65,18 @@ def write_ijb_folder(root, rng: torch.Generator, target="ijbc", num_identities=3
     return IJBFolder(str(root), names, template_ids, media_ids, np.array(points), faceness, pairs)
 
 
-def expected_pair_scores(model: torch.nn.Module, folder: IJBFolder) -> np.ndarray:
-    """The protocol written out directly, in float64, one image at a time."""
-    model64 = copy.deepcopy(model).double().eval()
-    image_features = []
+def expected_pair_scores(model: torch.nn.Module, folder: IJBFolder, dtype=torch.float64) -> np.ndarray:
+    """The protocol written out directly (in ``dtype``, all images in one batch)."""
+    model = copy.deepcopy(model).to(dtype).eval()
+    crops = []
+    for name, five in zip(folder.names, folder.points):
+        rgb = cv2.imread(os.path.join(folder.root, "loose_crop", name))[:, :, ::-1]
+        crops.append(norm_crop(np.ascontiguousarray(rgb), np.round(five, 4)))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
     with torch.no_grad():
-        for name, five, score in zip(folder.names, folder.points, folder.faceness):
-            rgb = cv2.imread(os.path.join(folder.root, "loose_crop", name))[:, :, ::-1]
-            crop = norm_crop(np.ascontiguousarray(rgb), np.round(five, 4))
-            x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].double() / 127.5 - 1
-            image_features.append(((model64(x) + model64(x.flip(3)))[0] * float(f"{score:.6f}")).numpy())
+        summed = (model(x) + model(x.flip(3))).double().numpy()
+    scores_as_written = np.array([float(f"{score:.6f}") for score in folder.faceness])
+    image_features = summed * scores_as_written[:, None]
     templates = {}
     for feature, template, medium in zip(image_features, folder.template_ids, folder.media_ids):
         templates.setdefault(template, {}).setdefault(medium, []).append(feature)

@@ -90,8 +90,10 @@ def test_jitter_moves_patches_only_when_on(rng):
 def test_landmarks_come_from_the_plain_crop_and_patches_from_the_coloured_one(rng):
     colour = torch.tensor([0.3, -0.2, 0.5])
     images = colour.view(1, 3, 1, 1).expand(6, 3, SIZE, SIZE).contiguous()  # one flat colour
-    cnn = FixedLandmarks(rng)
-    global_group, _ = builder(cnn, jitter_std=0.0)(images, generator=rng)
+    views = builder(FixedLandmarks(rng), jitter_std=0.0)
+    global_group, _ = views(images, generator=rng)
+    cnn = views.landmark_cnn
+    assert len(cnn.seen) == 2
     for seen in cnn.seen:  # a crop of a flat image is that flat colour, unless colour-augmented
         torch.testing.assert_close(seen, colour.view(1, 3, 1, 1).expand_as(seen), atol=1e-5, rtol=0)
     # Landmarks well inside the crop: a patch holds the view's (augmented) colour in every pixel.
@@ -115,11 +117,13 @@ def test_evaluation_mode_has_no_augmentation(rng):
     assert torch.equal(group.index, torch.arange(L).expand(3, L))
 
 
-def test_landmark_cnn_stays_frozen_in_eval_mode(rng):
-    b = builder()
+def test_landmark_cnn_is_a_frozen_copy_in_eval_mode(rng):
+    cnn = tiny_cnn().train()
+    b = builder(cnn)
     b.train()
     assert b.training and not b.landmark_cnn.training
     assert not any(p.requires_grad for p in b.landmark_cnn.parameters())
+    assert cnn.training and all(p.requires_grad for p in cnn.parameters())  # the caller's module is untouched
 
 
 def test_one_fused_gather_call_per_view_group(rng, monkeypatch):

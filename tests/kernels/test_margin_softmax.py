@@ -1,0 +1,359 @@
+"""margin_softmax_cross_entropy: every backend against a dense float64 reference written here."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lafs_kernels
+from lafs_kernels import margin_softmax_cross_entropy
+from lafs_kernels.baselines.margin import unfused_margin_loss
+from lafs_kernels.nn import ArcFace, CombinedMarginSoftmax, CosFace
+from lafs_kernels.ops.margin_softmax import THETA_EPS
+from tests.tolerances import assert_close, assert_close_low_precision
+
+BACKENDS = ["torch", "chunked", "triton"]
+MARGINS = {
+    "cosface": dict(m1=1.0, m2=0.0, m3=0.4),
+    "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
+    "combined": dict(m1=0.9, m2=0.3, m3=0.2),
+}
+
+
+def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=False):
+    """Margined target cosine [B]; exact gradient with theta held in [THETA_EPS, pi - THETA_EPS]."""
+    c = cos_t.clamp(-1, 1)
+    theta = torch.acos(c.detach())
+    value = torch.cos(m1 * theta + m2) - m3
+    if easy_margin:
+        fallback, fallback_value = c <= 0, c - m3
+    else:
+        fallback, fallback_value = m1 * theta + m2 > math.pi, c - m3 - math.sin(math.pi - m2) * m2
+    value = torch.where(fallback, fallback_value.detach(), value)
+    if straight_through:
+        slope = torch.ones_like(c)
+    else:
+        held = theta.clamp(THETA_EPS, math.pi - THETA_EPS)
+        slope = torch.where(fallback, 1.0, m1 * torch.sin(m1 * held + m2) / torch.sin(held))
+    return value + (c - c.detach()) * slope
+
+
+def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.4, label_smoothing=0.0,
+                   reduction="mean", easy_margin=False, straight_through=False):
+    """Dense float64 soft-target cross-entropy: logits [B, C], target distribution [B, C]."""
+    x, w = x.double(), w.double()
+    if labels.dim() == 1:
+        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=torch.float64)
+    cos = F.normalize(x) @ F.normalize(w).T
+    logits = s * cos
+    for t in range(labels.shape[1]):
+        column = labels[:, t : t + 1]
+        target = reference_target(cos.gather(1, column)[:, 0], m1, m2, m3, easy_margin, straight_through)
+        logits = logits.scatter(1, column, s * target[:, None])
+    num_classes = w.shape[0]
+    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.double())
+    q = (1 - label_smoothing) * q + label_smoothing / num_classes
+    loss = -(q * torch.log_softmax(logits, 1)).sum(1)
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+def make_inputs(rng, b, d, c, t=1, dtype=torch.float32):
+    x = torch.randn(b, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(c, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
+    labels = torch.randint(0, c, (b,) if t == 1 else (b, t), generator=rng)
+    return x, w, labels
+
+
+def loss_and_grads(fn, x, w, *args, upstream=None, **kwargs):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = fn(x, w, *args, **kwargs)
+    total = loss.sum() if upstream is None else (loss * upstream).sum()
+    gx, gw = torch.autograd.grad(total, [x, w])
+    return loss, gx, gw
+
+
+def check_against_reference(x, w, labels, backend, chunk_size, grad_scale=1.0, **kwargs):
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=chunk_size, **kwargs)
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **kwargs)
+    dtype = x.dtype
+    assert_close(ours[0], ref[0], dtype=dtype, msg="loss")
+    assert_close(ours[1], ref[1], dtype=dtype, scale=grad_scale, msg="grad of embeddings")
+    assert_close(ours[2], ref[2], dtype=dtype, scale=grad_scale, msg="grad of weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(MARGINS))
+def test_float32_matches_reference(rng, backend, kind):
+    x, w, labels = make_inputs(rng, 6, 16, 37)
+    check_against_reference(x, w, labels, backend, chunk_size=16, **MARGINS[kind])
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_float64_matches_reference(rng, backend):
+    x, w, labels = make_inputs(rng, 5, 8, 23, dtype=torch.float64)
+    check_against_reference(x, w, labels, backend, chunk_size=7, **MARGINS["combined"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction):
+    x, w, labels = make_inputs(rng, 7, 12, 29, t=2)
+    labels[0, 1] = labels[0, 0]  # one sample names the same class twice
+    lam = torch.rand(7, 1, generator=rng, dtype=torch.float64)
+    label_weights = torch.cat([lam, 1 - lam], 1).float()
+    upstream = torch.rand(7, generator=rng) if reduction == "none" else None
+    kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction=reduction, **MARGINS["arcface"])
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream, **kwargs)
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream, **kwargs)
+    assert ours[0].shape == ref[0].shape
+    for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
+        assert_close(a, b, dtype=torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b, d, c, chunk", [(1, 3, 5, 2), (3, 3, 11, 4), (2, 5, 9, 100)])
+def test_odd_sizes(rng, backend, b, d, c, chunk):
+    x, w, labels = make_inputs(rng, b, d, c)
+    check_against_reference(x, w, labels, backend, chunk_size=chunk, **MARGINS["combined"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arcface_fallback_when_theta_plus_m_exceeds_pi(rng, backend):
+    x, w, labels = make_inputs(rng, 6, 16, 20)
+    with torch.no_grad():  # embeddings nearly opposite to their centres: theta close to pi
+        x[:3] = -w[labels[:3]] + 0.05 * torch.randn(3, 16, generator=rng)
+    cos = F.cosine_similarity(x, w[labels]).detach()
+    assert (torch.acos(cos[:3]) + 0.5 > math.pi).all()
+    check_against_reference(x, w, labels, backend, chunk_size=8, **MARGINS["arcface"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("kind", ["arcface", "combined"])
+def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
+    x, w, labels = make_inputs(rng, 4, 8, 10, dtype=torch.float64)
+    with torch.no_grad():  # embeddings on (or within 1e-9 of) their centres: theta ~ 0
+        x[:2] = 3.0 * w[labels[:2]]
+        x[2] = w[labels[2]] + 1e-9 * torch.randn(8, generator=rng, dtype=torch.float64)
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=4, **MARGINS[kind])
+    ref = loss_and_grads(reference_loss, x, w, labels, **MARGINS[kind])
+    for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, scale=1e3, msg=name)  # cos = 1 - O(1e-16): the clamped slope makes it well-posed
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["cosface", "arcface"])
+def test_low_precision(rng, backend, dtype, kind):
+    x64, w64, labels = make_inputs(rng, 8, 32, 40, dtype=torch.float64)
+    x, w = x64.to(dtype), w64.to(dtype)
+    margins = MARGINS[kind]
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=16, **margins)
+    same_dtype = loss_and_grads(unfused_margin_loss, x, w, labels, **margins)
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, straight_through=False, **margins)
+    for name, a, b, r in zip(("loss", "grad x", "grad w"), ours, same_dtype, ref):
+        assert a.dtype == (torch.float32 if name == "loss" else dtype)
+        assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+def test_gradcheck_float64(rng):
+    x, w, labels = make_inputs(rng, 3, 4, 7, t=2, dtype=torch.float64)
+    label_weights = torch.rand(3, 2, generator=rng, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, label_weights):
+        return margin_softmax_cross_entropy(
+            x, w, labels, label_weights=label_weights, s=8.0, label_smoothing=0.1, reduction="none",
+            backend="chunked", chunk_size=3, **MARGINS["combined"],
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, w, label_weights))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_embeddings_and_centres_are_finite(rng, backend):
+    x, w, labels = make_inputs(rng, 4, 8, 12)
+    with torch.no_grad():
+        x[0] = 0
+        w[labels[1]] = 0
+        w[(labels[2] + 1) % 12] = 0
+    check_against_reference(x, w, labels, backend, chunk_size=5, **MARGINS["arcface"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-1, 12, 10**9])
+def test_out_of_range_labels_raise(rng, backend, bad):
+    x, w, labels = make_inputs(rng, 4, 8, 12)
+    labels[2] = bad
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\)"):
+        margin_softmax_cross_entropy(x, w, labels, backend=backend)
+    soft = torch.stack([labels.roll(1), labels], 1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\)"):
+        margin_softmax_cross_entropy(x, w, soft, label_weights=torch.full((4, 2), 0.5), backend=backend)
+
+
+def test_bad_arguments_name_the_problem(rng):
+    x, w, labels = make_inputs(rng, 4, 8, 12)
+    with pytest.raises(ValueError, match="embedding size 8 != weight's 5"):
+        margin_softmax_cross_entropy(x, w[:, :5], labels)
+    with pytest.raises(TypeError, match="same floating dtype"):
+        margin_softmax_cross_entropy(x, w.double(), labels)
+    with pytest.raises(TypeError, match="labels must be int64"):
+        margin_softmax_cross_entropy(x, w, labels.int())
+    with pytest.raises(ValueError, match="need label_weights"):
+        margin_softmax_cross_entropy(x, w, labels[:, None])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        margin_softmax_cross_entropy(x, w, labels, reduction="avg")
+
+
+def insightface_style_loss(x, w, labels, s, m2, m3):
+    """arcface_torch's CombinedMarginLoss after linear(normalize(x), normalize(w)): the ArcFace
+    margin is applied under no_grad, CosFace subtracts m3; then cross-entropy."""
+    logits = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+    rows = torch.arange(labels.shape[0])
+    target = logits[rows, labels].view(-1, 1)
+    if m2 > 0:
+        with torch.no_grad():
+            target.arccos_()
+            logits.arccos_()
+            logits[rows, labels] = target.view(-1) + m2
+            logits.cos_()
+    else:
+        logits[rows, labels] = target.view(-1) - m3
+    return F.cross_entropy(logits * s, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_straight_through_matches_insightface(rng, backend, kind):
+    x, w, labels = make_inputs(rng, 6, 16, 25)
+    m = MARGINS[kind]
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8,
+                          margin_grad="straight_through", **m)
+    theirs = loss_and_grads(insightface_style_loss, x.double(), w.double(), labels, 64.0, m["m2"], m["m3"])
+    for name, a, b in zip(("loss", "grad x", "grad w"), ours, theirs):
+        assert_close(a, b, dtype=torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_is_the_nearest_centre(rng, backend):
+    x, w, labels = make_inputs(rng, 9, 16, 45)
+    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True)
+    expected = (F.normalize(x.double()) @ F.normalize(w.double()).T).argmax(1)
+    assert argmax.dtype == torch.int64
+    assert torch.equal(argmax, expected)
+    assert_close(loss, reference_loss(x, w, labels), dtype=torch.float32)
+
+
+def sample_op_inputs(rng):
+    x, w, labels = make_inputs(rng, 5, 8, 19, t=2)
+    return x, w, labels
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_opcheck(rng, backend):
+    x, w, labels = sample_op_inputs(rng)
+    labels[1, 1] = -1  # a target on another shard
+    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, False, 8, backend)
+    torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_forward.default, args)
+    lse = torch.randn(5, generator=rng)
+    grads = (torch.rand(5, generator=rng), torch.rand(5, 2, generator=rng), None)
+    bargs = (*grads, x.detach(), w.detach(), labels, lse, 64.0, 0.9, 0.3, 0.2, False, False, 8, backend)
+    torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph(rng):
+    x, w, labels = make_inputs(rng, 6, 16, 33, t=2)
+    label_weights = torch.full((6, 2), 0.5)
+
+    def step(x, w):
+        loss, argmax = margin_softmax_cross_entropy(
+            x, w, labels, label_weights=label_weights, label_smoothing=0.1, chunk_size=16,
+            return_argmax=True, backend="chunked", **MARGINS["arcface"],
+        )
+        return loss, argmax
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_x, eager_w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    eager_loss, eager_arg = step(eager_x, eager_w)
+    eager_loss.backward()
+    comp_x, comp_w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    comp_loss, comp_arg = compiled(comp_x, comp_w)
+    comp_loss.backward()
+    assert_close(comp_loss, eager_loss)
+    assert torch.equal(comp_arg, eager_arg)
+    assert_close(comp_x.grad, eager_x.grad)
+    assert_close(comp_w.grad, eager_w.grad)
+
+
+@pytest.mark.parametrize(
+    "module, margins",
+    [
+        (lambda: CosFace(16, 30, s=32.0, m=0.35), dict(s=32.0, m1=1.0, m2=0.0, m3=0.35)),
+        (lambda: ArcFace(16, 30), dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)),
+        (lambda: ArcFace(16, 30, easy_margin=True), dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=True)),
+        (lambda: CombinedMarginSoftmax(16, 30, 64.0, 0.9, 0.3, 0.2), dict(s=64.0, m1=0.9, m2=0.3, m3=0.2)),
+    ],
+)
+def test_modules_own_weight_and_match_reference(rng, module, margins):
+    head = module()
+    assert head.weight.shape == (30, 16)
+    x = torch.randn(5, 16, generator=rng)
+    labels = torch.randint(0, 30, (5,), generator=rng)
+    loss, argmax = head(x, labels, return_argmax=True)
+    loss.backward()
+    w = head.weight.detach().double().requires_grad_()
+    ref = reference_loss(x, w, labels, **margins)
+    ref.backward()
+    assert_close(loss, ref, dtype=torch.float32)
+    assert_close(head.weight.grad, w.grad, dtype=torch.float32)
+    assert torch.equal(argmax, (F.normalize(x) @ F.normalize(head.weight.detach()).T).argmax(1))
+
+
+def test_module_soft_labels(rng):
+    head = CosFace(8, 20)
+    x = torch.randn(4, 8, generator=rng)
+    labels = torch.randint(0, 20, (4, 2), generator=rng)
+    label_weights = torch.tensor([[0.7, 0.3]]).expand(4, 2)
+    loss = head(x, labels, label_weights)
+    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights), dtype=torch.float32)
+
+
+def test_backend_registered_and_cpu_prefers_chunked():
+    from lafs_kernels._dispatch import REGISTRY, Call
+
+    backends = REGISTRY["margin_softmax_cross_entropy"]
+    assert backends.select(Call(device=torch.device("cpu"), dtype=torch.float32)) == "chunked"
+    assert set(backends.names) == {"torch", "chunked", "triton"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_matches_reference(rng, dtype):
+    x64, w64, labels = make_inputs(rng, 96, 256, 5000, t=2, dtype=torch.float64)
+    label_weights = torch.full((96, 2), 0.5, dtype=torch.float64)
+    x, w = x64.to(dtype).cuda(), w64.to(dtype).cuda()
+    kwargs = dict(label_weights=label_weights, label_smoothing=0.1, **MARGINS["arcface"])
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels.cuda(), backend="triton", chunk_size=2048,
+                          **{**kwargs, "label_weights": label_weights.cuda()})
+    ref = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels, **kwargs)
+    if dtype == torch.float32:
+        for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
+            assert_close(a, b, dtype=dtype, msg=name)
+    else:
+        same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
+        ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
+        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"])
+        for name, a, b, r in zip(("loss", "grad x", "grad w"), ours1, same, ref1):
+            assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+@pytest.mark.gpu
+def test_triton_compiles_on_gpu(rng):
+    x, w, labels = make_inputs(rng, 64, 128, 3000)
+    x, w, labels = x.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_(), labels.cuda()
+    step = torch.compile(lambda x, w: margin_softmax_cross_entropy(x, w, labels, backend="triton"), fullgraph=True)
+    step(x, w).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        margin_softmax_cross_entropy(x, w, labels + 3000, backend="triton")
+    assert lafs_kernels.margin_softmax_cross_entropy is margin_softmax_cross_entropy

@@ -1,0 +1,258 @@
+"""FaceRecordDataset (both layouts, colour option, DataLoader workers), ImageFolderFaces,
+``python -m lafs.data pack`` and few-shot subsets."""
+import re
+import struct
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lafs.data import FaceRecordDataset, ImageFolderFaces, SyntheticFaces, few_shot_subset, recordio
+from lafs.data.__main__ import main as data_main
+from lafs.data.recordio import IRHeader, MXIndexedRecordIO, RecordIOError
+
+def random_faces(rng, counts):
+    """{identity: [uint8 RGB 112x112 images]} with ``counts[i]`` random images for identity i."""
+    return {i: [torch.randint(0, 256, (112, 112, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(n)]
+            for i, n in enumerate(counts)}
+
+
+def write_folder(root, faces, names=None):
+    for identity, images in faces.items():
+        folder = root / (names[identity] if names else f"person_{identity:02d}")
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, image in enumerate(images):
+            cv2.imwrite(str(folder / f"{number:03d}.png"), image[:, :, ::-1])
+    return root
+
+
+def expected_tensor(rgb):
+    return (torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1) - 127.5) / 127.5  # insightface scaling
+
+
+def write_rec_by_hand(root, faces, layout, store_bgr=False):
+    """A RecordIO set written record by record following DATA.md (independent of pack_folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    order = [(identity, image) for identity, images in faces.items() for image in images]
+    with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
+        first = 1 if layout == "header" else 0
+        if layout == "header":
+            writer.write_idx(0, recordio.pack(IRHeader(0, [len(order) + 1, len(order) + 1 + len(faces)], 0, 0), b""))
+        for offset, (identity, image) in enumerate(order):
+            label = [float(identity), 1.0] if layout == "header" else float(identity)
+            stored = image if store_bgr else image[:, :, ::-1]  # cv2 encodes its input as BGR
+            writer.write_idx(first + offset, recordio.pack_img(IRHeader(0, label, first + offset, 0), stored, 3, ".png"))
+        if layout == "header":
+            start = 1
+            for identity, images in faces.items():
+                writer.write_idx(len(order) + 1 + identity,
+                                 recordio.pack(IRHeader(0, [start, start + len(images)], 0, 0), b""))
+                start += len(images)
+    return [image for _, image in order], np.array([identity for identity, _ in order])
+
+
+@pytest.mark.parametrize("layout", ["header", "flat"])
+def test_record_dataset_reads_both_layouts(tmp_path, rng, layout):
+    faces = random_faces(rng, [3, 1, 2])
+    images, labels = write_rec_by_hand(tmp_path, faces, layout)
+    dataset = FaceRecordDataset(tmp_path)
+    assert dataset.layout == layout
+    np.testing.assert_array_equal(dataset.labels, labels)
+    assert dataset.labels.dtype == np.int64 and dataset.num_classes == 3 and len(dataset) == 6
+    for index in torch.randperm(6, generator=rng).tolist():
+        image, label = dataset[index]
+        assert image.dtype == torch.float32 and image.shape == (3, 112, 112) and label == labels[index]
+        torch.testing.assert_close(image, expected_tensor(images[index]), atol=0, rtol=0)
+
+
+def test_bgr_option_swaps_channels_of_bgr_packed_sets(tmp_path, rng):
+    faces = random_faces(rng, [2, 2])
+    images, _ = write_rec_by_hand(tmp_path, faces, "header", store_bgr=True)
+    rgb_decode = FaceRecordDataset(tmp_path, color="rgb")[1][0]
+    true_colours = FaceRecordDataset(tmp_path, color="bgr")[1][0]
+    torch.testing.assert_close(true_colours, expected_tensor(images[1]), atol=0, rtol=0)
+    torch.testing.assert_close(rgb_decode, expected_tensor(images[1][:, :, ::-1]), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="color must be one of"):
+        FaceRecordDataset(tmp_path, color="hsv")
+
+
+def test_transform_gets_uint8_rgb_and_property_sets_num_classes(tmp_path, rng):
+    faces = random_faces(rng, [2, 2])
+    images, _ = write_rec_by_hand(tmp_path, faces, "flat")
+    (tmp_path / "property").write_text("10,112,112\n")
+    seen = []
+
+    def flip(image):
+        seen.append((image.dtype, image.shape))
+        return image[:, ::-1]
+
+    dataset = FaceRecordDataset(tmp_path, transform=flip)
+    assert dataset.num_classes == 10
+    torch.testing.assert_close(dataset[2][0], expected_tensor(images[2][:, ::-1]), atol=0, rtol=0)
+    assert seen == [(np.uint8, (112, 112, 3))]
+    (tmp_path / "property").write_text("1,112,112\n")
+    with pytest.raises(ValueError, match="declares 1 classes"):
+        FaceRecordDataset(tmp_path)
+    (tmp_path / "property").write_text("classes\n")
+    with pytest.raises(ValueError, match="malformed"):
+        FaceRecordDataset(tmp_path)
+
+
+def test_record_dataset_errors_name_file_and_key(tmp_path, rng):
+    with pytest.raises(FileNotFoundError, match="train.rec"):
+        FaceRecordDataset(tmp_path)
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "flat")
+    data = (tmp_path / "train.rec").read_bytes()
+    (tmp_path / "train.rec").write_bytes(data[:-100])  # cuts into the image bytes of the last record
+    dataset = FaceRecordDataset(tmp_path)  # the labels (record headers) are still readable
+    with pytest.raises(RecordIOError, match=r"train\.rec \(key 3\).*truncated"):
+        dataset[3]
+
+
+def test_record_label_disagreeing_with_identity_ranges_is_reported(tmp_path, rng):
+    faces = random_faces(rng, [2, 2])
+    write_rec_by_hand(tmp_path, faces, "header")
+    reader = MXIndexedRecordIO(tmp_path / "train.idx", tmp_path / "train.rec", "r")
+    records = {key: reader.read_idx(key) for key in reader.keys}
+    reader.close()
+    header, image_bytes = recordio.unpack(records[4])
+    records[4] = recordio.pack(IRHeader(0, [0.0, 1.0], 4, 0), image_bytes)  # identity 1's last image says class 0
+    with MXIndexedRecordIO(tmp_path / "train.idx", tmp_path / "train.rec", "w") as writer:
+        for key in sorted(records):
+            writer.write_idx(key, records[key])
+    dataset = FaceRecordDataset(tmp_path)
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 1, 1])
+    with pytest.raises(RecordIOError, match=r"train.rec \(key 4\).*label 0 differs"):
+        dataset[3]
+
+
+def test_dataloader_workers_read_their_own_file(tmp_path, rng):
+    faces = random_faces(rng, [4, 4, 4])
+    images, labels = write_rec_by_hand(tmp_path, faces, "header")
+    dataset = FaceRecordDataset(tmp_path)
+    dataset[0]  # the parent opens the file first: forked workers must not share its position
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, shuffle=False)
+    batches = list(loader)
+    got = torch.cat([batch[0] for batch in batches])
+    torch.testing.assert_close(got, torch.stack([expected_tensor(image) for image in images]), atol=0, rtol=0)
+    np.testing.assert_array_equal(torch.cat([batch[1] for batch in batches]).numpy(), labels)
+
+
+def test_image_folder_faces(tmp_path, rng):
+    faces = random_faces(rng, [2, 3])
+    write_folder(tmp_path, faces, names=["bob", "alice"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "alice" / "notes.txt").write_text("not an image")
+    dataset = ImageFolderFaces(tmp_path)
+    assert dataset.identities == ["alice", "bob"] and dataset.num_classes == 2
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 0, 1, 1])
+    image, label = dataset[4]
+    torch.testing.assert_close(image, expected_tensor(faces[0][1]), atol=0, rtol=0)
+    assert label == 1
+    cv2.imwrite(str(tmp_path / "bob" / "big.png"), np.zeros((120, 100, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"big\.png.*\(120, 100, 3\)"):
+        ImageFolderFaces(tmp_path)[-1]
+    (tmp_path / "bob" / "zz.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"cannot read image .*zz\.jpg"):
+        ImageFolderFaces(tmp_path)[-1]
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolderFaces(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("layout", ["header", "flat"])
+def test_pack_cli_writes_what_the_dataset_reads(tmp_path, rng, layout, capsys):
+    faces = random_faces(rng, [2, 1, 3])
+    write_folder(tmp_path / "src", faces)
+    code = data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--layout", layout,
+                      "--format", ".png", "--quiet"])
+    assert code == 0 and "packed 6 images of 3 identities" in capsys.readouterr().out
+    assert (tmp_path / "out" / "property").read_text().splitlines()[0] == "3,112,112"
+    reader = MXIndexedRecordIO(tmp_path / "out" / "train.idx", tmp_path / "out" / "train.rec", "r")
+    if layout == "header":
+        assert reader.keys == list(range(10))  # header, 6 images, 3 identity ranges
+        head = reader.read_idx(0)
+        assert head == struct.pack("<IfQQ", 2, 0.0, 0, 0) + np.array([7, 10], "<f4").tobytes()
+        np.testing.assert_array_equal(recordio.unpack(reader.read_idx(9))[0].label, [4, 7])
+        np.testing.assert_array_equal(recordio.unpack(reader.read_idx(3))[0].label, [1, 1])
+    else:
+        assert reader.keys == list(range(6))
+        assert recordio.unpack(reader.read_idx(5))[0] == IRHeader(0, 2.0, 5, 0)
+    reader.close()
+    dataset = FaceRecordDataset(tmp_path / "out")
+    assert dataset.layout == layout and dataset.num_classes == 3
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 1, 2, 2, 2])
+    torch.testing.assert_close(dataset[4][0], expected_tensor(faces[2][1]), atol=0, rtol=0)
+
+
+def test_pack_aligns_with_norm_crop(tmp_path):
+    from insightface.utils.face_align import norm_crop
+
+    faces = SyntheticFaces(2, 2, seed=5)
+    src = tmp_path / "src"
+    lines = []
+    for index in range(len(faces)):
+        rgb, label, points = faces.render(index)
+        # place the face in a larger photo, scaled and shifted, as a detector would see it
+        photo = cv2.resize(rgb, (224, 224))
+        photo = cv2.copyMakeBorder(photo, 30, 10, 50, 6, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        photo_points = np.round((points * 2.0 + (50.0, 30.0)) * 8.0) / 8.0  # exact in the 3-decimal text file
+        path = src / f"id{label}" / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), photo[:, :, ::-1])
+        lines.append(f"id{label}/{index}.png " + " ".join(f"{v:.3f}" for v in photo_points.ravel()))
+    (tmp_path / "marks.txt").write_text("# path x1 y1 ... x5 y5\n" + "\n".join(lines) + "\n")
+    assert data_main(["pack", str(src), str(tmp_path / "out"), "--align", str(tmp_path / "marks.txt"),
+                      "--format", ".png", "--quiet"]) == 0
+    dataset = FaceRecordDataset(tmp_path / "out")
+    photo = cv2.imread(str(src / "id1" / "3.png"))
+    points = np.round((faces.render(3)[2] * 2.0 + (50.0, 30.0)) * 8.0) / 8.0
+    expected = norm_crop(photo, points.astype(np.float32), image_size=112)
+    torch.testing.assert_close(dataset[3][0], expected_tensor(expected[:, :, ::-1].copy()), atol=0, rtol=0)
+
+
+def test_pack_errors(tmp_path, rng, capsys):
+    write_folder(tmp_path / "src", random_faces(rng, [1, 1]))
+    (tmp_path / "marks.txt").write_text("person_00/000.png 1 2 3\n")
+    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align",
+                      str(tmp_path / "marks.txt"), "--quiet"]) == 2
+    assert "marks.txt line 1: expected an image path and 10 numbers" in capsys.readouterr().err
+    (tmp_path / "marks.txt").write_text("person_00/000.png" + " 50" * 10 + "\n")
+    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align",
+                      str(tmp_path / "marks.txt"), "--quiet"]) == 2
+    assert "no landmarks for 1 image(s), e.g. person_01/000.png" in capsys.readouterr().err
+    (tmp_path / "src" / "person_01" / "001.jpg").write_bytes(b"\xff\xd8 broken")
+    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert re.search(r"cannot read image .*person_01/001\.jpg", capsys.readouterr().err)
+    assert not (tmp_path / "out" / "train.rec").exists()  # nothing half-written is left
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_few_shot_subset(rng):
+    labels = torch.randint(0, 12, (150,), generator=rng).numpy()
+
+    class Labelled:
+        def __init__(self, labels):
+            self.labels = labels
+
+        def __getitem__(self, index):
+            return torch.full((1,), float(index)), int(self.labels[index])
+
+    parent = Labelled(labels)
+    seed = int(torch.randint(0, 1000, (1,), generator=rng))
+    subset = few_shot_subset(parent, 3, identity_fraction=0.5, seed=seed)
+    present = np.unique(labels)
+    assert subset.num_classes == int(np.floor(0.5 * len(present) + 0.5))  # rounded half up
+    np.testing.assert_array_equal(subset.labels, np.searchsorted(subset.identities, subset.original_labels))
+    np.testing.assert_array_equal(subset.original_labels, labels[subset.indices])
+    for new_class, identity in enumerate(subset.identities):
+        assert (subset.labels == new_class).sum() == min(3, (labels == identity).sum())
+    image, label = subset[len(subset) - 1]
+    assert float(image) == subset.indices[-1] and subset.identities[label] == labels[subset.indices[-1]]
+    again = few_shot_subset(parent, 3, identity_fraction=0.5, seed=seed)
+    np.testing.assert_array_equal(again.indices, subset.indices)
+    other = few_shot_subset(parent, 3, identity_fraction=0.5, seed=seed + 1)
+    assert not np.array_equal(other.indices, subset.indices)
+    assert len(few_shot_subset(parent, 1, seed=seed)) == len(present)
+    with pytest.raises(ValueError, match="identity_fraction"):
+        few_shot_subset(parent, 1, identity_fraction=0.0)

@@ -1,0 +1,105 @@
+"""SyntheticFaces: contract, determinism, landmarks, and that verification is not trivial."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lafs.data import SyntheticFaces, verification_pairs
+
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+
+
+def seed_from(rng: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+
+
+def best_threshold_accuracy(similarity: np.ndarray, issame: np.ndarray) -> float:
+    """Accuracy of the best single threshold on the similarity (an optimistic, in-sample figure)."""
+    return max(((similarity >= t) == issame).mean() for t in np.unique(similarity))
+
+
+def pair_similarity(embeddings: torch.Tensor) -> np.ndarray:
+    embeddings = nn.functional.normalize(embeddings.flatten(1), dim=1)
+    return (embeddings[0::2] * embeddings[1::2]).sum(1).numpy()
+
+
+def test_contract_and_labels(rng):
+    faces = SyntheticFaces(3, 4, seed=seed_from(rng))
+    assert len(faces) == 12 and faces.num_classes == 3
+    assert faces.labels.dtype == np.int64
+    np.testing.assert_array_equal(faces.labels, np.repeat(np.arange(3), 4))
+    image, label = faces[7]
+    assert image.dtype == torch.float32 and image.shape == (3, 112, 112) and label == 1
+    assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+    rgb, label, points = faces.render(7)
+    assert rgb.dtype == np.uint8 and rgb.shape == (112, 112, 3) and label == 1
+    assert points.dtype == np.float32 and points.shape == (5, 2)
+    torch.testing.assert_close(image, (torch.from_numpy(rgb).permute(2, 0, 1).float() - 127.5) / 127.5)
+    with pytest.raises(IndexError):
+        faces[12]
+    with pytest.raises(ValueError, match="difficulty"):
+        SyntheticFaces(2, 2, difficulty=-1.0)
+
+
+def test_deterministic_from_seed_and_offsets_give_other_identities(rng):
+    seed = seed_from(rng)
+    first, again = SyntheticFaces(4, 3, seed=seed), SyntheticFaces(4, 3, seed=seed, cache=True)
+    for index in (0, 5, 11, 5):
+        a, b = first.render(index), again.render(index)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[2], b[2])
+    other_seed = SyntheticFaces(4, 3, seed=seed + 1).render(5)[0]
+    assert np.abs(other_seed.astype(int) - first.render(5)[0]).mean() > 5
+    # identity_offset=2 starts at the third identity of the same seed
+    shifted = SyntheticFaces(2, 3, seed=seed, identity_offset=2)
+    np.testing.assert_array_equal(shifted.render(1)[0], first.render(2 * 3 + 1)[0])
+    assert shifted.render(1)[1] == 0
+    # images of one identity differ (nuisances), and difficulty 0 removes the pose nuisance
+    assert np.abs(first.render(0)[0].astype(int) - first.render(1)[0]).mean() > 5
+    still = SyntheticFaces(1, 3, seed=seed, difficulty=0.0)
+    np.testing.assert_allclose(still.render(0)[2], still.render(2)[2], atol=1e-4)
+
+
+def test_five_points_follow_the_arcface_layout_and_the_drawn_eyes(rng):
+    faces = SyntheticFaces(6, 4, seed=seed_from(rng))
+    points = np.stack([faces.render(i)[2] for i in range(len(faces))])
+    # roughly aligned like insightface crops: mean points within a few pixels of the ArcFace template
+    assert np.abs(points.mean(0) - ARCFACE_TEMPLATE).max() < 6.0
+    assert (points[:, 0, 0] < points[:, 1, 0]).all() and (points[:, 3, 0] < points[:, 4, 0]).all()
+    assert (points[:, :2, 1].max(1) < points[:, 2, 1]).all() and (points[:, 2, 1] < points[:, 3:, 1].min(1)).all()
+    # the eye points sit on dark pupils: darker than the average of the face crop
+    for index in range(len(faces)):
+        rgb, _, marks = faces.render(index)
+        gray = rgb.mean(2)
+        for x, y in marks[:2]:
+            patch = gray[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2]
+            assert patch.min() < gray[20:100, 20:100].mean()
+
+
+def test_verification_pairs_are_balanced_and_labelled_correctly(rng):
+    faces = SyntheticFaces(5, 3, seed=seed_from(rng))
+    faces_by_image = {tuple(faces[i][0][:, 50, 40:48].flatten().tolist()): faces.labels[i] for i in range(len(faces))}
+    images, issame = verification_pairs(faces, 20, seed=seed_from(rng))
+    assert images.shape == (40, 3, 112, 112) and images.dtype == torch.float32
+    assert issame.dtype == bool and issame.shape == (20,) and issame.sum() == 10
+    labels = np.array([faces_by_image[tuple(image[:, 50, 40:48].flatten().tolist())] for image in images])
+    np.testing.assert_array_equal(labels[0::2] == labels[1::2], issame)
+    assert not any(torch.equal(images[2 * i], images[2 * i + 1]) for i in range(20))
+    assert not (issame[:10].all() and not issame[10:].any())  # pair order is shuffled
+    with pytest.raises(ValueError, match="at least two"):
+        verification_pairs(SyntheticFaces(1, 1), 4)
+
+
+def test_neither_raw_pixels_nor_an_untrained_network_verify(rng):
+    faces = SyntheticFaces(40, 6, seed=seed_from(rng), identity_offset=5000)
+    images, issame = verification_pairs(faces, 200, seed=seed_from(rng))
+    centred = images.flatten(1) - images.flatten(1).mean(1, keepdim=True)
+    pixel_accuracy = best_threshold_accuracy(pair_similarity(centred), issame)
+    assert pixel_accuracy < 0.75, f"pixel cosine similarity verifies {pixel_accuracy:.3f} of the pairs"
+    network = nn.Sequential(  # default initialisation, seeded by the rng fixture
+        nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 128))
+    with torch.no_grad():
+        network_accuracy = best_threshold_accuracy(pair_similarity(network(images)), issame)
+    assert network_accuracy < 0.65, f"a random CNN verifies {network_accuracy:.3f} of the pairs"

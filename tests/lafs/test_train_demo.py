@@ -1,0 +1,58 @@
+"""The default run, shortened: the supervised stage learns, and all three stages leave their outputs.
+
+The full goal (held-out verification accuracy >= 0.90 from the supervised demo in
+about five minutes) is checked by ``make train`` (``python -m lafs.train``), not here.
+"""
+import json
+
+import pytest
+import torch
+
+from lafs.train.runner import run_command
+
+pytestmark = pytest.mark.slow
+
+# Shortened demo: the demo recipe's data, model and loss with fewer steps (about a minute on 2 idle cores).
+SHORT_SUPERVISED = ["optim.epochs=3", "val.pairs=400", "train.plots=false"]
+SHORT_SUPERVISED_MIN_ACCURACY = 0.8
+
+
+def test_shortened_supervised_demo_beats_chance_by_far(tmp_path, capsys):
+    summary = run_command("supervised", recipe="demo", overrides=SHORT_SUPERVISED, out=tmp_path / "sup")
+    accuracy = summary["verification"]["accuracy"]
+    assert accuracy >= SHORT_SUPERVISED_MIN_ACCURACY, (
+        f"held-out verification accuracy {accuracy:.3f} after the shortened supervised demo "
+        f"(seed 0, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s)")
+
+
+def test_shortened_three_stage_run_leaves_every_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_command("demo", recipe="tiny", overrides=["supervised.train.plots=true"], out=out)
+    table = capsys.readouterr().out
+    for label in ("supervised, all labels", "LAFS pretraining, no labels", "few-shot fine-tuning from LAFS",
+                  "few-shot training from scratch", "LAFS - scratch"):
+        assert label in table
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for name in ("supervised", "pretrain", "finetune", "scratch"):
+        stage = on_disk["stages"][name]
+        assert 0.0 <= stage["verification_accuracy"] <= 1.0 and stage["images_per_s"] > 0
+        for file in ("config.yaml", "log.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+            assert (out / name / file).is_file(), f"{name}/{file}"
+    for picture in ("curves.png", "landmarks.png"):
+        assert (out / "supervised" / picture).stat().st_size > 10_000
+    few_shot = on_disk["few_shot"]
+    assert few_shot["images_per_identity"] == 2 and on_disk["seed"] == 0
+    assert few_shot["lafs_minus_scratch"] == pytest.approx(few_shot["lafs_accuracy"] - few_shot["scratch_accuracy"])
+    assert few_shot["lafs_ahead"] == (few_shot["lafs_minus_scratch"] > 0)
+    # few-shot subsets: 2 images for each of the 8 training identities
+    assert on_disk["stages"]["finetune"]["train_images"] == on_disk["stages"]["scratch"]["train_images"] == 16
+    # stage 3 started from stage 2's teacher and stage 1's landmark CNN
+    sup = torch.load(out / "supervised" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    pre = torch.load(out / "pretrain" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    cnn = {k: v for k, v in sup["model"]["state_dict"].items() if k.startswith("landmark_cnn.")}
+    frozen = {f"landmark_cnn.{k}": v for k, v in pre["landmark_cnn"].items()}
+    assert cnn.keys() == frozen.keys() and all(torch.equal(cnn[k], frozen[k]) for k in cnn)
+    # --resume of a finished demo keeps every stage and rebuilds the same summary
+    again = run_command("demo", recipe="tiny", overrides=[], out=out, resume=True)
+    assert again["stages"] == {k: {**v} for k, v in summary["stages"].items()}
