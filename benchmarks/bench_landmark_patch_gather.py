@@ -62,10 +62,10 @@ def _select(landmarks, index):
 
 def make_inputs(B: int, K: int, dtype: str, device: str, seed: int = 0):
     """image [B,3,112,112] in [-1,1], landmarks [B,L,2] float32 (some off the image), index [B,K] or None."""
-    gen = torch.Generator().manual_seed(seed)
-    image = (torch.rand(B, CHANNELS, SIZE, SIZE, generator=gen) * 2 - 1).to(device, DTYPES[dtype])
-    landmarks = (torch.rand(B, L, 2, generator=gen) * (SIZE + 8) - 4).to(device)
-    index = torch.randint(0, L, (B, K), generator=gen).to(device) if K != L else None
+    gen = torch.Generator(device).manual_seed(seed)
+    image = (torch.rand(B, CHANNELS, SIZE, SIZE, generator=gen, device=device) * 2 - 1).to(DTYPES[dtype])
+    landmarks = torch.rand(B, L, 2, generator=gen, device=device) * (SIZE + 8) - 4
+    index = torch.randint(0, L, (B, K), generator=gen, device=device) if K != L else None
     return image, landmarks, index
 
 

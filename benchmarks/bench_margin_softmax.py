@@ -57,10 +57,10 @@ def _loss_fn(impl: str):
 
 
 def make_inputs(B: int, D: int, C: int, dtype: str, device: str, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=gen).to(device, DTYPES[dtype])
-    w = (torch.randn(C, D, generator=gen) * 0.01).to(device, DTYPES[dtype])
-    y = torch.randint(0, C, (B,), generator=gen).to(device)
+    gen = torch.Generator(device).manual_seed(seed)  # drawn on the device: W has up to 512M entries
+    x = torch.randn(B, D, generator=gen, device=device).to(DTYPES[dtype])
+    w = torch.randn(C, D, generator=gen, device=device).mul_(0.01).to(DTYPES[dtype])
+    y = torch.randint(0, C, (B,), generator=gen, device=device)
     return x, w, y
 
 

@@ -183,10 +183,10 @@ at::Tensor patch_gather_fwd_cpu(const at::Tensor& image, const at::Tensor& centr
 // every window column u = 0..P.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> g, window, rows, g_rows, g_window;
+  std::vector<acc_t> g, window, rows, g_rows, g_window, lanes_fx, lanes_fy;
   Scratch(int64_t P, int64_t C)
       : g(P * P * C), window((P + 1) * (P + 1) * C), rows(P * (P + 1) * C), g_rows((P + 2) * (P + 1) * C, 0),
-        g_window((P + 1) * (P + 1) * C) {}
+        g_window((P + 1) * (P + 1) * C), lanes_fx((P + 1) * C), lanes_fy(P * C) {}
 };
 
 // Gradient of one patch with token gradient g [P][P][C].  Adds the window
@@ -212,15 +212,23 @@ std::pair<acc_t, acc_t> patch_backward(const scalar_t* img, const ImageGeometry&
     acc_t* rows = s.rows.data();
     load_window(img, geo, d, w, window);
     filter_x(window, d, w.fx, rows);
+    // Per-lane partial sums first: a single running sum would be a serial
+    // dependency chain the compiler may not reorder into vector adds.
+    acc_t* lanes_fx = s.lanes_fx.data();
+    acc_t* lanes_fy = s.lanes_fy.data();
+    std::fill(lanes_fx, lanes_fx + run, acc_t(0));
+    std::fill(lanes_fy, lanes_fy + out_run, acc_t(0));
     for (int64_t i = 0; i < P; ++i) {
       const acc_t* gi = g + i * out_run;
       const acc_t* r = rows + i * run;
       const acc_t* gr = g_rows + i * run;
       const acc_t* left = window + i * run;
       const acc_t* right = left + run;
-      for (int64_t t = 0; t < out_run; ++t) d_fy += gi[t] * (r[t + C] - r[t]);
-      for (int64_t t = 0; t < run; ++t) d_fx += gr[t] * (right[t] - left[t]);
+      for (int64_t t = 0; t < out_run; ++t) lanes_fy[t] += gi[t] * (r[t + C] - r[t]);
+      for (int64_t t = 0; t < run; ++t) lanes_fx[t] += gr[t] * (right[t] - left[t]);
     }
+    for (int64_t t = 0; t < out_run; ++t) d_fy += lanes_fy[t];
+    for (int64_t t = 0; t < run; ++t) d_fx += lanes_fx[t];
   }
   if (grad_img != nullptr) {
     for (int64_t u = w.u_lo; u < w.u_hi; ++u) {

@@ -91,8 +91,9 @@ def _class_of(label) -> float:
 
 def _read_layout(record: MXIndexedRecordIO):
     """(layout name, image keys int64 [N], labels int64 [N]) of an open data set."""
-    first = record.read_header_idx(record.keys[0])
-    is_header = record.keys[0] == 0 and first.flag >= 2 and len(record.read_idx(0)) == 24 + 4 * first.flag
+    # The header record (key 0, wherever it sits in the file) has two or more float labels and no image.
+    first = record.read_header_idx(0) if 0 in record.idx else None
+    is_header = first is not None and first.flag >= 2 and len(record.read_idx(0)) == 24 + 4 * first.flag
     if not is_header:
         keys = np.asarray(record.keys, dtype=np.int64)
         labels = np.array([_class_of(record.read_header_idx(int(k)).label) for k in keys], dtype=np.int64)
@@ -101,6 +102,11 @@ def _read_layout(record: MXIndexedRecordIO):
 
     image_end, identity_end = int(first.label[0]), int(first.label[1])
     keys = np.arange(1, image_end, dtype=np.int64)
+    absent = [key for key in range(1, max(image_end, identity_end)) if key not in record.idx]
+    if absent:
+        raise RecordIOError(f"{record.idx_path}: the header record announces image keys 1..{image_end - 1} and "
+                            f"identity keys {image_end}..{identity_end - 1}, but {len(absent)} are missing "
+                            f"(first: {absent[0]})")
     labels = np.full(len(keys), -1, dtype=np.int64)
     # Each identity record holds [start, end) of its image keys; the class is the label of its first image.
     for identity_key in range(image_end, identity_end):

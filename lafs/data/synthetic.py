@@ -13,8 +13,8 @@ identifies anybody.
 Faces are drawn around the ArcFace template (eyes near y=52, nose tip near
 y=72, mouth corners near y=92 in a 112x112 crop), so they look like
 insightface's aligned crops, and every image comes with its five landmarks.
-Drawing is polygon filling with cv2 (anti-aliased, sub-pixel), well under a
-millisecond per face.
+Drawing is a few dozen anti-aliased, sub-pixel cv2 calls per face (about 2 ms
+on one free CPU core); ``cache=True`` keeps rendered faces for later epochs.
 """
 import math
 
@@ -43,7 +43,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
     offset ranges hold disjoint identities (held-out verification identities).
 
     ``difficulty`` scales every per-image nuisance (0: identical images per
-    identity apart from the random skin tone and background, 1: the default
+    identity apart from the random skin, hair and background colours, 1: the default
     strength; values up to about 2 stay face-like).  ``transform`` receives the
     uint8 ``[112,112,3]`` RGB array and returns one.  ``cache=True`` keeps the
     rendered uint8 images in memory (37 KB each).
@@ -245,22 +245,26 @@ class _Pose:
 
 
 class _DrawList:
-    """Primitives in the canonical frame, posed together and drawn in order.
+    """Primitives in the canonical frame, drawn in order after one pose transform.
 
     Colours are ``skin_gain * skin + hair_gain * hair + constant`` so one list
     built per identity serves every image (whose skin and hair colours differ).
-    Kinds: ``fill`` (polygon), ``line`` (open polyline), ``pixels`` (one pixel per
-    point: freckle and stubble textures), ``disc`` (points[0] centre, points[1]
-    x = radius).
+    Kinds: ``fill`` (polygons), ``line`` (open polylines), ``pixels`` (one pixel
+    per point: freckle and stubble textures), ``disc`` (points[0] centre,
+    points[1] x = radius).  A ``fill`` or ``line`` primitive may hold several
+    curves of one colour: cv2 draws them in one call (the per-call overhead is
+    what the rendering time is made of).
     """
 
     def __init__(self):
-        self.kinds, self.points, self.depths, self.thickness = [], [], [], []
+        self.kinds, self.curves, self.depths, self.thickness = [], [], [], []
         self.skin_gain, self.hair_gain, self.constant = [], [], []
+        self.points = None  # set by freeze()
 
-    def add(self, kind, points, depth, skin=0.0, hair=0.0, constant=0.0, thickness=1):
+    def add(self, kind, curves, depth, skin=0.0, hair=0.0, constant=0.0, thickness=1):
+        """``curves``: a list of [N,2] arrays of canonical points (one colour, one cv2 call)."""
         self.kinds.append(kind)
-        self.points.append(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+        self.curves.append([np.asarray(c, dtype=np.float64).reshape(-1, 2) for c in curves])
         self.depths.append(depth)
         self.thickness.append(max(1, int(round(thickness))))
         self.skin_gain.append(skin)
@@ -269,10 +273,17 @@ class _DrawList:
 
     def freeze(self) -> "_DrawList":
         """Concatenate the per-primitive arrays once (lists built per identity are reused by every image)."""
-        counts = [len(p) for p in self.points]
-        self.all_points = np.concatenate(self.points) if self.points else np.zeros((0, 2))
-        self.all_depths = np.repeat(np.asarray(self.depths, dtype=np.float64), counts)
-        self.bounds = np.cumsum([0] + counts).tolist()
+        points = [c for curves in self.curves for c in curves]
+        self.points = np.concatenate(points) if points else np.zeros((0, 2))
+        counts = [sum(len(c) for c in curves) for curves in self.curves]
+        self.point_depths = np.repeat(np.asarray(self.depths, dtype=np.float64), counts)
+        self.spans, position = [], 0
+        for curves in self.curves:
+            spans = []
+            for curve in curves:
+                spans.append((position, position + len(curve)))
+                position += len(curve)
+            self.spans.append(spans)
         self.gains = []
         for values in (self.skin_gain, self.hair_gain, self.constant):
             gains = np.empty((len(values), 3))
@@ -281,30 +292,40 @@ class _DrawList:
             self.gains.append(gains)
         return self
 
-    def draw(self, canvas: np.ndarray, pose: _Pose, skin: np.ndarray, hair: np.ndarray, y_shift=None):
-        """Draw onto the uint8 RGB canvas; ``y_shift`` optionally moves every point vertically first."""
-        if not hasattr(self, "all_points"):
-            self.freeze()
-        points = self.all_points if y_shift is None else self.all_points + (0.0, y_shift)
-        posed = pose(points, self.all_depths)
-        fixed = np.round(posed * _SCALE).astype(np.int32)
+    def draw(self, canvas: np.ndarray, posed: np.ndarray, fixed: np.ndarray, skin, hair):
+        """Draw onto the uint8 RGB canvas; ``posed`` / ``fixed`` are this list's points in pixels
+        (float) and in cv2's fixed point (int32)."""
         skin_gain, hair_gain, constant = self.gains
         colors = np.clip(skin_gain * skin + hair_gain * hair + constant, 0.0, 255.0).tolist()
-        size = canvas.shape[0]
         for k, kind in enumerate(self.kinds):
-            start, stop = self.bounds[k], self.bounds[k + 1]
-            color = colors[k]
+            color, spans = colors[k], self.spans[k]
             if kind == "fill":
-                cv2.fillPoly(canvas, [fixed[start:stop]], color, cv2.LINE_AA, _SHIFT)
+                cv2.fillPoly(canvas, [fixed[a:b] for a, b in spans], color, cv2.LINE_AA, _SHIFT)
             elif kind == "line":
-                cv2.polylines(canvas, [fixed[start:stop]], False, color, self.thickness[k], cv2.LINE_AA, _SHIFT)
+                cv2.polylines(canvas, [fixed[a:b] for a, b in spans], False, color, self.thickness[k],
+                              cv2.LINE_AA, _SHIFT)
             elif kind == "disc":
-                radius = int(self.all_points[start + 1, 0] * _SCALE)
+                start = spans[0][0]
+                radius = int(self.points[start + 1, 0] * _SCALE)
                 cv2.circle(canvas, tuple(fixed[start].tolist()), radius, color, -1, cv2.LINE_AA, _SHIFT)
             else:  # pixels
+                start, stop = spans[0]
                 xy = np.round(posed[start:stop]).astype(np.int64)
-                inside = ((xy >= 0) & (xy < size)).all(axis=1)
+                inside = ((xy >= 0) & (xy < canvas.shape[0])).all(axis=1)
                 canvas[xy[inside, 1], xy[inside, 0]] = color
+
+
+def _draw_in_order(canvas: np.ndarray, pose: "_Pose", skin, hair, layers):
+    """Draw ``layers`` = [(draw list, vertical shift)] in order, posing all their points at once."""
+    lists = [layer.freeze() if layer.points is None else layer for layer, _ in layers]
+    points = np.concatenate([layer.points + (0.0, shift) for layer, (_, shift) in zip(lists, layers)])
+    posed = pose(points, np.concatenate([layer.point_depths for layer in lists]))
+    fixed = np.round(posed * _SCALE).astype(np.int32)
+    start = 0
+    for layer in lists:
+        stop = start + len(layer.points)
+        layer.draw(canvas, posed[start:stop], fixed[start:stop], skin, hair)
+        start = stop
 
 
 def _ellipse(cx, cy, rx, ry, count=24):
@@ -338,59 +359,62 @@ def _ribbon(center, thickness):
 
 
 def _build_identity_parts(p: dict) -> dict:
-    """Per-identity drawing: the static lists (skin, textures, nose) and the eye/brow geometry."""
+    """Per-identity drawing: the static lists (skin, textures, brows, nose) and the eye geometry."""
     back = _DrawList()
     outline = _outline(p)
     center = np.array([_CENTER_X, p["face_center_y"]])
-    back.add("fill", (outline - center) * 1.07 + center - (0.0, 2.0), _DEPTH_OUTLINE, hair=1.0)
+    back.add("fill", [(outline - center) * 1.07 + center - (0.0, 2.0)], _DEPTH_OUTLINE, hair=1.0)
+    strands = []
     for k in range(p["hair_strands"]):
         x0 = _CENTER_X + (k / max(1, p["hair_strands"] - 1) - 0.5) * 1.4 * p["face_half_width"]
         y0 = _hairline(p, np.array([x0]))[0]
         angle = p["hair_strand_angle"] + 0.25 * (k % 3 - 1)
-        back.add("line", [[x0, y0 - 1.0], [x0 + 10.0 * math.sin(angle), y0 - 10.0 * math.cos(angle)]],
-                 _DEPTH_OUTLINE, hair=0.55)
+        strands.append([[x0, y0 - 1.0], [x0 + 10.0 * math.sin(angle), y0 - 10.0 * math.cos(angle)]])
+    if strands:
+        back.add("line", strands, _DEPTH_OUTLINE, hair=0.55)
     skin_area = outline.copy()
     skin_area[:, 1] = np.maximum(skin_area[:, 1], _hairline(p, skin_area[:, 0]))
-    back.add("fill", skin_area, _DEPTH_OUTLINE, skin=1.0)
+    back.add("fill", [skin_area], _DEPTH_OUTLINE, skin=1.0)
+    wrinkles = []
     for k in range(p["forehead_wrinkles"]):
         x = np.linspace(_CENTER_X - 14.0, _CENTER_X + 14.0, 8)
         y = p["eye_y"] - p["brow_gap"] - 8.0 - 4.0 * k + 1.5 * ((x - _CENTER_X) / 14.0) ** 2
         if y[0] > _hairline(p, x[:1])[0] + 2.0:
-            back.add("line", np.stack([x, y], 1), _DEPTH_CHEEK, skin=0.8)
-    back.add("pixels", p["freckles"], _DEPTH_CHEEK, skin=0.72)
-    back.add("pixels", p["stubble"], _DEPTH_MOUTH, skin=0.55, hair=0.1)
+            wrinkles.append(np.stack([x, y], 1))
+    if wrinkles:
+        back.add("line", wrinkles, _DEPTH_CHEEK, skin=0.8)
+    back.add("pixels", [p["freckles"]], _DEPTH_CHEEK, skin=0.72)
+    back.add("pixels", [p["stubble"]], _DEPTH_MOUTH, skin=0.55, hair=0.1)
     for mole in p["moles"]:
-        back.add("disc", [mole, (p["mole_radius"], 0.0)], _DEPTH_CHEEK, skin=0.35)
+        back.add("disc", [[mole, (p["mole_radius"], 0.0)]], _DEPTH_CHEEK, skin=0.35)
     if p["nasolabial_depth"] > 0:
-        for side in (-1, 1):
-            fold = [[_CENTER_X + side * (p["nose_half_width"] + 2.0), p["nose_tip_y"] - 1.0],
-                    [_CENTER_X + side * (p["mouth_half_width"] + 3.0), p["mouth_y"] - 1.0],
-                    [_CENTER_X + side * (p["mouth_half_width"] + 3.5), p["mouth_y"] + 4.0]]
-            back.add("line", fold, _DEPTH_CHEEK, skin=1.0 - 0.3 * p["nasolabial_depth"])
+        folds = [[[_CENTER_X + side * (p["nose_half_width"] + 2.0), p["nose_tip_y"] - 1.0],
+                  [_CENTER_X + side * (p["mouth_half_width"] + 3.0), p["mouth_y"] - 1.0],
+                  [_CENTER_X + side * (p["mouth_half_width"] + 3.5), p["mouth_y"] + 4.0]] for side in (-1, 1)]
+        back.add("line", folds, _DEPTH_CHEEK, skin=1.0 - 0.3 * p["nasolabial_depth"])
 
     brows = _DrawList()
+    shapes = []
     for side in (-1, 1):
         line, thickness = _brow_line(p, side)
         if p["brow_hatched"]:
-            for (x, y), t in zip(line, thickness):
-                brows.add("line", [[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]], _DEPTH_EYES,
-                          skin=0.15, hair=0.8)
+            shapes += [[[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]] for (x, y), t in zip(line, thickness)]
         else:
-            brows.add("fill", _ribbon(line, thickness), _DEPTH_EYES, skin=0.15, hair=0.8)
+            shapes.append(_ribbon(line, thickness))
+    brows.add("line" if p["brow_hatched"] else "fill", shapes, _DEPTH_EYES, skin=0.15, hair=0.8)
 
     nose = _DrawList()
     tip_y = p["nose_tip_y"]
-    for side in (-1, 1):
-        bridge = [[_CENTER_X + side * p["nose_bridge_half_width"], tip_y - p["nose_length"]],
-                  [_CENTER_X + side * p["nose_bridge_half_width"] * 1.3, tip_y - p["nose_length"] * 0.5],
-                  [_CENTER_X + side * p["nose_half_width"], tip_y - 1.0]]
-        nose.add("line", bridge, 0.8, skin=0.78)
-        nostril = _ellipse(_CENTER_X + side * p["nose_half_width"] * 0.5, tip_y + 1.0,
-                           p["nostril_radius"], p["nostril_radius"] * 0.6, 10)
-        nose.add("fill", nostril, _DEPTH_NOSE, skin=0.35)
+    bridges = [[[_CENTER_X + side * p["nose_bridge_half_width"], tip_y - p["nose_length"]],
+                [_CENTER_X + side * p["nose_bridge_half_width"] * 1.3, tip_y - p["nose_length"] * 0.5],
+                [_CENTER_X + side * p["nose_half_width"], tip_y - 1.0]] for side in (-1, 1)]
+    nose.add("line", bridges, 0.8, skin=0.78)
+    nostrils = [_ellipse(_CENTER_X + side * p["nose_half_width"] * 0.5, tip_y + 1.0,
+                         p["nostril_radius"], p["nostril_radius"] * 0.6, 10) for side in (-1, 1)]
+    nose.add("fill", nostrils, _DEPTH_NOSE, skin=0.35)
     x = np.linspace(-1.0, 1.0, 9)
-    nose.add("line", np.stack([_CENTER_X + x * p["nose_half_width"] * 0.8,
-                               tip_y + p["nose_tip_drop"] * (1.0 - x ** 2) - 1.0], 1), _DEPTH_NOSE, skin=0.7)
+    nose.add("line", [np.stack([_CENTER_X + x * p["nose_half_width"] * 0.8,
+                                tip_y + p["nose_tip_drop"] * (1.0 - x ** 2) - 1.0], 1)], _DEPTH_NOSE, skin=0.7)
     return {"back": back.freeze(), "brows": brows.freeze(), "nose": nose.freeze(), "eyes": _eye_shapes(p)}
 
 
@@ -434,17 +458,16 @@ def _brow_line(p: dict, side: int):
 
 def _expression_parts(p: dict, parts: dict, nuisance: dict):
     """Eyes (openness) and mouth (smile, opening) of one image, and their canonical landmarks."""
-    faces = _DrawList()
+    eyes = _DrawList()
     shapes, sides = parts["eyes"]
     squash = np.array([1.0, nuisance["eye_open"]])
-    eye_centers = []
-    for rotation, center in sides:
-        opening, lid, iris, pupil = [(shape * squash) @ rotation.T + center for shape in shapes]
-        faces.add("fill", opening, _DEPTH_EYES, constant=(235.0, 232.0, 225.0))
-        faces.add("fill", iris, _DEPTH_EYES, constant=np.array([200.0, 170.0, 140.0]) * (1.0 - p["iris_tone"]))
-        faces.add("fill", pupil, _DEPTH_EYES, constant=15.0)
-        faces.add("line", lid, _DEPTH_EYES, skin=0.3, thickness=p["lid_thickness"])
-        eye_centers.append(center)
+    # per shape (opening, lid, iris, pupil): both eyes, each squashed by the openness then tilted and placed
+    both = [[(shape * squash) @ rotation.T + center for rotation, center in sides] for shape in shapes]
+    eyes.add("fill", both[0], _DEPTH_EYES, constant=(235.0, 232.0, 225.0))
+    eyes.add("fill", both[2], _DEPTH_EYES, constant=np.array([200.0, 170.0, 140.0]) * (1.0 - p["iris_tone"]))
+    eyes.add("fill", both[3], _DEPTH_EYES, constant=15.0)
+    eyes.add("line", both[1], _DEPTH_EYES, skin=0.3, thickness=p["lid_thickness"])
+    eye_centers = np.array([center for _, center in sides])
 
     mouth = _DrawList()
     half_width = p["mouth_half_width"] * (1.0 + 0.04 * nuisance["smile"])
@@ -456,11 +479,11 @@ def _expression_parts(p: dict, parts: dict, nuisance: dict):
     lower_bottom = meet + gap + p["lower_lip"] * (1.0 - u ** 2) ** 0.8
     upper_edge, lower_edge = np.stack([x, meet - 0.5 * gap], 1), np.stack([x, meet + 0.5 * gap], 1)
     lip = np.array([0.95, 0.62, 0.62]) * p["lip_tone"]
-    mouth.add("fill", np.concatenate([upper_edge, lower_edge[::-1]]), _DEPTH_MOUTH, constant=(40.0, 20.0, 20.0))
-    mouth.add("fill", np.concatenate([np.stack([x, upper_top], 1), upper_edge[::-1]]), _DEPTH_MOUTH, skin=lip * 0.9)
-    mouth.add("fill", np.concatenate([lower_edge, np.stack([x, lower_bottom], 1)[::-1]]), _DEPTH_MOUTH, skin=lip)
+    mouth.add("fill", [np.concatenate([upper_edge, lower_edge[::-1]])], _DEPTH_MOUTH, constant=(40.0, 20.0, 20.0))
+    mouth.add("fill", [np.concatenate([np.stack([x, upper_top], 1), upper_edge[::-1]])], _DEPTH_MOUTH, skin=lip * 0.9)
+    mouth.add("fill", [np.concatenate([lower_edge, np.stack([x, lower_bottom], 1)[::-1]])], _DEPTH_MOUTH, skin=lip)
     corners = np.array([[x[0], meet[0]], [x[-1], meet[-1]]])
-    return faces, mouth, np.array(eye_centers), corners
+    return eyes, mouth, eye_centers, corners
 
 
 def _render_face(p: dict, nuisance: dict, rng: np.random.Generator):
@@ -472,11 +495,8 @@ def _render_face(p: dict, nuisance: dict, rng: np.random.Generator):
     canvas = _background(nuisance, rng)
     skin, hair = nuisance["skin"], nuisance["hair"]
     eyes, mouth, eye_centers, corners = _expression_parts(p, parts, nuisance)
-    parts["back"].draw(canvas, pose, skin, hair)
-    eyes.draw(canvas, pose, skin, hair)
-    parts["brows"].draw(canvas, pose, skin, hair, y_shift=-nuisance["brow_raise"])
-    parts["nose"].draw(canvas, pose, skin, hair)
-    mouth.draw(canvas, pose, skin, hair)
+    _draw_in_order(canvas, pose, skin, hair, [(parts["back"], 0.0), (eyes, 0.0), (parts["brows"], -nuisance["brow_raise"]),
+                                              (parts["nose"], 0.0), (mouth, 0.0)])
     image = _photometric(canvas, nuisance, rng)
     points = np.concatenate([pose(eye_centers, _DEPTH_EYES), pose([[_CENTER_X, p["nose_tip_y"]]], _DEPTH_NOSE),
                              pose(corners, _DEPTH_MOUTH)])
@@ -487,19 +507,16 @@ def _background(nuisance: dict, rng: np.random.Generator) -> np.ndarray:
     """uint8 RGB canvas: a bilinear blend of four random corner colours, and a few random blobs (clutter)."""
     corners = np.clip(nuisance["background"] + nuisance["background_corners"], 0, 255).astype(np.uint8)
     canvas = cv2.resize(corners.reshape(2, 2, 3), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
-    clutter = _DrawList()
     for _ in range(nuisance["clutter"]):
-        center, radii = rng.uniform(0, IMAGE_SIZE, 2), rng.uniform(3, 25, 2)
-        clutter.add("fill", _ellipse(center[0], center[1], radii[0], radii[1], 12), 0.0, constant=rng.uniform(0, 255, 3))
-    if clutter.kinds:
-        clutter.draw(canvas, _IDENTITY_POSE, 0.0, 0.0)
+        center, axes = rng.uniform(0, IMAGE_SIZE, 2) * _SCALE, rng.uniform(3, 25, 2) * _SCALE
+        cv2.ellipse(canvas, tuple(center.astype(int).tolist()), tuple(axes.astype(int).tolist()), 0.0, 0.0, 360.0,
+                    rng.uniform(0, 255, 3).tolist(), -1, cv2.LINE_AA, _SHIFT)
     return canvas
 
 
 # Fixed unit-variance noise; each image reads a random window of it with a random sign
 # (drawing fresh Gaussian noise per image costs more than the rest of the rendering).
 _NOISE = np.random.default_rng(20240607).standard_normal((2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3), dtype=np.float32)
-_IDENTITY_POSE = _Pose({"angle": 0.0, "scale": 1.0, "shift": (0.0, 0.0), "yaw": 0.0})
 
 
 def _photometric(canvas: np.ndarray, nuisance: dict, rng: np.random.Generator) -> np.ndarray:

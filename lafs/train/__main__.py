@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     if args.original_path:
         overrides.append("train.original_path=true" if args.command != "demo" else "supervised.train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
+    from .loop import NonFiniteLossError, ResumeError
     from .runner import run_command
 
     try:
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as exc:
         print(f"lafs.train: configuration error: {exc}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, ResumeError) as exc:
+        print(f"lafs.train: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

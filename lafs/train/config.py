@@ -382,7 +382,7 @@ def is_demo_recipe(tree: dict) -> bool:
 
 def demo_stage_tree(tree: dict, stage: str) -> dict:
     """One stage's mapping from a demo-layout recipe: its section merged over the shared sections."""
-    known = set(SHARED_SECTIONS) | set(STAGES) | {"fewshot"}
+    known = set(SHARED_SECTIONS) | set(STAGES) | {"fewshot", "scratch"}
     for key in tree:
         if key not in known:
             raise ConfigError(f"unknown demo section {key!r} (sections: {', '.join(sorted(known))})")
@@ -395,12 +395,14 @@ def demo_stage_tree(tree: dict, stage: str) -> dict:
 def resolve_demo(tree: dict, refs: dict, *, source: str = "recipe") -> dict[str, Config]:
     """Per-stage configs of the three-stage demo; ``@supervised`` / ``@pretrain`` resolve through ``refs``.
 
-    Also ``scratch``: the fine-tuning config with both ``init`` entries null
-    (the same few-shot training from random weights).
+    Also ``scratch``: the fine-tuning config with both ``init`` entries null (the
+    same few-shot training from random weights), updated by the recipe's
+    ``scratch`` section.
     """
     stages = {stage: resolve_stage(stage, demo_stage_tree(tree, stage), source=f"{source} [{stage}]", refs=refs)
               for stage in STAGES}
     scratch = _merge(demo_stage_tree(tree, "finetune"), {"init": {"pretrained": None, "landmark": None}})
+    scratch = _merge(scratch, tree.get("scratch") or {})
     stages["scratch"] = resolve_stage("finetune", scratch, source=f"{source} [scratch]")
     return stages
 

@@ -230,8 +230,11 @@ class Stage:
             raise config_mod.ConfigError(
                 f"the training set has {len(self.train_set)} images: fewer than one optimizer step of "
                 f"{cfg.optim.batch_size} x {cfg.optim.accum_steps} x {self.dist.world_size} processes")
+        # A private generator: creating an iterator must not draw from the global RNG (which drives
+        # dropout), or a resumed run would diverge from an uninterrupted one.
         loader = DataLoader(items, batch_sampler=batch_sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + self.dist.rank))
         return loader, batch_sampler
 
     def schedule_lengths(self, micro_per_epoch: int) -> tuple[int, int, int]:

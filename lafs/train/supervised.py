@@ -15,6 +15,7 @@ from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 
 from . import plots
+from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, build_margin_head
 from .loop import Stage, autocast, autocast_dtype
@@ -48,8 +49,6 @@ class SupervisedStage(Stage):
         try:
             return create_model(self.cfg.model.name, **self.cfg.model.overrides)
         except (TypeError, ValueError) as exc:
-            from .config import ConfigError
-
             raise ConfigError(f"model: {exc}") from exc
 
     def setup_schedules(self) -> None:

@@ -31,8 +31,8 @@ from torch import Tensor
 from .. import _extension
 from .._dispatch import (
     Backend,
+    Call,
     OpBackends,
-    call_of,
     deterministic_requested,
     register,
     requires_extension,
@@ -397,6 +397,15 @@ def landmark_patch_gather(
         dtype=_accumulation_dtype(image.dtype),
     )
     deterministic = deterministic_requested(deterministic)
-    call = call_of(image, deterministic=deterministic and image.requires_grad, requires_grad=image.requires_grad)
-    name = BACKENDS.select(call, backend)
+    name = _select_backend(str(image.device), image.dtype, deterministic and image.requires_grad,
+                           image.requires_grad, backend)
     return patch_gather_op(image, centres, patch_size, name, deterministic)
+
+
+# torch.compile evaluates the selection once while tracing (it reads files and
+# the environment) and bakes the chosen name into the graph.
+@torch.compiler.assume_constant_result
+def _select_backend(device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool,
+                    backend: Optional[str]) -> str:
+    call = Call(device=torch.device(device), dtype=dtype, deterministic=deterministic, requires_grad=requires_grad)
+    return BACKENDS.select(call, backend)

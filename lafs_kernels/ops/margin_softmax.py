@@ -143,6 +143,14 @@ class _Prepared(NamedTuple):
     target_derivative: torch.Tensor  # [B, T] d margined value / d cos
 
 
+def _first_occurrence(labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: present and not a repeat of an earlier target of the same row."""
+    repeat = torch.zeros_like(present)
+    for t in range(1, labels.shape[1]):
+        repeat[:, t] = (labels[:, :t] == labels[:, t : t + 1]).any(1)
+    return present & ~repeat
+
+
 def _prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: Margin) -> _Prepared:
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
@@ -158,9 +166,6 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin
     inv_w = torch.linalg.vector_norm(centres, dim=-1).clamp_min(EPS).reciprocal()
     cos_t = (centres * xn[:, None, :]).sum(-1) * inv_w
     value, derivative = margin_values(cos_t, margin)
-    repeat = torch.zeros_like(present)
-    for t in range(1, labels.shape[1]):
-        repeat[:, t] = (labels[:, :t] == labels[:, t : t + 1]).any(1)
     return _Prepared(
         x=x,
         xn=xn,
@@ -169,7 +174,7 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin
         x_nonzero=x_nonzero,
         labels=labels,
         present=present,
-        first=present & ~repeat,
+        first=_first_occurrence(labels, present),
         target_logit=torch.where(present, margin.s * value, 0.0),
         target_derivative=derivative,
     )
@@ -189,8 +194,9 @@ def _torch_stats(x, weight, labels, margin: Margin) -> RowStats:
     value, derivative = margin_values(cos_t.detach(), margin)
     # value with the chosen derivative: value + (cos_t - cos_t.detach()) * derivative
     margined = value + (cos_t - cos_t.detach()) * derivative
-    one_hot = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, torch.where(present, index, 0), present)
-    margined_dense = torch.zeros_like(cos).scatter(1, torch.where(present, index, 0), torch.where(present, margined, 0))
+    first = _first_occurrence(labels, present)  # a class named twice is margined once
+    one_hot = torch.zeros_like(cos, dtype=torch.int64).scatter_add_(1, index, first.long()) > 0
+    margined_dense = torch.zeros_like(cos).scatter_add(1, index, torch.where(first, margined, 0))
     logits = margin.s * torch.where(one_hot, margined_dense, cos)
     best_cos, argmax = cos.detach().max(1)
     return RowStats(

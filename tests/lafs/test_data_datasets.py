@@ -31,19 +31,20 @@ def expected_tensor(rgb):
     return (torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1) - 127.5) / 127.5  # insightface scaling
 
 
-def write_rec_by_hand(root, faces, layout, store_bgr=False):
+def write_rec_by_hand(root, faces, layout, store_bgr=False, identity_records=True):
     """A RecordIO set written record by record following DATA.md (independent of pack_folder)."""
     root.mkdir(parents=True, exist_ok=True)
     order = [(identity, image) for identity, images in faces.items() for image in images]
     with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
         first = 1 if layout == "header" else 0
         if layout == "header":
-            writer.write_idx(0, recordio.pack(IRHeader(0, [len(order) + 1, len(order) + 1 + len(faces)], 0, 0), b""))
+            end = len(order) + 1 + (len(faces) if identity_records else 0)
+            writer.write_idx(0, recordio.pack(IRHeader(0, [len(order) + 1, end], 0, 0), b""))
         for offset, (identity, image) in enumerate(order):
             label = [float(identity), 1.0] if layout == "header" else float(identity)
             stored = image if store_bgr else image[:, :, ::-1]  # cv2 encodes its input as BGR
             writer.write_idx(first + offset, recordio.pack_img(IRHeader(0, label, first + offset, 0), stored, 3, ".png"))
-        if layout == "header":
+        if layout == "header" and identity_records:
             start = 1
             for identity, images in faces.items():
                 writer.write_idx(len(order) + 1 + identity,
@@ -64,6 +65,14 @@ def test_record_dataset_reads_both_layouts(tmp_path, rng, layout):
         image, label = dataset[index]
         assert image.dtype == torch.float32 and image.shape == (3, 112, 112) and label == labels[index]
         torch.testing.assert_close(image, expected_tensor(images[index]), atol=0, rtol=0)
+
+
+def test_header_layout_without_identity_records_reads_each_label(tmp_path, rng):
+    images, labels = write_rec_by_hand(tmp_path, random_faces(rng, [1, 3, 2]), "header", identity_records=False)
+    dataset = FaceRecordDataset(tmp_path)
+    assert dataset.layout == "header" and dataset.num_classes == 3
+    np.testing.assert_array_equal(dataset.labels, labels)
+    np.testing.assert_array_equal(dataset.keys, np.arange(1, 7))
 
 
 def test_bgr_option_swaps_channels_of_bgr_packed_sets(tmp_path, rng):
@@ -108,6 +117,14 @@ def test_record_dataset_errors_name_file_and_key(tmp_path, rng):
     dataset = FaceRecordDataset(tmp_path)  # the labels (record headers) are still readable
     with pytest.raises(RecordIOError, match=r"train\.rec \(key 3\).*truncated"):
         dataset[3]
+
+
+def test_header_layout_with_keys_missing_from_the_index(tmp_path, rng):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "header")
+    lines = (tmp_path / "train.idx").read_text().splitlines()
+    (tmp_path / "train.idx").write_text("\n".join(line for line in lines if not line.startswith("3\t")) + "\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx.*1 are missing \(first: 3\)"):
+        FaceRecordDataset(tmp_path)
 
 
 def test_record_label_disagreeing_with_identity_ranges_is_reported(tmp_path, rng):
