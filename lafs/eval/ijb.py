@@ -268,10 +268,6 @@ class AlignedIJBFaces(torch.utils.data.Dataset):
         return torch.from_numpy(aligned), index
 
 
-def _single_threaded_opencv(_worker_id: int) -> None:
-    cv2.setNumThreads(1)
-
-
 def template_features(model: nn.Module, protocol: IJBProtocol, batch_size: int = 128, device=None,
                       num_workers: int = 4, progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
     """Embed every image (+ flip, times faceness) and aggregate per template.
@@ -282,8 +278,8 @@ def template_features(model: nn.Module, protocol: IJBProtocol, batch_size: int =
     device = torch.device(device) if device is not None else model_device
     loader = torch.utils.data.DataLoader(
         AlignedIJBFaces(protocol), batch_size=batch_size, num_workers=num_workers,
-        pin_memory=device.type == "cuda", worker_init_fn=_single_threaded_opencv,
-    )
+        pin_memory=device.type == "cuda",
+    )  # no cv2.setNumThreads in the workers: in a forked child it waits forever on the parent's pool
     accumulator = TemplateAccumulator(protocol.template_ids, protocol.media_ids)
     faceness = torch.from_numpy(protocol.faceness)
     with evaluation_mode(model), torch.inference_mode():
