@@ -66,11 +66,12 @@ def grads_of(output: torch.Tensor, inputs: Sequence[torch.Tensor], grad_output=N
     return torch.autograd.grad(output, inputs, grad_output)
 
 
-def _plan(case: Callable, device: str) -> tuple[int, int]:
-    """(rounds, iterations per round) that fill the time budget after a warm-up call."""
+def _plan(case: Callable, device: str, warmed_up: bool) -> tuple[int, int]:
+    """(rounds, iterations per round) that fill the time budget (after a warm-up call unless ``warmed_up``)."""
     if SMOKE:
         return 1, 1
-    case()  # warm-up: lazy initialisation, autotuning, compilation
+    if not warmed_up:
+        case()  # lazy initialisation, autotuning, compilation
     start = synchronized_timer()
     case()
     once = max(synchronized_timer() - start, 1e-7)
@@ -85,7 +86,7 @@ def _plan(case: Callable, device: str) -> tuple[int, int]:
 
 def measure(benchmark, *, op: str, impl: str, ours: bool, mode: str, dtype: str, shape: dict,
             build: Callable[[], Callable], memory_spec: dict, group: Optional[str] = None,
-            work: Optional[dict] = None) -> None:
+            work: Optional[dict] = None, warmed_up: bool = False) -> None:
     """Time ``build()``'s case with pytest-benchmark and record memory and facts.
 
     op, impl   what is measured ("landmark_patch_gather", "fused-cpu", ...)
@@ -97,10 +98,11 @@ def measure(benchmark, *, op: str, impl: str, ours: bool, mode: str, dtype: str,
                of that file rebuilds the same case in a fresh process (CPU
                memory); None: memory is not measured
     work       {"bytes": minimal bytes moved, "flops": operations} for rates
+    warmed_up  the caller has already run the case once (no warm-up call needed)
     """
     device = DEVICE
     case = build()
-    rounds, iterations = _plan(case, device)
+    rounds, iterations = _plan(case, device, warmed_up)
     benchmark.group = group or " ".join([op, *(f"{k}={v}" for k, v in shape.items()), dtype, mode, device])
     benchmark.extra_info.update(
         op=op, impl=impl, ours=ours, mode=mode, dtype=dtype, device=device, device_name=device_name(device),

@@ -68,7 +68,7 @@ def run_ijb(args) -> dict:
     model = load_model(args.model, device)
     result = evaluate_ijb(
         model, args.root, args.target, batch_size=args.batch_size, device=device,
-        num_workers=args.num_workers, chunk_size=args.chunk_size, progress=not args.no_progress,
+        num_workers=args.num_workers, block_elements=args.block_elements, progress=not args.no_progress,
     )
     target = args.target.upper()
     os.makedirs(args.out, exist_ok=True)
@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ijb.add_argument("--device", default="auto", help=device_help)
     ijb.add_argument("--num-workers", type=int, default=4,
                      help="image decoding / alignment worker processes (0: in the main process; default: 4)")
-    ijb.add_argument("--chunk-size", type=int, default=1 << 16,
-                     help="template pairs scored at a time, bounds memory (default: 65536)")
+    ijb.add_argument("--block-elements", type=int, default=1 << 26,
+                     help="pair scoring computes template similarities in blocks of at most this many entries "
+                          "(4 bytes each), bounding memory (default: 67108864, 256 MiB)")
     ijb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ijb.set_defaults(run=run_ijb)
     return parser

@@ -189,15 +189,14 @@ class TemplateAccumulator:
     Memory: ``[T, D]`` for T templates, whatever the number of images.
     """
 
-    def __init__(self, template_ids: np.ndarray, media_ids: np.ndarray, device=None):
+    def __init__(self, template_ids: np.ndarray, media_ids: np.ndarray):
         self.template_ids, template_rows = np.unique(template_ids, return_inverse=True)
         _, group, group_sizes = np.unique(
             np.stack([template_ids, media_ids], axis=1), axis=0, return_inverse=True, return_counts=True
         )
         self._rows = torch.from_numpy(template_rows.reshape(-1))
-        self._weights = torch.from_numpy(1.0 / group_sizes[group.reshape(-1)])
-        self._device = device
-        self._sums = None
+        self._weights = torch.ones(len(template_ids), dtype=torch.float64)
+        self._sums = None  # float64 [T, D] on the features' device, created by the first add
 
     def add(self, image_indices, features: torch.Tensor) -> None:
         """features ``[B, D]`` of the images ``image_indices`` ``[B]`` (indices into the image list)."""
@@ -221,27 +220,47 @@ def aggregate_templates(image_features, template_ids, media_ids) -> tuple[np.nda
     return accumulator.template_ids, accumulator.features().numpy()
 
 
-def score_pairs(template_ids: np.ndarray, template_features: torch.Tensor, pairs: np.ndarray,
-                pair_file: str = "pairs", chunk_size: int = 1 << 16) -> np.ndarray:
-    """Dot-product scores float32 ``[P]`` of template id pairs ``[P, 2]``, ``chunk_size`` pairs at a time.
+def template_rows(template_ids: np.ndarray, pairs: np.ndarray, pair_file: str = "pairs") -> np.ndarray:
+    """Rows int64 ``[P, 2]`` of the pairs' templates in sorted ``template_ids [T]``.
 
-    template_ids: sorted ``[T]`` with features ``[T, D]`` (on any device). A pair naming a
-    template that has no images raises an error naming ``pair_file`` and the line.
+    A pair naming a template that has no images raises an error naming ``pair_file`` and the line.
     """
+    rows = np.minimum(np.searchsorted(template_ids, pairs), len(template_ids) - 1)
+    unknown = template_ids[rows] != pairs
+    if unknown.any():
+        line, column = np.argwhere(unknown)[0]
+        raise ValueError(
+            f"{pair_file}:{line + 1}: template {pairs[line, column]} has no images (it is not in the face_tid_mid file)"
+        )
+    return rows
+
+
+def score_pairs(template_ids: np.ndarray, template_features: torch.Tensor, pairs: np.ndarray,
+                pair_file: str = "pairs", block_elements: int = 1 << 26) -> np.ndarray:
+    """Dot-product scores float32 ``[P]`` of template id pairs ``[P, 2]``.
+
+    template_ids: sorted ``[T]`` with normalised features ``[T, D]`` (on any device).
+    The pairs are grouped by their first template and scored a block of first
+    templates at a time as one matrix product ``[B, D] x [D, T]`` with
+    ``B * T <= block_elements``. For IJB-C (15.6M pairs, 23k templates) this is far
+    faster than gathering two feature rows per pair, which is bound by memory traffic.
+    """
+    rows = template_rows(template_ids, pairs, pair_file)
+    order = np.argsort(rows[:, 0], kind="stable")
+    first_sorted = rows[order, 0]
+    num_templates = len(template_ids)
+    block = max(1, block_elements // num_templates)
     scores = np.empty(len(pairs), np.float32)
-    for start in range(0, len(pairs), chunk_size):
-        chunk = pairs[start:start + chunk_size]
-        rows = np.minimum(np.searchsorted(template_ids, chunk), len(template_ids) - 1)
-        unknown = template_ids[rows] != chunk
-        if unknown.any():
-            line, column = np.argwhere(unknown)[0]
-            raise ValueError(
-                f"{pair_file}:{start + line + 1}: template {chunk[line, column]} has no images "
-                "(it is not in the face_tid_mid file)"
-            )
-        rows = torch.from_numpy(rows).to(template_features.device)
-        first, second = template_features[rows[:, 0]], template_features[rows[:, 1]]
-        scores[start:start + len(chunk)] = (first * second).sum(dim=1).cpu().numpy()
+    device = template_features.device
+    for start in range(0, num_templates, block):
+        low, high = np.searchsorted(first_sorted, [start, start + block])
+        if low == high:
+            continue
+        selected = order[low:high]
+        similarities = template_features[start:start + block] @ template_features.T
+        first = torch.from_numpy(rows[selected, 0] - start).to(device)
+        second = torch.from_numpy(rows[selected, 1]).to(device)
+        scores[selected] = similarities[first, second].cpu().numpy()
     return scores
 
 
@@ -302,10 +321,10 @@ class IJBResult:
 
 
 def evaluate_ijb(model: nn.Module, root, target: str, batch_size: int = 128, device=None, num_workers: int = 4,
-                 chunk_size: int = 1 << 16, fars=FARS, progress: bool = True) -> IJBResult:
+                 block_elements: int = 1 << 26, fars=FARS, progress: bool = True) -> IJBResult:
     """The whole IJB-B / IJB-C 1:1 protocol for one model."""
     protocol = read_protocol(root, target)
     template_ids, features = template_features(model, protocol, batch_size, device, num_workers, progress)
-    scores = score_pairs(template_ids, features, protocol.pairs, protocol.pair_file, chunk_size)
+    scores = score_pairs(template_ids, features, protocol.pairs, protocol.pair_file, block_elements)
     fpr, tpr = roc_points(protocol.labels, scores)
     return IJBResult(scores, protocol.labels, tar_at_far_from_roc(fpr, tpr, fars), fpr, tpr)

@@ -296,10 +296,12 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
             step_start = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
             metrics = stage.train_step(micro, step)
-            loss_ok = math.isfinite(metrics["loss"])
-            if broadcast_flag(not loss_ok, dist):
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0))
+            if broadcast_flag(not finite, dist):
+                what = (f"the loss became {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
+                        f"the gradient norm became {metrics['grad_norm']} (loss {metrics['loss']:.4g})")
                 raise NonFiniteLossError(
-                    f"{stage.name}: the loss became {metrics['loss']} at step {step + 1}; stopped. The last good "
+                    f"{stage.name}: {what} at step {step + 1}; stopped without updating the weights. The last good "
                     f"checkpoint is {run.last if run.last.exists() else '(none written yet)'}. Lower optim.lr, "
                     f"raise optim.warmup_epochs or set train.amp=bf16/off.")
             step += 1

@@ -91,14 +91,20 @@ class SupervisedStage(Stage):
             return {"loss": float(loss)}
         accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.tensor(0.0)
-        if cfg.optim.clip_grad > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad or float("inf"))
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # A finite loss can still carry NaN gradients (e.g. a NaN image whose landmarks the
+            # gather zeroes): never let them reach the weights. (float16's scaler skips such steps itself.)
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": float(loss), "grad_norm": float(grad_norm)}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss), **accuracy, "grad_norm": float(grad_norm)}
+        metrics = {"loss": float(loss), **accuracy}
+        if torch.isfinite(grad_norm):  # float16: an overflow step the scaler skipped reports no norm
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
 
     def validate(self) -> dict:
         """Verification on every configured set; ``accuracy`` is their mean (main process only)."""

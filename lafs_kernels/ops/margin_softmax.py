@@ -43,10 +43,11 @@ THETA_EPS = 1e-3
 clamped to [THETA_EPS, pi - THETA_EPS]: it is singular at cos = +-1, and float32
 cosines there resolve theta only to about 3e-4 anyway."""
 
-DEFAULT_CHUNK = {"cpu": 4096, "cuda": 32768}
-"""Classes per chunk.  CPU: [B, chunk] float32 temporaries stay a few MB (B=256)
-while the GEMMs stay large enough to run at full rate.  GPU: enough tiles to fill
-the device per launch; the [B, chunk] gradient buffer stays tens of MB."""
+DEFAULT_CHUNK = {"cpu": 8192, "cuda": 8192}
+"""Classes per chunk.  CPU (B=256, D=512, C=1e5, 2 cores): 8192 ran faster than 4096 and
+16384 and adds ~40 MB at peak (the unfused loss adds ~800 MB).  GPU: B/64 x 8192/128 tiles
+per launch fill the device; the [B, chunk] gradient buffer and the [chunk, D] float32
+temporaries stay a few tens of MB."""
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -241,8 +242,9 @@ def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, g
     grad_lse, grad_target, grad_logit_sum = grads
     w = w.to(prep.xn.dtype)
     inv_w, w_nonzero = _inverse_norms(w)
+    raw = prep.xn_scaled @ w.T  # s * <xn_b, W_c>  [B, c]
     # d loss / d logit = grad_lse * softmax (+ grad_logit_sum) (+ grad_target at the targets)
-    dlogit = torch.addcmul(-lse[:, None], prep.xn_scaled @ w.T, inv_w)  # s * cos - lse
+    dlogit = torch.addcmul(-lse[:, None], raw, inv_w)  # s * cos - lse
     column, in_chunk = _target_columns(prep, start, w.shape[0])
     _put_targets(dlogit, prep, column, in_chunk, shift=lse[:, None])
     dlogit.exp_().mul_(grad_lse[:, None])
@@ -252,7 +254,10 @@ def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, g
         dlogit.scatter_add_(1, column, torch.where(in_chunk, grad_target, 0.0))
     at_target = dlogit.gather(1, column)
     dlogit.scatter_add_(1, column, torch.where(in_chunk & prep.first, at_target * (prep.target_derivative - 1), 0.0))
-    return dlogit.mul_(inv_w * margin.s), w, inv_w, w_nonzero  # g = dcos / |W_c|
+    g = dlogit.mul_(inv_w * margin.s)  # dcos / |W_c|
+    # sum_b dcos cos / |W_c|^2 = sum_b g * raw / s / |W_c|^2
+    radial = (g * raw).sum(0).mul_(inv_w * inv_w * w_nonzero / margin.s)
+    return g, w, radial
 
 
 def _triton_chunk_forward(prep: _Prepared, w, start: int, margin: Margin):
@@ -269,11 +274,11 @@ def _triton_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, 
         grad_target = torch.zeros_like(prep.target_logit)
     if grad_logit_sum is None:
         grad_logit_sum = torch.zeros_like(lse)
-    g, inv_w = kernels.chunk_backward(
+    g, radial = kernels.chunk_backward(
         prep.x, prep.inv_x, w, _chunk_labels(prep, start), prep.target_logit, prep.target_derivative,
         lse, grad_lse, grad_target, grad_logit_sum, margin.s,
     )
-    return g, w, inv_w, inv_w < 0.5 / EPS  # zero centres have inv_w = 1 / EPS
+    return g, w, radial
 
 
 def _chunk_labels(prep: _Prepared, start: int) -> torch.Tensor:
@@ -287,8 +292,8 @@ class _ChunkEngine(NamedTuple):
     forward(prep, w [c, D], start, margin) -> (lse [B], logit sum [B], best cosine [B],
         its column in the chunk [B]) over the chunk's classes.
     backward(prep, w [c, D], start, margin, lse [B], (grad_lse [B], grad_target [B, T] or None,
-        grad_logit_sum [B] or None)) -> (g [B, c] = dcos / |W_c|, w in g's dtype [c, D],
-        1 / max(|W_c|, EPS) [c], |W_c| > EPS [c]).
+        grad_logit_sum [B] or None)) -> (g [B, c] = dcos / |W_c|, w [c, D] in g's dtype,
+        radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre).
     """
 
     forward: object
@@ -326,14 +331,18 @@ def _backward_grads(grads, x, weight, labels, lse, margin: Margin, chunk: int, e
     grad_xn = torch.zeros_like(prep.xn)
     grad_weight = torch.empty_like(weight)
     for start in range(0, weight.shape[0], chunk):
-        g, w, inv_w, w_nonzero = engine.backward(prep, weight[start : start + chunk], start, margin, lse, grads)
-        # Through W_c / |W_c| without a normalised copy of W, with G_c = sum_b g_bc xn_b:
-        # grad_W_c = G_c - W_c <W_c, G_c> / |W_c|^2   (and G_c alone for a zero centre)
-        centre_grad = (g.T @ prep.xn.to(g.dtype)).to(acc)
-        w = w.to(acc)
-        radial = (w * centre_grad).sum(1) * inv_w * inv_w * w_nonzero
-        grad_weight[start : start + chunk] = centre_grad.sub_(w * radial[:, None])
-        grad_xn += (g @ w.to(g.dtype)).to(acc)
+        g, w, radial = engine.backward(prep, weight[start : start + chunk], start, margin, lse, grads)
+        # Through W_c / |W_c| without a normalised copy of W:
+        # grad_W_c = sum_b g_bc xn_b - W_c * radial_c   (g = dcos / |W_c|)
+        out = grad_weight[start : start + chunk]
+        if g.dtype == acc == weight.dtype:
+            torch.mm(g.T, prep.xn, out=out)
+            out.addcmul_(w, radial[:, None], value=-1.0)
+            grad_xn.addmm_(g, w)
+        else:
+            centre_grad = (g.T @ prep.xn.to(g.dtype)).to(acc)
+            out.copy_(centre_grad.addcmul_(w.to(acc), radial[:, None], value=-1.0))
+            grad_xn += (g @ w.to(g.dtype)).to(acc)
     radial_x = (grad_xn * prep.xn).sum(1) * prep.x_nonzero
     grad_x = (grad_xn - prep.xn * radial_x[:, None]) * prep.inv_x[:, None]
     return grad_x.to(x.dtype), grad_weight

@@ -5,8 +5,8 @@ dot products with ``tl.dot`` over D, the centres' squared norms from the same
 loads (W is never normalised in memory), the cosines, the logits with the
 margined target logits put in place, and then
 * forward: the tile's max, sum of exponentials, logit sum and best cosine per row;
-* backward: ``g = dcos / |W_c|`` for the tile (and ``1 / |W_c|``), from which the
-  caller's two GEMMs give the gradients of x and W.
+* backward: ``g = dcos / |W_c|`` for the tile and ``sum_b dcos * cos / |W_c|^2`` per
+  class, from which the caller's two GEMMs give the gradients of x and W.
 
 The margined target logits and their derivatives are computed by the caller from
 the ``B*T`` gathered centres, so no kernel needs ``acos``.  Launchers take tensors
@@ -93,7 +93,7 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    X, W, INV_X, LABELS, TARGET, DERIV, LSE, GRAD_LSE, GRAD_TARGET, GRAD_LOGIT_SUM, G, INV_W,
+    X, W, INV_X, LABELS, TARGET, DERIV, LSE, GRAD_LSE, GRAD_TARGET, GRAD_LOGIT_SUM, G, RADIAL,
     B, C, D, s, stride_x, stride_w,
     T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -122,7 +122,9 @@ def _backward_kernel(
         dlogit += tl.where(hit, grad_target[:, None], 0.0)
         slope = tl.where(hit, deriv[:, None], slope)
     dcos = tl.where(row_ok[:, None] & col_ok[None, :], dlogit * slope * s, 0.0)
-    tl.store(INV_W + cols, inv_w, mask=col_ok & (pid_b == 0))
+    nonzero = (inv_w < 0.5 / EPS).to(tl.float32)  # a zero centre has inv_w = 1 / EPS
+    radial = tl.sum(dcos * cos, 0) * inv_w * inv_w * nonzero
+    tl.store(RADIAL + pid_b * C + cols, radial, mask=col_ok)
     g = dcos * inv_w[None, :]
     tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -165,7 +167,8 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
 
 
 def chunk_backward(x, inv_x, w, labels, target_logit, target_derivative, lse, grad_lse, grad_target, grad_logit_sum, s: float):
-    """One chunk's ``g = dcos / |W_c|`` [B, c] (W's dtype) and ``1 / max(|W_c|, EPS)`` [c] float32.
+    """One chunk's ``g = dcos / |W_c|`` [B, c] (W's dtype) and ``radial`` [c] float32
+    (``sum_b dcos * cos / |W_c|^2``, 0 for a zero centre).
 
     Inputs as :func:`chunk_forward`, plus target_derivative [B, T], lse [B] and the
     gradients of lse [B], target_logit [B, T] and logit sum [B] (all float32).
@@ -173,14 +176,14 @@ def chunk_backward(x, inv_x, w, labels, target_logit, target_derivative, lse, gr
     x, w, inv_x, grid, meta = _common(x, inv_x, w, labels)
     rows, classes = x.shape[0], w.shape[0]
     g = torch.empty(rows, classes, dtype=w.dtype, device=x.device)
-    inv_w = torch.empty(classes, dtype=torch.float32, device=x.device)
+    radial = torch.empty(grid[0], classes, dtype=torch.float32, device=x.device)
 
     def f32(t):
         return t.float().contiguous()
 
     _backward_kernel[grid](
         x, w, inv_x, labels.contiguous(), f32(target_logit), f32(target_derivative), f32(lse),
-        f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, inv_w,
+        f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, radial,
         rows, classes, x.shape[1], float(s), x.stride(0), w.stride(0), **meta,
     )
-    return g, inv_w
+    return g, radial.sum(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from insightface.data import get_image
 
-from lafs.data.synthetic import SyntheticFaces
+from lafs.data import SyntheticFaces
 from lafs.eval.align import ARCFACE_TEMPLATE, align_face
 
 CENTRE = slice(16, 96)  # the face, away from the black border a warp may bring in

@@ -13,7 +13,7 @@ from lafs.eval.__main__ import build_parser, main
 from lafs.eval.verification import load_bin, verify_model
 from lafs.models import atomic_save, create_model, load_model, model_to_dict
 from test_eval_ijb import direct_tar_at_far, expected_pair_scores, write_ijb_folder
-from test_eval_verification import make_pairs, write_bin
+from test_eval_verification import synthetic_pairs, write_bin
 from tolerances import assert_close
 
 
@@ -32,7 +32,7 @@ def test_verify_command(tmp_path, rng, checkpoint, capsys):
     data = tmp_path / "bins"
     data.mkdir()
     for name in ("lfw", "agedb_30"):
-        write_bin(data / f"{name}.bin", *make_pairs(rng, 10))
+        write_bin(data / f"{name}.bin", *synthetic_pairs(rng, 10))
     out = tmp_path / "report" / "verification.json"
     assert main(["verify", "--model", checkpoint, "--data", str(data), "--targets", "lfw,agedb_30",
                  "--batch-size", "20", "--device", "cpu", "--out", str(out)]) == 0
@@ -58,7 +58,7 @@ def test_ijb_command(tmp_path, rng, checkpoint, capsys):
                               images_per_template=2)
     out = tmp_path / "ijb_out"
     assert main(["ijb", "--model", checkpoint, "--root", folder.root, "--target", "ijbb", "--out", str(out),
-                 "--batch-size", "4", "--device", "cpu", "--num-workers", "2", "--chunk-size", "2",
+                 "--batch-size", "4", "--device", "cpu", "--num-workers", "2", "--block-elements", "5",
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     scores = np.load(out / "ijbb_scores.npy")

@@ -10,7 +10,7 @@ import torch
 from insightface.utils.face_align import norm_crop
 from sklearn.metrics import roc_curve
 
-from lafs.data.synthetic import SyntheticFaces
+from lafs.data import SyntheticFaces
 from lafs.eval.ijb import FARS, aggregate_templates, evaluate_ijb, read_protocol, score_pairs, tar_at_far
 from test_eval_align import place_in_canvas
 from test_eval_verification import TinyFaceNet
@@ -140,14 +140,15 @@ def test_template_aggregation_hand_built():
     np.testing.assert_allclose(template_features, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_score_pairs_in_chunks_and_unknown_templates():
+@pytest.mark.parametrize("block_elements", [1, 5, 100])  # one, two and all first templates per block
+def test_score_pairs_in_blocks_and_unknown_templates(block_elements):
     template_ids = np.array([3, 7, 9])
     features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-    pairs = np.array([[3, 7], [7, 9], [9, 3], [7, 7], [3, 9]])
-    scores = score_pairs(template_ids, features, pairs, chunk_size=2)
-    np.testing.assert_allclose(scores, [0.6, 0.8, 0.0, 1.0, 0.0], atol=1e-7)
+    pairs = np.array([[3, 7], [7, 9], [9, 3], [7, 7], [3, 9], [9, 7]])
+    scores = score_pairs(template_ids, features, pairs, block_elements=block_elements)
+    np.testing.assert_allclose(scores, [0.6, 0.8, 0.0, 1.0, 0.0, 0.8], atol=1e-7)
     with pytest.raises(ValueError, match=r"pairs.txt:4: template 8 has no images"):
-        score_pairs(template_ids, features, np.array([[3, 7], [7, 9], [9, 3], [7, 8]]), "pairs.txt", chunk_size=2)
+        score_pairs(template_ids, features, np.array([[3, 7], [7, 9], [9, 3], [7, 8]]), "pairs.txt", block_elements)
 
 
 # ---------------------------------------------------------------- the whole protocol
@@ -157,7 +158,7 @@ def test_score_pairs_in_chunks_and_unknown_templates():
 def test_evaluate_ijb_matches_direct_computation(tmp_path, rng):
     folder = write_ijb_folder(tmp_path / "IJBC", rng)
     model = TinyFaceNet(rng)
-    result = evaluate_ijb(model, folder.root, "IJBC", batch_size=4, device="cpu", num_workers=0, chunk_size=4,
+    result = evaluate_ijb(model, folder.root, "IJBC", batch_size=4, device="cpu", num_workers=0, block_elements=7,
                           progress=False)
     expected = expected_pair_scores(model, folder)
     assert_close(torch.from_numpy(result.scores), torch.from_numpy(expected).float(), scale=10)

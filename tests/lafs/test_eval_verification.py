@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.metrics.pairwise import paired_euclidean_distances
 from sklearn.model_selection import KFold
 
+from lafs.data import SyntheticFaces
 from lafs.eval.verification import UnsafePickleError, embed_with_flip, evaluate, load_bin, verify_model
 from tolerances import assert_close
 
@@ -38,6 +39,22 @@ def make_pairs(rng: torch.Generator, num_pairs: int, noise: float = 12.0) -> tup
     seconds = np.where(np.array(issame)[:, None, None, None], noisy, others)
     images = np.stack([firsts, seconds], axis=1).reshape(-1, 112, 112, 3)
     return images, issame
+
+
+def synthetic_pairs(rng: torch.Generator, num_pairs: int) -> tuple[np.ndarray, list[bool]]:
+    """Pairs of synthetic faces: two images of one identity, or of two identities.
+
+    Returns (images uint8 [2N,112,112,3] RGB, issame list of N).
+    """
+    faces = SyntheticFaces(num_identities=4, images_per_identity=4, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    issame = (torch.rand(num_pairs, generator=rng) < 0.5).tolist()
+    images = []
+    for same in issame:
+        first, second = torch.randperm(4, generator=rng)[:2].tolist()
+        image_a, image_b = torch.randperm(4, generator=rng)[:2].tolist()
+        images.append(faces.render(4 * first + image_a)[0])
+        images.append(faces.render(4 * (first if same else second) + image_b)[0])
+    return np.stack(images), issame
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -94,7 +111,7 @@ class TinyFaceNet(torch.nn.Module):
     "py2_style,array_bins,protocol", [(False, False, 5), (False, True, 4), (False, True, 5), (True, False, 2), (True, True, 2)]
 )
 def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, protocol):
-    images, issame = make_pairs(rng, 5)
+    images, issame = synthetic_pairs(rng, 5)
     path = tmp_path / "set.bin"
     write_bin(path, images, issame, py2_style=py2_style, array_bins=array_bins, protocol=protocol)
     if py2_style:
