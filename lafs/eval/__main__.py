@@ -102,10 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--model", required=True, help=model_help)
     verify.add_argument("--data", required=True, help="folder holding <name>.bin for every target")
     verify.add_argument("--targets", default=DEFAULT_TARGETS,
-                        help=f"comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw (default: {DEFAULT_TARGETS})")
-    verify.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+                        help="comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw "
+                             f"(default: {DEFAULT_TARGETS})")
+    verify.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch; each forward pass also embeds their flips (default: 64)")
     verify.add_argument("--device", default="auto", help=device_help)
-    verify.add_argument("--out", default="verification.json", help="JSON file for the results (default: verification.json)")
+    verify.add_argument("--out", default="verification.json",
+                        help="JSON file for the results (default: verification.json)")
     verify.set_defaults(run=run_verify)
 
     ijb = commands.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification: TAR at FAR 1e-6 .. 1e-1",
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ijb.add_argument("--root", required=True, help="dataset root holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijb.add_argument("--target", required=True, type=str.upper, choices=TARGETS, help="IJBB or IJBC")
     ijb.add_argument("--out", default="ijb_eval", help="output folder (default: ijb_eval)")
-    ijb.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    ijb.add_argument("--batch-size", type=int, default=128,
+                     help="images per batch; each forward pass also embeds their flips (default: 128)")
     ijb.add_argument("--device", default="auto", help=device_help)
     ijb.add_argument("--num-workers", type=int, default=4,
                      help="image decoding / alignment worker processes (0: in the main process; default: 4)")

@@ -96,7 +96,8 @@ def _split_lines(path: str, num_fields: int, description: str):
                 continue
             if len(fields) != num_fields:
                 raise ValueError(
-                    f"{path}:{line_number}: expected {num_fields} values ({description}), got {len(fields)}: {line.strip()!r}"
+                    f"{path}:{line_number}: expected {num_fields} values ({description}), "
+                    f"got {len(fields)}: {line.strip()!r}"
                 )
             yield line_number, fields
 
@@ -105,7 +106,8 @@ def _parse(path: str, line_number: int, value: str, kind, what: str):
     try:
         return kind(value)
     except ValueError:
-        raise ValueError(f"{path}:{line_number}: {what} {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"{path}:{line_number}: {what} {value!r} is not {expected}") from None
 
 
 def read_face_tid_mid(path: str) -> tuple[list, np.ndarray, np.ndarray]:
@@ -195,13 +197,14 @@ class TemplateAccumulator:
             np.stack([template_ids, media_ids], axis=1), axis=0, return_inverse=True, return_counts=True
         )
         self._rows = torch.from_numpy(template_rows.reshape(-1))
-        self._weights = torch.ones(len(template_ids), dtype=torch.float64)
+        self._weights = torch.from_numpy(1.0 / group_sizes[group.reshape(-1)])
         self._sums = None  # float64 [T, D] on the features' device, created by the first add
 
     def add(self, image_indices, features: torch.Tensor) -> None:
         """features ``[B, D]`` of the images ``image_indices`` ``[B]`` (indices into the image list)."""
         if self._sums is None:
-            self._sums = torch.zeros(len(self.template_ids), features.shape[1], dtype=torch.float64, device=features.device)
+            self._sums = torch.zeros(len(self.template_ids), features.shape[1], dtype=torch.float64,
+                                     device=features.device)
         image_indices = torch.as_tensor(image_indices)
         weights = self._weights[image_indices].to(features.device)
         self._sums.index_add_(0, self._rows[image_indices].to(features.device), features.double() * weights[:, None])

@@ -146,7 +146,9 @@ def evaluate(embeddings, issame, nrof_folds: int = 10) -> VerificationResult:
     actual_issame = np.asarray(issame, dtype=bool)
     num_pairs = actual_issame.shape[0]
     if embeddings.ndim != 2 or embeddings.shape[0] != 2 * num_pairs:
-        raise ValueError(f"expected embeddings [2N, D] = [{2 * num_pairs}, D] for {num_pairs} pairs, got {embeddings.shape}")
+        raise ValueError(
+            f"expected embeddings [2N, D] = [{2 * num_pairs}, D] for {num_pairs} pairs, got {embeddings.shape}"
+        )
     if not 2 <= nrof_folds <= num_pairs:
         raise ValueError(f"nrof_folds must be between 2 and the number of pairs ({num_pairs}), got {nrof_folds}")
     distances = np.square(embeddings[0::2] - embeddings[1::2]).sum(axis=1)

@@ -631,7 +631,9 @@ def margin_softmax_cross_entropy(
         backend: ``"torch"`` | ``"chunked"`` | ``"triton"``; default: best for the device
             (``LAFS_KERNELS_BACKEND`` overrides).
         easy_margin: use the margin only where ``cos > 0`` (ArcFace's option).
-        check_labels: check the label range on the host (one device sync); ``False`` skips it.
+        check_labels: check the label range on the host (one device sync) and raise ValueError;
+            ``False`` skips it (labels out of range then simply have no target).  The ``torch``
+            backend skips it inside ``torch.compile``; the other backends check inside their op.
 
     Returns:
         loss (float32 for half inputs, else the input dtype): scalar, or ``[B]`` with

@@ -236,5 +236,6 @@ def test_template_without_images(small_folder, rng):
 def test_undecodable_image(small_folder, rng):
     with open(os.path.join(small_folder.root, "loose_crop", "2.jpg"), "wb") as file:
         file.write(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"loose_crop/2\.jpg: missing or cannot be decoded .*ijbb_name_5pts_score\.txt line 2"):
+    expected = r"loose_crop/2\.jpg: missing or cannot be decoded .*ijbb_name_5pts_score\.txt line 2"
+    with pytest.raises(ValueError, match=expected):
         evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", num_workers=0, progress=False)

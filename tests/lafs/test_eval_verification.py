@@ -46,7 +46,8 @@ def synthetic_pairs(rng: torch.Generator, num_pairs: int) -> tuple[np.ndarray, l
 
     Returns (images uint8 [2N,112,112,3] RGB, issame list of N).
     """
-    faces = SyntheticFaces(num_identities=4, images_per_identity=4, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    seed = int(torch.randint(0, 1000, (1,), generator=rng))
+    faces = SyntheticFaces(num_identities=4, images_per_identity=4, seed=seed)
     issame = (torch.rand(num_pairs, generator=rng) < 0.5).tolist()
     images = []
     for same in issame:
@@ -108,7 +109,8 @@ class TinyFaceNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "py2_style,array_bins,protocol", [(False, False, 5), (False, True, 4), (False, True, 5), (True, False, 2), (True, True, 2)]
+    "py2_style,array_bins,protocol",
+    [(False, False, 5), (False, True, 4), (False, True, 5), (True, False, 2), (True, True, 2)],
 )
 def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, protocol):
     images, issame = synthetic_pairs(rng, 5)
