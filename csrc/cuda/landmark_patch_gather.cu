@@ -260,10 +260,11 @@ int blocks_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30));
 }
 
-// Calls fn(index_t{}) with int32 indices when `total` fits, else int64.
+// Calls fn(index_t{}) with int32 indices when they cannot overflow, else int64.
+// The grid-stride loops reach e + stride < 2 * total + kThreads.
 template <typename Fn>
 void with_index_type(int64_t total, Fn&& fn) {
-  if (total < INT_MAX) {
+  if (total <= (INT_MAX - kThreads) / 2) {
     fn(int32_t{});
   } else {
     fn(int64_t{});

@@ -39,7 +39,7 @@ from .._dispatch import (
     requires_triton,
 )
 
-LOW_PRECISION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 BACKENDS = register(
     OpBackends(
@@ -51,7 +51,7 @@ BACKENDS = register(
             Backend(
                 "triton",
                 frozenset({"cpu", "cuda"}),
-                dtypes=LOW_PRECISION_DTYPES,
+                dtypes=TRITON_DTYPES,
                 checks=(requires_triton,),
                 deterministic=False,
             ),

@@ -6,13 +6,13 @@ original per-landmark loop and the compatibility function are checked against
 the golden outputs of the original code.  Triton runs through the interpreter
 on small shapes.
 """
-import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import lafs_kernels
 from lafs_kernels import BackendUnavailableError, landmark_patch_gather
 from lafs_kernels._dispatch import call_of
 from lafs_kernels.baselines.gather import gather_patches_batched, gather_patches_loop
@@ -22,7 +22,7 @@ from lafs_kernels.ops import landmark_patch_gather as gather_module
 from lafs_kernels.ops.landmark_patch_gather import BACKENDS, patch_gather_op
 from tests.tolerances import assert_close, assert_close_low_precision
 
-GOLDEN = "tests/data/gather_golden.pt"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "gather_golden.pt"
 
 
 def runnable(name, device="cpu", dtype=torch.float32):
