@@ -49,7 +49,7 @@ def _overrides(step: str, model: str, batch: int, dtype: str, original: bool, la
     amp = "bf16" if dtype == "bfloat16" else "'off'"  # quoted: YAML reads a bare off as false
     classes = pick(cpu=CASIA_WEBFACE_CLASSES, gpu=WEBFACE4M_CLASSES, smoke=50)
     overrides = [
-        f"model.name={model}", f"optim.batch_size={batch}", "optim.accum_steps=1",
+        f"model.name={model}", "model.overrides={}", f"optim.batch_size={batch}", "optim.accum_steps=1",
         f"train.amp={amp}", f"train.original_path={str(original).lower()}",
         "train.plots=false", "data.source=synthetic", "data.num_workers=0",
         # the synthetic set renders lazily: one image per class gives the head its full size for free

@@ -223,7 +223,7 @@ def group_results(run: Run, op: str) -> dict:
 
 
 def op_rows(run: Run, op: str) -> list[dict]:
-    """One row per (shape group, our implementation) with every baseline of the same run."""
+    """One row per (shape group, our implementation) with every baseline of the same run, in the run's order."""
     rows = []
     for results in group_results(run, op).values():
         baselines = {r.impl: r for r in results if not r.ours}
@@ -240,7 +240,8 @@ def rate_text(op: str, ours: Result, row: dict) -> str:
         text = f"{ours.work['bytes'] / ours.median_s / 1e9:.1f} GB/s"
         return text + (f" ({row['copy_share']:.0%} of copy)" if "copy_share" in row else "")
     if op == "margin_softmax_cross_entropy" and "flops" in ours.work:
-        return f"{ours.work['flops'] / ours.median_s / 1e12:.2f} TFLOP/s"
+        rate = ours.work["flops"] / ours.median_s
+        return f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
     if op == "training_step" and "images" in ours.work:
         return f"{ours.work['images'] / ours.median_s:.1f} img/s"
     return ""
@@ -257,7 +258,7 @@ def op_table(run: Run, op: str) -> list[str]:
     head = ["shape", "dtype", "mode", "ours", "time"] + [f"{b}" for b in present] + [rate_name, "memory ours"]
     head += [f"memory {b} (ours/base)" for b in present]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in sorted(rows, key=lambda r: (r["ours"].group, r["ours"].impl)):
+    for row in rows:
         ours = row["ours"]
         cells = [shape_text(ours.shape), ours.dtype, ours.mode, ours.impl, fmt_time(ours.median_s)]
         for name in present:
@@ -359,7 +360,6 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             rows = op_rows(run, op)
             if not rows:
                 continue
-            rows.sort(key=lambda r: (r["ours"].group, r["ours"].impl))
             varying = [k for k in rows[0]["ours"].shape
                        if k == "B" or len({str(r["ours"].shape.get(k)) for r in rows}) > 1]
             labels = [f"{shape_text({k: r['ours'].shape[k] for k in varying})}\n"

@@ -13,11 +13,12 @@ static int64_t lafs_cuda_runtime_version() { return 0; }
 
 TORCH_LIBRARY(lafs_kernels, m) {
   // Landmark patch gather (SPEC section 1) on already selected and jittered
-  // centres.  image [B, C, H, W]; centres [B, K, 2] float32 (x, y) in pixels;
+  // centres.  image [B, C, H, W]; centres [B, K, 2] (x, y) in pixels, float32
+  // (float64 for float64 images: gradcheck and the golden outputs need it);
   // returns tokens [B, K, P*P*C] in image's dtype.
   m.def("_patch_gather_fwd(Tensor image, Tensor centres, int patch_size) -> Tensor");
   // Gradients of _patch_gather_fwd.  grad_tokens [B, K, P*P*C].  Returns
-  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] float32
+  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] in centresx27 dtype
   // or an empty tensor).  deterministic=True avoids float atomics.
   m.def(
       "_patch_gather_bwd(Tensor grad_tokens, Tensor image, Tensor centres, int patch_size, "
