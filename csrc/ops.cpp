@@ -18,7 +18,7 @@ TORCH_LIBRARY(lafs_kernels, m) {
   // returns tokens [B, K, P*P*C] in image's dtype.
   m.def("_patch_gather_fwd(Tensor image, Tensor centres, int patch_size) -> Tensor");
   // Gradients of _patch_gather_fwd.  grad_tokens [B, K, P*P*C].  Returns
-  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] in centresx27 dtype
+  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] in the centres' dtype
   // or an empty tensor).  deterministic=True avoids float atomics.
   m.def(
       "_patch_gather_bwd(Tensor grad_tokens, Tensor image, Tensor centres, int patch_size, "
