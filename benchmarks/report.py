@@ -367,13 +367,16 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             present = [b for b in baseline_names if any(b in r["baselines"] for r in rows)]
             fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
             width = 0.8 / max(1, len(present))
+            highest = 1.0
             for i, name in enumerate(present):
                 values = [ratio(r["baselines"][name].median_s, r["ours"].median_s) if name in r["baselines"] else 0
                           for r in rows]
                 bars = ax.bar([x + i * width for x in range(len(rows))], values, width, label=f"vs {name}")
-                ax.bar_label(bars, labels=[f"{v:.1f}x" if v else "" for v in values], fontsize=7)
+                ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=7)
+                highest = max([highest, *values])
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_yscale("log")
+            ax.set_ylim(0.5, max(2.0, highest * 1.6))
             ax.set_ylabel("speed-up (baseline time / ours)")
             ax.set_xticks([x + width * (len(present) - 1) / 2 for x in range(len(rows))], labels, fontsize=7)
             device = run.machine.get("lafs", {}).get("device_name", run.device)
