@@ -41,6 +41,7 @@ info: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf build *.egg-info lafs_kernels/_C*.so lafs_kernels/_build_info.json $(STAMPS)

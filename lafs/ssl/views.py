@@ -11,8 +11,12 @@ released LAFS pretraining script does:
    drawn at random (with replacement by default) for local views.
 
 Step 4 is one ``lafs_kernels.landmark_patch_gather`` call per view group (all
-global views of the batch, then all local views).  Every random number comes
-from one ``torch.Generator``, so a seed reproduces the views exactly.
+global views of the batch, then all local views).  With ``original_path=True``
+it is the original code's per-landmark ``grid_sample`` loop instead
+(``lafs_kernels.baselines.gather.gather_patches_loop``), at the same centres: both
+paths select and jitter landmarks with ``select_centres``, so the same generator
+state gives the same tokens.  Every random number comes from one
+``torch.Generator``, so a seed reproduces the views exactly.
 
 In eval mode (``builder.eval()``) there is one view per image: the image itself,
 all landmarks in order, no crop, colour change, jitter or subsampling.
@@ -26,6 +30,8 @@ import torch
 from torch import nn
 
 from lafs_kernels import landmark_patch_gather
+from lafs_kernels.baselines.gather import gather_patches_loop
+from lafs_kernels.ops.landmark_patch_gather import draw_index, select_centres
 
 from .augment import colour_augment, random_resized_crops
 
@@ -63,6 +69,8 @@ class MultiViewBuilder(nn.Module):
         0.4-1 for both: its local views are made like the global ones, only with fewer tokens).
       image_size: side of the crops.
       seed: seed of the builder's own generator, used when ``forward`` gets none.
+      original_path: gather patches with the original per-landmark ``grid_sample`` loop
+        (for comparisons) instead of the fused op; same tokens, same random numbers.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class MultiViewBuilder(nn.Module):
         local_scale: tuple[float, float] = (0.4, 1.0),
         image_size: int = 112,
         seed: int = 0,
+        original_path: bool = False,
     ):
         super().__init__()
         if global_views < 1 or local_views < 0:
@@ -100,6 +109,7 @@ class MultiViewBuilder(nn.Module):
         self.local_scale = tuple(local_scale)
         self.image_size = image_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.original_path = original_path
 
     def train(self, mode: bool = True) -> "MultiViewBuilder":
         """Switch augmentation on (train) or off (eval); the landmark CNN always stays in eval mode."""
@@ -116,7 +126,7 @@ class MultiViewBuilder(nn.Module):
         self._check(images)
         if not self.training:
             landmarks = self.landmark_cnn(images)
-            tokens = landmark_patch_gather(images, landmarks, self.patch_size)
+            tokens = self._gather(images, landmarks, None, 0.0, None)
             return [ViewGroup(tokens, self._all_landmarks(landmarks))]
         generator = self.generator if generator is None else generator
         global_colour = [GLOBAL_VIEW_COLOUR[v % len(GLOBAL_VIEW_COLOUR)] for v in range(self.global_views)]
@@ -137,19 +147,26 @@ class MultiViewBuilder(nn.Module):
         coloured = colour_augment((crops + 1) * 0.5, probabilities[:, 0], probabilities[:, 1], generator) * 2 - 1
         index = None  # all landmarks in order
         if num_tokens is not None:
-            index = self._draw_index(landmarks.shape[0], landmarks.shape[1], num_tokens, generator)
-            index = index.to(landmarks.device)
-        tokens = landmark_patch_gather(
-            coloured, landmarks, self.patch_size, index=index, jitter_std=self.jitter_std, generator=generator
-        )
+            index = draw_index(
+                landmarks.shape[0], landmarks.shape[1], num_tokens, replacement=self.replacement,
+                generator=generator, device=landmarks.device,
+            )
+        tokens = self._gather(coloured, landmarks, index, self.jitter_std, generator)
         return ViewGroup(tokens, self._all_landmarks(landmarks) if index is None else index)
 
-    def _draw_index(self, rows: int, num_landmarks: int, num_tokens: int, generator) -> torch.Tensor:
-        if self.replacement:
-            return torch.randint(0, num_landmarks, (rows, num_tokens), generator=generator)
-        if num_tokens > num_landmarks:
-            raise ValueError(f"cannot draw {num_tokens} of {num_landmarks} landmarks without replacement")
-        return torch.rand(rows, num_landmarks, generator=generator).argsort(dim=1)[:, :num_tokens]
+    def _gather(self, image, landmarks, index, jitter_std, generator) -> torch.Tensor:
+        """tokens [N, K, P*P*3] from image [N, 3, S, S] around landmarks [N, L, 2] selected by
+        index [N, K] (None: all L in order), jittered by N(0, jitter_std^2) pixels."""
+        if not self.original_path:
+            return landmark_patch_gather(
+                image, landmarks, self.patch_size, index=index, jitter_std=jitter_std, generator=generator
+            )
+        # The fused op places centres in float32 (float64 for float64 images); so does this path.
+        centres = select_centres(
+            landmarks, index=index, jitter_std=jitter_std, generator=generator,
+            dtype=torch.promote_types(image.dtype, torch.float32),
+        )
+        return gather_patches_loop(image, centres, self.patch_size)
 
     @staticmethod
     def _all_landmarks(landmarks: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,9 @@ class Option:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     nullable: bool = False
+    # (alias, value) pairs: an alias (compared by identity, so True is not 1) stands for the value,
+    # e.g. YAML 1.1 reads a bare ``off`` as False.
+    aliases: tuple = ()
 
 
 def _opt(key, default, help, kind=None, **kw) -> Option:
@@ -98,7 +101,8 @@ COMMON = [
     _opt("optim.betas", [0.9, 0.999], "AdamW betas.", list),
     _opt("optim.clip_grad", 5.0, "Clip the global gradient norm to this value (0 disables).", float, minimum=0.0),
     _opt("train.amp", "auto", "Autocast dtype on GPU: auto (bfloat16 where supported, else float16), bf16, fp16 or "
-         "off. CPU runs in float32.", choices=("auto", "bf16", "fp16", "off")),
+         "off (false and true mean off and auto). CPU runs in float32.", choices=("auto", "bf16", "fp16", "off"),
+         aliases=((False, "off"), (True, "auto"))),
     _opt("train.original_path", False, "Use the code paths of the original LAFS repository (per-landmark "
          "grid_sample loop, unfused margin loss from lafs_kernels.baselines) for comparisons.", bool),
     _opt("train.log_every", 10, "Write a log line every this many optimizer steps.", minimum=1),
@@ -311,6 +315,7 @@ def _substitute_refs(cfg: Config, refs: dict, source: str) -> None:
 
 def _check(opt: Option, value, source: str):
     where = f"{source}: {opt.key}"
+    value = next((meaning for alias, meaning in opt.aliases if value is alias), value)
     if value is None:
         if opt.nullable:
             return None

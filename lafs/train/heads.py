@@ -8,10 +8,13 @@ to ``(loss scalar, argmax [B] or None)``:
 * several processes: ``lafs_kernels.nn.PartialFC``, class centres sharded across the ranks
   (no argmax; mixup as the weighted sum of the per-label losses, equal to the soft target
   because one mixup weight holds for the whole batch);
-* ``train.original_path``: ``lafs_kernels.baselines`` — the unfused loss with its full
-  ``[B, C]`` logits, and the per-landmark ``grid_sample`` loop for the tokens.
+* ``train.original_path``: the unfused loss of ``lafs_kernels.baselines`` with its full
+  ``[B, C]`` logits (whose argmax is the accuracy), and the per-landmark ``grid_sample``
+  loop for the tokens.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +55,14 @@ class ShardedHead(nn.Module):
 
 
 class OriginalHead(nn.Module):
-    """The unfused loss of ``lafs_kernels.baselines``; mixup as the weighted sum of per-label losses."""
+    """The unfused loss as the original code runs it: the full cosine logits ``[B, C]`` of
+    normalised embeddings and class centres (their argmax is the training accuracy, as the
+    original code reads it from its logits), the margin on the target logits (one-hot mask
+    over the whole matrix), then cross-entropy; mixup as the weighted sum of per-label losses.
+
+    The formula is ``lafs_kernels.baselines.margin.unfused_margin_loss``'s, written out here
+    because that function keeps its cosine matrix to itself.
+    """
 
     def __init__(self, embedding_dim: int, num_classes: int, margin: dict):
         super().__init__()
@@ -61,15 +71,25 @@ class OriginalHead(nn.Module):
         self.margin = margin
 
     def forward(self, embeddings, labels, label_weights=None):
-        from lafs_kernels.baselines.margin import unfused_margin_loss
-
-        with torch.no_grad():
-            argmax = F.linear(F.normalize(embeddings), F.normalize(self.weight)).argmax(dim=1)
+        cos = F.linear(F.normalize(embeddings), F.normalize(self.weight))  # [B, C]
+        argmax = cos.detach().argmax(dim=1)
         if labels.dim() == 1:
-            return unfused_margin_loss(embeddings, self.weight, labels, **self.margin), argmax
-        losses = torch.stack([unfused_margin_loss(embeddings, self.weight, labels[:, t], reduction="none",
-                                                  **self.margin) for t in range(labels.shape[1])], dim=1)
+            return F.cross_entropy(self._margin_logits(cos, labels), labels), argmax
+        losses = torch.stack([F.cross_entropy(self._margin_logits(cos, labels[:, t]), labels[:, t], reduction="none")
+                              for t in range(labels.shape[1])], dim=1)
         return (losses * label_weights).sum(dim=1).mean(), argmax
+
+    def _margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, C] scaled logits: ``cos(m1*theta + m2) - m3`` at the labels (ArcFace fallback
+        ``cos - sin(pi - m2) * m2`` where ``m1*theta + m2 > pi``), plain cosine elsewhere."""
+        s, m1, m2, m3 = (self.margin[k] for k in ("s", "m1", "m2", "m3"))
+        one_hot = F.one_hot(labels, cos.shape[1]).to(torch.bool)
+        if m1 == 1.0 and m2 == 0.0:
+            margined = cos - m3
+        else:
+            angle = m1 * torch.acos(cos.clamp(-1.0, 1.0)) + m2
+            margined = torch.where(angle > math.pi, cos - math.sin(math.pi - m2) * m2, torch.cos(angle)) - m3
+        return torch.where(one_hot, margined, cos) * s
 
 
 def _batch_constant_weights(label_weights: torch.Tensor) -> list[float]:

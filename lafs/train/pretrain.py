@@ -1,8 +1,9 @@
 """Stage 2: LAFS self-supervised pretraining (DINO on landmark-centred patch views).
 
 The landmark CNN comes from stage 1 (or an official checkpoint), frozen in eval
-mode inside ``lafs.ssl.MultiViewBuilder``; ``lafs.ssl.DINOTrainer`` owns student,
-teacher, DINO head and loss, optimizer and the per-step schedules. Labels of
+mode inside ``lafs.ssl.MultiViewBuilder`` (which, with ``train.original_path``, cuts
+patches with the original per-landmark ``grid_sample`` loop); ``lafs.ssl.DINOTrainer``
+owns student, teacher, DINO head and loss, optimizer and the per-step schedules. Labels of
 the training set are never read. Verification embeds the held-out pairs with
 the teacher transformer behind the frozen landmark CNN.
 """
@@ -53,7 +54,8 @@ class PretrainStage(Stage):
             self.landmark_cnn, patch_size=self.student.patch_size, global_views=2, local_views=v.local_count,
             local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
             global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
-            image_size=self.landmark_cnn.image_size, seed=cfg.seed + self.dist.rank)
+            image_size=self.landmark_cnn.image_size, seed=cfg.seed + self.dist.rank,
+            original_path=cfg.train.original_path)
         amp = autocast_dtype(cfg.train.amp, self.device)
         settings = DINOSettings(
             epochs=int(cfg.optim.epochs), iters_per_epoch=self.steps_per_epoch, batch_size=cfg.optim.batch_size,

@@ -59,6 +59,10 @@ def test_import_without_the_extension_uses_the_reference(tmp_path):
         ignore=shutil.ignore_patterns("_C*.so", "_build_info.json", "__pycache__"),
     )
     code = (
+        # An editable install maps lafs_kernels._C to the checkout by name; drop that finder so the
+        # copy is what a user without a build would have.
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
         "import torch, lafs_kernels, json\n"
         "from lafs_kernels import info\n"
         "img = torch.rand(1, 3, 16, 16); lm = torch.rand(1, 4, 2) * 15\n"

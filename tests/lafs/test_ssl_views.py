@@ -1,4 +1,5 @@
-"""MultiViewBuilder: shapes, token counts, reproducibility, evaluation mode, one fused call per group."""
+"""MultiViewBuilder: shapes, token counts, reproducibility, evaluation mode, one fused call per group,
+the original (per-landmark grid_sample) path."""
 import pytest
 import torch
 from torch import nn
@@ -7,6 +8,7 @@ import lafs.ssl.views as views_module
 from lafs.models import LandmarkCNN
 from lafs.ssl import MultiViewBuilder
 from lafs_kernels import landmark_patch_gather
+from tolerances import assert_close
 
 L, SIZE, P = 16, 32, 4
 
@@ -147,3 +149,35 @@ def test_bad_input_is_named(rng):
         builder()(torch.rand(2, 1, SIZE, SIZE, generator=rng))
     with pytest.raises(ValueError, match="global_scale"):
         builder(global_scale=(0.0, 1.0))
+
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_original_path_gives_the_same_tokens_from_the_same_generator_state(rng, monkeypatch, replacement):
+    images = torch.rand(2, 3, 40, 40, generator=rng) * 2 - 1
+    cnn = tiny_cnn()
+    options = dict(local_views=3, local_tokens=7, replacement=replacement, jitter_std=3.0)
+    fused = builder(cnn, **options)
+    fused_groups = fused(images, generator=torch.Generator().manual_seed(21))
+    (fused_eval,) = fused.eval()(images)
+
+    loop_calls = []
+    loop = views_module.gather_patches_loop
+
+    def counting_loop(image, landmarks, patch_size):
+        loop_calls.append(tuple(landmarks.shape))
+        return loop(image, landmarks, patch_size)
+
+    def no_fused_gather(*args, **kwargs):
+        raise AssertionError("the original path called the fused gather")
+
+    monkeypatch.setattr(views_module, "gather_patches_loop", counting_loop)
+    monkeypatch.setattr(views_module, "landmark_patch_gather", no_fused_gather)
+    original = builder(cnn, original_path=True, **options)
+    original_groups = original(images, generator=torch.Generator().manual_seed(21))
+    assert loop_calls == [(4, L, 2), (6, 7, 2)]  # one loop per view group, at the selected landmarks
+    for fused_group, original_group in zip(fused_groups, original_groups, strict=True):
+        assert torch.equal(original_group.index, fused_group.index)
+        assert_close(original_group.tokens, fused_group.tokens)
+    (original_eval,) = original.eval()(images)
+    assert_close(original_eval.tokens, fused_eval.tokens)

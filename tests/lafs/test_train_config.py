@@ -51,6 +51,15 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3.0 and isinstance(cfg.optim.epochs, float)
 
 
+@pytest.mark.parametrize("text, amp", [
+    ("off", "off"), ("'off'", "off"), ("false", "off"), ("no", "off"), ("true", "auto"), ("bf16", "bf16"),
+])
+def test_amp_reads_yaml_booleans_as_off_and_auto(text, amp):
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "supervised")
+    overrides = cfgmod.parse_overrides([f"train.amp={text}"])
+    assert cfgmod.resolve_stage("supervised", cfgmod.apply_overrides(tree, overrides)).train.amp == amp
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=-1", "optim.lr must be >= 0"),
     ("optim.lr=fast", "optim.lr must be float"),
@@ -59,6 +68,8 @@ def test_overrides_are_typed_and_dotted():
     ("optim.warmup_epochs=100", "warmup_epochs .* exceeds optim.epochs"),
     ("optim.batch_size=0", "optim.batch_size must be >= 1"),
     ("train.original_path=1", "train.original_path must be bool"),
+    ("train.amp=1", "train.amp must be str"),
+    ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
     ("data.source=rec", "data.root is required"),
     ("val.bins=[/no/such/lfw.bin]", "is not a file"),
 ])
