@@ -9,6 +9,7 @@ modules here.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -121,6 +122,16 @@ def _resolve_blocks(blocks: Union[str, Sequence[BlockSpec]]) -> list[list]:
     return resolved
 
 
+def initial_landmark_grid(num_landmarks: int, image_size: int) -> torch.Tensor:
+    """[L, 2] (x, y) pixel centres of a near-square grid over the image, row by row."""
+    columns = math.ceil(math.sqrt(num_landmarks))
+    rows = math.ceil(num_landmarks / columns)
+    xs = (torch.arange(columns) + 0.5) * image_size / columns
+    ys = (torch.arange(rows) + 0.5) * image_size / rows
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    return grid[:num_landmarks]
+
+
 class LandmarkCNN(nn.Module):
     """Predicts ``num_landmarks`` (x, y) pixel coordinates from a face image.
 
@@ -164,6 +175,13 @@ class LandmarkCNN(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # Start the head as a fixed grid of landmarks (zero weights, bias = grid), as spatial transformer
+        # networks do: with a random head, Dropout(0.5) moves every landmark by ~20 px between passes and
+        # the tokens are too unstable for the transformer to learn from (the supervised demo collapsed).
+        head = self.output_layer[1]
+        nn.init.zeros_(head.weight)
+        with torch.no_grad():
+            head.bias.copy_(initial_landmark_grid(self.num_landmarks, self.image_size).reshape(-1))
 
     def arch_config(self) -> dict:
         """Constructor arguments that rebuild this module (blocks spelled out, so a renamed trunk cannot change it)."""

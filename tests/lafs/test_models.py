@@ -263,9 +263,22 @@ def test_landmarks_stay_float32_under_bfloat16_autocast(rng):
 def test_gradient_reaches_the_landmark_cnn_through_the_gather(rng):
     model = create_model("part_fvit_nano").train()
     model.landmark_cnn.output_layer[0].p = 0.0
+    # The head starts as a fixed grid (zero weights), which blocks the trunk's gradient at step 0 by design;
+    # give it weights as after some training.
+    with torch.no_grad():
+        model.landmark_cnn.output_layer[1].weight.normal_(0.0, 0.01, generator=rng)
     model(images(rng, 2)).square().sum().backward()
     assert model.landmark_cnn.output_layer[1].weight.grad.abs().sum() > 0
     assert model.landmark_cnn.features[0][0].weight.grad.abs().sum() > 0
+
+
+def test_landmark_head_starts_as_a_fixed_grid(rng):
+    """At initialisation every image gets the same landmarks, spread over the whole face, in train mode too."""
+    model = create_model("part_fvit_nano").train()
+    landmarks = model.landmark_cnn(images(rng, 3))
+    assert torch.equal(landmarks[0], landmarks[1]) and torch.equal(landmarks[1], landmarks[2])
+    assert len({tuple(p) for p in landmarks[0].tolist()}) == model.landmark_cnn.num_landmarks
+    assert landmarks[0].min() == 0 and landmarks[0].max() == 111
 
 
 def test_presets_reject_unknown_names_and_options():
