@@ -14,12 +14,11 @@ to ``(loss scalar, argmax [B] or None)``:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lafs_kernels.baselines.margin import margin_logits
 from lafs_kernels.nn import ArcFace, CosFace, PartialFC
 
 from .config import Config, ConfigError
@@ -60,8 +59,7 @@ class OriginalHead(nn.Module):
     original code reads it from its logits), the margin on the target logits (one-hot mask
     over the whole matrix), then cross-entropy; mixup as the weighted sum of per-label losses.
 
-    The formula is ``lafs_kernels.baselines.margin.unfused_margin_loss``'s, written out here
-    because that function keeps its cosine matrix to itself.
+    The margin is ``lafs_kernels.baselines.margin.margin_logits``, the formula of the unfused baseline.
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, margin: dict):
@@ -80,16 +78,7 @@ class OriginalHead(nn.Module):
         return (losses * label_weights).sum(dim=1).mean(), argmax
 
     def _margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[B, C] scaled logits: ``cos(m1*theta + m2) - m3`` at the labels (ArcFace fallback
-        ``cos - sin(pi - m2) * m2`` where ``m1*theta + m2 > pi``), plain cosine elsewhere."""
-        s, m1, m2, m3 = (self.margin[k] for k in ("s", "m1", "m2", "m3"))
-        one_hot = F.one_hot(labels, cos.shape[1]).to(torch.bool)
-        if m1 == 1.0 and m2 == 0.0:
-            margined = cos - m3
-        else:
-            angle = m1 * torch.acos(cos.clamp(-1.0, 1.0)) + m2
-            margined = torch.where(angle > math.pi, cos - math.sin(math.pi - m2) * m2, torch.cos(angle)) - m3
-        return torch.where(one_hot, margined, cos) * s
+        return margin_logits(cos, labels, **{k: self.margin[k] for k in ("s", "m1", "m2", "m3")})
 
 
 def _batch_constant_weights(label_weights: torch.Tensor) -> list[float]:

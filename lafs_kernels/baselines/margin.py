@@ -31,6 +31,12 @@ def unfused_margin_loss(
     gradients flow through ``acos`` as autograd gives them (infinite at cos = +-1).
     """
     cos = F.linear(F.normalize(embeddings), F.normalize(weight))
+    return F.cross_entropy(margin_logits(cos, labels, s=s, m1=m1, m2=m2, m3=m3), labels, reduction=reduction)
+
+
+def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, s: float, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """cos [B, C], labels [B] -> scaled logits [B, C]: ``cos(m1*theta + m2) - m3`` at the labels (ArcFace
+    fallback ``cos - sin(pi - m2) * m2`` where ``m1*theta + m2 > pi``), plain cosine elsewhere, times s."""
     one_hot = F.one_hot(labels, cos.shape[1]).to(torch.bool)
     if m1 == 1.0 and m2 == 0.0:
         margined = cos - m3
@@ -38,5 +44,4 @@ def unfused_margin_loss(
         theta = torch.acos(cos.clamp(-1.0, 1.0))
         angle = m1 * theta + m2
         margined = torch.where(angle > math.pi, cos - math.sin(math.pi - m2) * m2, torch.cos(angle)) - m3
-    logits = torch.where(one_hot, margined, cos) * s
-    return F.cross_entropy(logits, labels, reduction=reduction)
+    return torch.where(one_hot, margined, cos) * s
