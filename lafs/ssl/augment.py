@@ -6,12 +6,13 @@ any device; the work itself runs on the images' device with torch ops.
 
 - ``random_resized_crops``: torchvision's ``RandomResizedCrop`` (scale range, aspect
   ratio 3/4..4/3, ten tries then a central fallback) plus a horizontal flip with
-  probability 1/2, done as one bicubic ``grid_sample`` per batch.
+  probability 1/2, bicubic, as two batched matrix products (the grid is separable).
 - ``colour_augment``: DINO's photometric chain on images in [0, 1]: colour jitter
   (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order per
   image) with probability 0.8, grayscale with probability 0.2, Gaussian blur
   (sigma uniform in [0.1, 2]) and solarisation (invert values >= 0.5) with
-  per-image probabilities.
+  per-image probabilities.  On the CPU these passes are memory-bound, so each
+  works in place on just the images it changes.
 """
 from __future__ import annotations
 
@@ -62,80 +63,106 @@ def random_crop_boxes(
     return torch.stack((x0, y0, w, h), dim=1)
 
 
+_CUBIC_A = -0.75  # the cubic convolution parameter of PyTorch's bicubic grid_sample / interpolate
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """``[..., 4]`` weights of the taps at -1, 0, 1, 2 around a position ``t`` in [0, 1) past a pixel centre."""
+    a = _CUBIC_A
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return torch.stack((far(t + 1), near(t), near(1 - t), far(2 - t)), dim=-1)
+
+
+def _bicubic_matrix(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, K, size]`` float64: row k interpolates a signal of ``size`` samples at ``positions [N, K]``
+    (pixel centres at integers), taps past either end clamped to the edge (border padding)."""
+    base = torch.floor(positions)
+    taps = (base.long()[..., None] + torch.arange(-1, 3, device=positions.device)).clamp_(0, size - 1)  # [N, K, 4]
+    matrix = positions.new_zeros(*positions.shape, size)
+    return matrix.scatter_add_(2, taps, _cubic_weights(positions - base))
+
+
 def random_resized_crops(
     images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
 ) -> torch.Tensor:
     """Random resized crop + random horizontal flip: ``[N, C, H, W] -> [N, C, size, size]``.
 
+    Bicubic (as ``grid_sample(mode="bicubic", padding_mode="border")``), done as two
+    matrix products per image, rows then columns, since the sampling grid is separable.
     Values are clamped to the input's range (bicubic interpolation overshoots).
     """
-    n, _, height, width = images.shape
+    n, c, height, width = images.shape
     boxes = random_crop_boxes(n, height, width, scale, generator)
     flip = torch.rand(n, generator=generator) < 0.5
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # output pixel centres in (0, 1)
     u = torch.where(flip[:, None], 1.0 - centres, centres)  # [N, size]
     x = boxes[:, 0:1] + u * boxes[:, 2:3]  # input coordinates, pixel k spanning [k, k+1]
     y = boxes[:, 1:2] + centres * boxes[:, 3:4]
-    grid_x = (2.0 * x / width - 1.0)[:, None, :].expand(n, size, size)
-    grid_y = (2.0 * y / height - 1.0)[:, :, None].expand(n, size, size)
-    grid = torch.stack((grid_x, grid_y), dim=-1).to(device=images.device, dtype=images.dtype)
-    crops = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return crops.clamp(images.amin(), images.amax())
+    columns = _bicubic_matrix((x - 0.5).to(images.device), width).to(images.dtype)  # [N, size, W]
+    rows = _bicubic_matrix((y - 0.5).to(images.device), height).to(images.dtype)  # [N, size, H]
+    resized = torch.matmul(images.reshape(n, c * height, width), columns.transpose(1, 2))  # [N, C*H, size]
+    crops = torch.matmul(rows.unsqueeze(1), resized.view(n, c, height, size))  # [N, C, size, size]
+    return crops.clamp_(images.amin(), images.amax())
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W] -> [N, 1, H, W]`` luma (ITU-R 601)."""
-    r, g, b = x.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3)
+    return torch.matmul(luma, x.reshape(x.shape[0], 3, -1)).view(x.shape[0], 1, *x.shape[2:])
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend_(
+    x: torch.Tensor, factor: torch.Tensor, gray_weight: torch.Tensor, mean_weight: torch.Tensor
+) -> torch.Tensor:
+    """In place: ``x <- clamp(f * x + (1 - f) * (a * gray + b * mean(gray)), 0, 1)``, one f, a, b [N] per image.
+
+    Brightness is a = b = 0, contrast a = 0, b = 1, saturation a = 1, b = 0 (as torchvision).
+    """
+    gray = _grayscale(x)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    other = gray.mul_(gray_weight.view(-1, 1, 1, 1)).add_(mean * mean_weight.view(-1, 1, 1, 1))
     factor = factor.view(-1, 1, 1, 1)
-    return (factor * x + (1.0 - factor) * other).clamp(0.0, 1.0)
+    return x.mul_(factor).add_(other.mul_(1.0 - factor)).clamp_(0.0, 1.0)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+_HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # n of r, g, b in the HSV -> RGB formula
+
+
+def _shift_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """In place: rotate the HSV hue of ``x [N, 3, H, W]`` in [0, 1] by ``shift [N]`` turns.
+
+    Saturation and value stay; hue, value V and chroma C = V - min give each channel
+    back directly: ``V - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 * hue) mod 6``
+    and n = 5, 3, 1 for r, g, b (the standard HSV -> RGB formula), so no HSV image is
+    built.
+    """
     r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    chroma = maxc - minc
-    safe_chroma = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    sat = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    rc, gc, bc = (maxc - r) / safe_chroma, (maxc - g) / safe_chroma, (maxc - b) / safe_chroma
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.remainder(hue / 6.0, 1.0)
-    return torch.stack((hue, sat, maxc), dim=1)
+    value = x.amax(dim=1, keepdim=True)
+    chroma = value - x.amin(dim=1, keepdim=True)
+    flat_value, flat_chroma = value.squeeze(1), chroma.squeeze(1)
+    # 6 * hue (before the mod), as colorsys: the sector of the largest channel plus the offset within it
+    sixths = torch.where(flat_value == r, g - b,
+                         torch.where(flat_value == g, b - r + 2.0 * flat_chroma, r - g + 4.0 * flat_chroma))
+    sixths.div_(flat_chroma.clamp_min(torch.finfo(x.dtype).tiny))  # a gray pixel: 0 / tiny = 0
+    sixths.add_(6.0 * shift.view(-1, 1, 1))
+    offsets = torch.tensor(_HUE_CHANNEL_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(sixths.unsqueeze(1) + offsets, 6.0)  # [N, 3, H, W]
+    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(chroma)
+    return torch.sub(value, k, out=x)
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    hue, sat, val = x.unbind(dim=1)
-    sector = torch.floor(hue * 6.0)
-    frac = hue * 6.0 - sector
-    sector = sector.long() % 6
-    p = val * (1.0 - sat)
-    q = val * (1.0 - sat * frac)
-    t = val * (1.0 - sat * (1.0 - frac))
-    candidates = torch.stack((val, q, p, p, t, val, t, val, val, q, p, p, p, p, t, val, val, q), dim=1)
-    # candidates holds, for each of r, g, b, the value in sectors 0..5: [N, 18, H, W] -> [N, 3, 6, H, W]
-    candidates = candidates.view(x.shape[0], 3, 6, *x.shape[2:])
-    pick = sector.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
-    return candidates.gather(2, pick).squeeze(2)
+def _colour_jitter_(x: torch.Tensor, apply: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
 
-
-def _adjust(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
-    if op == "brightness":
-        return (x * factor.view(-1, 1, 1, 1)).clamp(0.0, 1.0)
-    if op == "contrast":
-        return _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-    if op == "saturation":
-        return _blend(x, _grayscale(x), factor)
-    hsv = _rgb_to_hsv(x)
-    hue = torch.remainder(hsv[:, 0] + factor.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
-
-
-def _colour_jitter(x: torch.Tensor, apply: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Jitter the images where ``apply [N]`` is set, each with its own factors and op order."""
+    Per stage of the random order, the images whose op there is brightness, contrast
+    or saturation take one ``_blend_`` together, those whose op is hue one hue shift.
+    """
     n = x.shape[0]
     ops = list(_JITTER)
     factors = {
@@ -143,14 +170,22 @@ def _colour_jitter(x: torch.Tensor, apply: torch.Tensor, generator: torch.Genera
         for op, s in _JITTER.items()
     }
     order = torch.rand(n, len(ops), generator=generator).argsort(dim=1)  # a random permutation per image
-    out = x.clone()
-    for stage in range(len(ops)):
-        for k, op in enumerate(ops):
-            rows = torch.nonzero(apply & (order[:, stage] == k)).squeeze(1)
+    hue = ops.index("hue")
+    blend_factors = torch.stack([factors[op] for op in ops[:hue]], dim=1)  # [N, 3]: brightness, contrast, saturation
+    gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype)
+    mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
+    for stage in order.unbind(dim=1):
+        for rows, change in (
+            (apply & (stage != hue), lambda images, rows, op: _blend_(
+                images, blend_factors[rows, op].to(x.device), gray_weight[op].to(x.device),
+                mean_weight[op].to(x.device))),
+            (apply & (stage == hue), lambda images, rows, op: _shift_hue_(images, factors["hue"][rows].to(x.device))),
+        ):
+            rows = torch.nonzero(rows).squeeze(1)
             if rows.numel():
                 rows_dev = rows.to(x.device)
-                out[rows_dev] = _adjust(out[rows_dev], op, factors[op][rows].to(x.device))
-    return out
+                x[rows_dev] = change(x[rows_dev], rows, stage[rows])
+    return x
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -193,10 +228,15 @@ def colour_augment(
     sigma = _uniform(n, _BLUR_SIGMA[0], _BLUR_SIGMA[1], generator)
     do_solarize = torch.rand(n, generator=generator) < solarize_p.cpu()
 
-    out = _colour_jitter(images, do_jitter, generator)
-    out = torch.where(do_gray.to(images.device).view(-1, 1, 1, 1), _grayscale(out).expand_as(out), out)
-    blur_rows = torch.nonzero(do_blur).squeeze(1)
-    if blur_rows.numel():
-        rows_dev = blur_rows.to(images.device)
-        out[rows_dev] = _gaussian_blur(out[rows_dev], sigma[blur_rows])
-    return torch.where(do_solarize.to(images.device).view(-1, 1, 1, 1) & (out >= 0.5), 1.0 - out, out)
+    # Each step touches only the images it changes.
+    out = _colour_jitter_(images.clone(), do_jitter, generator)
+    for chosen, change in (
+        (do_gray, lambda x, rows: _grayscale(x).expand_as(x)),
+        (do_blur, lambda x, rows: _gaussian_blur(x, sigma[rows])),
+        (do_solarize, lambda x, rows: torch.where(x >= 0.5, 1.0 - x, x)),
+    ):
+        rows = torch.nonzero(chosen).squeeze(1)
+        if rows.numel():
+            rows_dev = rows.to(out.device)
+            out[rows_dev] = change(out[rows_dev], rows)
+    return out

@@ -10,20 +10,23 @@ released LAFS pretraining script does:
    N(0, jitter_std^2) pixels: all L landmarks for global views, ``local_tokens``
    drawn at random (with replacement by default) for local views.
 
-Step 4 is one ``lafs_kernels.landmark_patch_gather`` call per view group (all
-global views of the batch, then all local views).  With ``original_path=True``
-it is the original code's per-landmark ``grid_sample`` loop instead
-(``lafs_kernels.baselines.gather.gather_patches_loop``), at the same centres: both
-paths select and jitter landmarks with ``select_centres``, so the same generator
-state gives the same tokens.  Every random number comes from one
-``torch.Generator``, so a seed reproduces the views exactly.
+Steps 2 and 4 run once per view group (all global views of the batch, then all
+local views): the landmark CNN with its batch norms folded into the convolutions,
+channels_last (``lafs.ssl.frozen``), and one ``lafs_kernels.landmark_patch_gather``
+call.  With ``original_path=True`` both run as the original script runs them:
+once per global view and once for all local views, the CNN as it is (separate
+batch norms, NCHW), and the patches cut by the original per-landmark
+``grid_sample`` loop (``lafs_kernels.baselines.gather.gather_patches_loop``) at
+the same centres: both paths select and jitter landmarks with ``select_centres``,
+so the same generator state gives the same tokens (up to float rounding).  Every
+random number comes from one ``torch.Generator``, so a seed reproduces the views
+exactly.
 
 In eval mode (``builder.eval()``) there is one view per image: the image itself,
 all landmarks in order, no crop, colour change, jitter or subsampling.
 """
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,6 +37,7 @@ from lafs_kernels.baselines.gather import gather_patches_loop
 from lafs_kernels.ops.landmark_patch_gather import draw_index, select_centres
 
 from .augment import colour_augment, random_resized_crops
+from .frozen import frozen_copy
 
 # (blur probability, solarisation probability) per view, from DINO / LAFS: the first
 # global view is always blurred, the second rarely blurred and sometimes solarised.
@@ -69,8 +73,8 @@ class MultiViewBuilder(nn.Module):
         0.4-1 for both: its local views are made like the global ones, only with fewer tokens).
       image_size: side of the crops.
       seed: seed of the builder's own generator, used when ``forward`` gets none.
-      original_path: gather patches with the original per-landmark ``grid_sample`` loop
-        (for comparisons) instead of the fused op; same tokens, same random numbers.
+      original_path: run the landmark CNN and gather patches as the original code does
+        (for comparisons: see above) instead of our path; same tokens, same random numbers.
     """
 
     def __init__(
@@ -98,7 +102,9 @@ class MultiViewBuilder(nn.Module):
         for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
-        self.landmark_cnn = copy.deepcopy(landmark_cnn).eval().requires_grad_(False)
+        # Our path runs the frozen CNN with its batch norms folded into the convolutions, channels_last;
+        # the original path runs it as the original code does (separate batch norms, NCHW).
+        self.landmark_cnn = frozen_copy(landmark_cnn, fast=not original_path)
         self.patch_size = patch_size
         self.global_views = global_views
         self.local_views = local_views
@@ -125,8 +131,8 @@ class MultiViewBuilder(nn.Module):
     def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> list[ViewGroup]:
         self._check(images)
         if not self.training:
-            landmarks = self.landmark_cnn(images)
-            tokens = self._gather(images, landmarks, None, 0.0, None)
+            landmarks = self._landmarks(images, images.shape[0])
+            tokens = self._gather(images, landmarks, None, 0.0, None, images.shape[0])
             return [ViewGroup(tokens, self._all_landmarks(landmarks))]
         generator = self.generator if generator is None else generator
         global_colour = [GLOBAL_VIEW_COLOUR[v % len(GLOBAL_VIEW_COLOUR)] for v in range(self.global_views)]
@@ -141,22 +147,33 @@ class MultiViewBuilder(nn.Module):
     def _group(self, images, views, scale, colour, num_tokens, generator) -> ViewGroup:
         """One view group: ``views`` crops of every image, ``num_tokens`` tokens each (None: all landmarks)."""
         batch = images.shape[0]
+        # The original script runs the landmark CNN and the gather once per global view and once for
+        # all local views together; our path once per group.
+        call_rows = batch if self.original_path and num_tokens is None else views * batch
         crops = random_resized_crops(images.repeat(views, 1, 1, 1), self.image_size, scale, generator)
-        landmarks = self.landmark_cnn(crops)
+        landmarks = self._landmarks(crops, call_rows)
         probabilities = torch.tensor(colour, dtype=torch.float64).repeat_interleave(batch, dim=0)  # [V*B, 2]
-        coloured = colour_augment((crops + 1) * 0.5, probabilities[:, 0], probabilities[:, 1], generator) * 2 - 1
+        coloured = colour_augment(crops.add(1).mul_(0.5), probabilities[:, 0], probabilities[:, 1], generator)
+        coloured = coloured.mul_(2).sub_(1)  # back to [-1, 1]
         index = None  # all landmarks in order
         if num_tokens is not None:
             index = draw_index(
                 landmarks.shape[0], landmarks.shape[1], num_tokens, replacement=self.replacement,
                 generator=generator, device=landmarks.device,
             )
-        tokens = self._gather(coloured, landmarks, index, self.jitter_std, generator)
+        tokens = self._gather(coloured, landmarks, index, self.jitter_std, generator, call_rows)
         return ViewGroup(tokens, self._all_landmarks(landmarks) if index is None else index)
 
-    def _gather(self, image, landmarks, index, jitter_std, generator) -> torch.Tensor:
+    def _landmarks(self, images, call_rows) -> torch.Tensor:
+        """landmarks [N, L, 2] of images [N, 3, S, S], ``call_rows`` images per landmark CNN call."""
+        if not self.original_path:
+            return self.landmark_cnn(images.contiguous(memory_format=torch.channels_last))
+        return torch.cat([self.landmark_cnn(chunk) for chunk in images.split(call_rows)])
+
+    def _gather(self, image, landmarks, index, jitter_std, generator, call_rows) -> torch.Tensor:
         """tokens [N, K, P*P*3] from image [N, 3, S, S] around landmarks [N, L, 2] selected by
-        index [N, K] (None: all L in order), jittered by N(0, jitter_std^2) pixels."""
+        index [N, K] (None: all L in order), jittered by N(0, jitter_std^2) pixels; the original
+        path loops over ``call_rows`` images at a time."""
         if not self.original_path:
             return landmark_patch_gather(
                 image, landmarks, self.patch_size, index=index, jitter_std=jitter_std, generator=generator
@@ -166,7 +183,10 @@ class MultiViewBuilder(nn.Module):
             landmarks, index=index, jitter_std=jitter_std, generator=generator,
             dtype=torch.promote_types(image.dtype, torch.float32),
         )
-        return gather_patches_loop(image, centres, self.patch_size)
+        return torch.cat([
+            gather_patches_loop(image_chunk, centre_chunk, self.patch_size)
+            for image_chunk, centre_chunk in zip(image.split(call_rows), centres.split(call_rows))
+        ])
 
     @staticmethod
     def _all_landmarks(landmarks: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Stage 2: LAFS self-supervised pretraining (DINO on landmark-centred patch views).
 
 The landmark CNN comes from stage 1 (or an official checkpoint), frozen in eval
-mode inside ``lafs.ssl.MultiViewBuilder`` (which, with ``train.original_path``, cuts
-patches with the original per-landmark ``grid_sample`` loop); ``lafs.ssl.DINOTrainer``
+mode inside ``lafs.ssl.MultiViewBuilder`` (batch norms folded, channels_last; with
+``train.original_path`` it runs as the original script runs it, once per global view,
+and cuts patches with the original per-landmark ``grid_sample`` loop); ``lafs.ssl.DINOTrainer``
 owns student, teacher, DINO head and loss, optimizer and the per-step schedules. Labels of
 the training set are never read. Verification embeds the held-out pairs with
 the teacher transformer behind the frozen landmark CNN.

@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from lafs.ssl.augment import (
+    _JITTER,
+    _blend_,
+    _colour_jitter_,
     _gaussian_blur,
-    _hsv_to_rgb,
-    _rgb_to_hsv,
+    _shift_hue_,
+    _uniform,
     colour_augment,
     random_crop_boxes,
     random_resized_crops,
@@ -63,14 +66,82 @@ def test_crop_interior_matches_crop_then_resize(rng):
         assert_close(crop[:, m:-m, m:-m], expected[:, m:-m, m:-m])
 
 
-def test_hsv_round_trip_and_colorsys(rng):
+def test_crops_are_bicubic_grid_samples_with_border_padding(rng):
+    images = torch.rand(5, 3, 17, 23, generator=rng, dtype=torch.float64) * 2 - 1
+    size = 13
+    state = rng.get_state()
+    crops = random_resized_crops(images, size, (0.1, 1.0), rng)
+    rng.set_state(state)
+    boxes = random_crop_boxes(5, 17, 23, (0.1, 1.0), rng)
+    flips = torch.rand(5, generator=rng) < 0.5
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    for img, crop, (x0, y0, w, h), flip in zip(images, crops, boxes, flips):
+        u = 1 - centres if flip else centres
+        grid_x = (2 * (x0 + u * w) / 23 - 1)[None, :].expand(size, size)
+        grid_y = (2 * (y0 + centres * h) / 17 - 1)[:, None].expand(size, size)
+        grid = torch.stack((grid_x, grid_y), dim=-1)[None]
+        expected = F.grid_sample(img[None], grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
+        assert_close(crop, expected.clamp(images.min(), images.max()))
+
+
+def _luma(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def test_hue_shift_matches_colorsys(rng):
     rgb = torch.rand(2, 3, 5, 7, generator=rng, dtype=torch.float64)
     rgb[0, :, 0, 0] = 0.4  # a gray pixel
-    hsv = _rgb_to_hsv(rgb)
-    for n, i, j in [(0, 0, 0), (0, 1, 2), (1, 4, 6), (1, 3, 3)]:
-        expected = colorsys.rgb_to_hsv(*rgb[n, :, i, j].tolist())
-        assert hsv[n, :, i, j].tolist() == pytest.approx(expected, abs=1e-12)
-    assert_close(_hsv_to_rgb(hsv), rgb)
+    rgb[0, :, 0, 1] = torch.tensor([0.7, 0.7, 0.2])  # red and green tie for the largest channel
+    rgb[1, :, 2, 2] = torch.tensor([0.1, 0.8, 0.8])  # green and blue tie
+    shift = torch.tensor([0.37, -0.08], dtype=torch.float64)
+    out = _shift_hue_(rgb.clone(), shift)
+    for n in range(2):
+        for i in range(5):
+            for j in range(7):
+                h, s, v = colorsys.rgb_to_hsv(*rgb[n, :, i, j].tolist())
+                expected = colorsys.hsv_to_rgb((h + shift[n].item()) % 1.0, s, v)
+                assert out[n, :, i, j].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_blend_gives_brightness_contrast_and_saturation(rng):
+    x = torch.rand(3, 3, 6, 5, generator=rng, dtype=torch.float64)
+    f = _uniform(3, 0.2, 1.8, rng)
+    f4 = f.view(-1, 1, 1, 1)
+    gray = _luma(x)
+    expected = torch.stack([
+        (f4 * x)[0],  # brightness
+        (f4 * x + (1 - f4) * gray.mean(dim=(1, 2, 3), keepdim=True))[1],  # contrast
+        (f4 * x + (1 - f4) * gray)[2],  # saturation
+    ]).clamp(0, 1)
+    gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    assert_close(_blend_(x.clone(), f, gray_weight, mean_weight), expected)
+
+
+def test_jitter_applies_each_images_ops_in_its_drawn_order(rng):
+    n = 24
+    x = torch.rand(n, 3, 6, 6, generator=rng, dtype=torch.float64)
+    apply = torch.rand(n, generator=rng) < 0.8
+    state = rng.get_state()
+    out = _colour_jitter_(x.clone(), apply, rng)
+    rng.set_state(state)  # the same draws, in the documented order: the four factors, then the op order
+    factors = {op: _uniform(n, -s, s, rng) if op == "hue" else _uniform(n, 1 - s, 1 + s, rng)
+               for op, s in _JITTER.items()}
+    order = torch.rand(n, 4, generator=rng).argsort(dim=1)
+    ops = list(_JITTER)
+    for i in range(n):
+        image = x[i:i + 1].clone()
+        for k in order[i].tolist() if apply[i] else []:
+            f = factors[ops[k]][i]
+            if ops[k] == "brightness":
+                image = (f * image).clamp(0, 1)
+            elif ops[k] == "contrast":
+                image = (f * image + (1 - f) * _luma(image).mean()).clamp(0, 1)
+            elif ops[k] == "saturation":
+                image = (f * image + (1 - f) * _luma(image)).clamp(0, 1)
+            else:
+                image = _shift_hue_(image, f.view(1))
+        assert_close(out[i], image[0], msg=f"image {i}, order {order[i].tolist()}, applied {bool(apply[i])}")
 
 
 def test_blur_of_an_impulse_is_the_normalised_gaussian():

@@ -128,6 +128,24 @@ def test_landmark_cnn_is_a_frozen_copy_in_eval_mode(rng):
     assert cnn.training and all(p.requires_grad for p in cnn.parameters())  # the caller's module is untouched
 
 
+def test_landmark_cnn_calls_of_each_path(rng):
+    """Ours: one call per view group on channels_last crops; the original script's: one per global
+    view and one for all local views, on NCHW crops."""
+    images = torch.rand(3, 3, SIZE, SIZE, generator=rng) * 2 - 1
+    for original_path, expected_rows in ((False, [6, 9]), (True, [3, 3, 9])):
+        views = builder(FixedLandmarks(rng), local_views=3, original_path=original_path)
+        views(images, generator=rng)
+        seen = views.landmark_cnn.seen
+        assert [crops.shape[0] for crops in seen] == expected_rows
+        assert all(crops.is_contiguous(memory_format=torch.channels_last) != original_path for crops in seen)
+
+
+def test_our_landmark_cnn_has_folded_batch_norms_and_the_originals_does_not(rng):
+    cnn = tiny_cnn()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in builder(cnn).landmark_cnn.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in builder(cnn, original_path=True).landmark_cnn.modules())
+
+
 def test_one_fused_gather_call_per_view_group(rng, monkeypatch):
     calls = []
 
@@ -175,7 +193,8 @@ def test_original_path_gives_the_same_tokens_from_the_same_generator_state(rng, 
     monkeypatch.setattr(views_module, "landmark_patch_gather", no_fused_gather)
     original = builder(cnn, original_path=True, **options)
     original_groups = original(images, generator=torch.Generator().manual_seed(21))
-    assert loop_calls == [(4, L, 2), (6, 7, 2)]  # one loop per view group, at the selected landmarks
+    # As the original script: one loop per global view, one for all local views, at the selected landmarks.
+    assert loop_calls == [(2, L, 2), (2, L, 2), (6, 7, 2)]
     for fused_group, original_group in zip(fused_groups, original_groups, strict=True):
         assert torch.equal(original_group.index, fused_group.index)
         assert_close(original_group.tokens, fused_group.tokens)
