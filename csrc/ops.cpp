@@ -23,6 +23,22 @@ TORCH_LIBRARY(lafs_kernels, m) {
   m.def(
       "_patch_gather_bwd(Tensor grad_tokens, Tensor image, Tensor centres, int patch_size, "
       "bool need_image_grad, bool need_centre_grad, bool deterministic) -> (Tensor, Tensor)");
+  // Margin-softmax cross-entropy (SPEC section 2): the elementwise work on one class chunk of the
+  // chunked backend (csrc/cpu/margin_softmax.cpp).  raw [B, n] = s * <x_b/|x_b|, W_j> (float32 or
+  // float64), inv_w [n] = 1/max(|W_j|, eps), labels [B, T] int64 class ids, first [B, T] bool (first
+  // occurrence of the class among the row's targets), start: the chunk's first class,
+  // target_logit [B, T] the margined target logits.  Returns lse [B], logit_sum [B], the largest
+  // plain logit [B] and its column in the chunk [B] (int64).
+  m.def(
+      "_margin_chunk_fwd(Tensor raw, Tensor inv_w, Tensor labels, Tensor first, int start, "
+      "Tensor target_logit) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of one chunk: overwrites raw with g = dcos / |W_j| [B, n] and returns
+  // sum_b g * raw [n].  lse [B] over all classes; grad_lse [B], grad_target [B, T] and
+  // grad_logit_sum [B] are the gradients of the forward's statistics (None: zero).
+  m.def(
+      "_margin_chunk_bwd(Tensor(a!) raw, Tensor inv_w, Tensor labels, Tensor first, int start, "
+      "Tensor target_logit, Tensor target_derivative, Tensor lse, Tensor grad_lse, Tensor? grad_target, "
+      "Tensor? grad_logit_sum, float s) -> Tensor");
   // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
   // 0 when they were not compiled; `info` and the import check compare it.
   m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);

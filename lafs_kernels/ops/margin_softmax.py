@@ -21,18 +21,21 @@ in plain PyTorch, so reductions, soft targets and label weights are ordinary
 autograd.
 
 Backends (``lafs_kernels._dispatch``): ``torch`` (the reference: materialises
-the logits), ``chunked`` (blockwise PyTorch, any device; the CPU path),
-``triton`` (fused GEMM + softmax kernels; GPU, or CPU under ``TRITON_INTERPRET=1``).
+the logits), ``chunked`` (blockwise, any device: GEMMs in PyTorch; the elementwise
+work of a chunk in one pass of the C++ kernels of csrc/cpu/margin_softmax.cpp on
+CPU when the extension is built, in PyTorch ops otherwise), ``triton`` (fused
+GEMM + softmax kernels; GPU, or CPU under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch
+from .. import _dispatch, _extension
 from .._dispatch import Backend, OpBackends
 
 EPS = 1e-12
@@ -43,10 +46,11 @@ THETA_EPS = 1e-3
 clamped to [THETA_EPS, pi - THETA_EPS]: it is singular at cos = +-1, and float32
 cosines there resolve theta only to about 3e-4 anyway."""
 
-DEFAULT_CHUNK = {"cpu": 8192, "cuda": 8192}
-"""Classes per chunk.  CPU (B=256, D=512, C=1e5, 2 cores): 8192 ran faster than 4096 and
-16384 and adds ~40 MB at peak (the unfused loss adds ~800 MB).  GPU: B/64 x 8192/128 tiles
-per launch fill the device; the [B, chunk] gradient buffer and the [chunk, D] float32
+DEFAULT_CHUNK = {"cpu": 16384, "cuda": 8192}
+"""Classes per chunk.  CPU (B=256, D=512, C=1e5, 2 busy cores, C++ chunk kernels): 16384 ran
+5-15% faster than 8192 (fewer GEMM calls and parallel regions) and 32768 slower; the
+[B, chunk] float32 block is 16 MB (the unfused loss adds ~800 MB).  GPU: B/64 x 8192/128
+tiles per launch fill the device; the [B, chunk] gradient buffer and the [chunk, D] float32
 temporaries stay a few tens of MB."""
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -173,7 +177,7 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin
         xn_scaled=xn * margin.s,
         inv_x=inv_x,
         x_nonzero=x_nonzero,
-        labels=labels,
+        labels=labels.contiguous(),
         present=present,
         first=_first_occurrence(labels, present),
         target_logit=torch.where(present, margin.s * value, 0.0),
@@ -228,26 +232,51 @@ def _put_targets(logits, prep: _Prepared, column, in_chunk, shift=None):
     logits.scatter_add_(1, column, torch.where(in_chunk & prep.first, delta, 0.0))
 
 
-def _torch_chunk_forward(prep: _Prepared, w, start: int, margin: Margin):
+def _chunk_products(prep: _Prepared, w, norms=None):
+    """w [c, D] -> (w in the accumulation dtype, |W_c| [c], 1 / max(|W_c|, EPS) [c], raw [B, c] = s * <xn_b, W_c>)."""
     w = w.to(prep.xn.dtype)
-    inv_w, _ = _inverse_norms(w)
-    logits = (prep.xn_scaled @ w.T).mul_(inv_w)  # s * cos [B, c]
+    if norms is None:
+        norms = torch.linalg.vector_norm(w, dim=1)
+    return w, norms, norms.clamp_min(EPS).reciprocal(), torch.mm(prep.xn_scaled, w.T)
+
+
+def _radial_scale(inv_w, norms, margin: Margin):
+    """[c]: turns sum_b g * raw into sum_b dcos cos / |W_c|^2 (0 for a zero centre)."""
+    return inv_w * inv_w * (norms > EPS) / margin.s
+
+
+def _torch_chunk_forward(prep: _Prepared, w, start: int, margin: Margin, need_logit_sum: bool):
+    _, norms, inv_w, logits = _chunk_products(prep, w)
+    logits.mul_(inv_w)  # s * cos [B, c]
     best, best_column = logits.max(1)
     column, in_chunk = _target_columns(prep, start, w.shape[0])
     _put_targets(logits, prep, column, in_chunk)
-    return torch.logsumexp(logits, 1), logits.sum(1), best / margin.s, best_column
+    # Shifted by the row max (the margin may raise a target above it), the exponentials cannot
+    # overflow; in place, this is three passes over [B, c] where torch.logsumexp takes five.
+    shift = torch.maximum(best, torch.where(in_chunk, prep.target_logit, -math.inf).amax(1))
+    logit_sum = logits.sum(1) if need_logit_sum else None
+    sum_exp = logits.sub_(shift[:, None]).exp_().sum(1)
+    return shift + sum_exp.log(), logit_sum, best / margin.s, best_column, norms
 
 
-def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, grads):
+LOG_SCALE_FLOOR = -1e4
+"""log |grad_lse| for rows with grad_lse = 0: finite (so target differences stay finite) and
+small enough that exp underflows to exactly 0 in float32 and float64."""
+
+
+def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, grads, norms):
     grad_lse, grad_target, grad_logit_sum = grads
-    w = w.to(prep.xn.dtype)
-    inv_w, w_nonzero = _inverse_norms(w)
-    raw = prep.xn_scaled @ w.T  # s * <xn_b, W_c>  [B, c]
-    # d loss / d logit = grad_lse * softmax (+ grad_logit_sum) (+ grad_target at the targets)
-    dlogit = torch.addcmul(-lse[:, None], raw, inv_w)  # s * cos - lse
+    w, norms, inv_w, raw = _chunk_products(prep, w, norms)  # raw = s * <xn_b, W_c>  [B, c]
+    # d loss / d logit = grad_lse * softmax (+ grad_logit_sum) (+ grad_target at the targets).
+    # |grad_lse| * softmax = exp(logit - lse + log |grad_lse|): the row scale rides in the exp's pass.
+    shift = lse - torch.log(grad_lse.abs()).clamp_min(LOG_SCALE_FLOOR)
+    dlogit = torch.addcmul(-shift[:, None], raw, inv_w)  # s * cos - shift
     column, in_chunk = _target_columns(prep, start, w.shape[0])
-    _put_targets(dlogit, prep, column, in_chunk, shift=lse[:, None])
-    dlogit.exp_().mul_(grad_lse[:, None])
+    _put_targets(dlogit, prep, column, in_chunk, shift=shift[:, None])
+    dlogit.exp_()
+    negative = grad_lse < 0
+    if bool(negative.any()):
+        dlogit.mul_(torch.where(negative, -1.0, 1.0).to(dlogit.dtype)[:, None])
     if grad_logit_sum is not None:
         dlogit.add_(grad_logit_sum[:, None])
     if grad_target is not None:
@@ -255,18 +284,39 @@ def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, g
     at_target = dlogit.gather(1, column)
     dlogit.scatter_add_(1, column, torch.where(in_chunk & prep.first, at_target * (prep.target_derivative - 1), 0.0))
     g = dlogit.mul_(inv_w * margin.s)  # dcos / |W_c|
-    # sum_b dcos cos / |W_c|^2 = sum_b g * raw / s / |W_c|^2
-    radial = (g * raw).sum(0).mul_(inv_w * inv_w * w_nonzero / margin.s)
+    # sum_b dcos cos / |W_c|^2 = sum_b g * raw / s / |W_c|^2  (raw is not needed any more: in place)
+    radial = raw.mul_(g).sum(0).mul_(_radial_scale(inv_w, norms, margin))
     return g, w, radial
 
 
-def _triton_chunk_forward(prep: _Prepared, w, start: int, margin: Margin):
+def _kernel_chunk_forward(prep: _Prepared, w, start: int, margin: Margin, need_logit_sum: bool):
+    """As _torch_chunk_forward, the elementwise work in one pass of csrc/cpu/margin_softmax.cpp."""
+    _, norms, inv_w, raw = _chunk_products(prep, w)
+    lse, logit_sum, best, best_column = torch.ops.lafs_kernels._margin_chunk_fwd(
+        raw, inv_w, prep.labels, prep.first, start, prep.target_logit
+    )
+    return lse, logit_sum if need_logit_sum else None, best / margin.s, best_column, norms
+
+
+def _kernel_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, grads, norms):
+    """As _torch_chunk_backward; csrc/cpu/margin_softmax.cpp turns raw into g in place."""
+    grad_lse, grad_target, grad_logit_sum = (None if g is None else g.contiguous() for g in grads)
+    w, norms, inv_w, raw = _chunk_products(prep, w, norms)
+    radial = torch.ops.lafs_kernels._margin_chunk_bwd(
+        raw, inv_w, prep.labels, prep.first, start, prep.target_logit, prep.target_derivative.contiguous(),
+        lse, grad_lse, grad_target, grad_logit_sum, margin.s,
+    )
+    return raw, w, radial.mul_(_radial_scale(inv_w, norms, margin))
+
+
+def _triton_chunk_forward(prep: _Prepared, w, start: int, margin: Margin, need_logit_sum: bool):
     from ..triton import margin_softmax as kernels
 
-    return kernels.chunk_forward(prep.x, prep.inv_x, w, _chunk_labels(prep, start), prep.target_logit, margin.s)
+    stats = kernels.chunk_forward(prep.x, prep.inv_x, w, _chunk_labels(prep, start), prep.target_logit, margin.s)
+    return (*stats, None)  # the kernels compute the centres' norms in their tiles
 
 
-def _triton_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, grads):
+def _triton_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, grads, norms):
     from ..triton import margin_softmax as kernels
 
     grad_lse, grad_target, grad_logit_sum = grads
@@ -289,49 +339,76 @@ def _chunk_labels(prep: _Prepared, start: int) -> torch.Tensor:
 class _ChunkEngine(NamedTuple):
     """How one backend handles one class chunk; the loops over chunks are shared.
 
-    forward(prep, w [c, D], start, margin) -> (lse [B], logit sum [B], best cosine [B],
-        its column in the chunk [B]) over the chunk's classes.
+    forward(prep, w [c, D], start, margin, need_logit_sum) -> (lse [B], logit sum [B] (or None
+        when not needed), best cosine [B], its column in the chunk [B], norms [c] = |W_c| or None)
+        over the chunk's classes.  ``keeps_norms``: the forward returns the norms and the
+        backward gets them back (O(C) floats saved instead of a second pass over W).
     backward(prep, w [c, D], start, margin, lse [B], (grad_lse [B], grad_target [B, T] or None,
-        grad_logit_sum [B] or None)) -> (g [B, c] = dcos / |W_c|, w [c, D] in g's dtype,
-        radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre).
+        grad_logit_sum [B] or None), norms [c] or None) -> (g [B, c] = dcos / |W_c|, w [c, D] in
+        g's dtype, radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre).
     """
 
     forward: object
     backward: object
+    keeps_norms: bool
 
 
 ENGINES = {
-    "chunked": _ChunkEngine(_torch_chunk_forward, _torch_chunk_backward),
-    "triton": _ChunkEngine(_triton_chunk_forward, _triton_chunk_backward),
+    "chunked": _ChunkEngine(_torch_chunk_forward, _torch_chunk_backward, keeps_norms=True),
+    "triton": _ChunkEngine(_triton_chunk_forward, _triton_chunk_backward, keeps_norms=False),
 }
+# keeps the norms as ENGINES["chunked"] does: the op's fake outputs depend on the backend name only
+CPU_KERNEL_ENGINE = _ChunkEngine(_kernel_chunk_forward, _kernel_chunk_backward, keeps_norms=True)
 
 
-def _forward_stats(x, weight, labels, margin: Margin, chunk: int, engine: _ChunkEngine) -> RowStats:
+@functools.lru_cache(maxsize=None)
+def cpu_kernels_available() -> bool:
+    """Whether the compiled extension has the margin chunk kernels (csrc/cpu/margin_softmax.cpp)."""
+    return _extension.missing_reason("cpu") is None and hasattr(torch.ops.lafs_kernels, "_margin_chunk_fwd")
+
+
+def _engine(backend: str, device: torch.device) -> _ChunkEngine:
+    """The chunked backend's elementwise work runs in the C++ kernels on CPU when they are built:
+    one pass over each [B, chunk] block instead of five or six PyTorch ops."""
+    if backend == "chunked" and device.type == "cpu" and cpu_kernels_available():
+        return CPU_KERNEL_ENGINE
+    return ENGINES[backend]
+
+
+def _forward_stats(
+    x, weight, labels, margin: Margin, chunk: int, engine: _ChunkEngine, need_logit_sum: bool
+) -> tuple[RowStats, torch.Tensor]:
+    """RowStats and the centres' norms [C] (empty unless the engine keeps them)."""
     prep = _prepare(x, weight, labels, margin)
     rows = x.shape[0]
     lse = prep.xn.new_full((rows,), -math.inf)
     logit_sum = prep.xn.new_zeros(rows)
     best_cos = prep.xn.new_full((rows,), -math.inf)
     argmax = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    norms = prep.xn.new_empty(weight.shape[0] if engine.keeps_norms else 0)
     for start in range(0, weight.shape[0], chunk):
-        chunk_lse, chunk_logit_sum, chunk_best, chunk_arg = engine.forward(
-            prep, weight[start : start + chunk], start, margin
+        chunk_lse, chunk_logit_sum, chunk_best, chunk_arg, chunk_norms = engine.forward(
+            prep, weight[start : start + chunk], start, margin, need_logit_sum
         )
         better = chunk_best > best_cos  # strict: ties keep the lower class index, as torch.argmax
         best_cos = torch.where(better, chunk_best, best_cos)
         argmax = torch.where(better, chunk_arg + start, argmax)
-        logit_sum += chunk_logit_sum
+        if need_logit_sum:
+            logit_sum += chunk_logit_sum
         lse = torch.logaddexp(lse, chunk_lse)
-    return RowStats(lse, prep.target_logit, logit_sum, best_cos, argmax)
+        if engine.keeps_norms:
+            norms[start : start + chunk] = chunk_norms
+    return RowStats(lse, prep.target_logit, logit_sum, best_cos, argmax), norms
 
 
-def _backward_grads(grads, x, weight, labels, lse, margin: Margin, chunk: int, engine: _ChunkEngine):
+def _backward_grads(grads, x, weight, labels, lse, norms, margin: Margin, chunk: int, engine: _ChunkEngine):
     prep = _prepare(x, weight, labels, margin)
     acc = prep.xn.dtype
     grad_xn = torch.zeros_like(prep.xn)
     grad_weight = torch.empty_like(weight)
     for start in range(0, weight.shape[0], chunk):
-        g, w, radial = engine.backward(prep, weight[start : start + chunk], start, margin, lse, grads)
+        chunk_norms = norms[start : start + chunk] if engine.keeps_norms else None
+        g, w, radial = engine.backward(prep, weight[start : start + chunk], start, margin, lse, grads, chunk_norms)
         # Through W_c / |W_c| without a normalised copy of W:
         # grad_W_c = sum_b g_bc xn_b - W_c * radial_c   (g = dcos / |W_c|)
         out = grad_weight[start : start + chunk]
@@ -376,24 +453,30 @@ def _forward_op(
     easy_margin: bool,
     straight_through: bool,
     check_labels: bool,
+    need_logit_sum: bool,
     chunk_size: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, D], weight [C, D], labels [B, T] -> lse [B], target_logit [B, T], logit_sum [B],
-    best_cos [B], argmax [B] (see RowStats).  Labels outside [0, C) have no target here,
-    unless ``check_labels`` makes them an error."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, D], weight [C, D], labels [B, T] -> lse [B], target_logit [B, T], logit_sum [B]
+    (zeros unless ``need_logit_sum``), best_cos [B], argmax [B] (see RowStats), and the centres'
+    norms [C] for the backward (empty for engines that do not keep them).  Labels outside
+    [0, C) have no target here, unless ``check_labels`` makes them an error."""
     if check_labels:
         check_label_range(labels, weight.shape[0])
     margin = Margin(s, m1, m2, m3, easy_margin, straight_through)
-    return tuple(_forward_stats(x, weight, labels, margin, chunk_size, ENGINES[backend]))
+    stats, norms = _forward_stats(x, weight, labels, margin, chunk_size, _engine(backend, x.device), need_logit_sum)
+    return (*stats, norms)
 
 
 @_forward_op.register_fake
-def _forward_fake(x, weight, labels, s, m1, m2, m3, easy_margin, straight_through, check_labels, chunk_size, backend):
+def _forward_fake(
+    x, weight, labels, s, m1, m2, m3, easy_margin, straight_through, check_labels, need_logit_sum, chunk_size, backend
+):
     acc = accumulation_dtype(x.dtype)
     rows = x.shape[0]
     vec = x.new_empty(rows, dtype=acc)
-    return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), x.new_empty(rows, dtype=torch.int64))
+    norms = x.new_empty(weight.shape[0] if ENGINES[backend].keeps_norms else 0, dtype=acc)
+    return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), x.new_empty(rows, dtype=torch.int64), norms)
 
 
 @torch.library.custom_op("lafs_kernels::margin_softmax_backward", mutates_args=())
@@ -405,6 +488,7 @@ def _backward_op(
     weight: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
+    norms: torch.Tensor,
     s: float,
     m1: float,
     m2: float,
@@ -414,10 +498,10 @@ def _backward_op(
     chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of x [B, D] and weight [C, D], recomputed chunk by chunk."""
+    """Gradients of x [B, D] and weight [C, D], recomputed chunk by chunk; norms [C] from the forward."""
     margin = Margin(s, m1, m2, m3, easy_margin, straight_through)
     grads = (grad_lse, grad_target, grad_logit_sum)
-    return _backward_grads(grads, x, weight, labels, lse, margin, chunk_size, ENGINES[backend])
+    return _backward_grads(grads, x, weight, labels, lse, norms, margin, chunk_size, _engine(backend, x.device))
 
 
 @_backward_op.register_fake
@@ -425,22 +509,24 @@ def _backward_fake(grad_lse, grad_target, grad_logit_sum, x, weight, *args):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
-_PARAMS = ("s", "m1", "m2", "m3", "easy_margin", "straight_through", "check_labels", "chunk_size", "backend")
+_PARAMS = (
+    "s", "m1", "m2", "m3", "easy_margin", "straight_through", "check_labels", "need_logit_sum", "chunk_size", "backend",
+)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, labels = inputs[:3]
     ctx.params = dict(zip(_PARAMS, inputs[3:]))
     ctx.set_materialize_grads(False)  # unused outputs (logit_sum without smoothing) cost no pass over W
-    ctx.save_for_backward(x, weight, labels, output[0])
+    ctx.save_for_backward(x, weight, labels, output[0], output[5])
 
 
-def _backward(ctx, grad_lse, grad_target, grad_logit_sum, _grad_best, _grad_argmax):
-    x, weight, labels, lse = ctx.saved_tensors
+def _backward(ctx, grad_lse, grad_target, grad_logit_sum, _grad_best, _grad_argmax, _grad_norms):
+    x, weight, labels, lse, norms = ctx.saved_tensors
     p = ctx.params
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grad_x, grad_weight = _backward_op(
-        grad_lse, grad_target, grad_logit_sum, x, weight, labels, lse,
+        grad_lse, grad_target, grad_logit_sum, x, weight, labels, lse, norms,
         p["s"], p["m1"], p["m2"], p["m3"], p["easy_margin"], p["straight_through"], p["chunk_size"], p["backend"],
     )
     return (grad_x, grad_weight) + (None,) * (1 + len(_PARAMS))
@@ -449,15 +535,16 @@ def _backward(ctx, grad_lse, grad_target, grad_logit_sum, _grad_best, _grad_argm
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def local_row_stats(x, weight, labels, margin: Margin, *, chunk_size: int, backend: str, check_labels: bool) -> RowStats:
-    """RowStats of x [B, D] against the classes of weight [C, D]; labels [B, T]."""
+def local_row_stats(
+    x, weight, labels, margin: Margin, *, chunk_size: int, backend: str, check_labels: bool, need_logit_sum: bool = True
+) -> RowStats:
+    """RowStats of x [B, D] against the classes of weight [C, D]; labels [B, T].  Without
+    ``need_logit_sum`` (no label smoothing) the logit sums may be left at zero."""
     if backend == "torch":
         if check_labels and not torch.compiler.is_compiling():
             check_label_range(labels, weight.shape[0])
         return _torch_stats(x, weight, labels, margin)
-    return RowStats(
-        *_forward_op(x, weight, labels, *margin, check_labels, chunk_size, backend)
-    )
+    return RowStats(*_forward_op(x, weight, labels, *margin, check_labels, need_logit_sum, chunk_size, backend)[:5])
 
 
 # ----------------------------------------------------------------------------- class-sharded (model parallel)
@@ -511,7 +598,8 @@ class SumGradAcrossRanks(torch.autograd.Function):
 
 
 def sharded_row_stats(
-    x, weight, local_labels, class_start, margin: Margin, *, chunk_size, backend, group, need_argmax
+    x, weight, local_labels, class_start, margin: Margin, *, chunk_size, backend, group, need_argmax,
+    need_logit_sum: bool = True,
 ) -> RowStats:
     """RowStats over all ranks' classes: x [B, D] (same on every rank), this rank's
     centres weight [C_r, D], local_labels [B, T] = global label - class_start (outside
@@ -522,7 +610,7 @@ def sharded_row_stats(
     """
     stats = local_row_stats(
         SumGradAcrossRanks.apply(x, group), weight, local_labels, margin,
-        chunk_size=chunk_size, backend=backend, check_labels=False,
+        chunk_size=chunk_size, backend=backend, check_labels=False, need_logit_sum=need_logit_sum,
     )
     packed = torch.cat([stats.lse[:, None], stats.target_logit, stats.logit_sum[:, None]], 1)
     gathered = GatherFromRanks.apply(packed, group)  # [world, B, T + 2]
@@ -652,7 +740,10 @@ def margin_softmax_cross_entropy(
     if chunk <= 0:
         raise ValueError(f"margin_softmax_cross_entropy: chunk_size must be positive; got {chunk_size}")
     if process_group is None:
-        stats = local_row_stats(embeddings, weight, labels, margin, chunk_size=chunk, backend=name, check_labels=check_labels)
+        stats = local_row_stats(
+            embeddings, weight, labels, margin,
+            chunk_size=chunk, backend=name, check_labels=check_labels, need_logit_sum=bool(label_smoothing),
+        )
         num_classes = weight.shape[0]
     else:
         rank, _ = _world(process_group)
@@ -663,6 +754,7 @@ def margin_softmax_cross_entropy(
         stats = sharded_row_stats(
             embeddings, weight, labels - class_start, class_start, margin,
             chunk_size=chunk, backend=name, group=process_group, need_argmax=return_argmax,
+            need_logit_sum=bool(label_smoothing),
         )
     loss = soft_target_loss(stats, label_weights, label_smoothing, num_classes, reduction)
     return (loss, stats.argmax) if return_argmax else loss

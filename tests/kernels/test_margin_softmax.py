@@ -268,11 +268,12 @@ def sample_op_inputs(rng):
 def test_opcheck(rng, backend):
     x, w, labels = sample_op_inputs(rng)
     labels[1, 1] = -1  # a target on another shard
-    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, False, 8, backend)
+    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, False, True, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_forward.default, args)
     lse = torch.randn(5, generator=rng)
     grads = (torch.rand(5, generator=rng), torch.rand(5, 2, generator=rng), None)
-    bargs = (*grads, x.detach(), w.detach(), labels, lse, 64.0, 0.9, 0.3, 0.2, False, False, 8, backend)
+    norms = torch.linalg.vector_norm(w.detach(), dim=1)
+    bargs = (*grads, x.detach(), w.detach(), labels, lse, norms, 64.0, 0.9, 0.3, 0.2, False, False, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_backward.default, bargs)
 
 
