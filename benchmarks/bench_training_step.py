@@ -7,8 +7,10 @@ classes, on CPU), and (b) a LAFS pretraining step
 (2 global + 8 local views through the frozen landmark CNN, student and
 teacher, DINO head and loss, EMA update). ``original`` sets
 ``train.original_path=true``: the per-landmark ``grid_sample`` loop and the
-unfused margin loss of ``lafs_kernels.baselines``; model, batch and dtype are
-the same. CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
+unfused margin loss of ``lafs_kernels.baselines``, and in pretraining the
+frozen landmark CNN run as the released LAFS script runs it (batch norms
+unfolded, NCHW, once per global view and once for the local views); model,
+batch and dtype are the same. CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
 DINO head sizes and half its pretraining batch; GPU: ``part_fvit_b`` with the WebFace4M recipes' batch sizes
 (128 supervised, 64 pretraining) under bfloat16 autocast.
 

@@ -29,6 +29,14 @@ class FewShotSubset(torch.utils.data.Dataset):
         image, _ = self.dataset[int(self.indices[index])]
         return image, int(self.labels[index])
 
+    def item_at(self, index: int, epoch: int):
+        """Item ``index`` as training epoch ``epoch`` sees it, when the parent has a curriculum (``item_at``)."""
+        item_at = getattr(self.dataset, "item_at", None)
+        if item_at is None:
+            return self[index]
+        image, _ = item_at(int(self.indices[index]), epoch)
+        return image, int(self.labels[index])
+
 
 def few_shot_subset(dataset, images_per_identity: int, identity_fraction: float = 1.0, seed: int = 0) -> FewShotSubset:
     """Keep ``images_per_identity`` random images of each of ``round(identity_fraction * identities)``

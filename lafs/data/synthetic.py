@@ -48,12 +48,19 @@ class SyntheticFaces(torch.utils.data.Dataset):
     uint8 ``[112,112,3]`` RGB array and returns one.  ``cache=True`` keeps the
     rendered uint8 images in memory (37 KB each).
 
+    ``difficulty_warmup_epochs`` > 0 makes a curriculum for training:
+    ``item_at(i, epoch)`` renders image ``i`` with the nuisances of the same
+    random draw scaled down to ``difficulty * min(1, epoch / difficulty_warmup_epochs)``
+    (clean faces first, the full nuisances from that epoch on); ``dataset[i]``
+    always renders at the full ``difficulty``.
+
     ``dataset[i] -> (image float32 [3,112,112] in [-1, 1], label int)``;
     ``render(i) -> (rgb uint8 [112,112,3], label, five_points float32 [5,2])``.
     """
 
     def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, identity_offset: int = 0,
-                 difficulty: float = 1.0, transform=None, cache: bool = False):
+                 difficulty: float = 1.0, transform=None, cache: bool = False,
+                 difficulty_warmup_epochs: float = 0.0):
         if num_identities < 1 or images_per_identity < 1:
             raise ValueError(f"need at least one identity and one image per identity, got "
                              f"num_identities={num_identities}, images_per_identity={images_per_identity}")
@@ -61,11 +68,14 @@ class SyntheticFaces(torch.utils.data.Dataset):
             raise ValueError(f"seed and identity_offset must be non-negative, got {seed}, {identity_offset}")
         if not 0.0 <= difficulty <= 3.0:
             raise ValueError(f"difficulty must be in [0, 3], got {difficulty}")
+        if not difficulty_warmup_epochs >= 0.0:
+            raise ValueError(f"difficulty_warmup_epochs must be non-negative, got {difficulty_warmup_epochs}")
         self.num_identities = int(num_identities)
         self.images_per_identity = int(images_per_identity)
         self.seed = int(seed)
         self.identity_offset = int(identity_offset)
         self.difficulty = float(difficulty)
+        self.difficulty_warmup_epochs = float(difficulty_warmup_epochs)
         self.transform = transform
         self.labels = np.repeat(np.arange(self.num_identities, dtype=np.int64), self.images_per_identity)
         self.num_classes = self.num_identities
@@ -79,21 +89,36 @@ class SyntheticFaces(torch.utils.data.Dataset):
         image, label, _ = self.render(index)
         return apply_transform(image, self.transform, f"SyntheticFaces item {index}"), label
 
-    def render(self, index: int):
+    def difficulty_at(self, epoch: int) -> float:
+        """Nuisance strength of training epoch ``epoch`` (the curriculum of ``difficulty_warmup_epochs``)."""
+        if self.difficulty_warmup_epochs <= 0.0:
+            return self.difficulty
+        return self.difficulty * min(1.0, epoch / self.difficulty_warmup_epochs)
+
+    def item_at(self, index: int, epoch: int):
+        """``dataset[index]`` as training epoch ``epoch`` sees it (rendered at ``difficulty_at(epoch)``)."""
+        image, label, _ = self.render(index, difficulty=self.difficulty_at(epoch))
+        return apply_transform(image, self.transform, f"SyntheticFaces item {index}"), label
+
+    def render(self, index: int, difficulty: float | None = None):
         """Image ``index`` as (rgb uint8 [112,112,3], label, five_points float32 [5,2] in pixels:
-        left eye, right eye, nose tip, left mouth corner, right mouth corner)."""
+        left eye, right eye, nose tip, left mouth corner, right mouth corner).
+
+        ``difficulty`` (default: the data set's) scales the nuisances of the image's own random draw."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"SyntheticFaces index {index} out of range for {len(self)} images")
         index = int(index) % len(self)
-        if self._cache is not None and index in self._cache:
-            image, points = self._cache[index]
+        difficulty = self.difficulty if difficulty is None else float(difficulty)
+        cached = self._cache.get(index) if self._cache is not None else None
+        if cached is not None and cached[0] == difficulty:  # one difficulty per image is kept
+            _, image, points = cached
             return image.copy(), int(self.labels[index]), points.copy()
         label, image_number = divmod(index, self.images_per_identity)
         identity = self._identity(label)
         rng = np.random.default_rng([self.seed, 2, self.identity_offset + label, image_number])
-        image, points = _render_face(identity, _sample_nuisance(rng, self.difficulty), rng)
+        image, points = _render_face(identity, _sample_nuisance(rng, difficulty), rng)
         if self._cache is not None:
-            self._cache[index] = (image, points)
+            self._cache[index] = (difficulty, image, points)
             image, points = image.copy(), points.copy()
         return image, label, points
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "uninterrupted run; the recipe must be the one saved in its config.yaml")
     parser.add_argument("--original-path", action="store_true",
                         help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
-                             "from lafs_kernels.baselines) for comparisons; same as train.original_path=true")
+                             "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
+                             "runs it) for comparisons; same as train.original_path=true")
     return parser
 
 

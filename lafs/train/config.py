@@ -64,6 +64,10 @@ COMMON = [
     _opt("data.synthetic.images_per_identity", 24, "Images per synthetic training identity.", minimum=1),
     _opt("data.synthetic.difficulty", 1.0, "Strength of the per-image nuisances (pose, lighting, blur, noise) of the "
          "synthetic set; 0 renders every image of an identity alike.", float, minimum=0.0),
+    _opt("data.synthetic.difficulty_warmup_epochs", 0.0, "Curriculum: the training images' nuisances ramp "
+         "linearly from none to data.synthetic.difficulty over this many epochs (each image keeps its own random "
+         "draw, scaled); held-out pairs always use the full difficulty. 0: full difficulty from the start.", float,
+         minimum=0.0),
     _opt("data.few_shot.images_per_identity", None, "Keep only this many images per identity (few-shot subset); "
          "null keeps all.", int, nullable=True, minimum=1),
     _opt("data.few_shot.identity_fraction", 1.0, "Fraction of identities kept in the few-shot subset.", float,
@@ -104,7 +108,8 @@ COMMON = [
          "off (false and true mean off and auto). CPU runs in float32.", choices=("auto", "bf16", "fp16", "off"),
          aliases=((False, "off"), (True, "auto"))),
     _opt("train.original_path", False, "Use the code paths of the original LAFS repository (per-landmark "
-         "grid_sample loop, unfused margin loss from lafs_kernels.baselines) for comparisons.", bool),
+         "grid_sample loop, unfused margin loss from lafs_kernels.baselines; in pretraining the frozen landmark CNN "
+         "run once per global view and once for the locals, batch norms unfolded) for comparisons.", bool),
     _opt("train.log_every", 10, "Write a log line every this many optimizer steps.", minimum=1),
     _opt("train.checkpoint_every", 0, "Write checkpoints/last.pt every this many optimizer steps (0: at each "
          "verification and at the end).", minimum=0),

@@ -16,7 +16,8 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
         from lafs.data import SyntheticFaces
 
         dataset = SyntheticFaces(data.synthetic.identities, data.synthetic.images_per_identity, seed=cfg.seed,
-                                 difficulty=data.synthetic.difficulty, cache=True)
+                                 difficulty=data.synthetic.difficulty, cache=True,
+                                 difficulty_warmup_epochs=data.synthetic.difficulty_warmup_epochs)
     elif data.source == "rec":
         from lafs.data import FaceRecordDataset
 

@@ -147,7 +147,9 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        image, label = self.dataset[index]
+        # Data sets with a per-epoch curriculum (SyntheticFaces.item_at) see the epoch too.
+        item_at = getattr(self.dataset, "item_at", None)
+        image, label = item_at(index, epoch) if item_at is not None else self.dataset[index]
         if self.transform is None:
             return image, label
         with torch.random.fork_rng(devices=[]):

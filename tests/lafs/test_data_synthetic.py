@@ -103,3 +103,38 @@ def test_neither_raw_pixels_nor_an_untrained_network_verify(rng):
     with torch.no_grad():
         network_accuracy = best_threshold_accuracy(pair_similarity(network(images)), issame)
     assert network_accuracy < 0.65, f"a random CNN verifies {network_accuracy:.3f} of the pairs"
+
+
+def test_difficulty_curriculum_scales_each_images_own_nuisances(rng):
+    seed = int(torch.randint(0, 1000, (1,), generator=rng))
+    ramp = SyntheticFaces(3, 4, seed=seed, difficulty=0.8, difficulty_warmup_epochs=4, cache=True)
+    plain = SyntheticFaces(3, 4, seed=seed, difficulty=0.8)
+    clean = SyntheticFaces(3, 4, seed=seed, difficulty=0.0)
+    half = SyntheticFaces(3, 4, seed=seed, difficulty=0.4)
+    assert [ramp.difficulty_at(e) for e in (0, 1, 2, 4, 9)] == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    i = int(torch.randint(0, len(ramp), (1,), generator=rng))
+    # epoch 0: the clean face of the same draw; epoch 2: half strength; from epoch 4 on: the data set's images
+    assert torch.equal(ramp.item_at(i, 0)[0], clean[i][0])
+    assert torch.equal(ramp.item_at(i, 2)[0], half[i][0])
+    assert torch.equal(ramp.item_at(i, 7)[0], plain[i][0])
+    assert not torch.equal(ramp.item_at(i, 0)[0], plain[i][0])
+    # the cache holds one difficulty per image and never serves the wrong one
+    assert torch.equal(ramp.item_at(i, 0)[0], clean[i][0]) and torch.equal(ramp[i][0], plain[i][0])
+    assert ramp.item_at(i, 3)[1] == plain[i][1]
+
+
+def test_training_items_follow_the_curriculum_through_few_shot_subsets(rng):
+    from lafs.data import few_shot_subset
+    from lafs.train.loop import SeededItems
+
+    ramp = SyntheticFaces(4, 3, seed=1, difficulty=0.6, difficulty_warmup_epochs=2)
+    clean = SyntheticFaces(4, 3, seed=1, difficulty=0.0)
+    subset = few_shot_subset(ramp, images_per_identity=2, seed=int(torch.randint(0, 100, (1,), generator=rng)))
+    items = SeededItems(subset, seed=0)
+    k = int(torch.randint(0, len(subset), (1,), generator=rng))
+    parent = int(subset.indices[k])
+    assert torch.equal(items[(k, 0)][0], clean[parent][0])
+    assert torch.equal(items[(k, 5)][0], ramp[parent][0])
+    assert items[(k, 0)][1] == subset[k][1]
+    with pytest.raises(ValueError, match="difficulty_warmup_epochs"):
+        SyntheticFaces(2, 2, difficulty_warmup_epochs=-1.0)

@@ -12,18 +12,20 @@ from lafs.train.runner import run_command
 
 pytestmark = pytest.mark.slow
 
-# Shortened demo: the demo recipe's data, model and loss with fewer steps (about a minute on 2 idle cores).
-SHORT_SUPERVISED = ["optim.epochs=3", "val.pairs=400", "train.plots=false"]
+# Shortened demo: the demo recipe's model, loss and curriculum on half its images with 336 steps
+# (about 1.5 minutes on 2 idle cores).
+SHORT_SUPERVISED = ["data.synthetic.images_per_identity=12", "optim.epochs=7",
+                    "data.synthetic.difficulty_warmup_epochs=7", "val.pairs=400", "train.plots=false"]
 SHORT_SUPERVISED_MIN_ACCURACY = 0.8
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known open problem (issue 5): the supervised demo does not learn yet -- held-out accuracy "
-           "0.44-0.54 measured on 2026-11-28 (seed 0, 144 steps), embeddings collapse under CosFace s=64 "
-           "m=0.4; strict, so this marker must go once the demo learns",
+    reason="known open problem (issue 5): the supervised demo learns too slowly -- held-out accuracy 0.61 "
+           "measured on 2026-11-28 for this shortened run (seed 0, 336 steps; untrained networks: 0.44-0.55) and "
+           "0.825 for the full demo stage (960 steps, goal 0.90); strict, so this marker must go once it passes",
 )
-def test_shortened_supervised_demo_beats_chance_by_far(tmp_path, capsys):
+def test_shortened_supervised_demo_beats_chance_by_far(tmp_path):
     summary = run_command("supervised", recipe="demo", overrides=SHORT_SUPERVISED, out=tmp_path / "sup")
     accuracy = summary["verification"]["accuracy"]
     assert accuracy >= SHORT_SUPERVISED_MIN_ACCURACY, (
