@@ -9,6 +9,7 @@ finished stages are kept and an interrupted one continues from its last.pt.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def demo_summary(results: dict, configs: dict, wall_seconds: float) -> dict:
     scratch = stages["scratch"]["verification_accuracy"]
     margin = None if lafs is None or scratch is None else lafs - scratch
     few_shot = configs["finetune"].data.few_shot
+    noise = _difference_noise(lafs, scratch, configs["finetune"])
+    beyond_noise = None if margin is None or noise is None else abs(margin) > noise
     return {
         "seed": configs["supervised"].seed,
         "stages": stages,
@@ -68,12 +71,31 @@ def demo_summary(results: dict, configs: dict, wall_seconds: float) -> dict:
             "scratch_accuracy": scratch,
             "lafs_minus_scratch": margin,
             "lafs_ahead": None if margin is None else margin > 0,
-            "note": ("LAFS-pretrained fine-tuning is ahead of training from scratch on the same few-shot subset"
-                     if margin is not None and margin > 0 else
-                     "LAFS-pretrained fine-tuning is NOT ahead of training from scratch in this run"),
+            "noise": noise,
+            "beyond_noise": beyond_noise,
+            "note": _comparison_note(margin, noise, beyond_noise),
         },
         "wall_seconds": wall_seconds,
     }
+
+
+def _difference_noise(lafs, scratch, cfg):
+    """Twice the standard error of the difference of two accuracies over the same number of synthetic
+    held-out pairs (binomial); None when either is missing or the pairs come from .bin files."""
+    if lafs is None or scratch is None or cfg.val.bins:
+        return None
+    pairs = cfg.val.pairs
+    return 2.0 * math.sqrt((lafs * (1 - lafs) + scratch * (1 - scratch)) / pairs)
+
+
+def _comparison_note(margin, noise, beyond_noise) -> str:
+    if margin is None:
+        return "no comparison: a few-shot stage reported no verification accuracy"
+    verdict = ("LAFS-pretrained fine-tuning is ahead of training from scratch on the same few-shot subset"
+               if margin > 0 else "LAFS-pretrained fine-tuning is NOT ahead of training from scratch in this run")
+    if beyond_noise is False:
+        verdict += f", but by less than the noise of this comparison (+-{noise:.3f}): not evidence either way"
+    return verdict
 
 
 def format_table(summary: dict) -> str:

@@ -53,6 +53,11 @@ def test_shortened_three_stage_run_leaves_every_output(tmp_path, capsys):
     assert few_shot["images_per_identity"] == 2 and on_disk["seed"] == 0
     assert few_shot["lafs_minus_scratch"] == pytest.approx(few_shot["lafs_accuracy"] - few_shot["scratch_accuracy"])
     assert few_shot["lafs_ahead"] == (few_shot["lafs_minus_scratch"] > 0)
+    # the note weighs the difference against twice its binomial standard error over the tiny recipe's 20 pairs
+    a, b = few_shot["lafs_accuracy"], few_shot["scratch_accuracy"]
+    assert few_shot["noise"] == pytest.approx(2 * ((a * (1 - a) + b * (1 - b)) / 20) ** 0.5)
+    assert few_shot["beyond_noise"] == (abs(few_shot["lafs_minus_scratch"]) > few_shot["noise"])
+    assert ("not evidence" in few_shot["note"]) == (not few_shot["beyond_noise"])
     # few-shot subsets: 2 images for each of the 8 training identities
     assert on_disk["stages"]["finetune"]["train_images"] == on_disk["stages"]["scratch"]["train_images"] == 16
     # stage 3 started from stage 2's teacher and stage 1's landmark CNN
