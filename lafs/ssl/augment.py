@@ -157,6 +157,15 @@ def _shift_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.sub(value, k, out=x)
 
 
+def _change_rows_(x: torch.Tensor, chosen: torch.Tensor, change) -> torch.Tensor:
+    """In place: ``x[rows] <- change(x[rows], rows)`` for the rows where ``chosen [N]`` (bool, CPU) is set."""
+    rows = torch.nonzero(chosen).squeeze(1)
+    if rows.numel():
+        rows_dev = rows.to(x.device)
+        x[rows_dev] = change(x[rows_dev], rows)
+    return x
+
+
 def _colour_jitter_(x: torch.Tensor, apply: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
 
@@ -175,16 +184,11 @@ def _colour_jitter_(x: torch.Tensor, apply: torch.Tensor, generator: torch.Gener
     gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype)
     mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
     for stage in order.unbind(dim=1):
-        for rows, change in (
-            (apply & (stage != hue), lambda images, rows, op: _blend_(
-                images, blend_factors[rows, op].to(x.device), gray_weight[op].to(x.device),
-                mean_weight[op].to(x.device))),
-            (apply & (stage == hue), lambda images, rows, op: _shift_hue_(images, factors["hue"][rows].to(x.device))),
-        ):
-            rows = torch.nonzero(rows).squeeze(1)
-            if rows.numel():
-                rows_dev = rows.to(x.device)
-                x[rows_dev] = change(x[rows_dev], rows, stage[rows])
+        _change_rows_(x, apply & (stage != hue), lambda images, rows: _blend_(
+            images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
+            mean_weight[stage[rows]].to(x.device)))
+        _change_rows_(x, apply & (stage == hue),
+                      lambda images, rows: _shift_hue_(images, factors["hue"][rows].to(x.device)))
     return x
 
 
@@ -230,13 +234,7 @@ def colour_augment(
 
     # Each step touches only the images it changes.
     out = _colour_jitter_(images.clone(), do_jitter, generator)
-    for chosen, change in (
-        (do_gray, lambda x, rows: _grayscale(x).expand_as(x)),
-        (do_blur, lambda x, rows: _gaussian_blur(x, sigma[rows])),
-        (do_solarize, lambda x, rows: torch.where(x >= 0.5, 1.0 - x, x)),
-    ):
-        rows = torch.nonzero(chosen).squeeze(1)
-        if rows.numel():
-            rows_dev = rows.to(out.device)
-            out[rows_dev] = change(out[rows_dev], rows)
+    _change_rows_(out, do_gray, lambda x, rows: _grayscale(x).expand_as(x))
+    _change_rows_(out, do_blur, lambda x, rows: _gaussian_blur(x, sigma[rows]))
+    _change_rows_(out, do_solarize, lambda x, rows: torch.where(x >= 0.5, 1.0 - x, x))
     return out

@@ -78,7 +78,7 @@ class OriginalHead(nn.Module):
         return (losses * label_weights).sum(dim=1).mean(), argmax
 
     def _margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return margin_logits(cos, labels, **{k: self.margin[k] for k in ("s", "m1", "m2", "m3")})
+        return margin_logits(cos, labels, **self.margin)
 
 
 def _batch_constant_weights(label_weights: torch.Tensor) -> list[float]:

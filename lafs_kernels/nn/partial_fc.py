@@ -122,11 +122,12 @@ class PartialFC(nn.Module):
         chunk = self.chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"])
         local_labels = local_labels[:, None]
         if self.process_group is None:
-            stats = local_row_stats(embeddings, weight, local_labels, margin, chunk_size=chunk, backend=backend, check_labels=False)
+            stats = local_row_stats(embeddings, weight, local_labels, margin, chunk_size=chunk, backend=backend,
+                                    check_labels=False, need_logit_sum=False)
         else:
             stats = sharded_row_stats(
                 embeddings, weight, local_labels, self.class_start, margin,
-                chunk_size=chunk, backend=backend, group=self.process_group, need_argmax=False,
+                chunk_size=chunk, backend=backend, group=self.process_group, need_argmax=False, need_logit_sum=False,
             )
         ones = torch.ones_like(local_labels, dtype=stats.lse.dtype)
         return soft_target_loss(stats, ones, 0.0, self.num_classes, "mean")

@@ -273,10 +273,8 @@ def _torch_chunk_backward(prep: _Prepared, w, start: int, margin: Margin, lse, g
     dlogit = torch.addcmul(-shift[:, None], raw, inv_w)  # s * cos - shift
     column, in_chunk = _target_columns(prep, start, w.shape[0])
     _put_targets(dlogit, prep, column, in_chunk, shift=shift[:, None])
-    dlogit.exp_()
-    negative = grad_lse < 0
-    if bool(negative.any()):
-        dlogit.mul_(torch.where(negative, -1.0, 1.0).to(dlogit.dtype)[:, None])
+    # The sign of grad_lse (negative upstream gradients) in one multiply; no host sync to skip it.
+    dlogit.exp_().mul_(torch.where(grad_lse < 0, -1.0, 1.0).to(dlogit.dtype)[:, None])
     if grad_logit_sum is not None:
         dlogit.add_(grad_logit_sum[:, None])
     if grad_target is not None:

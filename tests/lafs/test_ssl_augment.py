@@ -47,14 +47,20 @@ def test_full_scale_crops_are_the_image_or_its_mirror(rng):
     assert same.any() and mirrored.any()
 
 
+def crops_with_their_draws(images, size, scale, rng):
+    """(crops, boxes [N, 4], flips [N]): the crops and the boxes and flips they were drawn with."""
+    state = rng.get_state()
+    crops = random_resized_crops(images, size, scale, rng)
+    rng.set_state(state)
+    n, _, height, width = images.shape
+    boxes = random_crop_boxes(n, height, width, scale, rng)
+    return crops, boxes, torch.rand(n, generator=rng) < 0.5
+
+
 def test_crop_interior_matches_crop_then_resize(rng):
     images = torch.rand(6, 3, 30, 30, generator=rng, dtype=torch.float64)
     size = 40
-    state = rng.get_state()
-    crops = random_resized_crops(images, size, (0.2, 0.6), rng)
-    rng.set_state(state)
-    boxes = random_crop_boxes(6, 30, 30, (0.2, 0.6), rng)
-    flips = torch.rand(6, generator=rng) < 0.5
+    crops, boxes, flips = crops_with_their_draws(images, size, (0.2, 0.6), rng)
     for img, crop, box, flip in zip(images, crops, boxes, flips):
         x0, y0, w, h = (int(v) for v in box)
         expected = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w], size=(size, size), mode="bicubic",
@@ -69,11 +75,7 @@ def test_crop_interior_matches_crop_then_resize(rng):
 def test_crops_are_bicubic_grid_samples_with_border_padding(rng):
     images = torch.rand(5, 3, 17, 23, generator=rng, dtype=torch.float64) * 2 - 1
     size = 13
-    state = rng.get_state()
-    crops = random_resized_crops(images, size, (0.1, 1.0), rng)
-    rng.set_state(state)
-    boxes = random_crop_boxes(5, 17, 23, (0.1, 1.0), rng)
-    flips = torch.rand(5, generator=rng) < 0.5
+    crops, boxes, flips = crops_with_their_draws(images, size, (0.1, 1.0), rng)
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
     for img, crop, (x0, y0, w, h), flip in zip(images, crops, boxes, flips):
         u = 1 - centres if flip else centres
