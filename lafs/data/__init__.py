@@ -9,7 +9,8 @@ from .few_shot import FewShotSubset, few_shot_subset
 from .folder import ImageFolderFaces
 from .pack import pack_folder
 from .record_dataset import FaceRecordDataset
-from .synthetic import SyntheticFaces, verification_pairs
+from .synthetic import SyntheticFaces, verification_pair_index, verification_pairs
 
 __all__ = ["recordio", "FaceRecordDataset", "ImageFolderFaces", "FewShotSubset", "few_shot_subset",
-           "pack_folder", "SyntheticFaces", "verification_pairs"]
+           "pack_folder", "SyntheticFaces", "verification_pair_index",
+           "verification_pairs"]

@@ -133,9 +133,22 @@ def verification_pairs(dataset, num_pairs: int, seed: int = 0):
     """Balanced verification pairs from a data set's identities (e.g. held-out ``SyntheticFaces``).
 
     Returns ``(images float32 [2N,3,112,112], issame bool [N])`` with pair ``i`` =
-    ``images[2i], images[2i+1]`` (the order of insightface's ``.bin`` files); the
-    first ``N // 2`` drawn pairs are positive (two different images of one
-    identity) and the rest negative, then the pair order is shuffled.
+    ``images[2i], images[2i+1]`` (the order of insightface's ``.bin`` files): the
+    pairs of ``verification_pair_index`` rendered.
+    """
+    index, issame = verification_pair_index(dataset, num_pairs, seed=seed)
+    images = torch.empty(2 * num_pairs, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for slot, item in enumerate(index):
+        images[slot] = dataset[int(item)][0]
+    return images, issame
+
+
+def verification_pair_index(dataset, num_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced verification pairs as indices into ``dataset``: ``(index int64 [2N], issame bool [N])``,
+    pair ``i`` = items ``index[2i], index[2i+1]``.
+
+    The first ``N // 2`` drawn pairs are positive (two different images of one identity)
+    and the rest negative (two identities), then the pair order is shuffled.
     """
     if num_pairs < 2:
         raise ValueError(f"num_pairs must be at least 2 (one positive, one negative), got {num_pairs}")
@@ -155,14 +168,9 @@ def verification_pairs(dataset, num_pairs: int, seed: int = 0):
         label_a, label_b = rng.choice(classes, size=2, replace=False)
         pairs.append((rng.choice(members[label_a]), rng.choice(members[label_b]), False))
     order = rng.permutation(num_pairs)
-    images = torch.empty(2 * num_pairs, 3, IMAGE_SIZE, IMAGE_SIZE)
-    issame = np.empty(num_pairs, dtype=bool)
-    for slot, pair_index in enumerate(order):
-        first, second, same = pairs[pair_index]
-        images[2 * slot] = dataset[int(first)][0]
-        images[2 * slot + 1] = dataset[int(second)][0]
-        issame[slot] = same
-    return images, issame
+    index = np.array([[pairs[p][0], pairs[p][1]] for p in order], dtype=np.int64).reshape(-1)
+    issame = np.array([pairs[p][2] for p in order], dtype=bool)
+    return index, issame
 
 
 def _sample_identity(rng: np.random.Generator) -> dict:

@@ -32,12 +32,17 @@ THRESHOLDS = np.arange(0, 4, 0.01)
 
 # The only globals a .bin pickle may name: what numpy arrays (the images, in some
 # files) pickle through: _reconstruct + ndarray + dtype up to protocol 4,
-# _frombuffer + dtype at protocol 5 (Python 3.8+'s HIGHEST_PROTOCOL). Containers,
-# byte strings and booleans need no global.
+# _frombuffer + dtype at protocol 5 (Python 3.8+'s HIGHEST_PROTOCOL); numpy scalars
+# (numpy.bool_ flags in issame) through scalar + dtype; and _codecs.encode, through which
+# Python 3 writes bytes at protocol 2 or lower (a codec turns a str into bytes, it runs no
+# code). Containers, Python 2 byte strings and booleans need no global.
 ALLOWED_GLOBALS = frozenset(
     {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
@@ -189,16 +194,29 @@ def embed_with_flip(model: nn.Module, images, batch_size: int = 64, device=None)
     return torch.cat(chunks).numpy(), xnorm
 
 
-def verify_model(model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = 10) -> dict:
+def verify_model(model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = 10,
+                 pair_index=None) -> dict:
     """Run the whole verification protocol for one set.
 
     images: ``[2N,3,112,112]`` float in [-1, 1] or uint8 (``[2N,112,112,3]`` as ``load_bin`` returns);
-    issame: N booleans. Returns ``{"accuracy": mean fold accuracy, "std": std over folds,
+    issame: N booleans. With ``pair_index`` (int ``[2N]``) ``images`` are ``M`` distinct images
+    ``[M,...]``, each embedded once, and pair ``i`` is ``images[pair_index[2i]], images[pair_index[2i+1]]``.
+    Returns ``{"accuracy": mean fold accuracy, "std": std over folds,
     "threshold": mean chosen threshold, "xnorm": mean raw embedding norm, "num_pairs": N}``.
     """
-    if len(images) != 2 * len(issame):
+    if pair_index is None and len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs; expected {2 * len(issame)}")
+    if pair_index is not None:
+        pair_index = np.asarray(pair_index, dtype=np.int64)
+        if pair_index.shape != (2 * len(issame),):
+            raise ValueError(f"pair_index has shape {pair_index.shape} for {len(issame)} pairs; "
+                             f"expected ({2 * len(issame)},)")
+        if len(pair_index) and not 0 <= pair_index.min() <= pair_index.max() < len(images):
+            raise ValueError(f"pair_index holds values outside [0, {len(images)}): "
+                             f"{pair_index.min()}..{pair_index.max()}")
     embeddings, xnorm = embed_with_flip(model, images, batch_size=batch_size, device=device)
+    if pair_index is not None:
+        embeddings = embeddings[pair_index]
     result = evaluate(embeddings, issame, nrof_folds=nrof_folds)
     return {
         "accuracy": result.accuracy,

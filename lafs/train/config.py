@@ -129,14 +129,16 @@ MARGIN = [
          "this fraction of negative classes is sampled per step.", float, minimum=0.0, maximum=1.0),
 ]
 
-SUPERVISED = COMMON + MARGIN
+FLIP = [_opt("aug.flip", 0.5, "Probability of a horizontal flip of a training image.", float, minimum=0.0,
+             maximum=1.0)]
 
-FINETUNE = COMMON + MARGIN + [
+SUPERVISED = COMMON + MARGIN + FLIP
+
+FINETUNE = COMMON + MARGIN + FLIP + [
     _opt("init.pretrained", None, "LAFS pretraining run folder or checkpoint whose teacher transformer starts the "
          "fine-tuning (null: transformer from scratch).", str, nullable=True),
     _opt("init.landmark", None, "Supervised run folder, checkpoint or official state dict whose landmark CNN starts "
          "the fine-tuning (null: landmark CNN from scratch).", str, nullable=True),
-    _opt("aug.flip", 0.5, "Probability of a horizontal flip.", float, minimum=0.0, maximum=1.0),
     _opt("aug.randaugment", True, "Apply RandAugment (torchvision.transforms.v2) to the training images.", bool),
     _opt("aug.randaugment_ops", 2, "RandAugment operations per image.", minimum=1),
     _opt("aug.randaugment_magnitude", 9, "RandAugment magnitude (0-30).", minimum=0, maximum=30),

@@ -1,7 +1,9 @@
 """Training and verification data of a stage, built from its config (errors before training starts)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,9 +51,24 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
     return dataset
 
 
-def build_val_sets(cfg: Config) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-    """``[(name, images [2N,3,112,112] or uint8 [2N,112,112,3], issame [N])]``: the .bin files of
-    ``val.bins`` or, without them, pairs of held-out synthetic identities (never trained on)."""
+@dataclass
+class ValSet:
+    """Verification pairs of one set: pair ``i`` is ``images[2i], images[2i+1]`` (a ``.bin`` file), or
+    with ``pair_index`` (int64 ``[2N]``) ``images[pair_index[2i]], images[pair_index[2i+1]]``
+    (held-out synthetic faces, each image embedded once).
+
+    images: float ``[M,3,112,112]`` in [-1, 1] or uint8 ``[M,112,112,3]``; issame: bool ``[N]``.
+    """
+
+    name: str
+    images: object
+    issame: np.ndarray
+    pair_index: Optional[np.ndarray] = None
+
+
+def build_val_sets(cfg: Config) -> list[ValSet]:
+    """The .bin files of ``val.bins`` or, without them, pairs of held-out synthetic identities
+    (never trained on)."""
     val = cfg.val
     if val.bins:
         from lafs.eval.verification import load_bin
@@ -62,14 +79,16 @@ def build_val_sets(cfg: Config) -> list[tuple[str, torch.Tensor, np.ndarray]]:
                 images, issame = load_bin(path)
             except Exception as exc:
                 raise ConfigError(f"val.bins: cannot read {path}: {exc}") from exc
-            sets.append((Path(path).stem, images, np.asarray(issame, dtype=bool)))
+            sets.append(ValSet(Path(path).stem, images, np.asarray(issame, dtype=bool)))
         return sets
-    from lafs.data import SyntheticFaces, verification_pairs
+    from lafs.data import SyntheticFaces, verification_pair_index
 
     held_out = SyntheticFaces(val.synthetic_identities, val.synthetic_images_per_identity, seed=cfg.seed,
                               identity_offset=_held_out_offset(cfg), difficulty=cfg.data.synthetic.difficulty)
-    images, issame = verification_pairs(held_out, val.pairs, seed=cfg.seed)
-    return [("synthetic_held_out", images, issame)]
+    index, issame = verification_pair_index(held_out, val.pairs, seed=cfg.seed)
+    used = np.unique(index)
+    images = torch.stack([held_out[int(i)][0] for i in used])
+    return [ValSet("synthetic_held_out", images, issame, np.searchsorted(used, index))]
 
 
 def _held_out_offset(cfg: Config) -> int:

@@ -22,6 +22,7 @@ from . import plots
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .loop import Stage, autocast_dtype
+from .validation import verify_sets
 from .weights import load_landmark_cnn
 
 
@@ -97,12 +98,8 @@ class PretrainStage(Stage):
     def validate(self) -> dict:
         if not self.dist.is_main:
             return {}
-        from lafs.eval.verification import verify_model
-
-        model = self.embedding_model()
-        results = {name: verify_model(model, images, issame, batch_size=self.cfg.val.batch_size,
-                                      device=self.device)["accuracy"] for name, images, issame in self.val_sets}
-        return {"accuracy": sum(results.values()) / len(results), **{f"acc_{k}": v for k, v in results.items()}}
+        return verify_sets(self.embedding_model(), self.val_sets, batch_size=self.cfg.val.batch_size,
+                           device=self.device)
 
     def state_dict(self) -> dict:
         return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
@@ -115,7 +112,6 @@ class PretrainStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            _, images, _ = self.val_sets[0]
-            plots.landmarks(self.embedding_model(), images[:8], self.run.path / "landmarks.png", device=self.device)
+            plots.landmarks(self.embedding_model(), self.val_sets[0].images[:8], self.run.path / "landmarks.png", device=self.device)
         summary["train_images"] = len(self.train_set)
         return summary

@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import v2
 
 from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
@@ -20,6 +21,7 @@ from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, build_margin_head
 from .loop import Stage, autocast, autocast_dtype
 from .optim import param_groups, set_lr, warmup_cosine
+from .validation import verify_sets
 
 
 class SupervisedStage(Stage):
@@ -50,6 +52,12 @@ class SupervisedStage(Stage):
             return create_model(self.cfg.model.name, **self.cfg.model.overrides)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model: {exc}") from exc
+
+    def transform(self):
+        """A horizontal flip with probability ``aug.flip`` (image float32 [3,112,112] in and out), as
+        insightface trains."""
+        flip = self.cfg.aug.flip
+        return v2.RandomHorizontalFlip(p=flip) if flip > 0 else None
 
     def setup_schedules(self) -> None:
         o = self.cfg.optim
@@ -110,15 +118,9 @@ class SupervisedStage(Stage):
         """Verification on every configured set; ``accuracy`` is their mean (main process only)."""
         if not self.dist.is_main:
             return {}
-        from lafs.eval.verification import verify_model
-
         model = self.forward_model.module if self.dist.enabled else self.forward_model
-        results = {}
-        for name, images, issame in self.val_sets:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                result = verify_model(model, images, issame, batch_size=self.cfg.val.batch_size, device=self.device)
-            results[name] = result["accuracy"]
-        return {"accuracy": sum(results.values()) / len(results), **{f"acc_{k}": v for k, v in results.items()}}
+        return verify_sets(model, self.val_sets, batch_size=self.cfg.val.batch_size, device=self.device,
+                           amp_dtype=self.amp_dtype)
 
     def state_dict(self) -> dict:
         return {"model": model_to_dict(self.model), "head": self.head.state_dict(),
@@ -135,8 +137,7 @@ class SupervisedStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            name, images, _ = self.val_sets[0]
-            plots.landmarks(self.model, images[:8], self.run.path / "landmarks.png", device=self.device)
+            plots.landmarks(self.model, self.val_sets[0].images[:8], self.run.path / "landmarks.png", device=self.device)
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary

@@ -91,6 +91,22 @@ def test_verification_pairs_are_balanced_and_labelled_correctly(rng):
         verification_pairs(SyntheticFaces(1, 1), 4)
 
 
+def test_held_out_val_set_embeds_each_image_once_in_the_pairs_of_verification_pairs():
+    """The training loop's held-out set: distinct images + pair_index, the same pairs as verification_pairs."""
+    from lafs.train import config as cfgmod
+    from lafs.train.data import build_val_sets
+
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("tiny"), "supervised")
+    cfg = cfgmod.resolve_stage("supervised", tree)
+    (val_set,) = build_val_sets(cfg)
+    held_out = SyntheticFaces(cfg.val.synthetic_identities, cfg.val.synthetic_images_per_identity, seed=cfg.seed,
+                              identity_offset=cfg.data.synthetic.identities, difficulty=cfg.data.synthetic.difficulty)
+    images, issame = verification_pairs(held_out, cfg.val.pairs, seed=cfg.seed)
+    np.testing.assert_array_equal(val_set.issame, issame)
+    assert torch.equal(val_set.images[val_set.pair_index], images)
+    assert len(val_set.images) == len(np.unique(val_set.pair_index)) <= len(held_out)
+
+
 def test_neither_raw_pixels_nor_an_untrained_network_verify(rng):
     faces = SyntheticFaces(40, 6, seed=seed_from(rng), identity_offset=5000)
     images, issame = verification_pairs(faces, 200, seed=seed_from(rng))

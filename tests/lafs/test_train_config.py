@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from lafs.train import config as cfgmod
@@ -120,3 +121,29 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         cfgmod.dump(cfg, path)
         again = cfgmod.resolve_stage("finetune" if name == "scratch" else name, yaml.safe_load(path.read_text()))
         assert again == cfg
+
+
+@pytest.mark.parametrize("stage_name", ["supervised", "finetune"])
+def test_aug_flip_mirrors_training_images(stage_name):
+    """aug.flip=1 mirrors every training image, aug.flip=0 none (supervised: the flip alone)."""
+    from lafs.train.runner import stage_class
+
+    tree = cfgmod.load_recipe("tiny")
+    image = torch.rand(3, 112, 112) * 2 - 1
+    seen = {}
+    for flip in (0.0, 1.0):
+        overrides = [("aug.flip", flip)]
+        if stage_name == "finetune":
+            overrides += [("aug.randaugment", False), ("init.landmark", None), ("init.pretrained", None)]
+        stage_tree = cfgmod.apply_overrides(cfgmod.demo_stage_tree(tree, stage_name), overrides)
+        cfg = cfgmod.resolve_stage(stage_name, stage_tree)
+        transform = stage_class(stage_name)(cfg, run=None, dist=_OneProcess()).transform()
+        seen[flip] = image if transform is None else transform(image)
+    assert torch.equal(seen[0.0], image)
+    # The fine-tuning stage goes through uint8: equal to 1/255 of the range.
+    torch.testing.assert_close(seen[1.0], image.flip(-1), atol=1.0 / 127.5, rtol=0)
+    assert not torch.allclose(seen[1.0], image, atol=0.1)
+
+
+class _OneProcess:
+    device = torch.device("cpu")
