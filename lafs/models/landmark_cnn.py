@@ -194,6 +194,10 @@ class LandmarkCNN(nn.Module):
             raise ValueError(f"LandmarkCNN expects images [B, 3, H, W]; got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"LandmarkCNN expects floating-point images in [-1, 1]; got {images.dtype}")
+        if self.features[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+            # Weights stored NHWC (``.to(memory_format=torch.channels_last)``): feed NHWC images too, or
+            # every convolution would convert its input.
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.features(images)
         return self.output_layer(features.mean(dim=(2, 3)))
 

@@ -32,6 +32,8 @@ class SupervisedStage(Stage):
         self.train_set = build_train_set(cfg)
         self.val_sets = build_val_sets(cfg)
         self.model = self.build_model().to(self.device)
+        if cfg.train.channels_last:
+            self.model.landmark_cnn.to(memory_format=torch.channels_last)
         self.num_classes = int(self.train_set.num_classes)
         self.head = build_margin_head(cfg, self.model.embedding_dim, self.num_classes, self.dist).to(self.device)
         # The original path swaps in the per-landmark grid_sample loop; the weights are the same PartFViT.

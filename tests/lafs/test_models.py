@@ -448,3 +448,24 @@ def test_atomic_save_replaces_whole_files_and_leaves_nothing_behind_on_failure(t
         atomic_save({"bad": lambda: None}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_channels_last_landmark_cnn_matches_nchw(rng):
+    """Weights stored NHWC (train.channels_last): the same landmarks and gradients as NCHW, NHWC inputs fed."""
+    nchw = create_model("part_fvit_nano").train()
+    nchw.landmark_cnn.output_layer[0].p = 0.0
+    with torch.no_grad():  # a head that moves the landmarks, as after some training
+        nchw.landmark_cnn.output_layer[1].weight.normal_(0.0, 0.05, generator=rng)
+    nhwc = create_model("part_fvit_nano").train()
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.landmark_cnn.output_layer[0].p = 0.0
+    nhwc.landmark_cnn.to(memory_format=torch.channels_last)
+    assert nhwc.landmark_cnn.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    batch = images(rng, 4)
+    outputs = [model.forward_with_landmarks(batch) for model in (nchw, nhwc)]
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-4, rtol=1e-4)
+    for (embeddings, _), model in zip(outputs, (nchw, nhwc)):
+        embeddings.square().sum().backward()
+    stem = [model.landmark_cnn.features[0][0].weight.grad for model in (nchw, nhwc)]
+    torch.testing.assert_close(stem[1], stem[0], atol=1e-4, rtol=1e-3)
