@@ -116,7 +116,8 @@ COMMON = [
     _opt("train.stop_after_steps", None, "Stop after this many optimizer steps while keeping the schedule of the "
          "full run (continue later with --resume).", int, nullable=True, minimum=1),
     _opt("train.channels_last", True, "Store the landmark CNN's convolution weights channels_last (NHWC) and feed "
-         "it NHWC images: faster oneDNN / cuDNN convolutions (supervised and fine-tuning stages).", bool),
+         "it NHWC images: faster oneDNN / cuDNN convolutions (supervised and fine-tuning stages; not with "
+         "train.original_path, which runs NCHW as the original code does).", bool),
     _opt("train.cpu_threads", 0, "Threads of CPU ops per process (0: torch's default). On a CPU shared with other "
          "jobs 1 is often several times faster than more, which then wait on each other.", minimum=0),
     _opt("train.plots", True, "Write curves.png and landmarks.png into the run folder.", bool),

@@ -32,7 +32,7 @@ class SupervisedStage(Stage):
         self.train_set = build_train_set(cfg)
         self.val_sets = build_val_sets(cfg)
         self.model = self.build_model().to(self.device)
-        if cfg.train.channels_last:
+        if cfg.train.channels_last and not cfg.train.original_path:  # the original code runs NCHW
             self.model.landmark_cnn.to(memory_format=torch.channels_last)
         self.num_classes = int(self.train_set.num_classes)
         self.head = build_margin_head(cfg, self.model.embedding_dim, self.num_classes, self.dist).to(self.device)
