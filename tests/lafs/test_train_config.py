@@ -145,5 +145,22 @@ def test_aug_flip_mirrors_training_images(stage_name):
     assert not torch.allclose(seen[1.0], image, atol=0.1)
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_landmark_cnn_runs_channels_last_except_on_the_original_path(original):
+    from lafs.train.runner import stage_class
+
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("tiny"), "supervised")
+    cfg = cfgmod.resolve_stage("supervised", cfgmod.apply_overrides(tree, [("train.original_path", original)]))
+    stage = stage_class("supervised")(cfg, run=None, dist=_OneProcess())
+    stage.build()
+    stem = stage.model.landmark_cnn.features[0][0].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) == (not original)
+    assert stem.is_contiguous() == original
+
+
 class _OneProcess:
     device = torch.device("cpu")
+    enabled = False
+    rank = 0
+    world_size = 1
+    is_main = True
