@@ -65,6 +65,11 @@ class ValSet:
     issame: np.ndarray
     pair_index: Optional[np.ndarray] = None
 
+    def sample_images(self, count: int = 8):
+        """``count`` images spread evenly over the set (different identities, for pictures)."""
+        step = max(1, len(self.images) // count)
+        return self.images[::step][:count]
+
 
 def build_val_sets(cfg: Config) -> list[ValSet]:
     """The .bin files of ``val.bins`` or, without them, pairs of held-out synthetic identities

@@ -139,7 +139,8 @@ class SupervisedStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            plots.landmarks(self.model, self.val_sets[0].images[:8], self.run.path / "landmarks.png", device=self.device)
+            plots.landmarks(self.model, self.val_sets[0].sample_images(), self.run.path / "landmarks.png",
+                            device=self.device)
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary

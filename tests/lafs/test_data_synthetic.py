@@ -107,6 +107,16 @@ def test_held_out_val_set_embeds_each_image_once_in_the_pairs_of_verification_pa
     assert len(val_set.images) == len(np.unique(val_set.pair_index)) <= len(held_out)
 
 
+def test_val_set_pictures_sample_the_whole_set():
+    """The landmark pictures take images spread over the set, not the first identity's."""
+    from lafs.train.data import ValSet
+
+    images = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 3, 4, 4)
+    picked = ValSet("s", images, np.zeros(20, bool)).sample_images(8)[:, 0, 0, 0].tolist()
+    assert picked == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert len(ValSet("s", images[:5], np.zeros(2, bool)).sample_images(8)) == 5
+
+
 def test_neither_raw_pixels_nor_an_untrained_network_verify(rng):
     faces = SyntheticFaces(40, 6, seed=seed_from(rng), identity_offset=5000)
     images, issame = verification_pairs(faces, 200, seed=seed_from(rng))
