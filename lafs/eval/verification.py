@@ -204,9 +204,10 @@ def verify_model(model: nn.Module, images, issame, batch_size: int = 64, device=
     Returns ``{"accuracy": mean fold accuracy, "std": std over folds,
     "threshold": mean chosen threshold, "xnorm": mean raw embedding norm, "num_pairs": N}``.
     """
-    if pair_index is None and len(images) != 2 * len(issame):
-        raise ValueError(f"{len(images)} images for {len(issame)} pairs; expected {2 * len(issame)}")
-    if pair_index is not None:
+    if pair_index is None:
+        if len(images) != 2 * len(issame):
+            raise ValueError(f"{len(images)} images for {len(issame)} pairs; expected {2 * len(issame)}")
+    else:
         pair_index = np.asarray(pair_index, dtype=np.int64)
         if pair_index.shape != (2 * len(issame),):
             raise ValueError(f"pair_index has shape {pair_index.shape} for {len(issame)} pairs; "

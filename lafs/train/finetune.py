@@ -29,13 +29,16 @@ class FinetuneStage(SupervisedStage):
         return model
 
     def transform(self):
+        """RandAugment (on the uint8 form), then the supervised stage's flip."""
         aug = self.cfg.aug
         steps = []
         if aug.randaugment:
-            steps.append(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude))
-        if aug.flip > 0:
-            steps.append(v2.RandomHorizontalFlip(p=aug.flip))
-        return UInt8Augment(v2.Compose(steps)) if steps else None
+            steps.append(UInt8Augment(v2.RandAugment(num_ops=aug.randaugment_ops,
+                                                     magnitude=aug.randaugment_magnitude)))
+        flip = super().transform()
+        if flip is not None:
+            steps.append(flip)
+        return v2.Compose(steps) if steps else None
 
     def targets(self, images: torch.Tensor, labels: torch.Tensor, step: int, micro: int):
         """With probability ``aug.mixup_prob`` mix the batch with its reversal: labels [B, 2], weights [B, 2]."""
