@@ -72,6 +72,7 @@ class MultiViewBuilder(nn.Module):
       global_scale / local_scale: area range of the random resized crops (LAFS uses
         0.4-1 for both: its local views are made like the global ones, only with fewer tokens).
       image_size: side of the crops.
+      grayscale_p: probability that a view is turned to grayscale (0.2 in DINO / LAFS).
       seed: seed of the builder's own generator, used when ``forward`` gets none.
       original_path: run the landmark CNN and gather patches as the original code does
         (for comparisons: see above) instead of our path; same tokens, same random numbers.
@@ -89,6 +90,7 @@ class MultiViewBuilder(nn.Module):
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.4, 1.0),
         image_size: int = 112,
+        grayscale_p: float = 0.2,
         seed: int = 0,
         original_path: bool = False,
     ):
@@ -102,6 +104,8 @@ class MultiViewBuilder(nn.Module):
         for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+        if not 0.0 <= grayscale_p <= 1.0:
+            raise ValueError(f"grayscale_p must be a probability in [0, 1], got {grayscale_p}")
         # Our path runs the frozen CNN with its batch norms folded into the convolutions, channels_last;
         # the original path runs it as the original code does (separate batch norms, NCHW).
         self.landmark_cnn = frozen_copy(landmark_cnn, fast=not original_path)
@@ -114,6 +118,7 @@ class MultiViewBuilder(nn.Module):
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
         self.image_size = image_size
+        self.grayscale_p = float(grayscale_p)
         self.generator = torch.Generator().manual_seed(seed)
         self.original_path = original_path
 
@@ -153,7 +158,8 @@ class MultiViewBuilder(nn.Module):
         crops = random_resized_crops(images.repeat(views, 1, 1, 1), self.image_size, scale, generator)
         landmarks = self._landmarks(crops, call_rows)
         probabilities = torch.tensor(colour, dtype=torch.float64).repeat_interleave(batch, dim=0)  # [V*B, 2]
-        coloured = colour_augment(crops.add(1).mul_(0.5), probabilities[:, 0], probabilities[:, 1], generator)
+        coloured = colour_augment(crops.add(1).mul_(0.5), probabilities[:, 0], probabilities[:, 1], generator,
+                                  grayscale_p=self.grayscale_p)
         coloured = coloured.mul_(2).sub_(1)  # back to [-1, 1]
         index = None  # all landmarks in order
         if num_tokens is not None:

@@ -159,6 +159,8 @@ PRETRAIN = COMMON + [
     _opt("views.local_tokens", 36, "Landmarks drawn per local view.", minimum=1),
     _opt("views.replacement", True, "Draw the local views' landmarks with replacement (as the paper).", bool),
     _opt("views.jitter_std", 5.0, "Gaussian landmark jitter in pixels.", float, minimum=0.0),
+    _opt("views.grayscale_p", 0.2, "Probability that a view is turned to grayscale (DINO's 0.2).", float,
+         minimum=0.0, maximum=1.0),
     _opt("dino.out_dim", 65536, "Output dimension of the DINO head (the paper uses up to 100,000).", minimum=1),
     _opt("dino.hidden_dim", 2048, "Hidden width of the DINO head.", minimum=1),
     _opt("dino.bottleneck_dim", 256, "Bottleneck width of the DINO head.", minimum=1),

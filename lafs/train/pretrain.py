@@ -56,7 +56,7 @@ class PretrainStage(Stage):
             self.landmark_cnn, patch_size=self.student.patch_size, global_views=2, local_views=v.local_count,
             local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
             global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
-            image_size=self.landmark_cnn.image_size, seed=cfg.seed + self.dist.rank,
+            image_size=self.landmark_cnn.image_size, grayscale_p=v.grayscale_p, seed=cfg.seed + self.dist.rank,
             original_path=cfg.train.original_path)
         amp = autocast_dtype(cfg.train.amp, self.device)
         settings = DINOSettings(

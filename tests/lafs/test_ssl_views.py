@@ -167,6 +167,22 @@ def test_bad_input_is_named(rng):
         builder()(torch.rand(2, 1, SIZE, SIZE, generator=rng))
     with pytest.raises(ValueError, match="global_scale"):
         builder(global_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="grayscale_p"):
+        builder(grayscale_p=1.5)
+
+
+def _is_gray(tokens: torch.Tensor) -> torch.Tensor:
+    """[N, K, P*P*3] tokens (pixel-major, channel last) -> [N]: every pixel of the view has R = G = B."""
+    pixels = tokens.reshape(tokens.shape[0], -1, 3)
+    return ((pixels - pixels[..., :1]).abs() < 1e-6).flatten(1).all(dim=1)
+
+
+def test_grayscale_probability_reaches_every_view(rng):
+    images = torch.rand(4, 3, SIZE, SIZE, generator=rng) * 2 - 1
+    always = builder(grayscale_p=1.0)(images, generator=rng)
+    assert all(_is_gray(group.tokens).all() for group in always)
+    never = builder(grayscale_p=0.0)(images, generator=rng)
+    assert not any(_is_gray(group.tokens).any() for group in never)
 
 
 
