@@ -117,8 +117,17 @@ def test_val_set_pictures_sample_the_whole_set():
     assert len(ValSet("s", images[:5], np.zeros(2, bool)).sample_images(8)) == 5
 
 
-def test_neither_raw_pixels_nor_an_untrained_network_verify(rng):
-    faces = SyntheticFaces(40, 6, seed=seed_from(rng), identity_offset=5000)
+def _demo_difficulty() -> float:
+    from lafs.train import config as cfgmod
+
+    return float(cfgmod.load_recipe("demo")["data"]["synthetic"]["difficulty"])
+
+
+@pytest.mark.parametrize("difficulty", [1.0, "demo"])
+def test_neither_raw_pixels_nor_an_untrained_network_verify(rng, difficulty):
+    """At the default strength and at the demo recipe's (whose 0.90 goal assumes faces near chance untrained)."""
+    difficulty = _demo_difficulty() if difficulty == "demo" else difficulty
+    faces = SyntheticFaces(40, 6, seed=seed_from(rng), identity_offset=5000, difficulty=difficulty)
     images, issame = verification_pairs(faces, 200, seed=seed_from(rng))
     centred = images.flatten(1) - images.flatten(1).mean(1, keepdim=True)
     pixel_accuracy = best_threshold_accuracy(pair_similarity(centred), issame)

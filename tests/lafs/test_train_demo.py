@@ -12,20 +12,15 @@ from lafs.train.runner import run_command
 
 pytestmark = pytest.mark.slow
 
-# Shortened demo: the demo recipe's model, loss and curriculum on half its images with 336 steps
-# (about 1.5 minutes on 2 idle cores).
-SHORT_SUPERVISED = ["data.synthetic.images_per_identity=12", "optim.epochs=7",
-                    "data.synthetic.difficulty_warmup_epochs=7", "val.pairs=400", "train.plots=false"]
+# Shortened demo: the demo recipe's data, model and loss with half its steps (480: 5 epochs, the difficulty
+# curriculum over 2), verified on 400 held-out pairs; about 2 minutes on 2 idle cores. Measured 2026-11-28:
+# 0.8375 (seed 0); untrained networks verify the same faces at 0.46-0.51, and the full supervised stage (960
+# steps) at 0.918-0.928 (seeds 0-2).
+SHORT_SUPERVISED = ["optim.epochs=5", "data.synthetic.difficulty_warmup_epochs=2", "val.pairs=400",
+                    "train.plots=false"]
 SHORT_SUPERVISED_MIN_ACCURACY = 0.8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known open problem (issue 5): the supervised demo learns too slowly -- held-out accuracy 0.730 "
-           "measured on 2026-11-28 for this shortened run (seed 0, 336 steps; untrained networks: 0.44-0.55) and "
-           "0.76-0.84 for the full demo stage (960 steps, seeds 0-2, goal 0.90); strict, so this marker must go "
-           "once it passes",
-)
 def test_shortened_supervised_demo_beats_chance_by_far(tmp_path):
     summary = run_command("supervised", recipe="demo", overrides=SHORT_SUPERVISED, out=tmp_path / "sup")
     accuracy = summary["verification"]["accuracy"]
