@@ -153,6 +153,8 @@ FINETUNE = COMMON + MARGIN + FLIP + [
 PRETRAIN = COMMON + [
     _opt("init.landmark", None, "Supervised run folder, checkpoint or official state dict whose landmark CNN "
          "(frozen, eval mode) places the patches. Required.", str, nullable=True),
+    _opt("val.student", True, "Also verify the student transformer at each validation (val_student_accuracy in "
+         "the log); the teacher's accuracy picks the best checkpoint.", bool),
     _opt("views.global_scale", [0.4, 1.0], "Random-resized-crop scale range of the two global views.", list),
     _opt("views.local_count", 8, "Local views per image.", minimum=0),
     _opt("views.local_scale", [0.4, 1.0], "Random-resized-crop scale range of the local views.", list),

@@ -96,10 +96,23 @@ class PretrainStage(Stage):
         return PartFViT(self.landmark_cnn, self.trainer.teacher.backbone).eval()
 
     def validate(self) -> dict:
+        """The teacher's verification (``accuracy``, which picks the best checkpoint) and, with ``val.student``,
+        the student's as ``student_accuracy`` / ``student_acc_<set>``: a student that learns while the teacher
+        lags behind tells a momentum problem from a pretraining that learns nothing."""
         if not self.dist.is_main:
             return {}
-        return verify_sets(self.embedding_model(), self.val_sets, batch_size=self.cfg.val.batch_size,
-                           device=self.device)
+        results = verify_sets(self.embedding_model(), self.val_sets, batch_size=self.cfg.val.batch_size,
+                              device=self.device)
+        if self.cfg.val.student:
+            student = self.trainer.student.backbone
+            was_training = student.training
+            try:
+                student_results = verify_sets(PartFViT(self.landmark_cnn, student).eval(), self.val_sets,
+                                              batch_size=self.cfg.val.batch_size, device=self.device)
+            finally:
+                student.train(was_training)  # the landmark CNN stays in eval mode: it is frozen
+            results.update({f"student_{k}": v for k, v in student_results.items()})
+        return results
 
     def state_dict(self) -> dict:
         return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
