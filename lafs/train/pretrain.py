@@ -87,13 +87,13 @@ class PretrainStage(Stage):
         stats.pop("lr")
         return stats
 
-    def embedding_model(self) -> PartFViT:
-        """The teacher transformer behind the frozen landmark CNN (eval mode): what verification uses.
+    def embedding_model(self, backbone=None) -> PartFViT:
+        """A transformer (default: the teacher) behind the frozen landmark CNN, in eval mode: what verification uses.
 
-        Both parts are shared with the trainer, so the model stays in eval mode
-        (verification restores the mode it found; the teacher must never train).
+        Both parts are shared with the trainer; the teacher never trains, and ``_verify`` puts a
+        student back into the mode it found.
         """
-        return PartFViT(self.landmark_cnn, self.trainer.teacher.backbone).eval()
+        return PartFViT(self.landmark_cnn, self.trainer.teacher.backbone if backbone is None else backbone).eval()
 
     def validate(self) -> dict:
         """The teacher's verification (``accuracy``, which picks the best checkpoint) and, with ``val.student``,
@@ -101,18 +101,18 @@ class PretrainStage(Stage):
         lags behind tells a momentum problem from a pretraining that learns nothing."""
         if not self.dist.is_main:
             return {}
-        results = verify_sets(self.embedding_model(), self.val_sets, batch_size=self.cfg.val.batch_size,
-                              device=self.device)
+        results = self._verify(self.trainer.teacher.backbone)
         if self.cfg.val.student:
-            student = self.trainer.student.backbone
-            was_training = student.training
-            try:
-                student_results = verify_sets(PartFViT(self.landmark_cnn, student).eval(), self.val_sets,
-                                              batch_size=self.cfg.val.batch_size, device=self.device)
-            finally:
-                student.train(was_training)  # the landmark CNN stays in eval mode: it is frozen
-            results.update({f"student_{k}": v for k, v in student_results.items()})
+            results.update({f"student_{k}": v for k, v in self._verify(self.trainer.student.backbone).items()})
         return results
+
+    def _verify(self, backbone) -> dict:
+        was_training = backbone.training
+        try:
+            return verify_sets(self.embedding_model(backbone), self.val_sets, batch_size=self.cfg.val.batch_size,
+                               device=self.device)
+        finally:
+            backbone.train(was_training)  # the landmark CNN stays in eval mode: it is frozen
 
     def state_dict(self) -> dict:
         return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
