@@ -155,6 +155,9 @@ PRETRAIN = COMMON + [
          "(frozen, eval mode) places the patches. Required.", str, nullable=True),
     _opt("val.student", True, "Also verify the student transformer at each validation (val_student_accuracy in "
          "the log); the teacher's accuracy picks the best checkpoint.", bool),
+    _opt("val.view_probe", 128, "Training images whose two global views (drawn once from the seed) are matched at "
+         "each validation: val_view_retrieval is the fraction whose second view is the nearest to their first "
+         "(chance 1/N; no labels needed). 0 turns it off.", minimum=0),
     _opt("views.global_scale", [0.4, 1.0], "Random-resized-crop scale range of the two global views.", list),
     _opt("views.local_count", 8, "Local views per image.", minimum=0),
     _opt("views.local_scale", [0.4, 1.0], "Random-resized-crop scale range of the local views.", list),

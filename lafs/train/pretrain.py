@@ -6,7 +6,9 @@ mode inside ``lafs.ssl.MultiViewBuilder`` (batch norms folded, channels_last; wi
 and cuts patches with the original per-landmark ``grid_sample`` loop); ``lafs.ssl.DINOTrainer``
 owns student, teacher, DINO head and loss, optimizer and the per-step schedules. Labels of
 the training set are never read. Verification embeds the held-out pairs with
-the teacher transformer behind the frozen landmark CNN.
+the teacher transformer behind the frozen landmark CNN; without labels, ``val.view_probe``
+images' two global views (drawn once, from a fixed seed) tell whether the backbones learn
+anything augmentation-invariant at all (``lafs.ssl.monitor``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 from lafs.models.part_fvit import PartFViT
+from lafs.ssl.monitor import probe_views, view_retrieval_accuracy
 from lafs.ssl.step import DINOSettings, DINOTrainer
 from lafs.ssl.views import MultiViewBuilder
 
@@ -72,6 +75,17 @@ class PretrainStage(Stage):
             amp_dtype={None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp])
         self.trainer = DINOTrainer(self.student.to(self.device), self.teacher.to(self.device), views, settings,
                                    device=self.device)
+        self.view_probe = None
+        if cfg.val.view_probe and self.dist.is_main:
+            self.view_probe = probe_views(self.trainer.views, self._probe_images(cfg.val.view_probe), cfg.seed)
+
+    def _probe_images(self, count: int) -> torch.Tensor:
+        """``count`` training images spread evenly over the set (so over many identities): [count, 3, H, W]."""
+        if count < 2:
+            raise ConfigError(f"val.view_probe must be 0 (off) or at least 2 images, got {count}")
+        count = min(count, len(self.train_set))
+        picks = torch.linspace(0, len(self.train_set) - 1, count).round().long().unique()
+        return torch.stack([self.train_set[int(i)][0] for i in picks]).to(self.device)
 
     def current_lr(self, step: int) -> float:
         return float(self.trainer.lr_schedule[min(step, self.trainer.total_steps - 1)])
@@ -98,12 +112,19 @@ class PretrainStage(Stage):
     def validate(self) -> dict:
         """The teacher's verification (``accuracy``, which picks the best checkpoint) and, with ``val.student``,
         the student's as ``student_accuracy`` / ``student_acc_<set>``: a student that learns while the teacher
-        lags behind tells a momentum problem from a pretraining that learns nothing."""
+        lags behind tells a momentum problem from a pretraining that learns nothing.  With ``val.view_probe``
+        also ``view_retrieval`` (and ``student_view_retrieval``): the fraction of probe images whose second
+        global view is the nearest to their first (chance 1 / val.view_probe)."""
         if not self.dist.is_main:
             return {}
         results = self._verify(self.trainer.teacher.backbone)
+        if self.view_probe is not None:
+            results["view_retrieval"] = view_retrieval_accuracy(self.trainer.teacher.backbone, self.view_probe)
         if self.cfg.val.student:
             results.update({f"student_{k}": v for k, v in self._verify(self.trainer.student.backbone).items()})
+            if self.view_probe is not None:
+                results["student_view_retrieval"] = view_retrieval_accuracy(self.trainer.student.backbone,
+                                                                            self.view_probe)
         return results
 
     def _verify(self, backbone) -> dict:

@@ -473,7 +473,7 @@ def _forward_fake(
     acc = accumulation_dtype(x.dtype)
     rows = x.shape[0]
     vec = x.new_empty(rows, dtype=acc)
-    norms = x.new_empty(weight.shape[0] if ENGINES[backend].keeps_norms else 0, dtype=acc)
+    norms = x.new_empty(weight.shape[0] if _engine(backend, x.device).keeps_norms else 0, dtype=acc)
     return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), x.new_empty(rows, dtype=torch.int64), norms)
 
 
