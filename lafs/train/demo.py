@@ -55,6 +55,11 @@ def demo_summary(results: dict, configs: dict, wall_seconds: float) -> dict:
                           "best_accuracy": r.get("best", {}).get("accuracy"), "images_per_s": r["images_per_s"],
                           "train_seconds": r["train_seconds"], "steps": r["steps"],
                           "train_images": r.get("train_images")}
+    # Pretraining's label-free check (lafs.ssl.monitor): absent when val.view_probe is 0.
+    for key in ("view_retrieval", "student_view_retrieval"):
+        value = results["pretrain"].get("verification", {}).get(key)
+        if value is not None:
+            stages["pretrain"][key] = value
     lafs = stages["finetune"]["verification_accuracy"]
     scratch = stages["scratch"]["verification_accuracy"]
     margin = None if lafs is None or scratch is None else lafs - scratch
@@ -104,6 +109,10 @@ def format_table(summary: dict) -> str:
         acc = row["verification_accuracy"]
         lines.append(f"{row['description']:<34}{'-' if acc is None else f'{acc:.4f}':>13}"
                      f"{row['images_per_s']:>10.1f}{row['train_seconds']:>9.0f}")
+    retrieval = summary["stages"]["pretrain"].get("view_retrieval")
+    if retrieval is not None:
+        lines.append(f"pretraining view retrieval (teacher; second view of an image nearest to its first): "
+                     f"{retrieval:.3f}")
     fs = summary["few_shot"]
     if fs["lafs_minus_scratch"] is not None:
         lines.append(f"few-shot ({fs['images_per_identity']} images per identity): LAFS - scratch = "

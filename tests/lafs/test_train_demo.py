@@ -45,6 +45,10 @@ def test_shortened_three_stage_run_leaves_every_output(tmp_path, capsys):
             assert (out / name / file).is_file(), f"{name}/{file}"
     for picture in ("curves.png", "landmarks.png"):
         assert (out / "supervised" / picture).stat().st_size > 10_000
+    pre_log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert on_disk["stages"]["pretrain"]["view_retrieval"] == [r for r in pre_log if "val_accuracy" in r][-1][
+        "val_view_retrieval"]
+    assert "pretraining view retrieval" in table
     few_shot = on_disk["few_shot"]
     assert few_shot["images_per_identity"] == 2 and on_disk["seed"] == 0
     assert few_shot["lafs_minus_scratch"] == pytest.approx(few_shot["lafs_accuracy"] - few_shot["scratch_accuracy"])
