@@ -12,7 +12,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 
 def curves(log: list[dict], path: Path, title: str = "") -> None:
-    """Training loss, training accuracy and verification accuracy against the optimizer step."""
+    """Training loss, training accuracy and verification accuracy (and, in pretraining, the student's and
+    the view retrieval) against the optimizer step."""
     train = [r for r in log if "loss" in r]
     val = [r for r in log if "val_accuracy" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -27,6 +28,13 @@ def curves(log: list[dict], path: Path, title: str = "") -> None:
     if val:
         ax_acc.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", label="verification",
                     color="tab:green")
+    # Pretraining also logs the student's verification and the label-free view retrieval.
+    for key, label, style in (("val_student_accuracy", "verification (student)", ("o--", "tab:olive")),
+                              ("val_view_retrieval", "view retrieval", ("s-", "tab:purple")),
+                              ("val_student_view_retrieval", "view retrieval (student)", ("s--", "tab:pink"))):
+        points = [r for r in val if key in r]
+        if points:
+            ax_acc.plot([r["step"] for r in points], [r[key] for r in points], style[0], label=label, color=style[1])
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1.02)
