@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lafs.eval.embed import evaluation_mode
+
 from .views import MultiViewBuilder, ViewGroup
 
 
@@ -43,13 +45,9 @@ def view_retrieval_accuracy(backbone: nn.Module, group: ViewGroup, batch_size: i
     rows = group.tokens.shape[0]
     if rows < 4 or rows % 2:
         raise ValueError(f"view retrieval needs two views of at least two images, got {rows} rows")
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with evaluation_mode(backbone):
         features = torch.cat([backbone(tokens, index) for tokens, index in
                               zip(group.tokens.split(batch_size), group.index.split(batch_size))])
-    finally:
-        backbone.train(was_training)
     first, second = F.normalize(features.float(), dim=1).chunk(2)
     nearest = (first @ second.T).argmax(dim=1)
     return (nearest == torch.arange(len(first), device=nearest.device)).float().mean().item()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lafs.eval.embed import evaluation_mode
 from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 from lafs.models.part_fvit import PartFViT
@@ -84,7 +85,7 @@ class PretrainStage(Stage):
         if count < 2:
             raise ConfigError(f"val.view_probe must be 0 (off) or at least 2 images, got {count}")
         count = min(count, len(self.train_set))
-        picks = torch.linspace(0, len(self.train_set) - 1, count).round().long().unique()
+        picks = torch.linspace(0, len(self.train_set) - 1, count).round().long()  # distinct: spacing >= 1
         return torch.stack([self.train_set[int(i)][0] for i in picks]).to(self.device)
 
     def current_lr(self, step: int) -> float:
@@ -104,7 +105,7 @@ class PretrainStage(Stage):
     def embedding_model(self, backbone=None) -> PartFViT:
         """A transformer (default: the teacher) behind the frozen landmark CNN, in eval mode: what verification uses.
 
-        Both parts are shared with the trainer; the teacher never trains, and ``_verify`` puts a
+        Both parts are shared with the trainer; the teacher never trains, and ``_evaluate`` puts a
         student back into the mode it found.
         """
         return PartFViT(self.landmark_cnn, self.trainer.teacher.backbone if backbone is None else backbone).eval()
@@ -117,23 +118,20 @@ class PretrainStage(Stage):
         global view is the nearest to their first (chance 1 / val.view_probe)."""
         if not self.dist.is_main:
             return {}
-        results = self._verify(self.trainer.teacher.backbone)
-        if self.view_probe is not None:
-            results["view_retrieval"] = view_retrieval_accuracy(self.trainer.teacher.backbone, self.view_probe)
+        results = self._evaluate(self.trainer.teacher.backbone)
         if self.cfg.val.student:
-            results.update({f"student_{k}": v for k, v in self._verify(self.trainer.student.backbone).items()})
-            if self.view_probe is not None:
-                results["student_view_retrieval"] = view_retrieval_accuracy(self.trainer.student.backbone,
-                                                                            self.view_probe)
+            results.update({f"student_{k}": v for k, v in self._evaluate(self.trainer.student.backbone).items()})
         return results
 
-    def _verify(self, backbone) -> dict:
-        was_training = backbone.training
-        try:
-            return verify_sets(self.embedding_model(backbone), self.val_sets, batch_size=self.cfg.val.batch_size,
-                               device=self.device)
-        finally:
-            backbone.train(was_training)  # the landmark CNN stays in eval mode: it is frozen
+    def _evaluate(self, backbone) -> dict:
+        """Verification of ``backbone`` behind the frozen landmark CNN, and its view retrieval on the probe;
+        ``backbone`` goes back to the mode it was in (the landmark CNN stays in eval mode: it is frozen)."""
+        with evaluation_mode(backbone):
+            results = verify_sets(self.embedding_model(backbone), self.val_sets, batch_size=self.cfg.val.batch_size,
+                                  device=self.device)
+        if self.view_probe is not None:
+            results["view_retrieval"] = view_retrieval_accuracy(backbone, self.view_probe)
+        return results
 
     def state_dict(self) -> dict:
         return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
