@@ -2,7 +2,8 @@
 # The one check of the GPU paths, for a machine with an NVIDIA H100/H200 (CUDA 13, torch and Triton
 # installed, no network). In under eight minutes it
 #   1. finds Python (.venv/bin/python, else python3; LAFS_GPU_CHECK_PYTHON overrides) and the CUDA toolkit,
-#   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed),
+#   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed, but the
+#      _C of an editable install in this checkout is replaced; `pip install -e .` restores it),
 #   3. runs the GPU-marked tests (pytest -m gpu tests),
 #   4. runs the GPU benchmarks at the issues' shapes (pytest benchmarks --benchmark-only),
 #   5. prints a short table last.
@@ -49,14 +50,7 @@ finish() {
 abort() { fail "$1"; finish "unreachable"; }
 
 # ---- 1. Python and toolkit ------------------------------------------------------------------------------
-PY=${LAFS_GPU_CHECK_PYTHON:-}
-if [ -z "$PY" ]; then
-  for candidate in "$ROOT/.venv/bin/python" python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
-      PY=$candidate; break
-    fi
-  done
-fi
+. "$ROOT/benchmarks/_find_python.sh"
 [ -n "$PY" ] || abort "no Python with torch found (.venv/bin/python, python3); set LAFS_GPU_CHECK_PYTHON"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 say "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"

@@ -16,15 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12
+# A global read inside a kernel must be a constexpr (the interpreter accepts a plain float; compilation does not).
+EPS = tl.constexpr(1e-12)
 
 
-def _blocks(device: torch.device):
+def _blocks(device: torch.device, dtype: torch.dtype):
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps); the interpreter gets small tiles (it runs numpy
     per tile).  On GPU the backward keeps about six [64, 128] float32 tiles live: 8 warps keep
-    them in registers."""
+    them in registers.  float32 inputs take the exact (non tensor-core) dot, which needs more
+    registers: with BLOCK_D 64 the sm_90 forward spilled 1088 bytes per thread, with 32 none
+    (tests/kernels/triton_sm90_compile.py prints registers and spills)."""
     if device.type == "cuda":
-        return 64, 128, 64, 8
+        return 64, 128, 32 if dtype == torch.float32 else 64, 8
     return 16, 32, 16, 4
 
 
@@ -135,7 +138,7 @@ def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
     x, w, inv_x = x.contiguous(), w.contiguous(), inv_x.float().contiguous()
-    block_b, block_c, block_d, num_warps = _blocks(w.device)
+    block_b, block_c, block_d, num_warps = _blocks(w.device, w.dtype)
     grid = (triton.cdiv(x.shape[0], block_b), triton.cdiv(w.shape[0], block_c))
     meta = dict(
         T=labels.shape[1], BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,

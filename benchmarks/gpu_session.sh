@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a GPU lease is for, in one command that fits one device call (at most 10 minutes):
+#   1. benchmarks/gpu_check.sh (build for sm_90, GPU tests, GPU benchmarks), bounded to CHECK_SECONDS;
+#   2. benchmarks/gpu_pretrain_demo.sh with the time left (the default run, then long LAFS pretraining).
+# Results are packed into at most four files in OUT_DIR, since a device call returns only a few:
+#   check_summary.txt, RESULTS.md (benchmark table), pretrain_demo.md, session.tgz (every log, benchmark
+#   JSON, run summary, log.jsonl and picture; no checkpoints).
+#
+# usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS [CHECK_SECONDS]]   (defaults 570 and 400)
+#   A plumbing check without a GPU: LAFS_GPU_CHECK_CPU=1 (gpu_check's dry run) LAFS_DEMO_QUICK=1 (tiny demo).
+set -uo pipefail
+
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [TOTAL_SECONDS [CHECK_SECONDS]]" >&2; exit 2; }
+OUT=$1
+TOTAL=${2:-570}
+CHECK=${3:-400}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+START=$(date +%s)
+
+pack() {
+  cp "$WORK/check/summary.txt" "$OUT/check_summary.txt" 2>/dev/null
+  cp "$WORK/check/RESULTS.md" "$OUT/RESULTS.md" 2>/dev/null
+  cp "$WORK/demo/pretrain_demo.md" "$OUT/pretrain_demo.md" 2>/dev/null
+  tar czf "$OUT/session.tgz" -C "$WORK" --exclude='*.pt' .
+  ls -l "$OUT"
+}
+trap pack EXIT
+
+timeout "$CHECK" bash "$ROOT/benchmarks/gpu_check.sh" "$WORK/check"
+echo "gpu_session: gpu_check exit $? after $(( $(date +%s) - START ))s"
+DEMO_BUDGET=$(( TOTAL - ($(date +%s) - START) - 20 ))
+DEMO_ARGS=(--budget "$DEMO_BUDGET")
+[ "${LAFS_DEMO_QUICK:-0}" = 1 ] && DEMO_ARGS+=(--quick)
+bash "$ROOT/benchmarks/gpu_pretrain_demo.sh" "$WORK/demo" "${DEMO_ARGS[@]}"
+echo "gpu_session: gpu_pretrain_demo exit $? after $(( $(date +%s) - START ))s"
+[ -f "$WORK/demo/pretrain_demo.md" ] && cat "$WORK/demo/pretrain_demo.md"
