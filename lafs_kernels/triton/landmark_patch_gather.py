@@ -41,24 +41,32 @@ def _patch_geometry(centres_ptr, patch, patch_ok, H, W, P: tl.constexpr):
 
 
 @triton.jit
+def _patch_tile(centres_ptr, num_patches, C, H, W, P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's tile of BLOCK_K patches x BLOCK_F features (feature f = (x_offset * P + y_offset) * C + c).
+
+    Returns patch ids [BLOCK_K] and their validity, the channel of each feature [BLOCK_F], the tile's
+    validity [BLOCK_K, BLOCK_F], each feature's top-left tap (xs, ys) [BLOCK_K, BLOCK_F] and the
+    patches' bilinear fractions (fx, fy) [BLOCK_K].
+    """
+    patch = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    patch_ok = patch < num_patches
+    x0, y0, fx, fy = _patch_geometry(centres_ptr, patch, patch_ok, H, W, P)
+    f = tl.arange(0, BLOCK_F)
+    tile_ok = patch_ok[:, None] & (f < P * P * C)[None, :]
+    xs = x0[:, None] + (f // (P * C))[None, :]
+    ys = y0[:, None] + ((f // C) % P)[None, :]
+    return patch, patch_ok, f % C, tile_ok, xs, ys, fx, fy
+
+
+@triton.jit
 def _forward_kernel(
     image_ptr, centres_ptr, tokens_ptr,
     num_patches, K, C, H, W,
     stride_b, stride_c, stride_h, stride_w,
     P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    patch = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    patch_ok = patch < num_patches
-    x0, y0, fx, fy = _patch_geometry(centres_ptr, patch, patch_ok, H, W, P)
-    F = P * P * C
-    f = tl.arange(0, BLOCK_F)
-    i = f // (P * C)
-    j = (f // C) % P
-    c = f % C
-    tile_ok = patch_ok[:, None] & (f < F)[None, :]
+    patch, patch_ok, c, tile_ok, xs, ys, fx, fy = _patch_tile(centres_ptr, num_patches, C, H, W, P, BLOCK_K, BLOCK_F)
     base = image_ptr + (patch // K).to(tl.int64)[:, None] * stride_b + c[None, :] * stride_c
-    xs = x0[:, None] + i[None, :]
-    ys = y0[:, None] + j[None, :]
     acc = tl.zeros((BLOCK_K, BLOCK_F), dtype=tl.float32)
     for dy in tl.static_range(2):
         wy = (fy if dy == 1 else 1.0 - fy)[:, None]
@@ -70,7 +78,7 @@ def _forward_kernel(
             ok = tile_ok & y_ok & (x >= 0) & (x < W)
             value = tl.load(base + y * stride_h + x * stride_w, mask=ok, other=0.0).to(tl.float32)
             acc += wx * wy * value
-    out = tokens_ptr + patch.to(tl.int64)[:, None] * F + f[None, :]
+    out = tokens_ptr + patch.to(tl.int64)[:, None] * (P * P * C) + tl.arange(0, BLOCK_F)[None, :]
     tl.store(out, acc.to(tokens_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -82,23 +90,14 @@ def _backward_kernel(
     P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     NEED_IMAGE_GRAD: tl.constexpr, NEED_CENTRE_GRAD: tl.constexpr,
 ):
-    patch = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    patch_ok = patch < num_patches
-    x0, y0, fx, fy = _patch_geometry(centres_ptr, patch, patch_ok, H, W, P)
-    F = P * P * C
-    f = tl.arange(0, BLOCK_F)
-    i = f // (P * C)
-    j = (f // C) % P
-    c = f % C
-    tile_ok = patch_ok[:, None] & (f < F)[None, :]
-    grad = tl.load(grad_tokens_ptr + patch.to(tl.int64)[:, None] * F + f[None, :], mask=tile_ok, other=0.0)
+    patch, patch_ok, c, tile_ok, xs, ys, fx, fy = _patch_tile(centres_ptr, num_patches, C, H, W, P, BLOCK_K, BLOCK_F)
+    features = patch.to(tl.int64)[:, None] * (P * P * C) + tl.arange(0, BLOCK_F)[None, :]
+    grad = tl.load(grad_tokens_ptr + features, mask=tile_ok, other=0.0)
     grad = grad.to(tl.float32)
     b = (patch // K).to(tl.int64)[:, None]
     image_base = image_ptr + b * stride_b + c[None, :] * stride_c
     # The float32 image-gradient buffer is contiguous [B, C, H, W].
     grad_base = grad_image_ptr + (b * C + c[None, :]) * H * W
-    xs = x0[:, None] + i[None, :]
-    ys = y0[:, None] + j[None, :]
     grad_fx = tl.zeros((BLOCK_K, BLOCK_F), dtype=tl.float32)
     grad_fy = tl.zeros((BLOCK_K, BLOCK_F), dtype=tl.float32)
     for dy in tl.static_range(2):

@@ -33,10 +33,16 @@ def _blocks(device: torch.device, dtype: torch.dtype):
 
 @triton.jit
 def _tile_logits(
-    X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
+    X, W, INV_X, LABELS, TARGET, B, C, D, s,
     stride_x, stride_w, T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """This program's tile (rows from program id 0, classes from program id 1): returns rows [BLOCK_B],
+    cols [BLOCK_C], their validity, cos and logits [BLOCK_B, BLOCK_C] (targets margined) and inv_w [BLOCK_C]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < B
+    col_ok = cols < C
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     w_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
@@ -61,7 +67,7 @@ def _tile_logits(
         label = tl.load(LABELS + rows * T + t, mask=row_ok, other=-1)
         target = tl.load(TARGET + rows * T + t, mask=row_ok, other=0.0)
         logits = tl.where(cols[None, :] == label[:, None], target[:, None], logits)
-    return cos, logits, inv_w
+    return rows, cols, row_ok, col_ok, cos, logits, inv_w
 
 
 @triton.jit
@@ -71,15 +77,8 @@ def _forward_kernel(
     T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < B
-    col_ok = cols < C
-    cos, logits, inv_w = _tile_logits(
-        X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
-        stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+    rows, cols, row_ok, col_ok, cos, logits, inv_w = _tile_logits(
+        X, W, INV_X, LABELS, TARGET, B, C, D, s, stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
     )
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     tile_max = tl.max(logits, 1)
@@ -87,8 +86,8 @@ def _forward_kernel(
     logit_sum = tl.sum(tl.where(col_ok[None, :], logits, 0.0), 1)
     cos = tl.where(col_ok[None, :], cos, float("-inf"))
     best = tl.max(cos, 1)
-    arg = tl.argmax(cos, 1) + pid_c * BLOCK_C
-    out = rows * num_col_blocks + pid_c
+    arg = tl.argmax(cos, 1) + tl.program_id(1) * BLOCK_C
+    out = rows * num_col_blocks + tl.program_id(1)
     tl.store(OUT_MAX + out, tile_max, mask=row_ok)
     tl.store(OUT_SUM + out, tile_sum, mask=row_ok)
     tl.store(OUT_LOGIT_SUM + out, logit_sum, mask=row_ok)
@@ -103,15 +102,8 @@ def _backward_kernel(
     T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < B
-    col_ok = cols < C
-    cos, logits, inv_w = _tile_logits(
-        X, W, INV_X, LABELS, TARGET, rows, cols, row_ok, col_ok, B, C, D, s,
-        stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+    rows, cols, row_ok, col_ok, cos, logits, inv_w = _tile_logits(
+        X, W, INV_X, LABELS, TARGET, B, C, D, s, stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
     )
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     grad_lse = tl.load(GRAD_LSE + rows, mask=row_ok, other=0.0)
@@ -129,7 +121,7 @@ def _backward_kernel(
     dcos = tl.where(row_ok[:, None] & col_ok[None, :], dlogit * slope * s, 0.0)
     nonzero = (inv_w < 0.5 / EPS).to(tl.float32)  # a zero centre has inv_w = 1 / EPS
     radial = tl.sum(dcos * cos, 0) * inv_w * inv_w * nonzero
-    tl.store(RADIAL + pid_b * C + cols, radial, mask=col_ok)
+    tl.store(RADIAL + tl.program_id(0) * C + cols, radial, mask=col_ok)
     g = dcos * inv_w[None, :]
     tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
