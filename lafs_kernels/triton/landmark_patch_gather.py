@@ -19,7 +19,7 @@ import triton.language as tl
 
 TILE_ELEMENTS = 2048  # patches x features per program
 # The backward with both gradients keeps more tiles live: with 4 warps its sm_90 build spilled 144 bytes
-# per thread (255 registers), with 8 it needs 184 registers and no spill (tests/kernels/triton_sm90_compile.py).
+# per thread (255 registers), with 8 it needs 184 registers and no spill (tests/kernels/triton_gpu_compile.py).
 BACKWARD_NUM_WARPS = 8
 
 

@@ -25,7 +25,7 @@ def _blocks(device: torch.device, dtype: torch.dtype):
     per tile).  On GPU the backward keeps about six [64, 128] float32 tiles live: 8 warps keep
     them in registers.  float32 inputs take the exact (non tensor-core) dot, which needs more
     registers: with BLOCK_D 64 the sm_90 forward spilled 1088 bytes per thread, with 32 none
-    (tests/kernels/triton_sm90_compile.py prints registers and spills)."""
+    (tests/kernels/triton_gpu_compile.py prints registers and spills)."""
     if device.type == "cuda":
         return 64, 128, 32 if dtype == torch.float32 else 64, 8
     return 16, 32, 16, 4

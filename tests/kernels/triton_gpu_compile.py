@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of lafs_kernels for Hopper (sm_90) without a GPU.
+"""Compile every Triton kernel of lafs_kernels for Ampere (sm_80) or Hopper (sm_90) without a GPU.
 
 The interpreter (TRITON_INTERPRET=1, how the suite runs the kernels here) never lowers a kernel to
 PTX, so type errors, layouts the compiler rejects and tiles that do not fit in shared memory would first
@@ -10,7 +10,7 @@ num_warps). Prints one JSON line per variant: name, ok, error, shared memory byt
 cubin's registers and spills when ``cuobjdump`` is found. Must run without TRITON_INTERPRET (with it,
 ``triton.jit`` builds interpreter functions that cannot be compiled); the test runs it in a subprocess.
 
-usage: python tests/kernels/triton_sm90_compile.py [--only NAME_SUBSTRING]
+usage: python tests/kernels/triton_gpu_compile.py [--arch 90|80] [--only NAME_SUBSTRING]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import tempfile
 import torch
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("triton_sm90_compile: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    sys.exit("triton_gpu_compile: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -35,7 +35,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from lafs_kernels.triton import landmark_patch_gather as gather  # noqa: E402
 from lafs_kernels.triton import margin_softmax as margin  # noqa: E402
 
-HOPPER = GPUTarget("cuda", 90, 32)
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CUDA = torch.device("cuda")
 
@@ -114,10 +113,10 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
 
 
-def compile_variant(name, fn, types, constexprs, options) -> dict:
+def compile_variant(name, fn, types, constexprs, options, arch: int = 90) -> dict:
     try:
         source = ASTSource(fn=fn, signature=_signature(fn, types, constexprs), constexprs=constexprs)
-        kernel = triton.compile(source, target=HOPPER, options=options)
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # the point is to report it
         cause = f" (caused by {type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
         return {"name": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[-1200:]}{cause[:1500]}"}
@@ -129,13 +128,14 @@ def compile_variant(name, fn, types, constexprs, options) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=(80, 90), help="compute capability x 10")
     parser.add_argument("--only", default="", help="compile only variants whose name contains this")
     args = parser.parse_args(argv)
     failed = 0
     for variant in (*gather_variants(), *margin_variants()):
         if args.only not in variant[0]:
             continue
-        result = compile_variant(*variant)
+        result = compile_variant(*variant, arch=args.arch)
         failed += not result["ok"]
         print(json.dumps(result), flush=True)
     return 1 if failed else 0
