@@ -14,7 +14,7 @@
 # usage: benchmarks/gpu_pretrain_demo.sh OUT_DIR [--budget SECONDS] [--quick]
 #   --budget: wall-clock seconds for the whole script (default 420); every step is bounded by what is left.
 #   --quick: tiny stages (a plumbing check that runs on a CPU in a few minutes; its numbers mean nothing).
-#   LAFS_DEMO_WORKERS (default 4): DataLoader workers per stage (the synthetic faces render on the CPU).
+#   LAFS_DEMO_WORKERS (default 8): DataLoader workers per stage (the synthetic faces render on the CPU).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR [--budget SECONDS] [--quick]" >&2; exit 2; }
@@ -45,7 +45,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # The recipe sets one CPU thread (right for a shared 2-core machine); a GPU machine renders the faces in
 # worker processes and lets torch use its cores.
-COMMON=(train.cpu_threads=0 "data.num_workers=${LAFS_DEMO_WORKERS:-4}")
+COMMON=(train.cpu_threads=0 "data.num_workers=${LAFS_DEMO_WORKERS:-8}")
 MIN_EPOCHS=8
 if [ "$QUICK" = 1 ]; then
   COMMON+=(data.num_workers=0 data.synthetic.identities=16 data.synthetic.images_per_identity=4
