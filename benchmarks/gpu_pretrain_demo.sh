@@ -41,7 +41,8 @@ START=$(date +%s)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 say() { echo "gpu_pretrain_demo [$(( $(date +%s) - START ))s] $*"; }
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# seconds of the budget left, at least 1 (`timeout 0` would mean no limit at all)
+left() { local l=$(( BUDGET - ($(date +%s) - START) )); [ "$l" -ge 1 ] || l=1; echo "$l"; }
 
 # The recipe sets one CPU thread (right for a shared 2-core machine); a GPU machine renders the faces in
 # worker processes and lets torch use its cores.
