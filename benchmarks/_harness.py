@@ -66,6 +66,11 @@ def grads_of(output: torch.Tensor, inputs: Sequence[torch.Tensor], grad_output=N
     return torch.autograd.grad(output, inputs, grad_output)
 
 
+def round_budget_s(device: str) -> float:
+    """Seconds of timed rounds per case (``LAFS_BENCH_BUDGET_S``; 2 on CPU, 1 on GPU)."""
+    return float(os.environ.get("LAFS_BENCH_BUDGET_S", "1" if device == "cuda" else "2"))
+
+
 def _plan(case: Callable, device: str, warmed_up: bool) -> tuple[int, int]:
     """(rounds, iterations per round) that fill the time budget (after a warm-up call unless ``warmed_up``)."""
     if SMOKE:
@@ -79,7 +84,7 @@ def _plan(case: Callable, device: str, warmed_up: bool) -> tuple[int, int]:
     # latency overlaps and the sync costs little.
     min_round_s = 0.02 if device == "cuda" else 0.0
     iterations = max(1, math.ceil(min_round_s / once))
-    budget = float(os.environ.get("LAFS_BENCH_BUDGET_S", "1" if device == "cuda" else "2"))
+    budget = round_budget_s(device)
     rounds = int(min(100, max(3, budget // (once * iterations))))
     return rounds, iterations
 
@@ -117,6 +122,35 @@ def measure(benchmark, *, op: str, impl: str, ours: bool, mode: str, dtype: str,
         del case
         memory = _memory.fresh_subprocess(memory_spec)
     benchmark.extra_info.update(memory)
+
+
+def paired_speedup(ours: Callable, baseline: Callable, baseline_name: str, budget_s: Optional[float] = None,
+                   min_pairs: int = 5, max_pairs: int = 40) -> dict:
+    """Speed-up of ``ours`` over ``baseline`` from alternating calls: ``{"baseline", "pairs", "ratio_median",
+    "ratio_q25", "ratio_q75"}`` with ratio = baseline time / ours time of each pair.
+
+    Each pair times one call of each, in the order ABBA over consecutive pairs, so a machine
+    that slows down or speeds up during the measurement (other jobs, clocks) affects both
+    sides of a pair alike. Medians of two separate runs of rounds do not have that
+    property: on a shared 2-core machine their ratio drifts by several percent.
+    Both cases must already be warmed up. ``budget_s`` (default: the round budget) bounds the time.
+    """
+    budget = round_budget_s(DEVICE) if budget_s is None else budget_s
+    ratios, spent, pair = [], 0.0, 0
+    while pair < max_pairs and (pair < min_pairs or spent < budget):
+        order = (ours, baseline) if pair % 2 == 0 else (baseline, ours)
+        seconds = {}
+        for case in order:
+            start = synchronized_timer()
+            case()
+            seconds[case] = synchronized_timer() - start
+        ratios.append(seconds[baseline] / max(seconds[ours], 1e-9))
+        spent += seconds[ours] + seconds[baseline]
+        pair += 1
+    quantiles = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    q25, median, q75 = (float(q) for q in quantiles)
+    return {"baseline": baseline_name, "pairs": len(ratios), "ratio_median": median, "ratio_q25": q25,
+            "ratio_q75": q75}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, **kwargs) -> None:

@@ -91,6 +91,10 @@ class Result:
     median_s: float
     added_bytes: Optional[int]
     work: dict = field(default_factory=dict)
+    paired: Optional[dict] = None  # _harness.paired_speedup's result, when ours was also timed alternately
+
+    def paired_against(self, baseline: str) -> Optional[dict]:
+        return self.paired if self.paired and self.paired.get("baseline") == baseline else None
 
     @property
     def group(self) -> tuple:
@@ -133,6 +137,7 @@ def load_run(path: str) -> Run:
             op=info["op"], impl=info["impl"], ours=info["ours"], mode=info["mode"], dtype=info["dtype"],
             device=info["device"], shape=info["shape"], median_s=bench["stats"]["median"],
             added_bytes=info.get("peak_added_bytes"), work=info.get("work", {}),
+            paired=info.get("paired"),
         ))
     return Run(path, data.get("machine_info", {}), data.get("commit_info", {}), data.get("datetime", ""), results)
 
@@ -186,6 +191,12 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def fmt_ratio(value: Optional[float], digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}x"
+
+
+def paired_text(paired: dict) -> str:
+    """``1.21x (1.18-1.24, 12 pairs)``: median, interquartile range and count of the paired ratios."""
+    return (f"{paired['ratio_median']:.2f}x ({paired['ratio_q25']:.2f}-{paired['ratio_q75']:.2f}, "
+            f"{paired['pairs']} pairs)")
 
 
 def shape_text(shape: dict) -> str:
@@ -263,8 +274,10 @@ def op_table(run: Run, op: str) -> list[str]:
         cells = [shape_text(ours.shape), ours.dtype, ours.mode, ours.impl, fmt_time(ours.median_s)]
         for name in present:
             base = row["baselines"].get(name)
+            paired = ours.paired_against(name)
             cells.append("n/a" if base is None else
-                         f"{fmt_time(base.median_s)} (**{fmt_ratio(ratio(base.median_s, ours.median_s))}**)")
+                         f"{fmt_time(base.median_s)} (**{fmt_ratio(ratio(base.median_s, ours.median_s))}**"
+                         + (f"; paired {paired_text(paired)}" if paired else "") + ")")
         cells += [rate_text(op, ours, row), fmt_bytes(ours.added_bytes)]
         for name in present:
             base = row["baselines"].get(name)
@@ -273,6 +286,9 @@ def op_table(run: Run, op: str) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Speed-up in bold = baseline time / ours (median of the same run). Memory: peak added "
               "beyond inputs, parameters and the returned output or gradients.", ""]
+    if any(row["ours"].paired for row in rows):
+        lines[-1:-1] = ["Paired: the median of baseline / ours over alternating calls of the two (interquartile "
+                        "range, number of pairs); targets use it where it exists.", ""]
     return lines
 
 
@@ -299,7 +315,13 @@ def check_targets(runs: list[Run]) -> list[tuple[Target, str, Optional[bool], st
                     base = row["baselines"].get(target.baseline)
                     if base is None:
                         continue
-                    if target.kind == "speedup":
+                    paired = ours.paired_against(target.baseline)
+                    if target.kind == "speedup" and paired:
+                        value = paired["ratio_median"]
+                        met = value >= target.value
+                        text = (f"{paired_text(paired)} paired; medians {fmt_time(ours.median_s)} vs "
+                                f"{fmt_time(base.median_s)} ({fmt_ratio(ratio(base.median_s, ours.median_s))})")
+                    elif target.kind == "speedup":
                         value = ratio(base.median_s, ours.median_s)
                         met = value >= target.value
                         text = f"{value:.2f}x ({fmt_time(ours.median_s)} vs {fmt_time(base.median_s)})"
