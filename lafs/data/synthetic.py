@@ -8,7 +8,9 @@ background clutter, pose (in-plane rotation, scale, shift, a yaw-like parallax
 of the inner parts), expression (smile, open mouth, raised brows, eye
 openness), lighting (gradient, brightness, colour cast), blur and noise.  Skin
 tone and background are per image on purpose, so that a global colour never
-identifies anybody.
+identifies anybody; ``colours="per_identity"`` gives each identity its own skin
+tone and hair colour instead (as real people keep theirs across photographs, up to
+lighting), with the background still drawn per image.
 
 Faces are drawn around the ArcFace template (eyes near y=52, nose tip near
 y=72, mouth corners near y=92 in a 112x112 crop), so they look like
@@ -48,6 +50,11 @@ class SyntheticFaces(torch.utils.data.Dataset):
     uint8 ``[112,112,3]`` RGB array and returns one.  ``cache=True`` keeps the
     rendered uint8 images in memory (37 KB each).
 
+    ``colours``: ``"per_image"`` (default) draws skin tone and hair colour for every
+    image, so colour carries no identity; ``"per_identity"`` draws them once per
+    identity, and each image only varies them slightly (every other nuisance, the
+    background included, is the same draw in both modes).
+
     ``difficulty_warmup_epochs`` > 0 makes a curriculum for training:
     ``item_at(i, epoch)`` renders image ``i`` with the nuisances of the same
     random draw scaled down to ``difficulty * min(1, epoch / difficulty_warmup_epochs)``
@@ -60,7 +67,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, identity_offset: int = 0,
                  difficulty: float = 1.0, transform=None, cache: bool = False,
-                 difficulty_warmup_epochs: float = 0.0):
+                 difficulty_warmup_epochs: float = 0.0, colours: str = "per_image"):
         if num_identities < 1 or images_per_identity < 1:
             raise ValueError(f"need at least one identity and one image per identity, got "
                              f"num_identities={num_identities}, images_per_identity={images_per_identity}")
@@ -68,6 +75,8 @@ class SyntheticFaces(torch.utils.data.Dataset):
             raise ValueError(f"seed and identity_offset must be non-negative, got {seed}, {identity_offset}")
         if not 0.0 <= difficulty <= 3.0:
             raise ValueError(f"difficulty must be in [0, 3], got {difficulty}")
+        if colours not in COLOUR_MODES:
+            raise ValueError(f"colours must be one of {COLOUR_MODES}, got {colours!r}")
         if not difficulty_warmup_epochs >= 0.0:
             raise ValueError(f"difficulty_warmup_epochs must be non-negative, got {difficulty_warmup_epochs}")
         self.num_identities = int(num_identities)
@@ -76,6 +85,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
         self.identity_offset = int(identity_offset)
         self.difficulty = float(difficulty)
         self.difficulty_warmup_epochs = float(difficulty_warmup_epochs)
+        self.colours = colours
         self.transform = transform
         self.labels = np.repeat(np.arange(self.num_identities, dtype=np.int64), self.images_per_identity)
         self.num_classes = self.num_identities
@@ -116,7 +126,12 @@ class SyntheticFaces(torch.utils.data.Dataset):
         label, image_number = divmod(index, self.images_per_identity)
         identity = self._identity(label)
         rng = np.random.default_rng([self.seed, 2, self.identity_offset + label, image_number])
-        image, points = _render_face(identity, _sample_nuisance(rng, difficulty), rng)
+        nuisance = _sample_nuisance(rng, difficulty)
+        if self.colours == "per_identity":
+            # A stream of its own, so the other nuisances are the same draws as in the per-image mode.
+            colour_rng = np.random.default_rng([self.seed, 4, self.identity_offset + label, image_number])
+            nuisance.update(_identity_colours(identity, colour_rng))
+        image, points = _render_face(identity, nuisance, rng)
         if self._cache is not None:
             self._cache[index] = (difficulty, image, points)
             image, points = image.copy(), points.copy()
@@ -125,7 +140,12 @@ class SyntheticFaces(torch.utils.data.Dataset):
     def _identity(self, label: int) -> dict:
         if label not in self._identities:
             rng = np.random.default_rng([self.seed, 1, self.identity_offset + label])
-            self._identities[label] = _sample_identity(rng)
+            identity = _sample_identity(rng)
+            # Used by colours="per_identity" only; a stream of its own leaves the face parts unchanged.
+            colour_rng = np.random.default_rng([self.seed, 3, self.identity_offset + label])
+            identity["skin_level"] = colour_rng.uniform(0.0, 1.0)
+            identity["hair_level"] = colour_rng.uniform(15.0, 110.0)
+            self._identities[label] = identity
         return self._identities[label]
 
 
@@ -228,12 +248,27 @@ def _sample_identity(rng: np.random.Generator) -> dict:
     }
 
 
+_SKIN_DARK, _SKIN_LIGHT = np.array([95.0, 62.0, 45.0]), np.array([240.0, 205.0, 180.0])
+_HAIR_TINT = np.array([1.0, 0.85, 0.7])
+COLOUR_MODES = ("per_image", "per_identity")
+
+
+def _skin(level: float, noise: np.ndarray) -> np.ndarray:
+    return _SKIN_DARK + (_SKIN_LIGHT - _SKIN_DARK) * level + noise
+
+
+def _identity_colours(identity: dict, rng: np.random.Generator) -> dict:
+    """Skin and hair RGB of one image of an identity with its own tone: the identity's levels, a
+    small per-image variation (a third of the per-image mode's channel noise)."""
+    return {"skin": _skin(identity["skin_level"], rng.standard_normal(3) * 4.0),
+            "hair": identity["hair_level"] * _HAIR_TINT + rng.standard_normal(3) * 3.0}
+
+
 def _sample_nuisance(rng: np.random.Generator, difficulty: float) -> dict:
     """Per-image nuisances; every strength is proportional to ``difficulty``."""
     d = difficulty
     n = rng.standard_normal
     skin_level = rng.uniform(0.0, 1.0)
-    dark, light = np.array([95.0, 62.0, 45.0]), np.array([240.0, 205.0, 180.0])
     return {
         "angle": float(np.clip(n() * 9.0 * d, -25.0, 25.0)),
         "scale": float(math.exp(np.clip(n() * 0.06 * d, -0.2, 0.2))),
@@ -243,8 +278,8 @@ def _sample_nuisance(rng: np.random.Generator, difficulty: float) -> dict:
         "mouth_open": float(max(0.0, n() * 2.5 * d)),
         "brow_raise": float(n() * 1.5 * d),
         "eye_open": float(math.exp(np.clip(n() * 0.25 * d, -0.9, 0.4))),
-        "skin": dark + (light - dark) * skin_level + n(3) * 12.0,
-        "hair": rng.uniform(15.0, 110.0) * np.array([1.0, 0.85, 0.7]) + n(3) * 8.0,
+        "skin": _skin(skin_level, n(3) * 12.0),
+        "hair": rng.uniform(15.0, 110.0) * _HAIR_TINT + n(3) * 8.0,
         "background": rng.uniform(0.0, 255.0, size=3),
         "background_corners": rng.uniform(-40.0, 40.0, size=(4, 3)),
         "clutter": int(rng.poisson(3.0 * d)),

@@ -64,6 +64,10 @@ COMMON = [
     _opt("data.synthetic.images_per_identity", 24, "Images per synthetic training identity.", minimum=1),
     _opt("data.synthetic.difficulty", 1.0, "Strength of the per-image nuisances (pose, lighting, blur, noise) of the "
          "synthetic set; 0 renders every image of an identity alike.", float, minimum=0.0),
+    _opt("data.synthetic.colours", "per_image", "Skin tone and hair colour of the synthetic faces: drawn for every "
+         "image ('per_image': colour never identifies anybody) or once per identity ('per_identity', as real "
+         "people keep theirs; small per-image variation). Backgrounds are per image in both.",
+         choices=("per_image", "per_identity")),
     _opt("data.synthetic.difficulty_warmup_epochs", 0.0, "Curriculum: the training images' nuisances ramp "
          "linearly from none to data.synthetic.difficulty over this many epochs (each image keeps its own random "
          "draw, scaled); held-out pairs always use the full difficulty. 0: full difficulty from the start.", float,
