@@ -16,8 +16,8 @@ DINO head sizes and half its pretraining batch; GPU: ``part_fvit_b`` with the We
 
 Inputs are random images in [-1, 1] already on the device, so the data
 loader is not timed. On the CPU the fused test also times both paths alternately
-(``_harness.paired_speedup``, in ``extra_info["paired"]``); ``report.py``
-checks the speed-up target on that paired ratio when it is there.
+(``_harness.paired_speedup``, in ``extra_info["paired"]``), which
+``report.py`` shows beside the ratio of the medians (the one targets are judged on).
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_training_step(benchmark, step, model, batch, dtype, impl):
             f"landmarks: it does not run the per-landmark loop")
     if impl == "fused" and DEVICE == "cpu":
         # The CPU's 1.2x target compares two ~0.5 s steps on a shared machine: time them alternately as
-        # well. (Not on a GPU: a dedicated card drifts little, and gpu_check.sh has minutes, not seconds.)
+        # well, a check on drift. (Not on a GPU: a dedicated card drifts little, and gpu_check.sh has minutes.)
         original = build_case(**{**kwargs, "impl": "original"})
         original()  # warm-up
         benchmark.extra_info["paired"] = _harness.paired_speedup(
