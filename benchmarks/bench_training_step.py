@@ -162,7 +162,7 @@ def test_training_step(benchmark, step, model, batch, dtype, impl):
         original = build_case(**{**kwargs, "impl": "original"})
         original()  # warm-up
         benchmark.extra_info["paired"] = _harness.paired_speedup(
-            case, original, "original", budget_s=3 * _harness.round_budget_s(_harness.DEVICE), min_pairs=8)
+            case, original, "original", budget_s=3 * _harness.round_budget_s(DEVICE), min_pairs=8)
         del original
         gc.collect()  # the original stage's model and optimizer go before ours is timed and measured
     _harness.measure(

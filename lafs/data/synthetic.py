@@ -32,6 +32,11 @@ _SCALE = 1 << _SHIFT
 _CENTER_X = 56.0
 _ROTATION_CENTER = (56.0, 62.0)
 
+# Skin RGB from dark to light (a level in [0, 1] between them) and the hair tint scaled by a hair level.
+_SKIN_DARK, _SKIN_LIGHT = np.array([95.0, 62.0, 45.0]), np.array([240.0, 205.0, 180.0])
+_HAIR_TINT = np.array([1.0, 0.85, 0.7])
+COLOUR_MODES = ("per_image", "per_identity")  # SyntheticFaces(colours=...)
+
 # Depth of each part for the yaw-like parallax: the nose moves most, the outline least.
 _DEPTH_OUTLINE, _DEPTH_CHEEK, _DEPTH_EYES, _DEPTH_MOUTH, _DEPTH_NOSE = 0.0, 0.35, 0.55, 0.6, 1.0
 
@@ -246,11 +251,6 @@ def _sample_identity(rng: np.random.Generator) -> dict:
         "forehead_wrinkles": int(rng.integers(0, 4)),
         "nasolabial_depth": u(0.0, 1.0) * (rng.random() < 0.5),
     }
-
-
-_SKIN_DARK, _SKIN_LIGHT = np.array([95.0, 62.0, 45.0]), np.array([240.0, 205.0, 180.0])
-_HAIR_TINT = np.array([1.0, 0.85, 0.7])
-COLOUR_MODES = ("per_image", "per_identity")
 
 
 def _skin(level: float, noise: np.ndarray) -> np.ndarray:
