@@ -15,7 +15,7 @@ COLORS = ("rgb", "bgr")
 class FaceRecordDataset(torch.utils.data.Dataset):
     """Aligned 112x112 faces from an insightface RecordIO folder.
 
-    Both layouts in use are read (``../shared/DATA.md``): the face2rec layout
+    Both layouts in use are read (``docs/DATA.md``): the face2rec layout
     (record 0 holds ``[N+1, N+1+num_ids]``, images are keys 1..N with labels
     ``[class, aligned]``, keys N+1.. hold each identity's ``[start, end)``) and the
     flat layout (keys from 0, scalar labels).  ``.layout`` says which was found.

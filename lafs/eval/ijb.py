@@ -1,6 +1,6 @@
 """IJB-B / IJB-C 1:1 verification: template features, pair scores, TAR at FAR.
 
-Protocol (``shared/DATA.md``): under the dataset root, ``meta/<t>_face_tid_mid.txt``
+Protocol (``docs/DATA.md``): under the dataset root, ``meta/<t>_face_tid_mid.txt``
 (image name, template id, media id), ``meta/<t>_name_5pts_score.txt`` (image name,
 five x,y landmarks, faceness score; the same images in the same order) and
 ``meta/<t>_template_pair_label.txt`` (template 1, template 2, label); images in

@@ -1,6 +1,6 @@
 """The insightface verification sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW): 10-fold accuracy with flip.
 
-Protocol (``shared/DATA.md``): decode each image to RGB, scale to [-1, 1], embed
+Protocol (``docs/DATA.md``): decode each image to RGB, scale to [-1, 1], embed
 it and its horizontal flip, sum the two and L2-normalise. XNorm is the mean L2
 norm of the raw embeddings (originals and flips). A pair's distance is the
 squared L2 distance of its two normalised embeddings; it is called "same" when

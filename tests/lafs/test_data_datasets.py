@@ -32,7 +32,7 @@ def expected_tensor(rgb):
 
 
 def write_rec_by_hand(root, faces, layout, store_bgr=False, identity_records=True):
-    """A RecordIO set written record by record following DATA.md (independent of pack_folder)."""
+    """A RecordIO set written record by record following docs/DATA.md (independent of pack_folder)."""
     root.mkdir(parents=True, exist_ok=True)
     order = [(identity, image) for identity, images in faces.items() for image in images]
     with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
