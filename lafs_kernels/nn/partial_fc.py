@@ -9,16 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ops.margin_softmax import (
-    DEFAULT_CHUNK,
-    BACKENDS,
-    GatherFromRanks,
-    Margin,
-    all_gather_no_grad,
-    local_row_stats,
-    sharded_row_stats,
-    soft_target_loss,
-)
+from ..ops.margin_sharded import GatherFromRanks, SumGradAcrossRanks, all_gather_no_grad, combine_shard_stats
+from ..ops.margin_softmax import BACKENDS, DEFAULT_CHUNK, Margin, local_row_stats, soft_target_loss
 from .._dispatch import call_of
 
 
@@ -105,7 +97,7 @@ class PartialFC(nn.Module):
             )
         embeddings = local_embeddings
         if self.process_group is not None:
-            embeddings = GatherFromRanks.apply(local_embeddings, self.process_group).flatten(0, 1)
+            embeddings = GatherFromRanks.apply(local_embeddings, self.process_group, 1.0).flatten(0, 1)
             labels = all_gather_no_grad(labels, self.process_group).flatten()
         local_labels = labels - self.class_start
         weight = self.weight
@@ -125,10 +117,9 @@ class PartialFC(nn.Module):
             stats = local_row_stats(embeddings, weight, local_labels, margin, chunk_size=chunk, backend=backend,
                                     check_labels=False, need_logit_sum=False)
         else:
-            stats = sharded_row_stats(
-                embeddings, weight, local_labels, self.class_start, margin,
-                chunk_size=chunk, backend=backend, group=self.process_group, need_argmax=False, need_logit_sum=False,
-            )
+            local = local_row_stats(SumGradAcrossRanks.apply(embeddings, self.process_group), weight, local_labels,
+                                    margin, chunk_size=chunk, backend=backend, check_labels=False, need_logit_sum=False)
+            stats = combine_shard_stats(local, self.class_start, self.process_group, need_argmax=False)
         ones = torch.ones_like(local_labels, dtype=stats.lse.dtype)
         return soft_target_loss(stats, ones, 0.0, self.num_classes, "mean")
 

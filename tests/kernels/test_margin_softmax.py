@@ -9,10 +9,20 @@ import lafs_kernels
 from lafs_kernels import margin_softmax_cross_entropy
 from lafs_kernels.baselines.margin import unfused_margin_loss
 from lafs_kernels.nn import ArcFace, CombinedMarginSoftmax, CosFace
+from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
 from lafs_kernels.ops.margin_softmax import THETA_EPS
 from tests.tolerances import assert_close, assert_close_low_precision
 
-BACKENDS = ["torch", "chunked", "triton"]
+# "cpu" (the C++ chunk kernels) runs where the extension is built; "chunked" is the same blockwise path in PyTorch ops.
+NEEDS_CPP = pytest.mark.skipif(cpp_kernels_missing_reason() is not None,
+                               reason=f"C++ margin kernels: {cpp_kernels_missing_reason()}")
+CPP = pytest.param("cpu", marks=NEEDS_CPP)
+BACKENDS = ["torch", "chunked", CPP, "triton"]
+
+
+def cases(rows):
+    """Parameter rows; those of the ``cpu`` backend skip where the C++ margin kernels are not built."""
+    return [pytest.param(*row, marks=NEEDS_CPP) if row[0] == "cpu" else row for row in rows]
 MARGINS = {
     "cosface": dict(m1=1.0, m2=0.0, m3=0.4),
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
@@ -92,7 +102,7 @@ def test_float32_matches_reference(rng, backend, kind):
     check_against_reference(x, w, labels, backend, chunk_size=16, **MARGINS[kind])
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("backend", ["torch", "chunked", CPP])
 def test_float64_matches_reference(rng, backend):
     x, w, labels = make_inputs(rng, 5, 8, 23, dtype=torch.float64)
     check_against_reference(x, w, labels, backend, chunk_size=7, **MARGINS["combined"])
@@ -100,7 +110,7 @@ def test_float64_matches_reference(rng, backend):
 
 @pytest.mark.parametrize(
     "backend, reduction",
-    [(b, r) for b in ("torch", "chunked") for r in ("mean", "sum", "none")] + [("triton", "none")],
+    cases([(b, r) for b in ("torch", "chunked", "cpu") for r in ("mean", "sum", "none")] + [("triton", "none")]),
 )
 def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction):
     x, w, labels = make_inputs(rng, 7, 12, 29, t=2)
@@ -122,7 +132,7 @@ ODD_SIZES = [(1, 3, 5, 2), (3, 3, 11, 4), (2, 5, 9, 100)]
 
 @pytest.mark.parametrize(
     "backend, b, d, c, chunk",
-    [(backend, *size) for backend in ("torch", "chunked") for size in ODD_SIZES] + [("triton", *ODD_SIZES[1])],
+    cases([(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES] + [("triton", *ODD_SIZES[1])]),
 )
 def test_odd_sizes(rng, backend, b, d, c, chunk):
     x, w, labels = make_inputs(rng, b, d, c)
@@ -139,7 +149,7 @@ def test_arcface_fallback_when_theta_plus_m_exceeds_pi(rng, backend):
     check_against_reference(x, w, labels, backend, chunk_size=8, **MARGINS["arcface"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("backend", ["torch", "chunked", CPP])
 @pytest.mark.parametrize("kind", ["arcface", "combined"])
 def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
     x, w, labels = make_inputs(rng, 4, 8, 10, dtype=torch.float64)
@@ -157,7 +167,7 @@ def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
 
 @pytest.mark.parametrize(
     "backend, dtype, kind",
-    [("chunked", dtype, kind) for dtype in (torch.float16, torch.bfloat16) for kind in ("cosface", "arcface")]
+    cases([(b, dtype, kind) for b in ("chunked", "cpu") for dtype in (torch.float16, torch.bfloat16) for kind in ("cosface", "arcface")])
     + [("triton", torch.float16, "cosface"), ("triton", torch.bfloat16, "arcface")],
 )
 def test_low_precision(rng, backend, dtype, kind):
@@ -238,7 +248,8 @@ def insightface_style_loss(x, w, labels, s, m2, m3):
     return F.cross_entropy(logits * s, labels)
 
 
-@pytest.mark.parametrize("backend, kind", [("torch", "arcface"), ("chunked", "arcface"), ("chunked", "cosface"), ("triton", "arcface")])
+@pytest.mark.parametrize("backend, kind", cases([("torch", "arcface"), ("chunked", "arcface"), ("cpu", "arcface"),
+                                                 ("cpu", "cosface"), ("triton", "arcface")]))
 def test_straight_through_matches_insightface(rng, backend, kind):
     x, w, labels = make_inputs(rng, 6, 16, 25)
     m = MARGINS[kind]
@@ -268,12 +279,12 @@ def sample_op_inputs(rng):
 def test_opcheck(rng, backend):
     x, w, labels = sample_op_inputs(rng)
     labels[1, 1] = -1  # a target on another shard
-    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, False, True, 8, backend)
+    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, True, False, True, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_forward.default, args)
     lse = torch.randn(5, generator=rng)
     grads = (torch.rand(5, generator=rng), torch.rand(5, 2, generator=rng), None)
     norms = torch.linalg.vector_norm(w.detach(), dim=1)
-    bargs = (*grads, x.detach(), w.detach(), labels, lse, norms, 64.0, 0.9, 0.3, 0.2, False, False, 8, backend)
+    bargs = (*grads, x.detach(), w.detach(), labels, lse, norms, 64.0, 0.9, 0.3, 0.2, False, False, True, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_backward.default, bargs)
 
 
@@ -334,12 +345,14 @@ def test_module_soft_labels(rng):
     assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights), dtype=torch.float32)
 
 
-def test_backend_registered_and_cpu_prefers_chunked():
+def test_backend_registered_and_cpu_prefers_the_cpp_kernels_then_chunked():
     from lafs_kernels._dispatch import REGISTRY, Call
+    from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
 
     backends = REGISTRY["margin_softmax_cross_entropy"]
-    assert backends.select(Call(device=torch.device("cpu"), dtype=torch.float32)) == "chunked"
-    assert set(backends.names) == {"torch", "chunked", "triton"}
+    expected = "chunked" if cpp_kernels_missing_reason() else "cpu"
+    assert backends.select(Call(device=torch.device("cpu"), dtype=torch.float32)) == expected
+    assert set(backends.names) == {"torch", "chunked", "cpu", "triton"}
 
 
 @pytest.mark.gpu
