@@ -214,6 +214,15 @@ def forward_stats(x, weight, labels, margin: Margin, chunk: int, backend: str, n
     return RowStats(lse, prep.target_logit, logit_sum, best_cos, argmax), norms
 
 
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] of half tensors, accumulated and returned in float32 as the forward's tiles
+    accumulate: on CUDA the half GEMM with a float32 output (tensor cores kept), elsewhere a float32
+    GEMM of the upcast inputs (a product of two half values is exact in float32, so the two agree)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 def backward_grads(grads, x, weight, labels, lse, norms, margin: Margin, chunk: int, backend: str):
     """Gradients of x [B, D] and weight [C, D], recomputed chunk by chunk; grads = (grad_lse [B],
     grad_target [B, T] or None, grad_logit_sum [B] or None); norms [C] from the forward."""
@@ -232,10 +241,10 @@ def backward_grads(grads, x, weight, labels, lse, norms, margin: Margin, chunk: 
             torch.mm(g.T, prep.xn, out=out)
             out.addcmul_(w, radial[:, None], value=-1.0)
             grad_xn.addmm_(g, w)
-        else:
-            centre_grad = (g.T @ prep.xn.to(g.dtype)).to(acc)
+        else:  # half g and W (triton): half operands, float32 products, one rounding at the end
+            centre_grad = _mm_float32(g.T, prep.xn.to(g.dtype)).to(acc)
             out.copy_(centre_grad.addcmul_(w.to(acc), radial[:, None], value=-1.0))
-            grad_xn += (g @ w.to(g.dtype)).to(acc)
+            grad_xn += _mm_float32(g, w.to(g.dtype)).to(acc)
     radial_x = (grad_xn * prep.xn).sum(1) * prep.x_nonzero
     grad_x = (grad_xn - prep.xn * radial_x[:, None]) * prep.inv_x[:, None]
     return grad_x.to(x.dtype), grad_weight

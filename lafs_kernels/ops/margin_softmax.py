@@ -275,7 +275,7 @@ def margin_softmax_cross_entropy(
     s: float = 64.0,
     m1: float = 1.0,
     m2: float = 0.0,
-    m3: float = 0.4,
+    m3: float = 0.0,
     label_weights: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -295,8 +295,9 @@ def margin_softmax_cross_entropy(
             ``process_group`` this rank's shard ``[C_r, D]``; shards are contiguous in rank order.
         labels: ``[B]`` int64 class ids in ``[0, C)``, or ``[B, T]`` with ``label_weights``.
         s, m1, m2, m3: target logit ``s * (cos(m1*theta + m2) - m3)``, other logits ``s * cos``.
-            CosFace: ``m3=0.4``; ArcFace: ``m2=0.5, m3=0`` (fallback ``cos - sin(pi-m2)*m2``
-            when ``m1*theta + m2 > pi``).
+            The defaults add no margin (a plain softmax of ``s * cos``): give the one you want.
+            CosFace: ``m3=0.4``; ArcFace: ``m2=0.5`` (fallback ``cos - sin(pi-m2)*m2``
+            when ``m1*theta + m2 > pi``); combined: all three.
         label_weights: ``[B, T]`` weights of the T targets (mixup: ``[lam, 1-lam]``).
         label_smoothing: eps of the target ``(1-eps)*y + eps/C``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]``).

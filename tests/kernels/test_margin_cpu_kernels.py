@@ -75,7 +75,8 @@ def test_labels_of_other_shards_and_argmax(rng, engine):
     labels = torch.tensor([[3, -1], [40, 36], [0, 0], [-5, 17], [36, 100]])
     label_weights = torch.full((5, 2), 0.5)
     loss, argmax = margin_softmax_cross_entropy(x, w, labels, label_weights=label_weights, backend=engine,
-                                                chunk_size=10, check_labels=False, return_argmax=True, reduction="none")
+                                                chunk_size=10, check_labels=False, return_argmax=True, reduction="none",
+                                                **MARGINS["cosface"])
     with torch.no_grad():
         cos = torch.nn.functional.normalize(x.double()) @ torch.nn.functional.normalize(w.double()).T
         inside = (labels >= 0) & (labels < 37)

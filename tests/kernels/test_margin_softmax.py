@@ -48,12 +48,13 @@ def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=Fals
     return value + (c - c.detach()) * slope
 
 
-def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.4, label_smoothing=0.0,
-                   reduction="mean", easy_margin=False, straight_through=False):
-    """Dense float64 soft-target cross-entropy: logits [B, C], target distribution [B, C]."""
-    x, w = x.double(), w.double()
+def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.0, label_smoothing=0.0,
+                   reduction="mean", easy_margin=False, straight_through=False, dtype=torch.float64):
+    """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
+    (float64: the reference; a half dtype: what plain PyTorch gets in that dtype)."""
+    x, w = x.to(dtype), w.to(dtype)
     if labels.dim() == 1:
-        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=torch.float64)
+        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=dtype, device=x.device)
     cos = F.normalize(x) @ F.normalize(w).T
     logits = s * cos
     for t in range(labels.shape[1]):
@@ -61,7 +62,7 @@ def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, 
         target = reference_target(cos.gather(1, column)[:, 0], m1, m2, m3, easy_margin, straight_through)
         logits = logits.scatter(1, column, s * target[:, None])
     num_classes = w.shape[0]
-    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.double())
+    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.to(dtype))
     q = (1 - label_smoothing) * q + label_smoothing / num_classes
     loss = -(q * torch.log_softmax(logits, 1)).sum(1)
     return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
@@ -182,6 +183,37 @@ def test_low_precision(rng, backend, dtype, kind):
         assert_close_low_precision(a.to(dtype), b, r, msg=name)
 
 
+@pytest.mark.parametrize(
+    "backend, dtype",
+    cases([("chunked", torch.float16), ("cpu", torch.bfloat16), ("triton", torch.bfloat16), ("triton", torch.float16)]),
+)
+def test_low_precision_soft_labels(rng, backend, dtype):
+    """Two labels with mixup weights and smoothing: within a small factor of plain PyTorch's error in ``dtype``."""
+    x64, w64, labels = make_inputs(rng, 8, 32, 40, t=2, dtype=torch.float64)
+    lam = torch.rand(8, 1, generator=rng, dtype=torch.float64)
+    label_weights = torch.cat([lam, 1 - lam], 1)
+    x, w = x64.to(dtype), w64.to(dtype)
+    kwargs = dict(label_smoothing=0.1, **MARGINS["arcface"])
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=16,
+                          label_weights=label_weights.to(dtype), **kwargs)
+    same_dtype = loss_and_grads(reference_loss, x, w, labels, label_weights.to(dtype), dtype=dtype, **kwargs)
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, label_weights, **kwargs)
+    for name, a, b, r in zip(("loss", "grad x", "grad w"), ours, same_dtype, ref):
+        assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+def test_defaults_add_no_margin(rng):
+    """Giving one margin never adds another: m2 alone is ArcFace, no margin at all is a plain softmax of s*cos."""
+    x, w, labels = make_inputs(rng, 6, 16, 20)
+    assert_close(margin_softmax_cross_entropy(x, w, labels, m2=0.5), reference_loss(x, w, labels, **MARGINS["arcface"]),
+                 dtype=torch.float32)
+    plain = F.cross_entropy(64.0 * F.normalize(x.double()) @ F.normalize(w.double()).T, labels)
+    assert_close(margin_softmax_cross_entropy(x, w, labels), plain, dtype=torch.float32)
+    head = CombinedMarginSoftmax(16, 20, m2=0.5)
+    assert (head.m1, head.m2, head.m3) == (1.0, 0.5, 0.0)
+    assert (CosFace(16, 20).m3, ArcFace(16, 20).m2) == (0.4, 0.5)  # the modules named after a paper keep its margin
+
+
 def test_gradcheck_float64(rng):
     x, w, labels = make_inputs(rng, 3, 4, 7, t=2, dtype=torch.float64)
     label_weights = torch.rand(3, 2, generator=rng, dtype=torch.float64, requires_grad=True)
@@ -263,11 +295,12 @@ def test_straight_through_matches_insightface(rng, backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_is_the_nearest_centre(rng, backend):
     x, w, labels = make_inputs(rng, 9, 16, 45)
-    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True)
+    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True,
+                                                **MARGINS["cosface"])
     expected = (F.normalize(x.double()) @ F.normalize(w.double()).T).argmax(1)
     assert argmax.dtype == torch.int64
     assert torch.equal(argmax, expected)
-    assert_close(loss, reference_loss(x, w, labels), dtype=torch.float32)
+    assert_close(loss, reference_loss(x, w, labels, **MARGINS["cosface"]), dtype=torch.float32)
 
 
 def sample_op_inputs(rng):
@@ -342,7 +375,8 @@ def test_module_soft_labels(rng):
     labels = torch.randint(0, 20, (4, 2), generator=rng)
     label_weights = torch.tensor([[0.7, 0.3]]).expand(4, 2)
     loss = head(x, labels, label_weights)
-    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights), dtype=torch.float32)
+    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights, **MARGINS["cosface"]),
+                 dtype=torch.float32)
 
 
 def test_backend_registered_and_cpu_prefers_the_cpp_kernels_then_chunked():
@@ -369,6 +403,10 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
         for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
             assert_close(a, b, dtype=dtype, scale=scale, msg=name)
     else:
+        same = loss_and_grads(reference_loss, x, w, labels.cuda(), dtype=dtype,
+                              **{**kwargs, "label_weights": label_weights.to(dtype).cuda()})
+        for name, a, b, r in zip(("soft loss", "soft grad x", "soft grad w"), ours, same, ref):
+            assert_close_low_precision(a.to(dtype), b, r, msg=name)
         same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
         ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
         ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"])
