@@ -267,3 +267,26 @@ def test_probability_floor_changes_the_value_not_the_gradient():
     assert (nll[[1, 7]] > -math.log(1e-30)).all()
     floored = partial_fc_v2_statement(x, w, data["labels"], 64.0, 1.0, 0.0, 0.4)
     assert_close(floored, nll.clamp(max=-math.log(1e-30)).mean())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_resharded_head_gives_the_same_loss(two_ranks, tmp_path, world):
+    """The 2 ranks' softmax_fc_gpu_{rank}.pt files, resharded by the command to 1 or 3 ranks and loaded there,
+    give the loss the 2 ranks computed on the same global batch."""
+    from lafs_kernels.reshard import main
+
+    ranks, files = two_ranks
+    main([str(files / f"softmax_fc_gpu_{r}.pt") for r in range(worker.WORLD)] + ["--world-size", str(world),
+                                                                                "--out", str(tmp_path)])
+    expected = ranks[0]["insightface-arcface-rate1.0"]["loss"]
+    if world == 1:
+        data = worker.make_inputs(SEED)
+        head = worker.build_head("insightface-arcface-rate1.0", 0)
+        head.load_state_dict(torch.load(tmp_path / "softmax_fc_gpu_0.pt", weights_only=True))
+        losses = [head(data["embeddings"], data["labels"]).detach()]
+    else:
+        mp.spawn(worker.run_loss_from_files, args=(world, free_port(), SEED, str(tmp_path), str(tmp_path)), nprocs=world)
+        losses = [torch.load(tmp_path / f"loss{r}.pt") for r in range(world)]
+    for loss in losses:
+        assert_close(loss, expected)
