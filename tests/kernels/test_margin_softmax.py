@@ -424,3 +424,17 @@ def test_triton_compiles_on_gpu(rng):
     with pytest.raises(ValueError, match="labels must lie in"):
         margin_softmax_cross_entropy(x, w, labels + 3000, backend="triton")
     assert lafs_kernels.margin_softmax_cross_entropy is margin_softmax_cross_entropy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_runs_on_the_inputs_device_not_the_current_one(rng):
+    """A process holding its tensors on cuda:1 while cuda:0 is current (one process per GPU without set_device)."""
+    x, w, labels = make_inputs(rng, 32, 64, 500)
+    with torch.cuda.device(0):
+        ours = loss_and_grads(margin_softmax_cross_entropy, x.cuda(1), w.cuda(1), labels.cuda(1), backend="triton",
+                              **MARGINS["arcface"])
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **MARGINS["arcface"])
+    for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
+        assert a.device == torch.device("cuda", 1)
+        assert_close(a, b, dtype=torch.float32, scale=scale, msg=name)
