@@ -28,7 +28,7 @@ class Margin(NamedTuple):
 
     ``easy_margin``: no margin where ``cos <= 0``.  ``straight_through``: the margin carries no
     gradient (d value / d cos = 1, as insightface applies it).  ``fallback``: where
-    ``m1*theta + m2 > pi`` the value is ``cos - m3 - sin(pi - m2)*m2`` (SPEC's ArcFace); insightface's
+    ``m1*theta + m2 > pi`` the value is ``cos - m3 - sin(pi - m2)*m2`` (the usual ArcFace); insightface's
     ``CombinedMarginLoss`` has no fallback (``fallback=False``).
     """
 
