@@ -13,6 +13,9 @@ from ..ops.margin_softmax import margin_softmax_cross_entropy
 class CombinedMarginSoftmax(nn.Module):
     """Softmax cross-entropy with target logit ``s * (cos(m1*theta + m2) - m3)``.
 
+    The margins default to none (``m1=1, m2=0, m3=0``), so giving one never adds another; CosFace
+    and ArcFace carry their papers' defaults.
+
     weight: ``[out_features, in_features]`` class centres (Xavier-uniform init).
     Embeddings of another dtype (autocast) are cast to the weight's dtype.
     """
@@ -24,7 +27,7 @@ class CombinedMarginSoftmax(nn.Module):
         s: float = 64.0,
         m1: float = 1.0,
         m2: float = 0.0,
-        m3: float = 0.4,
+        m3: float = 0.0,
         *,
         easy_margin: bool = False,
         margin_grad: str = "exact",
@@ -50,7 +53,8 @@ class CombinedMarginSoftmax(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, "
-            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, easy_margin={self.easy_margin}, margin_grad={self.margin_grad!r}"
+            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, easy_margin={self.easy_margin}, "
+            f"margin_grad={self.margin_grad!r}"
         )
 
 
@@ -65,5 +69,6 @@ class ArcFace(CombinedMarginSoftmax):
     """ArcFace (additive angular margin): target logit ``s * cos(theta + m)``, with the
     usual fallback when ``theta + m > pi`` (or, with ``easy_margin``, no margin where cos <= 0)."""
 
-    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, **kwargs):
+    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5,
+                 easy_margin: bool = False, **kwargs):
         super().__init__(in_features, out_features, s, 1.0, m, 0.0, easy_margin=easy_margin, **kwargs)
