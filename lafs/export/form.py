@@ -1,0 +1,74 @@
+"""The export form of Part fViT: the eval-mode model with the patch gather spelled in standard operators.
+
+``lafs_kernels.landmark_patch_gather`` is a custom op that no ONNX exporter
+knows.  In eval mode (all landmarks, in order, no jitter) it equals one
+``grid_sample`` on a ``[B, L*P, P, 2]`` grid, bilinear, zero padding,
+``align_corners=False`` (``lafs_kernels.baselines.gather.gather_patches_batched``,
+whose output has the op's token layout ``f = (i*P + j)*C + c``): sample (i, j) of
+landmark (lx, ly) is read at pixel ``(lx + i - P/2 - 0.5, ly + j - P/2 - 0.5)``
+by both.  The only difference is float32 rounding of the normalised grid
+(``(l + a) / (S/2) - 1`` and back): about 1e-5 px, so tokens differ by at most
+a few 1e-6 for images in [-1, 1] (measured in tests/lafs/test_export.py).  A
+non-finite landmark gives the op a zero patch and ``grid_sample`` a NaN one; the
+landmark CNN's min-max scaling only yields non-finite landmarks for non-finite
+images, whose embedding is not finite either way.
+
+The training code is not touched: the exporters wrap the model in
+:class:`PartFViTExportForm`, which calls the model's own landmark CNN and
+transformer around the standard-operator gather.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lafs.models import PartFViT
+from lafs_kernels.baselines.gather import gather_patches_batched
+
+
+def export_form_gather(images: torch.Tensor, landmarks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images [B, C, H, W], landmarks [B, L, 2] -> tokens [B, L, P*P*C] (GridSample in ONNX, opset >= 16).
+
+    Equal to ``landmark_patch_gather(images, landmarks, patch_size)`` in eval mode
+    up to float32 rounding of the grid; the grid is built in float32 whatever the
+    image dtype, so coordinates keep their precision in a float16 model.
+    """
+    if landmarks.dtype != torch.float32:
+        landmarks = landmarks.float()
+    if images.dtype != torch.float32:
+        images = images.float()
+    return gather_patches_batched(images, landmarks, patch_size)
+
+
+class PartFViTExportForm(nn.Module):
+    """A :class:`PartFViT` for export: images float32 [B, 3, S, S] in [-1, 1] -> embeddings float32 [B, dim].
+
+    ``half=True`` runs the landmark CNN and the transformer in float16 (weights
+    converted in a copy; the model passed in is not changed) and keeps the
+    input, the landmark coordinates and the gather in float32, so the file's
+    interface is the same: float32 in, float32 out.
+    """
+
+    def __init__(self, model: PartFViT, half: bool = False):
+        super().__init__()
+        if not isinstance(model, PartFViT):
+            raise TypeError(f"the export form wraps a PartFViT, got {type(model).__name__}")
+        dtype = torch.float16 if half else torch.float32
+        if any(p.dtype != dtype for p in model.parameters()):
+            model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
+        self.landmark_cnn = model.landmark_cnn
+        self.transformer = model.transformer
+        self.patch_size = model.patch_size
+        self.image_size = model.image_size
+        self.compute_dtype = dtype
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images float32 [B, 3, S, S] in [-1, 1] -> embeddings float32 [B, dim]."""
+        low = self.compute_dtype != images.dtype
+        landmarks = self.landmark_cnn(images.to(self.compute_dtype) if low else images)  # float32 (CNN scales in it)
+        tokens = export_form_gather(images, landmarks, self.patch_size)
+        embeddings = self.transformer(tokens.to(self.compute_dtype) if low else tokens)
+        return embeddings.float() if low else embeddings
