@@ -1,0 +1,143 @@
+"""Embeddings per second of a deployed Part fViT: onnxruntime running the exported file against PyTorch eager.
+
+``torch-eager``: ``PartFViT`` in eval mode under ``torch.inference_mode`` (our
+fused gather, C++ kernel on the CPU); ``onnxruntime``: the file
+``lafs.export.export_onnx`` writes (the gather as one GridSample), run by
+onnxruntime's CPU provider with as many intra-op threads as torch uses.  One
+call embeds a batch of B aligned faces (no flip: FaceEmbedder's flip protocol
+costs two of them).  Both run the same weights; the ONNX output is checked
+against eager before timing.  Besides pytest-benchmark's rounds of each, the
+onnxruntime test times both alternately (``_harness.paired_speedup``, in
+``extra_info["paired"]``: eager time / onnxruntime time per pair), so a loaded
+machine affects both sides of each ratio alike.
+
+CPU only (the onnxruntime in the pinned set has no CUDA provider).  Shapes:
+B = 1 and 64 for ``part_fvit_tiny``, B = 1 for ``part_fvit_b`` (the released
+architecture; a batch of 64 takes tens of seconds per call on 2 cores).
+``python benchmarks/bench_embedding.py RUN.json`` prints a saved run as a table.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+import _harness
+from _harness import DEVICE, pick
+
+pytestmark = [
+    pytest.mark.benchmark(timer=_harness.synchronized_timer),
+    pytest.mark.skipif(DEVICE != "cpu", reason="embedding benchmark: CPU only (onnxruntime's CPU provider)"),
+]
+
+OP = "embedding"
+# (model preset, batch)
+CASES = pick(
+    cpu=[("part_fvit_tiny", 1), ("part_fvit_tiny", 64), ("part_fvit_b", 1)],
+    gpu=[],
+    smoke=[("part_fvit_nano", 2)],
+)
+IMPLS = ["onnxruntime", "torch-eager"]
+MIN_COSINE = 0.9999
+
+
+@functools.lru_cache(maxsize=None)
+def _model(preset: str):
+    from lafs.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(preset).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_file(preset: str) -> str:
+    from lafs.export import export_onnx
+
+    folder = tempfile.mkdtemp(prefix="lafs_bench_onnx_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(export_onnx(_model(preset), os.path.join(folder, f"{preset}.onnx"), check=False).path)
+
+
+def _images(batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(batch, 3, 112, 112, generator=gen) * 2 - 1
+
+
+def build_case(impl: str, model: str, batch: int):
+    """One call embedding ``batch`` faces with ``impl``; returns the embeddings."""
+    images = _images(batch)
+    if impl == "torch-eager":
+        module = _model(model)
+
+        def eager():
+            with torch.inference_mode():
+                return module(images)
+
+        return eager
+    if impl == "onnxruntime":
+        from lafs.deploy import OnnxModel
+
+        session = OnnxModel(_onnx_file(model), threads=torch.get_num_threads())
+        return lambda: session(images)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,batch", CASES)
+def test_embedding(benchmark, model, batch, impl):
+    case = build_case(impl, model, batch)
+    if impl == "onnxruntime":
+        eager = build_case("torch-eager", model, batch)
+        expected, actual = eager(), case()  # also the warm-up calls
+        cosine = torch.nn.functional.cosine_similarity(actual.double(), expected.double()).min().item()
+        assert cosine >= MIN_COSINE, f"the exported file's embeddings differ from eager: cosine {cosine:.6f}"
+        benchmark.extra_info["paired"] = _harness.paired_speedup(
+            case, eager, "torch-eager", budget_s=3 * _harness.round_budget_s(DEVICE))
+        benchmark.extra_info["min_cosine_vs_eager"] = cosine
+    else:
+        case()  # warm-up
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["load_1min"] = os.getloadavg()[0]
+    _harness.measure(
+        benchmark, op=OP, impl=impl, ours=impl == "onnxruntime", mode="fwd", dtype="float32",
+        shape={"model": model, "B": batch}, build=lambda: case, memory_spec=None,
+        work={"images": batch}, warmed_up=True,
+    )
+
+
+def summary(path: str) -> str:
+    """Markdown table of a saved run: embeddings/s of each side and the paired ratio (eager time / onnxruntime)."""
+    import json
+
+    with open(path) as file:
+        run = json.load(file)
+    rows = {}
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if info.get("op") != OP:
+            continue
+        row = rows.setdefault((info["shape"]["model"], info["shape"]["B"]), {})
+        row[info["impl"]] = info["shape"]["B"] / bench["stats"]["median"]
+        row.update({k: info[k] for k in ("paired", "load_1min", "threads") if k in info})
+    lines = ["| model | B | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up, paired median (IQR, pairs) "
+             "| load (1 min) |", "|---|---|---|---|---|---|"]
+    for (model, batch), row in rows.items():
+        paired = row.get("paired")
+        ratio = (f"{paired['ratio_median']:.2f}x ({paired['ratio_q25']:.2f}-{paired['ratio_q75']:.2f}, "
+                 f"{paired['pairs']})" if paired else "-")
+        lines.append(f"| {model} | {batch} | {row.get('torch-eager', float('nan')):.1f} | "
+                     f"{row.get('onnxruntime', float('nan')):.1f} | {ratio} | {row.get('load_1min', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/bench_embedding.py RUN.json   (a pytest-benchmark JSON of this file)")
+    print(summary(sys.argv[1]))
