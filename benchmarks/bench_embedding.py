@@ -130,8 +130,8 @@ def summary(path: str) -> str:
         paired = row.get("paired")
         ratio = (f"{paired['ratio_median']:.2f}x ({paired['ratio_q25']:.2f}-{paired['ratio_q75']:.2f}, "
                  f"{paired['pairs']})" if paired else "-")
-        lines.append(f"| {model} | {batch} | {row.get('torch-eager', float('nan')):.1f} | "
-                     f"{row.get('onnxruntime', float('nan')):.1f} | {ratio} | {row.get('load_1min', float('nan')):.1f} |")
+        lines.append(f"| {model} | {batch} | {row.get('torch-eager', float('nan')):.3g} | "
+                     f"{row.get('onnxruntime', float('nan')):.3g} | {ratio} | {row.get('load_1min', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ class FaceEmbedder:
                  batch_size: int = 64, threads: Optional[int] = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.model = model.eval() if isinstance(model, nn.Module) else load_face_model(model, device, threads)
+        self.model = model if isinstance(model, nn.Module) else load_face_model(model, device, threads)
         self.device = torch.device(device)
         self.batch_size = batch_size
 

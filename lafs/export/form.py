@@ -45,6 +45,9 @@ def export_form_gather(images: torch.Tensor, landmarks: torch.Tensor, patch_size
 class PartFViTExportForm(nn.Module):
     """A :class:`PartFViT` for export: images float32 [B, 3, S, S] in [-1, 1] -> embeddings float32 [B, dim].
 
+    Shares the model's landmark CNN and transformer (a float32 form adds no
+    memory); use it in eval mode, which is what it stands for.
+
     ``half=True`` runs the landmark CNN and the transformer in float16 (weights
     converted in a copy; the model passed in is not changed) and keeps the
     input, the landmark coordinates and the gather in float32, so the file's
@@ -63,7 +66,6 @@ class PartFViTExportForm(nn.Module):
         self.patch_size = model.patch_size
         self.image_size = model.image_size
         self.compute_dtype = dtype
-        self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images float32 [B, 3, S, S] in [-1, 1] -> embeddings float32 [B, dim]."""

@@ -15,6 +15,8 @@ from typing import Union
 import torch
 from torch import nn
 
+from lafs.eval.embed import evaluation_mode
+
 from .to_onnx import example_images, resolve_model
 
 
@@ -28,6 +30,6 @@ def export_program(model: Union[nn.Module, str, os.PathLike], device: Union[str,
     model = resolve_model(model, device=device)
     device = next(model.parameters()).device
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         return torch.export.export(model, (example_images(2, model.image_size, device),),
                                    dynamic_shapes=({0: batch},))

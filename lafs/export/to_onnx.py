@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lafs.eval.embed import evaluation_mode
 from lafs.models import PartFViT, load_model
 
 from .form import PartFViTExportForm
@@ -64,11 +65,11 @@ class OnnxExport:
 
 
 def resolve_model(model: Union[nn.Module, str, os.PathLike], device: Union[str, torch.device] = "cpu") -> PartFViT:
-    """A :class:`PartFViT` in eval mode: ``model`` itself, or ``lafs.models.load_model(model)``."""
+    """``model`` itself (a :class:`PartFViT`), or ``lafs.models.load_model(model)`` (in eval mode)."""
     if isinstance(model, nn.Module):
         if not isinstance(model, PartFViT):
             raise TypeError(f"export takes a PartFViT (landmark CNN + transformer), got {type(model).__name__}")
-        return model.eval()
+        return model
     return load_model(model, device=device)
 
 
@@ -92,15 +93,19 @@ def export_onnx(model: Union[nn.Module, str, os.PathLike], path: Union[str, os.P
     :class:`ExportCheckError` when a per-face cosine falls below
     ``MIN_COSINE``.  The file is written atomically.
     """
-    import onnx
-
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (GridSample), got {opset!r}")
     model = resolve_model(model)
-    form = PartFViTExportForm(model, half=half)
+    with evaluation_mode(model):  # the caller's training flag comes back afterwards
+        return _export(model, Path(path), half, opset, check)
+
+
+def _export(model: PartFViT, path: Path, half: bool, opset: int, check: bool) -> OnnxExport:
+    import onnx
+
+    form = PartFViTExportForm(model, half=half).eval()
     device = next(model.parameters()).device
     size = model.image_size
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         traced = os.path.join(scratch, "traced.onnx")

@@ -310,7 +310,10 @@ def test_export_command_reports_mistakes_in_one_line(tmp_path, trained_run, caps
 
 
 def test_torch_export_with_the_fused_gather_equals_eager(moving_nano, tmp_path, rng):
+    moving_nano.train()  # the program is the eval-mode model (Dropout off) and the caller's flag comes back
     program = export_program(moving_nano)
+    assert moving_nano.training
+    moving_nano.eval()
     gathers = [n for n in program.graph.nodes if "landmark_patch_gather" in str(n.target)]
     assert len(gathers) == 1  # the custom op stays one node (traced through its fake kernel)
     path = tmp_path / "nano.pt2"
