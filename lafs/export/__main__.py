@@ -1,7 +1,7 @@
 """``python -m lafs.export RUN_OR_CHECKPOINT OUT.onnx|OUT.pt2``: a trained Part fViT for serving.
 
     python -m lafs.export runs/demo/supervised part_fvit.onnx          # ONNX, float32, dynamic batch
-    python -m lafs.export part_fvit_b.pt part_fvit_b_fp16.onnx --fp16   # official weights, float16 inside
+    python -m lafs.export part_fvit_b.pt part_fvit_b_fp16.onnx --fp16   # official weights, transformer in float16
     python -m lafs.export runs/demo/supervised part_fvit.pt2           # torch.export program (AOTInductor)
 
 The ONNX file runs unchanged in insightface (``insightface.model_zoo.get_model(OUT.onnx).get_feat(aligned_bgr_faces)``),
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Part fViT state dict")
     parser.add_argument("out", help="output file: .onnx (ONNX graph) or .pt2 (torch.export program)")
     parser.add_argument("--fp16", action="store_true",
-                        help="ONNX only: landmark CNN and transformer in float16 (input, landmark coordinates, "
+                        help="ONNX only: the transformer in float16 (input, landmark CNN, landmark coordinates, "
                              "gather and output stay float32)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, >= {MIN_OPSET} for GridSample (default: {DEFAULT_OPSET})")

@@ -48,10 +48,12 @@ class PartFViTExportForm(nn.Module):
     Shares the model's landmark CNN and transformer (a float32 form adds no
     memory); use it in eval mode, which is what it stands for.
 
-    ``half=True`` runs the landmark CNN and the transformer in float16 (weights
-    converted in a copy; the model passed in is not changed) and keeps the
-    input, the landmark coordinates and the gather in float32, so the file's
-    interface is the same: float32 in, float32 out.
+    ``half=True`` runs the transformer (nearly all of the weights and the work
+    of ``part_fvit_b``) in float16, converted in a copy (the model passed in is
+    not changed).  The landmark CNN, the coordinates and the gather stay float32:
+    a float16 landmark CNN moves the patches by its rounding (per-face cosine to
+    the float32 model fell to 0.998 on random images).  The interface is the
+    same: float32 in, float32 out.
     """
 
     def __init__(self, model: PartFViT, half: bool = False):
@@ -59,18 +61,21 @@ class PartFViTExportForm(nn.Module):
         if not isinstance(model, PartFViT):
             raise TypeError(f"the export form wraps a PartFViT, got {type(model).__name__}")
         dtype = torch.float16 if half else torch.float32
-        if any(p.dtype != dtype for p in model.parameters()):
-            model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
-        self.landmark_cnn = model.landmark_cnn
-        self.transformer = model.transformer
+        landmark_cnn, transformer = model.landmark_cnn, model.transformer
+        if any(p.dtype != torch.float32 for p in landmark_cnn.parameters()):
+            landmark_cnn = copy.deepcopy(landmark_cnn).float()  # the caller's model keeps its dtype
+        if any(p.dtype != dtype for p in transformer.parameters()):
+            transformer = copy.deepcopy(transformer).to(dtype)
+        self.landmark_cnn = landmark_cnn
+        self.transformer = transformer
         self.patch_size = model.patch_size
         self.image_size = model.image_size
         self.compute_dtype = dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images float32 [B, 3, S, S] in [-1, 1] -> embeddings float32 [B, dim]."""
-        low = self.compute_dtype != images.dtype
-        landmarks = self.landmark_cnn(images.to(self.compute_dtype) if low else images)  # float32 (CNN scales in it)
+        landmarks = self.landmark_cnn(images)
         tokens = export_form_gather(images, landmarks, self.patch_size)
-        embeddings = self.transformer(tokens.to(self.compute_dtype) if low else tokens)
-        return embeddings.float() if low else embeddings
+        if self.compute_dtype == tokens.dtype:
+            return self.transformer(tokens)
+        return self.transformer(tokens.to(self.compute_dtype)).float()

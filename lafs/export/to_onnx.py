@@ -87,8 +87,7 @@ def export_onnx(model: Union[nn.Module, str, os.PathLike], path: Union[str, os.P
     """Write the eval-mode Part fViT ``model`` (a module, or anything ``load_model`` reads) to ``path`` as ONNX.
 
     Dynamic batch, float32 input and output; ``half=True`` stores and runs the
-    landmark CNN and transformer in float16 (gather and landmark coordinates stay
-    float32).  With ``check`` the written file is run through onnxruntime on a
+    transformer in float16 (landmark CNN, coordinates and gather stay float32).  With ``check`` the written file is run through onnxruntime on a
     few fixed images and compared with the PyTorch model (our fused gather):
     :class:`ExportCheckError` when a per-face cosine falls below
     ``MIN_COSINE``.  The file is written atomically.
