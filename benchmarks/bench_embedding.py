@@ -13,7 +13,12 @@ machine affects both sides of each ratio alike.
 
 CPU only (the onnxruntime in the pinned set has no CUDA provider).  Shapes:
 B = 1 and 64 for ``part_fvit_tiny``, B = 1 for ``part_fvit_b`` (the released
-architecture; a batch of 64 takes tens of seconds per call on 2 cores).
+architecture; a batch of 64 takes tens of seconds per call on 2 cores), with
+all of torch's threads, and again with one thread: on a machine shared with
+other jobs, PyTorch's OpenMP threads wait for each other far longer than
+onnxruntime's (2026-12-06, load 11 on 2 cores: eager 4.6x slower than
+onnxruntime with 2 threads, 1.2x with 1, ``part_fvit_b`` B=1), so the
+one-thread rows are the ones a loaded machine can still compare.
 ``python benchmarks/bench_embedding.py RUN.json`` prints a saved run as a table.
 """
 from __future__ import annotations
@@ -36,11 +41,12 @@ pytestmark = [
 ]
 
 OP = "embedding"
-# (model preset, batch)
+# (model preset, batch, threads: None = torch's default)
 CASES = pick(
-    cpu=[("part_fvit_tiny", 1), ("part_fvit_tiny", 64), ("part_fvit_b", 1)],
+    cpu=[(model, batch, threads) for threads in (None, 1)
+         for model, batch in (("part_fvit_tiny", 1), ("part_fvit_tiny", 64), ("part_fvit_b", 1))],
     gpu=[],
-    smoke=[("part_fvit_nano", 2)],
+    smoke=[("part_fvit_nano", 2, 1)],
 )
 IMPLS = ["onnxruntime", "torch-eager"]
 MIN_COSINE = 0.9999
@@ -87,9 +93,18 @@ def build_case(impl: str, model: str, batch: int):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
+@pytest.fixture
+def threads(request):
+    """torch's intra-op threads for the test (onnxruntime gets as many); restored afterwards."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(request.param or default)
+    yield torch.get_num_threads()
+    torch.set_num_threads(default)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("model,batch", CASES)
-def test_embedding(benchmark, model, batch, impl):
+@pytest.mark.parametrize("model,batch,threads", CASES, indirect=["threads"])
+def test_embedding(benchmark, model, batch, threads, impl):
     case = build_case(impl, model, batch)
     if impl == "onnxruntime":
         eager = build_case("torch-eager", model, batch)
@@ -101,11 +116,10 @@ def test_embedding(benchmark, model, batch, impl):
         benchmark.extra_info["min_cosine_vs_eager"] = cosine
     else:
         case()  # warm-up
-    benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["load_1min"] = os.getloadavg()[0]
     _harness.measure(
         benchmark, op=OP, impl=impl, ours=impl == "onnxruntime", mode="fwd", dtype="float32",
-        shape={"model": model, "B": batch}, build=lambda: case, memory_spec=None,
+        shape={"model": model, "B": batch, "threads": threads}, build=lambda: case, memory_spec=None,
         work={"images": batch}, warmed_up=True,
     )
 
@@ -121,16 +135,17 @@ def summary(path: str) -> str:
         info = bench["extra_info"]
         if info.get("op") != OP:
             continue
-        row = rows.setdefault((info["shape"]["model"], info["shape"]["B"]), {})
-        row[info["impl"]] = info["shape"]["B"] / bench["stats"]["median"]
-        row.update({k: info[k] for k in ("paired", "load_1min", "threads") if k in info})
-    lines = ["| model | B | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up, paired median (IQR, pairs) "
-             "| load (1 min) |", "|---|---|---|---|---|---|"]
-    for (model, batch), row in rows.items():
+        shape = info["shape"]
+        row = rows.setdefault((shape["model"], shape["B"], shape["threads"]), {})
+        row[info["impl"]] = shape["B"] / bench["stats"]["median"]
+        row.update({k: info[k] for k in ("paired", "load_1min") if k in info})
+    lines = ["| model | B | threads | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up, paired median "
+             "(IQR, pairs) | load (1 min) |", "|---|---|---|---|---|---|---|"]
+    for (model, batch, threads), row in rows.items():
         paired = row.get("paired")
         ratio = (f"{paired['ratio_median']:.2f}x ({paired['ratio_q25']:.2f}-{paired['ratio_q75']:.2f}, "
                  f"{paired['pairs']})" if paired else "-")
-        lines.append(f"| {model} | {batch} | {row.get('torch-eager', float('nan')):.3g} | "
+        lines.append(f"| {model} | {batch} | {threads} | {row.get('torch-eager', float('nan')):.3g} | "
                      f"{row.get('onnxruntime', float('nan')):.3g} | {ratio} | {row.get('load_1min', float('nan')):.1f} |")
     return "\n".join(lines)
 
