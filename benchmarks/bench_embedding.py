@@ -6,10 +6,12 @@ fused gather, C++ kernel on the CPU); ``onnxruntime``: the file
 onnxruntime's CPU provider with as many intra-op threads as torch uses.  One
 call embeds a batch of B aligned faces (no flip: FaceEmbedder's flip protocol
 costs two of them).  Both run the same weights; the ONNX output is checked
-against eager before timing.  Besides pytest-benchmark's rounds of each, the
-onnxruntime test times both alternately (``_harness.paired_speedup``, in
-``extra_info["paired"]``: eager time / onnxruntime time per pair), so a loaded
-machine affects both sides of each ratio alike.
+against eager before timing.  Both are timed interleaved, so a loaded machine
+affects both sides of each ratio alike: with ``_harness.compare`` (every
+implementation once per round, branch i18's harness) where the harness has it,
+else with ``_harness.paired_speedup`` (alternating pairs, ``extra_info["paired"]``)
+beside ``_harness.measure``'s rounds of onnxruntime; drop that fallback once
+``compare`` is on main.
 
 CPU only (the onnxruntime in the pinned set has no CUDA provider).  Shapes:
 B = 1 and 64 for ``part_fvit_tiny``, B = 1 for ``part_fvit_b`` (the released
@@ -48,7 +50,7 @@ CASES = pick(
     gpu=[],
     smoke=[("part_fvit_nano", 2, 1)],
 )
-IMPLS = ["onnxruntime", "torch-eager"]
+IMPLS = ["onnxruntime", "torch-eager"]  # ours (the exported file) first
 MIN_COSINE = 0.9999
 
 
@@ -102,51 +104,70 @@ def threads(request):
     torch.set_num_threads(default)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model,batch,threads", CASES, indirect=["threads"])
-def test_embedding(benchmark, model, batch, threads, impl):
-    case = build_case(impl, model, batch)
-    if impl == "onnxruntime":
-        eager = build_case("torch-eager", model, batch)
-        expected, actual = eager(), case()  # also the warm-up calls
-        cosine = torch.nn.functional.cosine_similarity(actual.double(), expected.double()).min().item()
-        assert cosine >= MIN_COSINE, f"the exported file's embeddings differ from eager: cosine {cosine:.6f}"
-        benchmark.extra_info["paired"] = _harness.paired_speedup(
-            case, eager, "torch-eager", budget_s=3 * _harness.round_budget_s(DEVICE))
-        benchmark.extra_info["min_cosine_vs_eager"] = cosine
+def test_embedding(benchmark, model, batch, threads):
+    cases = {impl: build_case(impl, model, batch) for impl in IMPLS}
+    expected, actual = cases["torch-eager"](), cases["onnxruntime"]()  # also the warm-up calls
+    cosine = torch.nn.functional.cosine_similarity(actual.double(), expected.double()).min().item()
+    assert cosine >= MIN_COSINE, f"the exported file's embeddings differ from eager: cosine {cosine:.6f}"
+    shape = {"model": model, "B": batch, "threads": threads}
+    if hasattr(_harness, "compare"):
+        # The harness that times every implementation interleaved, round by round (branch i18).
+        _harness.compare(
+            benchmark, op=OP, title="Embeddings per second (exported ONNX in onnxruntime vs PyTorch eager)",
+            mode="fwd", dtype="float32", shape=shape,
+            impls=[_harness.Impl(impl, impl == "onnxruntime", functools.partial(cases.__getitem__, impl))
+                   for impl in IMPLS],
+            work={"images": batch}, warmed_up=IMPLS)
     else:
-        case()  # warm-up
+        # measure() times one implementation; the alternating pairs give the ratio of the same moments.
+        benchmark.extra_info["paired"] = _harness.paired_speedup(
+            cases["onnxruntime"], cases["torch-eager"], "torch-eager",
+            budget_s=0 if _harness.SMOKE else 3 * _harness.round_budget_s(DEVICE))
+        _harness.measure(
+            benchmark, op=OP, impl="onnxruntime", ours=True, mode="fwd", dtype="float32", shape=shape,
+            build=lambda: cases["onnxruntime"], memory_spec=None, work={"images": batch}, warmed_up=True)
+        benchmark.extra_info["median_s_torch-eager"] = _median_seconds(cases["torch-eager"])
+    benchmark.extra_info["min_cosine_vs_eager"] = cosine
     benchmark.extra_info["load_1min"] = os.getloadavg()[0]
-    _harness.measure(
-        benchmark, op=OP, impl=impl, ours=impl == "onnxruntime", mode="fwd", dtype="float32",
-        shape={"model": model, "B": batch, "threads": threads}, build=lambda: case, memory_spec=None,
-        work={"images": batch}, warmed_up=True,
-    )
+
+
+def _median_seconds(case, calls: int = 3) -> float:
+    times = []
+    for _ in range(calls):
+        start = _harness.synchronized_timer()
+        case()
+        times.append(_harness.synchronized_timer() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def summary(path: str) -> str:
-    """Markdown table of a saved run: embeddings/s of each side and the paired ratio (eager time / onnxruntime)."""
+    """Markdown table of a saved run: embeddings/s of each side and the interleaved ratio (eager time / onnxruntime)."""
     import json
+    import statistics
 
     with open(path) as file:
         run = json.load(file)
-    rows = {}
+    lines = ["| model | B | threads | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up: median of "
+             "interleaved ratios (IQR, count) | load (1 min) |", "|---|---|---|---|---|---|---|"]
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
         if info.get("op") != OP:
             continue
         shape = info["shape"]
-        row = rows.setdefault((shape["model"], shape["B"], shape["threads"]), {})
-        row[info["impl"]] = shape["B"] / bench["stats"]["median"]
-        row.update({k: info[k] for k in ("paired", "load_1min") if k in info})
-    lines = ["| model | B | threads | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up, paired median "
-             "(IQR, pairs) | load (1 min) |", "|---|---|---|---|---|---|---|"]
-    for (model, batch, threads), row in rows.items():
-        paired = row.get("paired")
-        ratio = (f"{paired['ratio_median']:.2f}x ({paired['ratio_q25']:.2f}-{paired['ratio_q75']:.2f}, "
-                 f"{paired['pairs']})" if paired else "-")
-        lines.append(f"| {model} | {batch} | {threads} | {row.get('torch-eager', float('nan')):.3g} | "
-                     f"{row.get('onnxruntime', float('nan')):.3g} | {ratio} | {row.get('load_1min', float('nan')):.1f} |")
+        if "impls" in info:  # _harness.compare: per-round times of both
+            times = {impl["name"]: impl["times_s"] for impl in info["impls"]}
+            ratios = [e / o for e, o in zip(times["torch-eager"], times["onnxruntime"])]
+            q25, median, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            count = len(ratios)
+            seconds = {name: statistics.median(t) for name, t in times.items()}
+        else:  # measure + paired_speedup
+            paired = info["paired"]
+            q25, median, q75, count = (paired[k] for k in ("ratio_q25", "ratio_median", "ratio_q75", "pairs"))
+            seconds = {"onnxruntime": bench["stats"]["median"], "torch-eager": info["median_s_torch-eager"]}
+        lines.append(f"| {shape['model']} | {shape['B']} | {shape['threads']} | "
+                     f"{shape['B'] / seconds['torch-eager']:.3g} | {shape['B'] / seconds['onnxruntime']:.3g} | "
+                     f"{median:.2f}x ({q25:.2f}-{q75:.2f}, {count}) | {info['load_1min']:.1f} |")
     return "\n".join(lines)
 
 
