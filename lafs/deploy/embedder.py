@@ -31,14 +31,15 @@ def is_onnx_path(path: Union[str, os.PathLike]) -> bool:
 
 
 def load_face_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                    threads: Optional[int] = None) -> nn.Module:
+                    threads: Optional[int] = None, **load_options) -> nn.Module:
     """A face model in eval mode from a run folder, one of our checkpoints, official weights
-    (``lafs.models.load_model``) or an ``.onnx`` file (:class:`OnnxModel`, run by onnxruntime)."""
+    (``lafs.models.load_model``, which also gets ``load_options``) or an ``.onnx`` file
+    (:class:`OnnxModel`, run by onnxruntime with ``threads`` intra-op threads)."""
     if is_onnx_path(path):
         return OnnxModel(path, device=device, threads=threads)
     from lafs.models import load_model
 
-    return load_model(path, device=device)
+    return load_model(path, device=device, **load_options)
 
 
 class FaceEmbedder:

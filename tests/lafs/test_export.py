@@ -29,6 +29,10 @@ from tolerances import assert_close
 
 FACES_FILE = Path(__file__).parents[1] / "data" / "insightface_sample_faces.json"
 MIN_COSINE = 0.9999  # per face, the bar for float32 files
+# The export form normalises the grid to [-1, 1] and grid_sample maps it back: float32 rounding moves a sample
+# by up to ~1e-5 px, times an image gradient of up to 2 per px for noise in [-1, 1] (max seen: 1.27e-5 over
+# 200 seeds of 4 x 196 patches).
+GATHER_SCALE = 3
 
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside norm_crop
 
@@ -160,14 +164,13 @@ def test_export_form_gather_equals_the_op(rng):
         ours = landmark_patch_gather(images, landmarks, patch_size)
         export_form = export_form_gather(images, landmarks, patch_size)
         assert export_form.shape == ours.shape == (3, 40, patch_size * patch_size * 3)
-        assert_close(export_form, ours)
+        assert_close(export_form, ours, scale=GATHER_SCALE)
         # the op's feature f = (i*P + j)*C + c, i the x offset: moving one landmark right by a whole pixel
         # shifts its patch by one i step
         shifted = landmark_patch_gather(images, landmarks + torch.tensor([1.0, 0.0]), patch_size)
         if patch_size > 1:
             step = patch_size * 3
-            assert_close(export_form_gather(images, landmarks, patch_size)[..., step:],
-                         shifted[..., :-step])
+            assert_close(export_form[..., step:], shifted[..., :-step], scale=GATHER_SCALE)
 
 
 def test_export_form_gather_in_onnxruntime_equals_the_op(tmp_path, rng):
@@ -190,7 +193,7 @@ def test_export_form_gather_in_onnxruntime_equals_the_op(tmp_path, rng):
     ours = landmark_patch_gather(images, landmarks, 8)
     print(f"export-form gather (onnxruntime GridSample) vs landmark_patch_gather: max abs error "
           f"{(tokens - ours).abs().max().item():.2e}")
-    assert_close(tokens, ours)
+    assert_close(tokens, ours, scale=GATHER_SCALE)
 
 
 def test_export_form_model_equals_the_model_and_leaves_it_unchanged(moving_nano, rng):
@@ -200,7 +203,7 @@ def test_export_form_model_equals_the_model_and_leaves_it_unchanged(moving_nano,
     half = PartFViTExportForm(moving_nano, half=True)
     with torch.no_grad():
         expected = moving_nano(images)
-        assert_close(form(images), expected)
+        assert_close(form(images), expected, scale=10)  # the gather's grid rounding, through the transformer
         half_embeddings = half(images)  # float16 on the CPU is slow in eager PyTorch: two images
         assert half_embeddings.dtype == torch.float32 and cosines(half_embeddings, expected).min() >= 0.999
     for key, value in moving_nano.state_dict().items():  # the half copy did not convert the caller's model
