@@ -1,4 +1,4 @@
-"""``FaceEmbedder``: normalised face embeddings from any model this package reads, as the evaluation protocol makes them.
+"""``FaceEmbedder``: normalised face embeddings from any model this package reads, made as the evaluation does.
 
 >>> embedder = FaceEmbedder("runs/demo/supervised")          # or a checkpoint, official weights, an .onnx file
 >>> features = embedder.embed(aligned_rgb_faces)              # uint8 [N, 112, 112, 3] -> float32 [N, D], unit norm

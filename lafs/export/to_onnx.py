@@ -87,10 +87,11 @@ def export_onnx(model: Union[nn.Module, str, os.PathLike], path: Union[str, os.P
     """Write the eval-mode Part fViT ``model`` (a module, or anything ``load_model`` reads) to ``path`` as ONNX.
 
     Dynamic batch, float32 input and output; ``half=True`` stores and runs the
-    transformer in float16 (landmark CNN, coordinates and gather stay float32).  With ``check`` the written file is run through onnxruntime on a
-    few fixed images and compared with the PyTorch model (our fused gather):
-    :class:`ExportCheckError` when a per-face cosine falls below
-    ``MIN_COSINE``.  The file is written atomically.
+    transformer in float16 (landmark CNN, coordinates and gather stay float32).
+    With ``check`` the written file is run through onnxruntime on a few fixed
+    images and compared with the PyTorch model (our fused gather):
+    :class:`ExportCheckError` when a per-face cosine falls below ``MIN_COSINE``.
+    The file is written atomically.
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (GridSample), got {opset!r}")
@@ -162,5 +163,6 @@ def _check(file: str, model: PartFViT, result: OnnxExport) -> OnnxExport:
     limit = MIN_COSINE[result.precision]
     if not (np.isfinite(cosine) and cosine >= limit):
         raise ExportCheckError(f"the exported {result.precision} graph does not reproduce the PyTorch model: "
-                               f"per-face cosine down to {cosine:.6f} (need >= {limit}), max abs difference {error:.3g}")
+                               f"per-face cosine down to {cosine:.6f} (need >= {limit}), "
+                               f"max abs difference {error:.3g}")
     return OnnxExport(result.path, result.precision, result.opset, cosine, error)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lafs.eval.__main__ import main
 from lafs.export import export_onnx

@@ -271,7 +271,8 @@ def test_insightface_keeps_mean_and_std_when_early_nodes_are_named_sub_and_mul(t
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("c", TensorProto.FLOAT, [], [0.5]), helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])])
+        [helper.make_tensor("c", TensorProto.FLOAT, [], [0.5]),
+         helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
     onnx.save(proto, str(before))
