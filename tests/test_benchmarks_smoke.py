@@ -12,7 +12,7 @@ def test_op_benchmarks_run_in_smoke_mode():
     env = dict(os.environ, LAFS_BENCH_SMOKE="1")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/bench_landmark_patch_gather.py",
-         "benchmarks/bench_margin_softmax.py", "benchmarks/bench_training_step.py",
+         "benchmarks/bench_margin_softmax.py", "benchmarks/bench_training_step.py", "benchmarks/bench_embedding.py",
          "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

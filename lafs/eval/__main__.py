@@ -1,11 +1,16 @@
 """``python -m lafs.eval verify|ijb``: the verification sets and IJB-B / IJB-C 1:1 from the command line.
 
     python -m lafs.eval verify --model runs/demo --data faces_webface_112x112 --targets lfw,cfp_fp,agedb_30
+    python -m lafs.eval verify --model part_fvit.onnx --data faces_webface_112x112   # an exported model
     python -m lafs.eval ijb --model part_fvit_b.pt --root IJB_release/IJBC --target IJBC --out ijbc_eval
+
+A mistake in the input (a missing or unreadable file, a path that holds no
+model) is reported in one line on stderr, with exit status 1.
 """
 import argparse
 import json
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -18,11 +23,24 @@ from .verification import load_bin, verify_model
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
 
 
-def load_model(path: str, device: torch.device):
-    """The model to evaluate: ``lafs.models.load_model`` (run folder, our checkpoint, official state dict)."""
-    from lafs.models import load_model as load
+class UsageError(Exception):
+    """A user's mistake (missing or unreadable file, not a model), reported in one line."""
 
-    return load(path, device=device)
+
+# What reading a bad file raises: the loaders' own errors (IncompatibleCheckpointError and
+# verification.UnsafePickleError are a ValueError and an UnpicklingError) and the OS's.
+_BAD_INPUT = (OSError, ValueError, pickle.UnpicklingError)
+
+
+def load_model(path: str, device: torch.device):
+    """The model to evaluate: a run folder, our checkpoint, an official state dict (``lafs.models.load_model``)
+    or an exported ``.onnx`` file (run by onnxruntime); :class:`UsageError` if ``path`` holds no model."""
+    from lafs.deploy import load_face_model
+
+    try:
+        return load_face_model(path, device=device)
+    except _BAD_INPUT as err:
+        raise UsageError(f"--model {path}: {err}") from err
 
 
 def _device(name: str) -> torch.device:
@@ -44,12 +62,15 @@ def run_verify(args) -> dict:
     paths = {name: os.path.join(args.data, f"{name}.bin") for name in targets}
     missing = [path for path in paths.values() if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
+        raise UsageError(f"verification set(s) not found: {', '.join(missing)}")
     device = _device(args.device)
     model = load_model(args.model, device)
     results = {}
     for name, path in paths.items():
-        images, issame = load_bin(path)
+        try:
+            images, issame = load_bin(path)
+        except _BAD_INPUT as err:
+            raise UsageError(f"{path}: {err}" if path not in str(err) else str(err)) from err
         results[name] = verify_model(model, images, issame, batch_size=args.batch_size, device=device)
         result = results[name]
         print(
@@ -64,12 +85,17 @@ def run_verify(args) -> dict:
 
 
 def run_ijb(args) -> dict:
+    if not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root}: no such folder")
     device = _device(args.device)
     model = load_model(args.model, device)
-    result = evaluate_ijb(
-        model, args.root, args.target, batch_size=args.batch_size, device=device,
-        num_workers=args.num_workers, block_elements=args.block_elements, progress=not args.no_progress,
-    )
+    try:
+        result = evaluate_ijb(
+            model, args.root, args.target, batch_size=args.batch_size, device=device,
+            num_workers=args.num_workers, block_elements=args.block_elements, progress=not args.no_progress,
+        )
+    except _BAD_INPUT as err:  # ijb's readers name the file and line of a missing or malformed input
+        raise UsageError(str(err)) from err
     target = args.target.upper()
     os.makedirs(args.out, exist_ok=True)
     scores_path = os.path.join(args.out, f"{target.lower()}_scores.npy")
@@ -93,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    model_help = "a lafs.train run folder, one of our checkpoint files, or an official Part fViT state dict"
+    model_help = ("a lafs.train run folder, one of our checkpoint files, an official Part fViT state dict, or an "
+                  "exported .onnx file (python -m lafs.export; run by onnxruntime)")
     device_help = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default: auto)"
 
     verify = commands.add_parser("verify", help="accuracy with flip (10-fold) on the .bin verification sets",
@@ -133,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    args.run(args)
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        args.run(args)
+    except UsageError as exc:
+        print(f"lafs.eval: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,9 +47,12 @@ def test_verify_command(tmp_path, rng, checkpoint, capsys):
         assert f"XNorm {result['xnorm']:.4f}" in printed
 
 
-def test_verify_command_names_a_missing_set(tmp_path, checkpoint):
-    with pytest.raises(FileNotFoundError, match=r"cplfw\.bin"):
-        main(["verify", "--model", checkpoint, "--data", str(tmp_path), "--targets", "cplfw", "--device", "cpu"])
+def test_verify_command_names_a_missing_set(tmp_path, checkpoint, capsys):
+    assert main(["verify", "--model", checkpoint, "--data", str(tmp_path), "--targets", "cplfw",
+                 "--device", "cpu"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("lafs.eval: verification set(s) not found:") and "cplfw.bin" in error
+    assert error.count("\n") == 1
 
 
 @pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface's norm_crop
