@@ -18,11 +18,11 @@ from .verification import load_bin, verify_model
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
 
 
-def load_model(path: str, device: torch.device):
+def load_model(path: str, device: torch.device, unsafe_pickle: bool = False):
     """The model to evaluate: ``lafs.models.load_model`` (run folder, our checkpoint, official state dict)."""
     from lafs.models import load_model as load
 
-    return load(path, device=device)
+    return load(path, device=device, unsafe_pickle=unsafe_pickle)
 
 
 def _device(name: str) -> torch.device:
@@ -46,7 +46,7 @@ def run_verify(args) -> dict:
     if missing:
         raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
     device = _device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model, device, args.unsafe_pickle)
     results = {}
     for name, path in paths.items():
         images, issame = load_bin(path)
@@ -65,7 +65,7 @@ def run_verify(args) -> dict:
 
 def run_ijb(args) -> dict:
     device = _device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model, device, args.unsafe_pickle)
     result = evaluate_ijb(
         model, args.root, args.target, batch_size=args.batch_size, device=device,
         num_workers=args.num_workers, block_elements=args.block_elements, progress=not args.no_progress,
@@ -94,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     model_help = "a lafs.train run folder, one of our checkpoint files, or an official Part fViT state dict"
+    unsafe_help = ("UNSAFE: load a --model file with full pickle even when it names globals outside the allow-list "
+                   "(lafs.models.safe_load); such a file can run any code on this machine. Only for files you trust")
     device_help = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default: auto)"
 
     verify = commands.add_parser("verify", help="accuracy with flip (10-fold) on the .bin verification sets",
                                  description="Accuracy with flip test, mean ± std over 10 folds, best threshold "
                                              "and XNorm on insightface's .bin verification sets.")
     verify.add_argument("--model", required=True, help=model_help)
+    verify.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     verify.add_argument("--data", required=True, help="folder holding <name>.bin for every target")
     verify.add_argument("--targets", default=DEFAULT_TARGETS,
                         help="comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw "
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           + ", ".join(f"{far:.0e}" for far in FARS)
                                           + "; writes the pair scores (.npy), the table (JSON) and the ROC (PNG).")
     ijb.add_argument("--model", required=True, help=model_help)
+    ijb.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     ijb.add_argument("--root", required=True, help="dataset root holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijb.add_argument("--target", required=True, type=str.upper, choices=TARGETS, help="IJBB or IJBC")
     ijb.add_argument("--out", default="ijb_eval", help="output folder (default: ijb_eval)")
