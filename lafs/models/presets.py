@@ -53,7 +53,8 @@ def build_transformer(config: dict) -> PartTransformer:
     ``part_fvit_b`` values, drop path 0.1 included)."""
     _check_keys(config, CONFIG_KEYS, "model")
     defaults = PRESETS["part_fvit_b"]
-    return PartTransformer(**{k: config.get(k, defaults[k]) for k in _TRANSFORMER_KEYS if k in config or k in defaults})
+    return PartTransformer(**{k: config[k] if k in config else defaults[k] for k in _TRANSFORMER_KEYS
+                              if k in config or k in defaults})
 
 
 def build_landmark_cnn(config: dict) -> LandmarkCNN:
