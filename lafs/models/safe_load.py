@@ -15,6 +15,9 @@ refused with :class:`UnsafeCheckpointError`, naming the file and the globals, be
 it is called.  ``unsafe_pickle=True`` (``--unsafe-pickle`` on ``python -m lafs.train`` and
 ``python -m lafs.eval``, or the :func:`allow_unsafe_pickle` context) loads it with the full
 pickle machinery instead: the file can then run any code, so only do that for a file you trust.
+
+Needs torch >= 2.6 (``safe_globals`` with named entries; earlier weights-only loading had a known
+code-execution hole, CVE-2025-32434), which ``pyproject.toml`` requires.
 """
 from __future__ import annotations
 
