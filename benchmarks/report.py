@@ -269,7 +269,8 @@ def env_header(run: Run, limit: float) -> list[str]:
                      "their numbers. Rerun `make bench` on an idle machine.")
     return lines + [
         f"- **{lafs.get('device_name', run.device)}** ({run.device}); CPU: {cpu}; "
-        f"{lafs.get('torch_threads', '?')} torch threads; load average (1/5/15 min) when the run started: {load or '?'}",
+        f"{lafs.get('torch_threads', '?')} torch threads; load average (1/5/15 min) when the run started: "
+        f"{load or '?'}",
         f"- {run.when[:19].replace('T', ' ')} UTC; torch {lafs.get('torch')} (CUDA {lafs.get('torch_cuda')}), "
         f"Triton {lafs.get('triton')}, Python {lafs.get('python')}, commit {commit}",
         f"- file: `{os.path.relpath(run.path, HERE)}`",
@@ -420,11 +421,12 @@ def readme_block(runs: list[Run], settings: dict) -> str:
     sources = sorted({os.path.relpath(c.run_path, os.path.dirname(HERE)) for run in runs for c in run.cases})
     devices = sorted({f"{c.device_name}" for run in runs for c in run.cases})
     when = sorted({run.when[:16].replace("T", " ") for run in runs})
-    measured = (f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {', '.join(f'`{s}`' for s in sources)}."
+    files = ", ".join(f"`{s}`" for s in sources)
+    measured = (f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}."
                 if sources else "No measurements yet: run `make bench` on an idle machine.")
     lines = [README_BEGIN, "",
              f"{measured} Ours and every baseline ran interleaved, "
-             f"once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
+             "once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
              f"with the {SPREAD[0]:.0%}-{SPREAD[1]:.0%} range of those ratios in brackets. "
              "Details, memory and targets: `benchmarks/RESULTS.md`.", "",
              "| case | ours | baselines | speed-up | added memory (ours / baseline) |", "|---|---|---|---|---|"]
@@ -489,7 +491,8 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             for i, name in enumerate(names):
                 spreads = [c.speedup(o.name, name) for c, o in rows]
                 values = [s.median if s else 0 for s in spreads]
-                errors = [[s.median - s.low if s else 0 for s in spreads], [s.high - s.median if s else 0 for s in spreads]]
+                errors = [[s.median - s.low if s else 0 for s in spreads],
+                          [s.high - s.median if s else 0 for s in spreads]]
                 bars = ax.bar([x + i * width for x in range(len(rows))], values, width, yerr=errors, capsize=2,
                               label=f"vs {name}")
                 ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=7)

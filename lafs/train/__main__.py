@@ -1,4 +1,6 @@
-"""``python -m lafs.train [demo|supervised|pretrain|finetune] [--config RECIPE] [--out DIR] [--resume] [--unsafe-pickle] [key=value ...]``.
+"""``python -m lafs.train [demo|supervised|pretrain|finetune] [--config RECIPE] [--out DIR] [--resume] [key=value ...]``.
+
+``--unsafe-pickle`` loads checkpoints that name globals outside the allow-list (unsafe: see lafs.models.safe_load).
 
 Several processes or machines: ``torchrun --nproc_per_node=N -m lafs.train supervised --config ...``.
 """

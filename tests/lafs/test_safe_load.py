@@ -130,7 +130,8 @@ def _bin_folder(tmp: Path) -> Path:
     return folder
 
 
-CASES = [(loader, fmt) for loader in LOADERS for fmt in (("bin",) if "load_bin" in loader else ("torch.save", "pickle"))]
+CASES = [(loader, fmt) for loader in LOADERS
+         for fmt in (("bin",) if "load_bin" in loader else ("torch.save", "pickle"))]
 
 
 @pytest.mark.parametrize("loader, fmt", CASES)
