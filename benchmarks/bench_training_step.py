@@ -18,7 +18,9 @@ inputs channels_last (supervised: what ``SupervisedStage`` does with
 batch norms folded into the convolutions, channels_last
 (``lafs.ssl.frozen.frozen_copy(fast=True)``, as ``MultiViewBuilder`` does off
 the original path); the per-landmark ``grid_sample`` loop and the unfused
-margin loss stay. ``fused`` is our path. CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
+margin loss stay, and so does the original's landmark-CNN call per global view.
+``fused`` is our path: the step from the middle rung to it is the fused kernels
+(and, in pretraining, one landmark-CNN call for both global views instead of one each). CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
 DINO head sizes and half its pretraining batch; GPU: ``part_fvit_b`` with the WebFace4M recipes' batch sizes
 (128 supervised, 64 pretraining) under bfloat16 autocast.
 
