@@ -236,6 +236,19 @@ def compare(benchmark, *, op: str, title: str, mode: str, dtype: str, shape: dic
     )
 
 
+def measure(*args, **kwargs):
+    """Replaced by :func:`compare`: a benchmark times ours and its baselines in one test, interleaved."""
+    raise TypeError("_harness.measure() times one implementation alone and was replaced by _harness.compare(), "
+                    "which times ours and every baseline interleaved round by round: pass them all as impls=[Impl(...)]"
+                    " (see the _harness docstring)")
+
+
+def paired_speedup(*args, **kwargs):
+    """Replaced by :func:`compare` (every baseline is timed interleaved with ours)."""
+    raise TypeError("_harness.paired_speedup() was replaced by _harness.compare(), which interleaves every "
+                    "implementation of a case in each round")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, **kwargs) -> None:
     """``tests/tolerances.py``'s check (the project keeps its tolerances in one place)."""
     import importlib.util
