@@ -43,7 +43,7 @@ info: setup
 # benchmarks/RESULTS.md, the charts and the README's table (between its benchmarks:begin/end markers).
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py --readme README.md --summary
 
 # The same plumbing in about a minute: tiny shapes, two rounds, report into build/bench-smoke/ (nothing published).
 bench-smoke: setup
