@@ -13,7 +13,7 @@ export CUDA_HOME MAX_JOBS
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: setup train test test-fast bench info clean
+.PHONY: setup train test test-fast bench bench-smoke info clean
 
 setup: $(STAMPS)/project
 
@@ -39,9 +39,17 @@ test: setup
 info: setup
 	$(PY) -m lafs_kernels.info
 
+# Run on an idle machine: every benchmark (ours and its baselines interleaved), then report.py writes
+# benchmarks/RESULTS.md, the charts and the README's table (between its benchmarks:begin/end markers).
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
-	$(PY) benchmarks/report.py
+	$(PY) benchmarks/report.py --readme README.md --summary
+
+# The same plumbing in about a minute: tiny shapes, two rounds, report into build/bench-smoke/ (nothing published).
+bench-smoke: setup
+	mkdir -p build/bench-smoke
+	LAFS_BENCH_SMOKE=1 $(PY) -m pytest benchmarks --benchmark-only -q --benchmark-json build/bench-smoke/smoke.json
+	$(PY) benchmarks/report.py build/bench-smoke/smoke.json --out build/bench-smoke/RESULTS.md --charts none --summary
 
 clean:
 	rm -rf build *.egg-info lafs_kernels/_C*.so lafs_kernels/_build_info.json $(STAMPS)

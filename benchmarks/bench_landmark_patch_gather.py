@@ -7,11 +7,13 @@ tokens (subsampled with an index), P=8, 112x112 RGB, float32 and bfloat16.
 ``fwd`` is a training-mode forward (image and landmarks require grad);
 ``fwd+bwd`` adds the image and landmark gradients.
 
-A copy of a large buffer is measured in the same run: report.py states the
-gather's bandwidth as a share of it.
+Each test times ours and both baselines interleaved, round by round
+(``_harness.compare``). A copy of a large buffer is measured in the same
+run: report.py states the gather's bandwidth as a share of it.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -106,16 +108,20 @@ def _check_matches_baseline(impl: str, B: int, K: int, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", OURS + BASELINES)
 @pytest.mark.parametrize("B,K,dtype", SHAPES)
-def test_gather(benchmark, B, K, dtype, impl, mode):
-    if impl in OURS and mode == "fwd":
-        _check_matches_baseline(impl, B, K, dtype)
-    shape = {"B": B, "L": L, "K": K, "P": P, "HxW": f"{SIZE}x{SIZE}"}
-    kwargs = dict(impl=impl, mode=mode, B=B, K=K, dtype=dtype)
-    _harness.measure(
-        benchmark, op=OP, impl=impl, ours=impl in OURS, mode=mode, dtype=dtype, shape=shape,
-        build=lambda: build_case(**kwargs), memory_spec={"module": os.path.abspath(__file__), "kwargs": kwargs},
+def test_gather(benchmark, B, K, dtype, mode):
+    """Ours and both baselines, interleaved round by round."""
+    if mode == "fwd":
+        for impl in OURS:
+            _check_matches_baseline(impl, B, K, dtype)
+    impls = []
+    for impl in OURS + BASELINES:
+        kwargs = dict(impl=impl, mode=mode, B=B, K=K, dtype=dtype)
+        impls.append(_harness.Impl(impl, impl in OURS, functools.partial(build_case, **kwargs),
+                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+    _harness.compare(
+        benchmark, op=OP, title="Landmark patch gather", mode=mode, dtype=dtype,
+        shape={"B": B, "L": L, "K": K, "P": P, "HxW": f"{SIZE}x{SIZE}"}, impls=impls,
         work={"bytes": minimal_bytes(mode, B, K, dtype)},
     )
 
@@ -126,7 +132,8 @@ def test_copy_bandwidth(benchmark):
     src = torch.rand(numel, device=DEVICE)
     dst = torch.empty_like(src)
     case = lambda: dst.copy_(src)  # noqa: E731
-    _harness.measure(
-        benchmark, op="copy", impl="copy_", ours=False, mode="fwd", dtype="float32", shape={"numel": numel},
-        build=lambda: case, memory_spec=None, work={"bytes": 2 * src.nbytes}, group=f"copy {DEVICE}",
+    _harness.compare(
+        benchmark, op="copy", title="Copy bandwidth (the ceiling of memory-bound work)", mode="fwd",
+        dtype="float32", shape={"numel": numel}, impls=[_harness.Impl("copy_", False, lambda: case)],
+        work={"bytes": 2 * src.nbytes}, role="ceiling", group=f"copy {DEVICE}",
     )

@@ -2,7 +2,8 @@
 
 Baselines (``lafs_kernels.baselines.margin``): the unfused formula users run
 today (normalize, linear, one-hot margin, scale, cross-entropy: several
-``[B, C]`` matrices), and ``torch.compile`` of it. Shapes of issue 4: on CPU
+``[B, C]`` matrices), and ``torch.compile`` of it; each test times ours and
+them interleaved, round by round (``_harness.compare``). Shapes of issue 4: on CPU
 B=256, D=512, C=100,000 float32; on GPU B=512, D=512, C=205,990 (WebFace4M)
 and 1,000,000, bfloat16. ``fwd+bwd`` returns the gradients of the embeddings
 and the class centres; its added memory is what the loss needs beyond
@@ -93,14 +94,18 @@ def _check_matches_baseline(impl: str, B: int, D: int, C: int, dtype: str) -> No
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", OURS + BASELINES)
 @pytest.mark.parametrize("B,D,C,dtype", SHAPES)
-def test_margin(benchmark, B, D, C, dtype, impl, mode):
-    if impl in OURS and mode == "fwd":
-        _check_matches_baseline(impl, B, D, C, dtype)
-    kwargs = dict(impl=impl, mode=mode, B=B, D=D, C=C, dtype=dtype)
-    _harness.measure(
-        benchmark, op=OP, impl=impl, ours=impl in OURS, mode=mode, dtype=dtype, shape={"B": B, "D": D, "C": C},
-        build=lambda: build_case(**kwargs), memory_spec={"module": os.path.abspath(__file__), "kwargs": kwargs},
-        work=work(mode, B, D, C, dtype),
+def test_margin(benchmark, B, D, C, dtype, mode):
+    """Ours and the baselines, interleaved round by round."""
+    if mode == "fwd":
+        for impl in OURS:
+            _check_matches_baseline(impl, B, D, C, dtype)
+    impls = []
+    for impl in OURS + BASELINES:
+        kwargs = dict(impl=impl, mode=mode, B=B, D=D, C=C, dtype=dtype)
+        impls.append(_harness.Impl(impl, impl in OURS, functools.partial(build_case, **kwargs),
+                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+    _harness.compare(
+        benchmark, op=OP, title="Margin softmax cross-entropy, CosFace", mode=mode, dtype=dtype,
+        shape={"B": B, "D": D, "C": C}, impls=impls, work=work(mode, B, D, C, dtype),
     )

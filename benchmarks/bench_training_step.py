@@ -1,4 +1,5 @@
-"""Images per second of one optimizer step, fused ops against the original code path.
+"""Images per second of one optimizer step: the original code path, the original path with our
+non-kernel changes, and ours (fused kernels too), so the kernels' share of the speed-up is visible.
 
 Each step is ``lafs.train``'s own ``Stage.train_step``, built from a recipe:
 (a) supervised Part fViT (landmark CNN end to end, CosFace s=64 m=0.4 over
@@ -10,20 +11,27 @@ teacher, DINO head and loss, EMA update). ``original`` sets
 unfused margin loss of ``lafs_kernels.baselines``, and in pretraining the
 frozen landmark CNN run as the released LAFS script runs it (batch norms
 unfolded, NCHW, once per global view and once for the local views); model,
-batch and dtype are the same. CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
+batch and dtype are the same. ``original+non-kernel`` is the original path with
+the changes our path makes besides the kernels: the landmark CNN's weights and
+inputs channels_last (supervised: what ``SupervisedStage`` does with
+``train.channels_last``), and in pretraining the frozen landmark CNN with its
+batch norms folded into the convolutions, channels_last
+(``lafs.ssl.frozen.frozen_copy(fast=True)``, as ``MultiViewBuilder`` does off
+the original path); the per-landmark ``grid_sample`` loop and the unfused
+margin loss stay, and so does the original's landmark-CNN call per global view.
+``fused`` is our path: the step from the middle rung to it is the fused kernels
+(and, in pretraining, one landmark-CNN call for both global views instead of one each). CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
 DINO head sizes and half its pretraining batch; GPU: ``part_fvit_b`` with the WebFace4M recipes' batch sizes
 (128 supervised, 64 pretraining) under bfloat16 autocast.
 
 Inputs are random images in [-1, 1] already on the device, so the data
-loader is not timed. On the CPU the fused test also times both paths alternately
-(``_harness.paired_speedup``, in ``extra_info["paired"]``), which
-``report.py`` shows beside the ratio of the medians (the one targets are judged on).
+loader is not timed. The three steps are timed interleaved, round by round
+(``_harness.compare``); report.py shows each rung's speed-up over the one before.
 """
 from __future__ import annotations
 
 import atexit
 import functools
-import gc
 import os
 import shutil
 import tempfile
@@ -47,7 +55,8 @@ STEPS = pick(
     gpu=[("supervised", "part_fvit_b", 128, "bfloat16"), ("pretrain", "part_fvit_b", 64, "bfloat16")],
     smoke=[("supervised", "part_fvit_nano", 2, "float32"), ("pretrain", "part_fvit_nano", 2, "float32")],
 )
-PATHS = ["fused", "original"]
+ORIGINAL, NON_KERNEL, OURS = "original", "original+non-kernel", "fused"
+PATHS = [ORIGINAL, NON_KERNEL, OURS]  # the ladder: each rung adds one kind of change
 
 
 def _overrides(step: str, model: str, batch: int, dtype: str, original: bool, landmark_file: str) -> list[str]:
@@ -105,7 +114,7 @@ def build_case(impl: str, step: str, model: str, batch: int, dtype: str, device:
     landmark_file = _landmark_checkpoint(model, _scratch_folder()) if step == "pretrain" else ""
     tree = config_mod.apply_overrides(
         _recipe_tree(step),
-        config_mod.parse_overrides(_overrides(step, model, batch, dtype, impl == "original", landmark_file)))
+        config_mod.parse_overrides(_overrides(step, model, batch, dtype, impl != OURS, landmark_file)))
     cfg = config_mod.resolve_stage(step, tree, source="benchmark")
     dist = init_distributed()
     if dist.device.type != device:
@@ -115,6 +124,8 @@ def build_case(impl: str, step: str, model: str, batch: int, dtype: str, device:
     stage.build()
     stage.steps_per_epoch, stage.total_steps, stage.warmup_steps = stage.schedule_lengths(micro_per_epoch=100)
     stage.setup_schedules()
+    if impl == NON_KERNEL:
+        _apply_non_kernel_changes(stage, step)
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(batch, 3, 112, 112, generator=gen) * 2 - 1).to(device)
     labels = torch.randint(0, int(getattr(stage, "num_classes", 2)), (batch,), generator=gen).to(device)
@@ -125,6 +136,23 @@ def build_case(impl: str, step: str, model: str, batch: int, dtype: str, device:
         stage.train_step(micro_batches, position)
 
     return one_step
+
+
+def _apply_non_kernel_changes(stage, step: str) -> None:
+    """On a stage built with ``train.original_path``: what our path changes besides the kernels."""
+    from lafs.ssl.frozen import frozen_copy
+
+    if step == "supervised":
+        cnn = stage.model.landmark_cnn
+        cnn.to(memory_format=torch.channels_last)  # parameters keep their identity: the optimizer still holds them
+    else:
+        views = stage.trainer.views
+        views.landmark_cnn = frozen_copy(stage.landmark_cnn, fast=True)
+        cnn = views.landmark_cnn
+        if any(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()):
+            raise RuntimeError("frozen_copy(fast=True) left batch norms in the landmark CNN: nothing was folded")
+    if not cnn.features[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+        raise RuntimeError(f"the {step} landmark CNN is not channels_last: the non-kernel changes did not apply")
 
 
 def count_grid_sample_calls(case) -> int:
@@ -144,31 +172,23 @@ def count_grid_sample_calls(case) -> int:
     return len(calls)
 
 
-@pytest.mark.parametrize("impl", PATHS)
 @pytest.mark.parametrize("step,model,batch,dtype", STEPS)
-def test_training_step(benchmark, step, model, batch, dtype, impl):
-    kwargs = dict(impl=impl, step=step, model=model, batch=batch, dtype=dtype)
-    case = build_case(**kwargs)
-    grid_samples = count_grid_sample_calls(case)  # also the warm-up call
-    # The comparison is only honest if the original path really runs the per-landmark loop.
+def test_training_step(benchmark, step, model, batch, dtype):
     landmarks = PRESETS[model]["num_landmarks"]
-    if impl == "original":
-        assert grid_samples >= landmarks, (
-            f"the original {step} path made {grid_samples} grid_sample calls per step, fewer than the {landmarks} "
+    cases, impls, calls = {}, [], {}
+    for impl in PATHS:
+        kwargs = dict(impl=impl, step=step, model=model, batch=batch, dtype=dtype)
+        cases[impl] = build_case(**kwargs)
+        calls[impl] = count_grid_sample_calls(cases[impl])  # also the warm-up call
+        impls.append(_harness.Impl(impl, impl == OURS, functools.partial(cases.__getitem__, impl),
+                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+    # The comparison is only honest if the original paths really run the per-landmark loop.
+    for impl in (ORIGINAL, NON_KERNEL):
+        assert calls[impl] >= landmarks, (
+            f"the {impl} {step} path made {calls[impl]} grid_sample calls per step, fewer than the {landmarks} "
             f"landmarks: it does not run the per-landmark loop")
-    if impl == "fused" and DEVICE == "cpu":
-        # The CPU's 1.2x target compares two ~0.5 s steps on a shared machine: time them alternately as
-        # well, a check on drift. (Not on a GPU: a dedicated card drifts little, and gpu_check.sh has minutes.)
-        original = build_case(**{**kwargs, "impl": "original"})
-        original()  # warm-up
-        benchmark.extra_info["paired"] = _harness.paired_speedup(
-            case, original, "original", budget_s=3 * _harness.round_budget_s(DEVICE), min_pairs=8)
-        del original
-        gc.collect()  # the original stage's model and optimizer go before ours is timed and measured
-    _harness.measure(
-        benchmark, op=OP, impl=impl, ours=impl == "fused", mode=step, dtype=dtype,
-        shape={"model": model, "B": batch}, build=lambda: case,
-        memory_spec={"module": os.path.abspath(__file__), "kwargs": kwargs},
-        work={"images": batch}, warmed_up=True,
+    _harness.compare(
+        benchmark, op=OP, title="Training step", mode=step, dtype=dtype, shape={"model": model, "B": batch},
+        impls=impls, work={"images": batch}, ladder=PATHS, warmed_up=PATHS,
     )
-    benchmark.extra_info["grid_sample_calls_per_step"] = grid_samples
+    benchmark.extra_info["grid_sample_calls_per_step"] = calls

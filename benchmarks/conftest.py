@@ -5,7 +5,9 @@
 * Saves the run as JSON under ``benchmarks/results/<device>_torch<version>_<time>.json``
   unless ``--benchmark-json`` names a file (nothing is saved in smoke mode).
 * Adds the environment to the JSON's ``machine_info`` under ``lafs``: versions
-  of torch/Triton/CUDA, the GPU, the extension's build record, CPU load.
+  of torch/Triton/CUDA, the GPU, the extension's build record, the load average
+  when the session started and when it ended (each benchmark also records the
+  load and the other processes' CPU use while it ran: ``_harness.compare``).
 * ``LAFS_BENCH_SMOKE=1 pytest benchmarks --benchmark-disable -q`` runs every
   benchmark once on tiny shapes: a quick check that they still run.
 """
@@ -23,6 +25,7 @@ import torch
 import _harness
 
 RESULTS_DIR = Path(__file__).parent / "results"
+SESSION_START_LOAD = os.getloadavg()
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -60,6 +63,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         device_name=_harness.device_name(),
         torch_threads=torch.get_num_threads(),
         cpu_load_1_5_15min=os.getloadavg(),
+        cpu_load_at_start_1_5_15min=SESSION_START_LOAD,
         smoke=_harness.SMOKE,
     )
     machine_info["lafs"] = lafs

@@ -15,7 +15,7 @@
 #   --dry-run (or LAFS_GPU_CHECK_CPU=1): on a machine without a GPU, run every step up to the first GPU
 #   call (environment, toolkit, CUDA build, build record) and stop there.
 #   LAFS_GPU_CHECK_BUILD_TIMEOUT (default 240 s) bounds the build; MAX_JOBS defaults to nproc.
-#   Time limits: build 240 s, tests 120 s, benchmarks 100 + 120 + 80 s (typical total: about 7 minutes).
+#   Time limits: build 240 s, tests 120 s, benchmarks 90 + 100 + 110 s (typical total: about 7 minutes).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
@@ -139,7 +139,7 @@ esac
 export LAFS_BENCH_BUDGET_S=${LAFS_BENCH_BUDGET_S:-0.3}
 : > "$OUT/bench.log"
 JSONS=()
-for suite in landmark_patch_gather:100 margin_softmax:120 training_step:80; do
+for suite in landmark_patch_gather:90 margin_softmax:100 training_step:110; do
   name=${suite%%:*}; limit=${suite##*:}
   say "GPU benchmarks: benchmarks/bench_$name.py (limit ${limit}s) -> bench.log, bench_$name.json"
   timeout "$limit" "$PY" -m pytest "benchmarks/bench_$name.py" --benchmark-only -q -p no:cacheprovider \

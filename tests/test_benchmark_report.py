@@ -1,7 +1,8 @@
-"""benchmarks/_harness.paired_speedup and benchmarks/report.py's speed-up targets.
+"""benchmarks/_harness.py (interleaved rounds) and benchmarks/report.py (ratios, busy machines, targets,
+the README block).
 
-Timing is simulated with a fake clock (the cases advance it), so these tests are
-exact and never depend on how busy the machine is."""
+Timing is simulated with a fake clock (the cases advance it), so these tests are exact and never
+depend on how busy the machine is."""
 import importlib.util
 import json
 import sys
@@ -31,100 +32,179 @@ class SlowingClock:
     each call (a machine getting busier while it is measured)."""
 
     def __init__(self, growth: float):
-        self.now, self.calls, self.growth = 0.0, 0, growth
+        self.now, self.calls, self.growth, self.order = 0.0, 0, growth, []
 
     def __call__(self) -> float:
         return self.now
 
-    def case(self, work: float):
+    def case(self, work: float, name: str = ""):
         def run():
             self.now += work * (1.0 + self.growth * self.calls)
             self.calls += 1
+            self.order.append(name)
         return run
 
 
-def test_paired_speedup_is_exact_on_a_steady_machine(monkeypatch):
+class FakeBenchmark:
+    """What compare uses of pytest-benchmark's fixture."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.pedantic_calls = {}, None, 0
+
+    def pedantic(self, target, rounds=1, iterations=1):
+        self.pedantic_calls += 1
+        return target()
+
+
+def test_rounds_interleave_every_implementation_in_rotating_order(monkeypatch):
     clock = SlowingClock(growth=0.0)
     monkeypatch.setattr(harness, "synchronized_timer", clock)
-    paired = harness.paired_speedup(clock.case(0.4), clock.case(0.5), "original", budget_s=0.0, min_pairs=6)
-    assert paired["baseline"] == "original" and paired["pairs"] == 6
-    assert paired["ratio_median"] == pytest.approx(1.25)
-    assert paired["ratio_q25"] == pytest.approx(1.25) and paired["ratio_q75"] == pytest.approx(1.25)
+    cases = {n: clock.case(w, n) for n, w in (("ours", 0.4), ("a", 0.5), ("b", 0.8))}
+    times = harness.interleaved_rounds(cases, 3, {"ours": 1, "a": 1, "b": 2})
+    assert clock.order == ["ours", "a", "b", "b", "a", "b", "b", "ours", "b", "b", "ours", "a"]
+    assert {k: pytest.approx(v) for k, v in times.items()} == {"ours": [0.4] * 3, "a": [0.5] * 3, "b": [0.8] * 3}
 
 
-def test_paired_speedup_cancels_a_machine_that_slows_down(monkeypatch):
-    # 2% slower per call: separate runs of rounds (ours first, then the baseline) would see the baseline
-    # inflated by the drift; alternating ABBA pairs see it on both sides.
-    clock = SlowingClock(growth=0.02)
+def _case(times: dict, ladder=(), machine=None, work=None) -> "report.Case":
+    impls = [report.Impl(name, name == "ours", values) for name, values in times.items()]
+    return report.Case(op="x", title="X", mode="fwd", dtype="float32", device="cpu", device_name="CPU", shape={},
+                       work=work or {}, impls=impls, ladder=list(ladder), role=None,
+                       machine=machine or {"other_cpu_cores": 0.0, "load_before": [0.3], "cores": 2})
+
+
+def test_per_round_ratios_cancel_a_machine_that_slows_down(monkeypatch):
+    # 0.2% slower per call: separate runs of rounds (ours first, then the baseline) would see the baseline
+    # inflated by the drift of 21 calls; interleaved rounds see one call's drift at most, on either side.
+    clock = SlowingClock(growth=0.002)
     monkeypatch.setattr(harness, "synchronized_timer", clock)
-    ours, baseline = clock.case(0.4), clock.case(0.5)
-    paired = harness.paired_speedup(ours, baseline, "original", budget_s=0.0, min_pairs=20)
-    assert paired["ratio_median"] == pytest.approx(1.25, abs=0.01)
+    times = harness.interleaved_rounds({"ours": clock.case(0.4), "base": clock.case(0.5)}, 21, {"ours": 1, "base": 1})
+    spread = _case(times).speedup("ours", "base")
+    assert spread.median == pytest.approx(1.25, abs=0.005) and spread.rounds == 21
+    assert spread.low <= spread.median <= spread.high
 
-    clock = SlowingClock(growth=0.02)
+    clock = SlowingClock(growth=0.002)
     monkeypatch.setattr(harness, "synchronized_timer", clock)
-    ours, baseline = clock.case(0.4), clock.case(0.5)
-
-    def median_of_rounds(case, rounds=20):
-        times = []
-        for _ in range(rounds):
-            start = clock()
-            case()
-            times.append(clock() - start)
-        return sorted(times)[rounds // 2]
-
-    separate = median_of_rounds(baseline) / median_of_rounds(ours)
-    assert separate < 1.2  # ours measured later, on the slower machine: the drift hides most of the speed-up
+    ours = harness.interleaved_rounds({"ours": clock.case(0.4)}, 21, {"ours": 1})["ours"]
+    base = harness.interleaved_rounds({"base": clock.case(0.5)}, 21, {"base": 1})["base"]
+    separate = sorted(base)[10] / sorted(ours)[10]
+    assert separate > 1.29  # the baseline measured later, on the slower machine: the drift inflates it
 
 
-def test_paired_speedup_fills_its_budget_within_bounds(monkeypatch):
+def test_compare_records_rounds_times_machine_and_ladder(monkeypatch):
     clock = SlowingClock(growth=0.0)
     monkeypatch.setattr(harness, "synchronized_timer", clock)
-    # each pair costs 1 s: a 10 s budget gives 10 pairs, bounded by max_pairs
-    assert harness.paired_speedup(clock.case(0.5), clock.case(0.5), "x", budget_s=10.0, min_pairs=2)["pairs"] == 10
-    assert harness.paired_speedup(clock.case(0.5), clock.case(0.5), "x", budget_s=10.0, min_pairs=2,
-                                  max_pairs=4)["pairs"] == 4
+    monkeypatch.setattr(harness, "SMOKE", False)
+    bench = FakeBenchmark()
+    impls = [harness.Impl("original", False, lambda: clock.case(0.5)),
+             harness.Impl("fused", True, lambda: clock.case(0.4))]
+    harness.compare(bench, op="training_step", title="Training step", mode="pretrain", dtype="float32",
+                    shape={"B": 16}, impls=impls, work={"images": 16}, ladder=["original", "fused"])
+    info = bench.extra_info
+    assert bench.pedantic_calls == 1 and info["schema"] == report.SCHEMA
+    assert info["rounds"] >= harness.MIN_ROUNDS and info["ladder"] == ["original", "fused"]
+    assert [i["name"] for i in info["impls"]] == ["original", "fused"]
+    assert all(len(i["times_s"]) == info["rounds"] for i in info["impls"])
+    assert set(info["machine"]) >= {"load_before", "load_after", "other_cpu_cores", "cores"}
+    with pytest.raises(ValueError, match="distinct"):
+        harness.compare(bench, op="x", title="X", mode="fwd", dtype="float32", shape={}, impls=impls + impls[:1])
 
 
-def _benchmark_json(path: Path, ours_s: float, original_s: float, paired=None) -> str:
-    def entry(impl, median, ours, extra=None):
-        info = {"op": "training_step", "impl": impl, "ours": ours, "mode": "pretrain", "dtype": "float32",
-                "device": "cpu", "shape": {"model": "part_fvit_tiny", "B": 16}, "work": {"images": 16},
-                "peak_added_bytes": 1 << 20}
-        info.update(extra or {})
-        return {"extra_info": info, "stats": {"median": median}}
+def test_plan_rounds_fills_the_budget_within_bounds(monkeypatch):
+    monkeypatch.setattr(harness, "SMOKE", False)
+    monkeypatch.setenv("LAFS_BENCH_BUDGET_S", "2")
+    rounds, iterations = harness.plan_rounds([0.1, 0.001], "cpu")
+    assert iterations == [1, 5] and rounds == 4 // 0.105
+    assert harness.plan_rounds([10.0], "cpu")[0] == harness.MIN_ROUNDS
+    assert harness.plan_rounds([1e-5], "cpu")[0] == harness.MAX_ROUNDS
 
-    data = {
-        "machine_info": {"lafs": {"bench_device": "cpu", "cpu_load_1_5_15min": [0.5, 0.5, 0.5]}},
-        "commit_info": {"id": "0" * 40}, "datetime": "2026-11-28T00:00:00",
-        "benchmarks": [entry("fused", ours_s, True, {"paired": paired} if paired else None),
-                       entry("original", original_s, False)],
-    }
+
+def test_ladder_shows_each_steps_share():
+    case = _case({"original": [1.0, 1.0, 1.0], "original+non-kernel": [0.8, 0.8, 0.8], "ours": [0.5, 0.5, 0.5]},
+                 ladder=["original", "original+non-kernel", "ours"])
+    assert report.ladder_text(case) == "original+non-kernel 1.25x (1.25-1.25); ours 1.60x (1.60-1.60)"
+    assert case.speedup("ours", "original").median == pytest.approx(2.0)
+
+
+def test_busy_rule():
+    assert _case({"ours": [1.0]}).busy(0.2) is None
+    assert "0.90 CPU cores" in _case({"ours": [1.0]}, machine={"other_cpu_cores": 0.9, "load_before": [2.5],
+                                                              "cores": 2}).busy(0.2)
+    # without /proc/stat the load average decides
+    assert _case({"ours": [1.0]}, machine={"other_cpu_cores": None, "load_before": [0.4], "cores": 2}).busy(0.2) is None
+    assert "load average 1.5" in _case({"ours": [1.0]}, machine={"other_cpu_cores": None, "load_before": [1.5],
+                                                                  "cores": 2}).busy(0.2)
+
+
+def _result_file(path: Path, other_cpu: float, op="training_step", title="Training step") -> str:
+    info = {"schema": report.SCHEMA, "op": op, "title": title, "mode": "pretrain", "dtype": "float32",
+            "device": "cpu", "device_name": "CPU (2 cores)", "shape": {"model": "part_fvit_tiny", "B": 16},
+            "work": {"images": 16}, "rounds": 5, "ladder": ["original", "original+non-kernel", "fused"],
+            "role": None, "machine": {"other_cpu_cores": other_cpu, "load_before": [0.4], "cores": 2},
+            "impls": [{"name": "original", "ours": False, "times_s": [0.60, 0.62, 0.61, 0.60, 0.63],
+                       "peak_added_bytes": 2 << 20},
+                      {"name": "original+non-kernel", "ours": False, "times_s": [0.55, 0.56, 0.55, 0.55, 0.57]},
+                      {"name": "fused", "ours": True, "times_s": [0.50, 0.50, 0.50, 0.50, 0.50],
+                       "peak_added_bytes": 1 << 20}]}
+    data = {"machine_info": {"lafs": {"bench_device": "cpu", "cpu_load_at_start_1_5_15min": [0.4, 0.5, 0.5]}},
+            "commit_info": {"id": "0" * 40}, "datetime": "2026-12-06T00:00:00",
+            "benchmarks": [{"extra_info": info, "stats": {"median": 9.0}},
+                           {"extra_info": {"op": "old", "impl": "x"}, "stats": {"median": 1.0}}]}
     path.write_text(json.dumps(data))
     return str(path)
 
 
-def _pretrain_target(runs):
-    [check] = [c for c in report.check_targets(runs) if c[0].op == "training_step" and c[0].device == "cpu"]
-    return check
+SETTINGS = {"busy_other_cpu_cores": 0.2,
+            "targets": [{"source": "#8", "op": "training_step", "device": "cpu", "where": {"mode": "pretrain"},
+                         "baseline": "original", "kind": "speedup", "value": 1.2}],
+            "headlines": [{"label": "pretraining step", "op": "training_step", "device": "cpu",
+                           "where": {"mode": "pretrain"}},
+                          {"label": "gpu step", "op": "training_step", "device": "cuda", "where": {}}]}
 
 
-def test_report_judges_the_target_on_the_medians_and_shows_the_paired_ratio(tmp_path):
-    paired = {"baseline": "original", "pairs": 12, "ratio_median": 1.23, "ratio_q25": 1.21, "ratio_q75": 1.25}
-    runs = report.select_runs([_benchmark_json(tmp_path / "cpu_a.json", 0.50, 0.575, paired)])
-    target, label, met, text = _pretrain_target(runs)
-    assert met is False  # the medians give 1.15x, below the 1.2x target, whatever the paired ratio says
-    assert text.startswith("1.15x") and "alternating: 1.23x (1.21-1.25, 12 pairs)" in text
-    table = "\n".join(report.op_table(runs[0], "training_step"))
-    assert "paired 1.23x (1.21-1.25, 12 pairs)" in table and "Paired: the median" in table
-
-    below = dict(paired, ratio_median=1.12, ratio_q25=1.10, ratio_q75=1.14)
-    runs = report.select_runs([_benchmark_json(tmp_path / "cpu_b.json", 0.50, 0.65, below)])
-    assert _pretrain_target(runs)[2] is True  # 1.30x on the medians
+def test_targets_are_judged_on_the_median_per_round_ratio_of_an_idle_run(tmp_path):
+    runs = report.select_runs([_result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05)])
+    [(target, label, met, text)] = report.check_targets(runs, SETTINGS)
+    assert met is True and text.startswith("1.22x (1.20-1.25)") and label == "fused float32"
+    runs = report.select_runs([_result_file(tmp_path / "cpu_20261206T000001Z.json", other_cpu=1.3)])
+    [(target, label, met, text)] = report.check_targets(runs, SETTINGS)
+    assert met is None and "not judged" in text
 
 
-def test_report_without_paired_timing_uses_the_medians(tmp_path):
-    runs = report.select_runs([_benchmark_json(tmp_path / "cpu_c.json", 0.50, 0.625)])
-    target, label, met, text = _pretrain_target(runs)
-    assert met is True and text.startswith("1.25x")
-    assert "paired" not in "\n".join(report.op_table(runs[0], "training_step"))
+def test_the_readme_block_shows_numbers_only_for_idle_runs(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold pasted numbers 7.2x\n{report.README_END}\noutro\n")
+    idle = report.select_runs([_result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05)])
+    report.rewrite_readme(str(readme), report.readme_block(idle, SETTINGS))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "7.2x" not in text
+    assert "| pretraining step | fused 500 ms | original 610 ms / original+non-kernel 550 ms |" in text
+    assert "1.22x (1.20-1.25) / 1.10x (1.10-1.13); step by step: original+non-kernel 1.11x" in text
+    assert "| gpu step | not measured yet" in text
+
+    busy = report.select_runs([_result_file(tmp_path / "cpu_20261206T000001Z.json", other_cpu=1.3)])
+    report.rewrite_readme(str(readme), report.readme_block(busy, SETTINGS))
+    text = readme.read_text()
+    assert "| pretraining step | not published: other processes used 1.30 CPU cores" in text
+    assert "1.22x" not in text and text.count(report.README_BEGIN) == 1
+
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs exactly one"):
+        report.rewrite_readme(str(tmp_path / "plain.md"), "x")
+
+
+def test_a_new_kind_of_benchmark_needs_no_change_in_the_report(tmp_path):
+    path = _result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.0, op="embedding", title="Embedding")
+    runs = report.select_runs([path])
+    table = "\n".join(report.op_table(runs[0], "embedding", 0.2))
+    assert table.startswith("### Embedding (`embedding`)") and "32 img/s" in table
+    assert "original+non-kernel 1.11x" in table
+
+
+def test_results_md_names_ignored_old_records(tmp_path):
+    path = _result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.0)
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps(SETTINGS))
+    out = tmp_path / "R.md"
+    report.main([path, "--out", str(out), "--charts", "none", "--targets", str(targets)])
+    text = out.read_text()
+    assert "1 records of the earlier layout" in text and "## Targets" in text and "| #8 training_step" in text

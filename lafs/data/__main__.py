@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "flat: scalar labels at keys 0..N-1")
     pack.add_argument("--quality", type=int, help="JPEG quality (default 95), or PNG compression level 0-9 (default 3)")
     pack.add_argument("--format", dest="img_fmt", choices=(".jpg", ".png"), default=".jpg",
-                      help="image encoding inside the records (default .jpg)")
+                      help="image encoding inside the records: every image is decoded and re-encoded; .jpg "
+                           "(default, as insightface's face2rec) is lossy, .png keeps the pixels exactly")
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -48,6 +48,8 @@ def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality=N
     ``[class, 1]`` labels at keys 1..N, identity ranges after them);
     ``"flat"`` writes scalar labels at keys 0..N-1.  Classes follow the sorted
     identity folder names.  Files appear only when everything was written.
+    Every image is decoded and re-encoded as ``img_fmt``: ``".jpg"`` (the default, as insightface's
+    face2rec writes) is lossy even for PNG sources; ``".png"`` keeps the pixels exactly.
     ``quality``: JPEG quality (default 95) or PNG compression level 0-9 (default 3).
     Returns {"images": N, "identities": num_ids}.
     """

@@ -32,13 +32,13 @@ class UsageError(Exception):
 _BAD_INPUT = (OSError, ValueError, pickle.UnpicklingError)
 
 
-def load_model(path: str, device: torch.device):
+def load_model(path: str, device: torch.device, unsafe_pickle: bool = False):
     """The model to evaluate: a run folder, our checkpoint, an official state dict (``lafs.models.load_model``)
     or an exported ``.onnx`` file (run by onnxruntime); :class:`UsageError` if ``path`` holds no model."""
     from lafs.deploy import load_face_model
 
     try:
-        return load_face_model(path, device=device)
+        return load_face_model(path, device=device, unsafe_pickle=unsafe_pickle)
     except _BAD_INPUT as err:
         raise UsageError(f"--model {path}: {err}") from err
 
@@ -64,7 +64,7 @@ def run_verify(args) -> dict:
     if missing:
         raise UsageError(f"verification set(s) not found: {', '.join(missing)}")
     device = _device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model, device, args.unsafe_pickle)
     results = {}
     for name, path in paths.items():
         try:
@@ -88,7 +88,7 @@ def run_ijb(args) -> dict:
     if not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root}: no such folder")
     device = _device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model, device, args.unsafe_pickle)
     try:
         result = evaluate_ijb(
             model, args.root, args.target, batch_size=args.batch_size, device=device,
@@ -121,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_help = ("a lafs.train run folder, one of our checkpoint files, an official Part fViT state dict, or an "
                   "exported .onnx file (python -m lafs.export; run by onnxruntime)")
+    unsafe_help = ("UNSAFE: load a --model file with full pickle even when it names globals outside the allow-list "
+                   "(lafs.models.safe_load); such a file can run any code on this machine. Only for files you trust")
     device_help = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default: auto)"
 
     verify = commands.add_parser("verify", help="accuracy with flip (10-fold) on the .bin verification sets",
                                  description="Accuracy with flip test, mean ± std over 10 folds, best threshold "
                                              "and XNorm on insightface's .bin verification sets.")
     verify.add_argument("--model", required=True, help=model_help)
+    verify.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     verify.add_argument("--data", required=True, help="folder holding <name>.bin for every target")
     verify.add_argument("--targets", default=DEFAULT_TARGETS,
                         help="comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw "
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           + ", ".join(f"{far:.0e}" for far in FARS)
                                           + "; writes the pair scores (.npy), the table (JSON) and the ROC (PNG).")
     ijb.add_argument("--model", required=True, help=model_help)
+    ijb.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     ijb.add_argument("--root", required=True, help="dataset root holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijb.add_argument("--target", required=True, type=str.upper, choices=TARGETS, help="IJBB or IJBC")
     ijb.add_argument("--out", default="ijb_eval", help="output folder (default: ijb_eval)")

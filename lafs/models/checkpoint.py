@@ -7,7 +7,6 @@ training checkpoint written by ``lafs.train`` stores this dict under ``"model"``
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -18,6 +17,7 @@ from torch import nn
 from .official import IncompatibleCheckpointError, infer_official_config, load_official_state_dict, unwrap_official
 from .part_fvit import PartFViT
 from .presets import build_model, build_transformer
+from .safe_load import UnsafeCheckpointError, load_checkpoint
 
 FORMAT = "lafs/v1"
 _BUILDERS = {"PartFViT": build_model, "PartTransformer": build_transformer}
@@ -78,15 +78,6 @@ def model_from_dict(d: Mapping) -> nn.Module:
     return model
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints also carry Python / NumPy random states, which the
-        # weights-only unpickler refuses; such a file is one the user wrote.
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
     """A run folder -> its ``checkpoints/best.pt`` (else ``last.pt``); a file -> itself."""
     path = Path(path)
@@ -103,17 +94,25 @@ def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
     raise FileNotFoundError(f"{path} has no checkpoints/best.pt or checkpoints/last.pt{hint}")
 
 
-def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> PartFViT:
-    """A :class:`PartFViT` in eval mode from a run folder, one of our files, or an official state dict.
+def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", *,
+               unsafe_pickle: bool = False) -> PartFViT:
+    """A :class:`PartFViT` in eval mode from a run folder, one of our files, or an official Part fViT state dict.
 
     Run folder: ``checkpoints/best.pt``, else ``last.pt``.  Training checkpoint:
     the ``lafs/v1`` dict under ``"model"``.  Official Part fViT state dict (plain
-    or wrapped): the architecture is read from its shapes (``part_fvit_b`` for the
-    released weights).
+    or wrapped, ``module.`` / ``backbone.`` prefixes): the architecture is read from
+    its shapes (``part_fvit_b`` for the released weights).  An official LAFS
+    pretraining checkpoint (``student`` / ``teacher``) holds no landmark CNN and is
+    refused: :func:`lafs.ssl.load_official_pretraining` loads it.
+
+    The file is read by :func:`lafs.models.safe_load.load_checkpoint`: one that would
+    run code raises :class:`UnsafeCheckpointError` unless ``unsafe_pickle=True``.
     """
     file = resolve_checkpoint_path(path)
     try:
-        obj = _torch_load(file)
+        obj = load_checkpoint(file, unsafe_pickle=unsafe_pickle)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise ValueError(f"cannot read {file} as a torch checkpoint: {err}") from err
     if not isinstance(obj, Mapping):
@@ -143,6 +142,7 @@ def _official_model(obj: Mapping, file: Path) -> PartFViT:
         raise IncompatibleCheckpointError(f"{file}: {err}") from None
     if "landmark_cnn" not in result.loaded:
         raise IncompatibleCheckpointError(
-            f"{file} holds no landmark CNN (a pretraining checkpoint?); load it into a transformer with "
-            "lafs.models.load_official_state_dict")
+            f"{file} holds no landmark CNN (an official LAFS pretraining checkpoint?): load_model builds a whole "
+            "Part fViT; load the student and teacher with lafs.ssl.load_official_pretraining, or the teacher "
+            "transformer alone with lafs.models.load_official_state_dict(create_transformer(...), checkpoint)")
     return model

@@ -49,9 +49,12 @@ def preset_config(name: str, **overrides) -> dict:
 
 
 def build_transformer(config: dict) -> PartTransformer:
-    """A :class:`PartTransformer` from a flat config (landmark CNN keys are ignored)."""
+    """A :class:`PartTransformer` from a flat config (landmark CNN keys are ignored; missing keys take the
+    ``part_fvit_b`` values, drop path 0.1 included)."""
     _check_keys(config, CONFIG_KEYS, "model")
-    return PartTransformer(**{k: config[k] for k in _TRANSFORMER_KEYS if k in config})
+    defaults = PRESETS["part_fvit_b"]
+    return PartTransformer(**{k: config[k] if k in config else defaults[k] for k in _TRANSFORMER_KEYS
+                              if k in config or k in defaults})
 
 
 def build_landmark_cnn(config: dict) -> LandmarkCNN:

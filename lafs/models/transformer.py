@@ -82,14 +82,15 @@ class PartTransformer(nn.Module):
     """Pre-norm ViT over landmark patch tokens; the output is the cls token through LayerNorm.
 
     Every block uses the same ``drop_path`` rate (the original applies one rate,
-    0.1, to all residual branches).  Linears keep PyTorch's default
+    0.1, to all residual branches: the ``part_fvit_b`` preset sets it; the
+    constructor's default is 0, no stochastic depth unless asked for).  Linears keep PyTorch's default
     initialisation, as in the original; ``cls_token`` and ``pos_embedding`` start
     from a truncated normal with std 0.02 (the original draws them from N(0, 1)).
     """
 
     def __init__(self, num_landmarks: int = 196, patch_size: int = 8, channels: int = 3, dim: int = 768,
                  depth: int = 12, heads: int = 11, dim_head: int = 64, mlp_dim: int = 2048, dropout: float = 0.0,
-                 emb_dropout: float = 0.0, drop_path: float = 0.1):
+                 emb_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.num_landmarks = num_landmarks
         self.patch_size = patch_size

@@ -12,13 +12,15 @@ The optimizer state is not loaded (its parameter order differs); the loss centre
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+import os
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from lafs.models import IncompatibleCheckpointError, load_official_state_dict
 from lafs.models.official import unwrap_official
+from lafs.models.safe_load import load_checkpoint
 
 from .loss import DINOLoss
 from .multicrop import MultiCropModel
@@ -51,14 +53,22 @@ def official_head_state(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def load_official_pretraining(
-    student: MultiCropModel, teacher: MultiCropModel, checkpoint: Mapping, loss: Optional[DINOLoss] = None
+    student: MultiCropModel, teacher: MultiCropModel, checkpoint: Union[Mapping, str, os.PathLike],
+    loss: Optional[DINOLoss] = None, *, unsafe_pickle: bool = False,
 ) -> OfficialDINOLoad:
     """Load an original LAFS pretraining checkpoint into our student and teacher (and loss centre).
 
     ``student`` / ``teacher``: :class:`MultiCropModel` with a ``PartTransformer`` backbone and a
-    ``DINOHead`` of the checkpoint's sizes.  Every part is loaded strictly: a missing, unexpected
-    or differently shaped key raises ``IncompatibleCheckpointError`` naming them all.
+    ``DINOHead`` of the checkpoint's sizes.  ``checkpoint``: the loaded dict, or the file, read by
+    :func:`lafs.models.safe_load.load_checkpoint` (its ``args`` Namespace and NumPy scalars load;
+    anything that would run code is refused unless ``unsafe_pickle=True``).  Every part is loaded
+    strictly: a missing, unexpected or differently shaped key raises ``IncompatibleCheckpointError``
+    naming them all.
     """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint(checkpoint, unsafe_pickle=unsafe_pickle)
+    if not isinstance(checkpoint, Mapping):
+        raise IncompatibleCheckpointError(f"not a LAFS pretraining checkpoint: a {type(checkpoint).__name__}")
     for which in ("student", "teacher"):
         if which not in checkpoint or not isinstance(checkpoint[which], Mapping):
             raise IncompatibleCheckpointError(

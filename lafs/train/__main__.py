@@ -1,5 +1,7 @@
 """``python -m lafs.train [demo|supervised|pretrain|finetune] [--config RECIPE] [--out DIR] [--resume] [key=value ...]``.
 
+``--unsafe-pickle`` loads checkpoints that name globals outside the allow-list (unsafe: see lafs.models.safe_load).
+
 Several processes or machines: ``torchrun --nproc_per_node=N -m lafs.train supervised --config ...``.
 """
 from __future__ import annotations
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from checkpoints/last.pt, with the same result as an "
                              "uninterrupted run; the recipe must be the one saved in its config.yaml")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="UNSAFE: load checkpoints (init.landmark, init.pretrained, --resume) with full pickle "
+                             "even when they name globals outside the allow-list (lafs.models.safe_load); such a "
+                             "file can run any code on this machine. Only for files you trust")
     parser.add_argument("--original-path", action="store_true",
                         help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
                              "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
@@ -83,11 +89,17 @@ def main(argv=None) -> int:
         overrides.append("train.original_path=true" if args.command != "demo" else "supervised.train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
     from .loop import NonFiniteLossError, ResumeError
+    from lafs.models.safe_load import UnsafeCheckpointError, allow_unsafe_pickle
+
     from .runner import run_command
 
     try:
-        run_command(args.command, recipe=args.config or "demo", overrides=overrides,
-                    out=out, resume=args.resume)
+        with allow_unsafe_pickle(args.unsafe_pickle):
+            run_command(args.command, recipe=args.config or "demo", overrides=overrides,
+                        out=out, resume=args.resume)
+    except UnsafeCheckpointError as exc:
+        print(f"lafs.train: {exc}", file=sys.stderr)
+        return 1
     except config_mod.ConfigError as exc:
         print(f"lafs.train: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from lafs.models.safe_load import load_checkpoint
+
 from . import config as config_mod
 from .distributed import Distributed, all_reduce_mean, barrier, broadcast_flag
 
@@ -275,7 +277,7 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     if resume:
         if not run.last.exists():
             raise ResumeError(f"--resume: {run.last} does not exist (nothing to continue)")
-        state = torch.load(run.last, map_location="cpu", weights_only=False)
+        state = load_checkpoint(run.last)  # no code runs (see lafs.models.safe_load)
         if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage.name:
             raise ResumeError(f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train")
         stage.load_state_dict(state)

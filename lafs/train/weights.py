@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
 from torch import nn
+
+from lafs.models.safe_load import UnsafeCheckpointError, load_checkpoint
 
 from .config import ConfigError
 
@@ -50,14 +51,19 @@ def _load_strict(module: nn.Module, state: Mapping, what: str) -> None:
     module.load_state_dict(state)
 
 
-def load_landmark_cnn(target: nn.Module, source: str) -> None:
-    """Copy the landmark CNN of ``source`` (run folder, our checkpoint or an official state dict) into ``target``."""
+def load_landmark_cnn(target: nn.Module, source: str, *, unsafe_pickle: bool = False) -> None:
+    """Copy the landmark CNN of ``source`` (run folder, our checkpoint or an official state dict) into ``target``.
+
+    The file is read without running code unless ``unsafe_pickle`` (see :mod:`lafs.models.safe_load`).
+    """
     from lafs.models import load_model
 
     try:
-        donor = load_model(source)
+        donor = load_model(source, unsafe_pickle=unsafe_pickle)
     except FileNotFoundError as exc:
         raise ConfigError(f"init.landmark: {exc}") from exc
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:
         raise ArchitectureMismatchError(f"init.landmark {source!r}: {exc}") from exc
     donor_cfg = donor.landmark_cnn.arch_config()
@@ -68,15 +74,18 @@ def load_landmark_cnn(target: nn.Module, source: str) -> None:
     _load_strict(target, donor.landmark_cnn.state_dict(), f"init.landmark {source!r}")
 
 
-def load_pretrained_transformer(target: nn.Module, source: str) -> None:
-    """Copy the teacher transformer of a LAFS pretraining run / checkpoint into ``target``."""
+def load_pretrained_transformer(target: nn.Module, source: str, *, unsafe_pickle: bool = False) -> None:
+    """Copy the teacher transformer of a LAFS pretraining run / checkpoint into ``target``.
+
+    The file is read without running code unless ``unsafe_pickle`` (see :mod:`lafs.models.safe_load`).
+    """
     from lafs.models.checkpoint import resolve_checkpoint_path
 
     try:
         path = resolve_checkpoint_path(source)
     except FileNotFoundError as exc:
         raise ConfigError(f"init.pretrained: {exc}") from exc
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
     teacher = state.get("teacher_transformer") if isinstance(state, Mapping) else None
     if isinstance(teacher, Mapping) and "arch" in teacher:
         check_same_architecture(target, teacher["arch"], f"init.pretrained {str(path)!r}")
