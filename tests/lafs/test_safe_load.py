@@ -90,6 +90,14 @@ def _raises(call):
     return str(err.value)
 
 
+def _cli_eval_error(args, capsys):
+    """python -m lafs.eval reports a refused file in one line and exits 1 (no traceback)."""
+    code = eval_cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    return err
+
+
 def _cli_train_error(args, capsys):
     code, err = _train(args, capsys)
     assert code == 1, err
@@ -113,12 +121,12 @@ LOADERS = {
         capsys),
     "python -m lafs.train --resume": lambda p, tmp, capsys: _cli_train_error(
         ["supervised", "--config", "tiny", "--out", str(p.parent.parent), "--resume"], capsys),
-    "python -m lafs.eval verify --model": lambda p, tmp, capsys: _raises(lambda: eval_cli.main(
+    "python -m lafs.eval verify --model": lambda p, tmp, capsys: _cli_eval_error(
         ["verify", "--model", str(p), "--data", str(_bin_folder(tmp)), "--targets", "lfw", "--device", "cpu",
-         "--out", str(tmp / "v.json")])),
-    "python -m lafs.eval ijb --model": lambda p, tmp, capsys: _raises(lambda: eval_cli.main(
+         "--out", str(tmp / "v.json")], capsys),
+    "python -m lafs.eval ijb --model": lambda p, tmp, capsys: _cli_eval_error(
         ["ijb", "--model", str(p), "--root", str(tmp), "--target", "IJBB", "--device", "cpu",
-         "--out", str(tmp / "ijb")])),
+         "--out", str(tmp / "ijb")], capsys),
     "load_bin (verification .bin)": lambda p, tmp, capsys: _raises(lambda: load_bin(p)),
 }
 
@@ -158,10 +166,10 @@ def test_the_payload_does_run_under_the_explicit_opt_in(tmp_path):
 def test_the_cli_flags_opt_in(tmp_path, capsys):
     marker = tmp_path / "code_ran"
     path = write_hostile(tmp_path / "evil.pt", marker, "torch.save")
-    with pytest.warns(UserWarning):
-        with pytest.raises(FileNotFoundError):  # the model loads; the IJB folder does not exist
-            eval_cli.main(["ijb", "--model", str(path), "--root", str(tmp_path / "none"), "--target", "IJBB",
-                           "--device", "cpu", "--out", str(tmp_path / "ijb"), "--unsafe-pickle"])
+    with pytest.warns(UserWarning):  # the model loads; the IJB folder holds no meta files
+        code = eval_cli.main(["ijb", "--model", str(path), "--root", str(tmp_path), "--target", "IJBB",
+                              "--device", "cpu", "--out", str(tmp_path / "ijb"), "--unsafe-pickle"])
+    assert code == 1 and "meta" in capsys.readouterr().err
     assert marker.exists()
     marker.unlink()
     with pytest.warns(UserWarning, match="can run code"):
