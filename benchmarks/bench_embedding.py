@@ -7,11 +7,8 @@ onnxruntime's CPU provider with as many intra-op threads as torch uses.  One
 call embeds a batch of B aligned faces (no flip: FaceEmbedder's flip protocol
 costs two of them).  Both run the same weights; the ONNX output is checked
 against eager before timing.  Both are timed interleaved, so a loaded machine
-affects both sides of each ratio alike: with ``_harness.compare`` (every
-implementation once per round, branch i18's harness) where the harness has it,
-else with ``_harness.paired_speedup`` (alternating pairs, ``extra_info["paired"]``)
-beside ``_harness.measure``'s rounds of onnxruntime; drop that fallback once
-``compare`` is on main.
+affects both sides of each ratio alike (``_harness.compare``: every
+implementation once per round).
 
 CPU only (the onnxruntime in the pinned set has no CUDA provider).  Shapes:
 B = 1 and 64 for ``part_fvit_tiny``, B = 1 for ``part_fvit_b`` (the released
@@ -111,34 +108,14 @@ def test_embedding(benchmark, model, batch, threads):
     cosine = torch.nn.functional.cosine_similarity(actual.double(), expected.double()).min().item()
     assert cosine >= MIN_COSINE, f"the exported file's embeddings differ from eager: cosine {cosine:.6f}"
     shape = {"model": model, "B": batch, "threads": threads}
-    if hasattr(_harness, "compare"):
-        # The harness that times every implementation interleaved, round by round (branch i18).
-        _harness.compare(
-            benchmark, op=OP, title="Embeddings per second (exported ONNX in onnxruntime vs PyTorch eager)",
-            mode="fwd", dtype="float32", shape=shape,
-            impls=[_harness.Impl(impl, impl == "onnxruntime", functools.partial(cases.__getitem__, impl))
-                   for impl in IMPLS],
-            work={"images": batch}, warmed_up=IMPLS)
-    else:
-        # measure() times one implementation; the alternating pairs give the ratio of the same moments.
-        benchmark.extra_info["paired"] = _harness.paired_speedup(
-            cases["onnxruntime"], cases["torch-eager"], "torch-eager",
-            budget_s=0 if _harness.SMOKE else 3 * _harness.round_budget_s(DEVICE))
-        _harness.measure(
-            benchmark, op=OP, impl="onnxruntime", ours=True, mode="fwd", dtype="float32", shape=shape,
-            build=lambda: cases["onnxruntime"], memory_spec=None, work={"images": batch}, warmed_up=True)
-        benchmark.extra_info["median_s_torch-eager"] = _median_seconds(cases["torch-eager"])
+    _harness.compare(
+        benchmark, op=OP, title="Embeddings per second (exported ONNX in onnxruntime vs PyTorch eager)",
+        mode="fwd", dtype="float32", shape=shape,
+        impls=[_harness.Impl(impl, impl == "onnxruntime", functools.partial(cases.__getitem__, impl))
+               for impl in IMPLS],
+        work={"images": batch}, warmed_up=IMPLS)
     benchmark.extra_info["min_cosine_vs_eager"] = cosine
     benchmark.extra_info["load_1min"] = os.getloadavg()[0]
-
-
-def _median_seconds(case, calls: int = 3) -> float:
-    times = []
-    for _ in range(calls):
-        start = _harness.synchronized_timer()
-        case()
-        times.append(_harness.synchronized_timer() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def summary(path: str) -> str:
@@ -155,16 +132,11 @@ def summary(path: str) -> str:
         if info.get("op") != OP:
             continue
         shape = info["shape"]
-        if "impls" in info:  # _harness.compare: per-round times of both
-            times = {impl["name"]: impl["times_s"] for impl in info["impls"]}
-            ratios = [e / o for e, o in zip(times["torch-eager"], times["onnxruntime"])]
-            q25, median, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            count = len(ratios)
-            seconds = {name: statistics.median(t) for name, t in times.items()}
-        else:  # measure + paired_speedup
-            paired = info["paired"]
-            q25, median, q75, count = (paired[k] for k in ("ratio_q25", "ratio_median", "ratio_q75", "pairs"))
-            seconds = {"onnxruntime": bench["stats"]["median"], "torch-eager": info["median_s_torch-eager"]}
+        times = {impl["name"]: impl["times_s"] for impl in info["impls"]}  # per-round times of both
+        ratios = [e / o for e, o in zip(times["torch-eager"], times["onnxruntime"])]
+        q25, median, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        count = len(ratios)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
         lines.append(f"| {shape['model']} | {shape['B']} | {shape['threads']} | "
                      f"{shape['B'] / seconds['torch-eager']:.3g} | {shape['B'] / seconds['onnxruntime']:.3g} | "
                      f"{median:.2f}x ({q25:.2f}-{q75:.2f}, {count}) | {info['load_1min']:.1f} |")
