@@ -121,8 +121,6 @@ class DINOTrainer:
 
         self.student = MultiCropModel(student_backbone, head()).to(device)
         self.teacher = MultiCropModel(teacher_backbone, head()).to(device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False).eval()
         self.views = views.to(device)
         self.loss = DINOLoss(
             s.out_dim, views.crops_per_image, s.warmup_teacher_temp, s.teacher_temp,
@@ -130,10 +128,14 @@ class DINOTrainer:
         ).to(device)
         self.student_forward: nn.Module = self.student
         if _world_size() > 1:
-            cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-            self.student_forward = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[cuda_index] if device.type == "cuda" else None
-            )
+            device_ids = None  # CPU (gloo): DDP takes no device ids
+            if device.type == "cuda":
+                device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+            # DDP broadcasts rank 0's student to every rank here ...
+            self.student_forward = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        # ... so the teacher, copied afterwards, starts the same on every rank and its EMA stays so.
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False).eval()
 
         self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student))
         peak_lr = s.lr * s.batch_size * _world_size() / 256.0

@@ -57,6 +57,15 @@ def all_reduce_mean(values: torch.Tensor, state: Distributed) -> torch.Tensor:
     return values / state.world_size
 
 
+def all_reduce_sum(values: torch.Tensor, state: Distributed) -> torch.Tensor:
+    """Sum of ``values`` over processes (identity for one process)."""
+    if not state.enabled:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
+
+
 def barrier(state: Distributed) -> None:
     if state.enabled:
         dist.barrier()
