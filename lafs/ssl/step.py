@@ -154,7 +154,7 @@ class DINOTrainer:
         """One optimisation step on ``images [B, 3, H, W]`` in [-1, 1]; returns the step's statistics.
 
         Views, student forward on every view group, teacher forward on the global group,
-        DINO loss, backward, per-parameter clipping, last-layer freeze, AdamW step with the
+        DINO loss (the returned value is the mean over ranks), backward, per-parameter clipping, last-layer freeze, AdamW step with the
         scheduled lr / weight decay, then the teacher EMA.  Raises FloatingPointError on a
         non-finite loss (before any weight changes).
         """
@@ -175,8 +175,8 @@ class DINOTrainer:
                 teacher_out = self.teacher(groups[:1])  # the teacher sees the global views only
             student_out = self.student_forward(groups)
             loss = self.loss(student_out, teacher_out, epoch)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        loss_value = self._mean_over_ranks(loss.detach())
+        if not math.isfinite(loss_value):  # the mean: every rank stops, or none does
             raise FloatingPointError(f"DINO loss is {loss_value} at step {global_step} (epoch {epoch}); stopping")
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,6 +190,15 @@ class DINOTrainer:
         ema_update(self.teacher, self.student, momentum)
         return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum,
                 "teacher_temp": self.loss.teacher_temperature(epoch)}
+
+    @staticmethod
+    def _mean_over_ranks(value: torch.Tensor) -> float:
+        """The loss of the global batch: the mean of every rank's (their batches are equal in size)."""
+        if _world_size() > 1:
+            value = value.float().clone()
+            dist.all_reduce(value)
+            value /= _world_size()
+        return value.item()
 
     def state_dict(self) -> dict:
         """Everything needed to resume bitwise: models, optimizer, scaler, loss centre, random states."""

@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     if args.original_path:
         overrides.append("train.original_path=true" if args.command != "demo" else "supervised.train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
+    from .distributed import shutdown
     from .loop import NonFiniteLossError, ResumeError
     from .runner import run_command
 
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, ResumeError) as exc:
         print(f"lafs.train: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

@@ -25,7 +25,8 @@ class Distributed:
 
 
 def init_distributed() -> Distributed:
-    """Read torchrun's environment; start the process group when WORLD_SIZE > 1.
+    """Read torchrun's environment; start the process group when WORLD_SIZE > 1 (once: a later call
+    finds it started and uses it).
 
     Each process uses GPU ``LOCAL_RANK`` when CUDA is available (backend nccl),
     else the CPU (backend gloo). A single process needs no process group.
@@ -43,8 +44,9 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
-def shutdown(state: Distributed) -> None:
-    if state.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """End the process group, if one was started (once, after the last stage of the process)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -434,5 +434,5 @@ def _save(stage: Stage, step: int, best: dict, is_best: bool) -> None:
     atomic_torch_save(state, stage.run.last)
     if is_best:
         atomic_torch_save(state, stage.run.best)
-    if head is not None and dist.enabled:
+    if head is not None:  # shard files of earlier steps (or of a run on more processes) no checkpoint names
         shards_mod.remove_stale(checkpoints, [step] + ([best["step"]] if "step" in best else []))
