@@ -54,6 +54,11 @@ def runs(tmp_path_factory):
          False, []),
         ("supervised", root / "sup2_split", ["train.stop_after_steps=null"], True, []),
         ("pretrain", root / "pre2", PRETRAIN + landmark + batch(LOCAL_BATCH), False, [("deterministic_views",)]),
+        # with the real views (each process draws its own): resume
+        ("pretrain", root / "pre2_views", PRETRAIN + landmark + batch(LOCAL_BATCH), False, []),
+        ("pretrain", root / "pre2_views_split", PRETRAIN + landmark + batch(LOCAL_BATCH)
+         + [f"train.stop_after_steps={STOP}"], False, []),
+        ("pretrain", root / "pre2_views_split", ["train.stop_after_steps=null"], True, []),
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
     ]
     worker.run_processes(WORLD, two, timeout=600)
@@ -160,6 +165,17 @@ def test_pretraining_two_processes_equal_one_with_batch_2b(runs):
         assert_close_tensors(flat(two[part]), flat(one[part]), atol=1e-5, rtol=1e-4)
     assert float(one["dino_loss"]["center"].abs().max()) > 0  # the centre moved
     np.testing.assert_allclose(losses(runs / "pre2"), losses(runs / "pre1"), rtol=1e-5)
+
+
+def test_two_process_pretraining_resumed_equals_uninterrupted_run_bit_for_bit(runs):
+    """Each process's view generator is saved and restored with its RNG state."""
+    a, b = load(runs / "pre2_views"), load(runs / "pre2_views_split")
+    assert a["step"] == b["step"] == 8 and len(b["rng"]) == 2
+    a, b = flat(a["dino"]), flat(b["dino"])
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert losses(runs / "pre2_views_split") == losses(runs / "pre2_views")
 
 
 def test_finetuning_with_mixup_two_processes_equal_one_with_batch_2b(runs):
