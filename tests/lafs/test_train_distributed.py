@@ -33,6 +33,10 @@ EXACT = [f"seed={SEED}", "model.landmark_dropout=0", "train.frozen_batch_norm=tr
 SUPERVISED = EXACT + ["optim.warmup_epochs=1"]
 FINETUNE = EXACT + ["init.pretrained=null", "init.landmark=null", "aug.mixup_prob=0.5", "aug.randaugment=true",
                     "optim.warmup_epochs=0"]
+# Every random element on (each process draws its own dropout, drop path, flips of other images, batch statistics).
+RANDOM = [f"seed={SEED}", "train.cpu_threads=1", "train.plots=false", "optim.accum_steps=2", "optim.clip_grad=1.0",
+          "optim.epochs=2", "init.pretrained=null", "init.landmark=null", "aug.mixup_prob=0.5",
+          "model.overrides.drop_path=0.1", "model.overrides.dropout=0.1"]
 PRETRAIN = [f"seed={SEED}", "train.cpu_threads=1", "train.plots=false", "optim.epochs=2", "val.view_probe=0"]
 
 
@@ -55,11 +59,13 @@ def runs(tmp_path_factory):
         ("supervised", root / "sup2_split", ["train.stop_after_steps=null"], True, []),
         ("pretrain", root / "pre2", PRETRAIN + landmark + batch(LOCAL_BATCH), False, [("deterministic_views",)]),
         # with the real views (each process draws its own): resume
-        ("pretrain", root / "pre2_views", PRETRAIN + landmark + batch(LOCAL_BATCH), False, []),
+        ("pretrain", root / "pre2_views", PRETRAIN + landmark + batch(LOCAL_BATCH), False,
+         [("dump_replicas", root / "pre2_views")]),
         ("pretrain", root / "pre2_views_split", PRETRAIN + landmark + batch(LOCAL_BATCH)
          + [f"train.stop_after_steps={STOP}"], False, []),
         ("pretrain", root / "pre2_views_split", ["train.stop_after_steps=null"], True, []),
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
+        ("finetune", root / "fine2_random", RANDOM + batch(LOCAL_BATCH), False, [("dump_replicas", root / "fine2_random")]),
     ]
     worker.run_processes(WORLD, two, timeout=600)
     shutil.copytree(root / "sup2_to1", root / "sup2_to1_stopped")
@@ -185,3 +191,18 @@ def test_finetuning_with_mixup_two_processes_equal_one_with_batch_2b(runs):
     _, two = recognition_state(runs / "fine2")
     assert_close_tensors(two, one, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(losses(runs / "fine2"), losses(runs / "fine1"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("run", ["fine2_random", "pre2_views"])
+def test_with_randomness_on_the_processes_hold_the_same_model(runs, run):
+    """Per-process dropout, drop path, batch statistics, views and mixup partners; shared mixup draws,
+    one clip norm, DDP's all-reduce, the same teacher EMA: no replica drifts. (Batch-norm running statistics
+    differ after the last forward pass: each process updates them with its own batch; DDP broadcasts process
+    0's, the ones checkpoints keep, before every forward pass.)"""
+    first, second = (torch.load(runs / run / f"replica-rank{r}.pt", weights_only=True) for r in range(WORLD))
+    a, b = flat(first), flat(second)
+    assert a.keys() == b.keys() and a
+    running = [k for k in a if k.endswith(("running_mean", "running_var"))]
+    assert (run == "fine2_random") == bool(running)
+    for key in set(a) - set(running):
+        assert torch.equal(a[key], b[key]), key

@@ -70,7 +70,28 @@ def interleaved_mixup_partner(world: int):
     return _patched(FinetuneStage, "mixup_partner", partner)
 
 
-PATCHES = {"deterministic_views": deterministic_views, "interleaved_mixup_partner": interleaved_mixup_partner}
+def dump_replicas(out):
+    """After the stage, every process writes what it holds of the model to ``out/replica-rank<r>.pt``
+    (a checkpoint holds the main process's only): replicas must stay identical."""
+    from lafs.train import runner
+
+    real = runner.run_stage
+
+    def run_stage(stage, *, resume=False):
+        summary = real(stage, resume=resume)
+        if hasattr(stage, "trainer"):
+            held = {"student": stage.trainer.student.state_dict(), "teacher": stage.trainer.teacher.state_dict(),
+                    "center": stage.trainer.loss.center}
+        else:
+            held = {"model": stage.model.state_dict()}
+        torch.save(held, f"{out}/replica-rank{stage.dist.rank}.pt")
+        return summary
+
+    return _patched(runner, "run_stage", run_stage)
+
+
+PATCHES = {"deterministic_views": deterministic_views, "interleaved_mixup_partner": interleaved_mixup_partner,
+           "dump_replicas": dump_replicas}
 
 
 def run_jobs(jobs) -> list:
