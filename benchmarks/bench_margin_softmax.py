@@ -33,7 +33,7 @@ SHAPES = pick(
     gpu=[(512, 512, 205_990, "bfloat16"), (512, 512, 1_000_000, "bfloat16")],
     smoke=[(4, 8, 37, "float32")],
 )
-OURS = pick(cpu=["fused-chunked"], gpu=["fused-triton", "fused-chunked"], smoke=["fused-chunked"])
+OURS = pick(cpu=["fused-cpu"], gpu=["fused-triton", "fused-chunked"], smoke=["fused-chunked"])  # cpu: the C++ chunk kernels
 BASELINES = ["unfused"] + (["unfused-compiled"] if COMPILE and not _harness.SMOKE else [])
 MODES = ["fwd", "fwd+bwd"]
 

@@ -5,7 +5,8 @@ Backends:
   ``cpu``     the C++ kernels of the compiled extension ``lafs_kernels._C``.
   ``triton``  Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``.
   ``cuda``    the CUDA kernels of ``lafs_kernels._C``.
-An op may add its own (the margin loss has ``chunked``, a blockwise PyTorch path).
+An op may add its own (the margin loss has ``chunked``, its blockwise path in PyTorch ops; its
+``cpu`` backend is that path with the elementwise work of each chunk in C++ kernels).
 
 Each op builds an :class:`OpBackends` from :class:`Backend` declarations: the
 devices and dtypes a backend supports, what it needs installed, and any

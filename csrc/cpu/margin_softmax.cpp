@@ -1,5 +1,6 @@
 // CPU kernels of the chunked margin-softmax cross-entropy (SPEC section 2): the elementwise
-// work on one class chunk, between the GEMMs that lafs_kernels/ops/margin_softmax.py runs.
+// work on one class chunk, between the GEMMs that lafs_kernels/ops/margin_chunks.py runs (the `cpu`
+// backend of the margin loss).
 //
 // raw[b, j] = s * <x_b / |x_b|, W_j> for the chunk's classes j (one GEMM).  The logit is
 // raw * inv_w[j], except at a target's first occurrence in the row, where it is the margined

@@ -20,13 +20,13 @@ def unfused_margin_loss(
     s: float = 64.0,
     m1: float = 1.0,
     m2: float = 0.0,
-    m3: float = 0.4,
+    m3: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Combined margin softmax cross-entropy, computed the plain way.
 
     embeddings [B, D], weight [C, D], labels [B] int64 -> loss (scalar, or [B]
-    with ``reduction="none"``).  Target logit ``cos(m1*theta + m2) - m3`` with
+    with ``reduction="none"``).  Margins default to none, as the fused op's.  Target logit ``cos(m1*theta + m2) - m3`` with
     the ArcFace fallback ``cos - sin(pi - m2) * m2`` when ``m1*theta + m2 > pi``;
     gradients flow through ``acos`` as autograd gives them (infinite at cos = +-1).
     """

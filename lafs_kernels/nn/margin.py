@@ -13,6 +13,9 @@ from ..ops.margin_softmax import margin_softmax_cross_entropy
 class CombinedMarginSoftmax(nn.Module):
     """Softmax cross-entropy with target logit ``s * (cos(m1*theta + m2) - m3)``.
 
+    The margins default to none (``m1=1, m2=0, m3=0``), so giving one never adds another; CosFace
+    and ArcFace carry their papers' defaults.
+
     weight: ``[out_features, in_features]`` class centres (Xavier-uniform init).
     Embeddings of another dtype (autocast) are cast to the weight's dtype.
     """
@@ -24,7 +27,7 @@ class CombinedMarginSoftmax(nn.Module):
         s: float = 64.0,
         m1: float = 1.0,
         m2: float = 0.0,
-        m3: float = 0.4,
+        m3: float = 0.0,
         *,
         easy_margin: bool = False,
         margin_grad: str = "exact",

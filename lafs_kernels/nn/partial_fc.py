@@ -1,38 +1,50 @@
 """Partial FC: the margin-softmax classifier with its class centres sharded across ranks.
 
-A drop-in for insightface arcface_torch's ``PartialFC_V2``: same constructor meaning
-(``margin``, ``embedding_size``, ``num_classes``, ``sample_rate``, ``fp16``) and
-``forward(local_embeddings [b, D], local_labels [b]) -> loss``, with the fused op
-underneath, so no rank ever holds its ``[B, C/world]`` logits.
+A drop-in for insightface arcface_torch's ``PartialFC_V2``: the same constructor
+(``margin``, ``embedding_size``, ``num_classes``, ``sample_rate``, ``fp16``), the same
+``weight [num_local, D]`` shard per rank (its state dict is a ``softmax_fc_gpu_{rank}.pt`` file)
+and ``forward(local_embeddings [b, D], local_labels [b]) -> loss``, with the fused op underneath,
+so no rank holds its ``[B, C/world]`` logits.  It also takes two-label (mixup) and soft targets
+in one call.  :func:`lafs_kernels.reshard.reshard_centres` moves the shards to another world size.
 """
+from __future__ import annotations
+
+import math
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ops.margin_softmax import (
-    DEFAULT_CHUNK,
-    BACKENDS,
-    GatherFromRanks,
-    Margin,
-    all_gather_no_grad,
-    local_row_stats,
-    sharded_row_stats,
-    soft_target_loss,
-)
 from .._dispatch import call_of
+from ..ops.margin_sharded import GatherFromRanks, SumGradAcrossRanks, all_gather_no_grad, class_range, combine_shard_stats
+from ..ops.margin_softmax import BACKENDS, DEFAULT_CHUNK, MARGIN_GRADS, Margin, local_row_stats, torch_stats
+
+INSIGHTFACE_PROBABILITY_FLOOR = 1e-30
+"""PartialFC_V2's loss is ``-log(max(p_target, 1e-30))`` per sample (the floor leaves the gradient alone)."""
 
 
-def _margin_of(margin, s: float):
-    """(s, m1, m2, m3) from a (m1, m2, m3) tuple or an insightface ``CombinedMarginLoss``."""
-    if isinstance(margin, (tuple, list)):
-        if len(margin) != 3:
-            raise ValueError(f"PartialFC: margin must be (m1, m2, m3); got {margin!r}")
-        return (float(s), *map(float, margin))
-    if all(hasattr(margin, name) for name in ("s", "m1", "m2", "m3")):
-        if getattr(margin, "interclass_filtering_threshold", 0) > 0:
-            raise ValueError("PartialFC: interclass_filtering_threshold > 0 is not supported by the fused loss")
-        return float(margin.s), float(margin.m1), float(margin.m2), float(margin.m3)
-    raise TypeError(f"PartialFC: margin must be (m1, m2, m3) or a CombinedMarginLoss-like object; got {type(margin).__name__}")
+def _is_insightface_margin(margin) -> bool:
+    return all(hasattr(margin, name) for name in ("s", "m1", "m2", "m3"))
+
+
+def insightface_margin(margin_loss, margin_grad: str = "straight_through") -> tuple[Margin, float]:
+    """(Margin, inter-class filtering threshold) computing what arcface_torch's ``CombinedMarginLoss``
+    computes: with ``m1 == 1 and m3 == 0`` the target angle gets ``+ m2`` with no fallback beyond pi,
+    and the margin carries no gradient (``margin_grad="straight_through"``); otherwise with ``m3 > 0``
+    the target gets ``- m3`` (m1 and m2 are ignored there, as in their code); any other margin
+    raises there, and here."""
+    s, m1, m2, m3 = (float(getattr(margin_loss, name)) for name in ("s", "m1", "m2", "m3"))
+    threshold = float(getattr(margin_loss, "interclass_filtering_threshold", 0.0) or 0.0)
+    straight_through = margin_grad == "straight_through"
+    if m1 == 1.0 and m3 == 0.0:
+        return Margin(s, 1.0, m2, 0.0, False, straight_through, fallback=False), threshold
+    if m3 > 0:
+        return Margin(s, 1.0, 0.0, m3, False, straight_through), threshold
+    raise ValueError(
+        f"PartialFC: insightface's CombinedMarginLoss computes only m1 == 1 with m3 == 0 (ArcFace) or m3 > 0 "
+        f"(CosFace); got m1={m1}, m2={m2}, m3={m3}. Pass a (m1, m2, m3) tuple for the general combined margin."
+    )
 
 
 class PartialFC(nn.Module):
@@ -40,19 +52,36 @@ class PartialFC(nn.Module):
 
     Rank r of ``process_group`` (default: the initialised default group, else a single
     process) holds ``weight [num_local, embedding_size]``, the centres of classes
-    ``[class_start, class_start + num_local)`` (the first ``num_classes % world`` ranks get
-    one more).  ``forward`` gathers embeddings [world*b, D] and labels from all ranks
-    (gradients flow back to each rank's own embeddings), computes each rank's softmax
-    statistics with the fused op and combines them; the loss (mean over the global batch)
-    is the same on every rank.
+    ``[class_start, class_start + num_local)`` (``num_classes // world`` each, the first
+    ``num_classes % world`` ranks one more).  ``forward`` gathers the embeddings ``[world*b, D]``,
+    labels and label weights of all ranks, computes each rank's softmax statistics with the fused
+    op and combines them; the loss (mean over the global batch) is the same on every rank.
 
-    ``sample_rate < 1`` (in training): each step uses every class that is a positive of the
-    global batch plus random negatives, ``max(sample_rate * num_local, world*b)`` classes
-    per rank (a fixed size, so the step needs no host synchronisation; the chosen local
-    rows are kept in ``sampled_index``).  Labels are not range-checked (that would sync).
+    ``margin`` is either
+      * a ``(m1, m2, m3)`` tuple (scale ``s``): target logit ``s * (cos(m1*theta + m2) - m3)`` with
+        ``lafs_kernels.margin_softmax_cross_entropy``'s meaning (ArcFace fallback beyond pi, exact
+        margin gradient unless ``margin_grad="straight_through"``), loss ``-log p_target``; or
+      * insightface arcface_torch's ``CombinedMarginLoss`` object: trains as ``PartialFC_V2`` does,
+        its formulas as they are (see :func:`insightface_margin`), its ``interclass_filtering_threshold``
+        (non-target cosines above it become 0 without gradient; computed on the shard's dense logits,
+        as PartialFC_V2 does), its straight-through gradient (``margin_grad`` overrides) and its loss
+        ``-log(max(p_target, 1e-30))`` per sample.
 
-    ``fp16=True`` computes on float16 copies of the embeddings and centres, as
-    ``PartialFC_V2`` does under autocast; the fused op accumulates in float32 either way.
+    Gradients: the embeddings' gradient on each rank is ``world_size`` times the gradient of the
+    global mean loss with respect to that rank's embeddings (as PartialFC_V2's all-gather backward
+    makes it), so that after DDP averages the backbone's gradients over the ranks the backbone
+    receives the gradient of the global mean loss, as one process with the whole batch would.  A
+    backbone whose gradients are not averaged over ranks must divide by ``world_size``.  The
+    centres' gradient is that of the global mean loss.
+
+    ``sample_rate < 1`` (in training mode only): each rank keeps the positive classes of the global
+    batch in its shard plus random negatives, ``num_sample = int(sample_rate * num_local)`` rows in
+    all, or every positive when there are more (PartialFC_V2's count and draw: one
+    ``torch.rand(num_local)`` from the default CPU generator, positives forced to the top; one host
+    sync per step).  The rows used are kept in ``sampled_index``.
+
+    ``fp16=True`` computes on float16 copies of the embeddings and centres, as PartialFC_V2 does under
+    autocast; the fused op accumulates in float32 either way.
     """
 
     def __init__(
@@ -65,48 +94,74 @@ class PartialFC(nn.Module):
         *,
         s: float = 64.0,
         process_group=None,
-        margin_grad: str = "exact",
-        chunk_size=None,
+        margin_grad: Optional[str] = None,
+        chunk_size: Optional[int] = None,
     ):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"PartialFC: sample_rate must be in (0, 1]; got {sample_rate}")
+        if margin_grad is not None and margin_grad not in MARGIN_GRADS:
+            raise ValueError(f"PartialFC: margin_grad must be one of {MARGIN_GRADS}; got {margin_grad!r}")
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self.process_group = process_group
         rank, world = (dist.get_rank(process_group), dist.get_world_size(process_group)) if process_group else (0, 1)
         self.rank, self.world_size = rank, world
-        self.s, self.m1, self.m2, self.m3 = _margin_of(margin, s)
+        if isinstance(margin, (tuple, list)):
+            if len(margin) != 3:
+                raise ValueError(f"PartialFC: margin must be (m1, m2, m3); got {margin!r}")
+            margin_grad = margin_grad or "exact"
+            m1, m2, m3 = map(float, margin)
+            self.margin = Margin(float(s), m1, m2, m3, False, margin_grad == "straight_through")
+            self.filter_threshold, self.probability_floor = 0.0, 0.0
+        elif _is_insightface_margin(margin):
+            margin_grad = margin_grad or "straight_through"
+            self.margin, self.filter_threshold = insightface_margin(margin, margin_grad)
+            self.probability_floor = INSIGHTFACE_PROBABILITY_FLOOR
+        else:
+            raise TypeError(
+                f"PartialFC: margin must be (m1, m2, m3) or a CombinedMarginLoss-like object; got {type(margin).__name__}"
+            )
+        self.margin_grad = margin_grad
+        self.s, self.m1, self.m2, self.m3 = self.margin.s, self.margin.m1, self.margin.m2, self.margin.m3
         self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.num_local = num_classes // world + int(rank < num_classes % world)
-        self.class_start = num_classes // world * rank + min(rank, num_classes % world)
+        self.class_start, self.num_local = class_range(num_classes, world, rank)
         self.sample_rate, self.fp16 = sample_rate, fp16
         self.num_sample = int(sample_rate * self.num_local)
-        self.margin_grad, self.chunk_size = margin_grad, chunk_size
+        self.chunk_size = chunk_size
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
         self.sampled_index = None
 
     def _sample(self, local_labels: torch.Tensor):
-        """Local centre rows to use [k] (sorted) and the labels as positions among them (-1: elsewhere)."""
+        """Local centre rows to use [k] (sorted) and the labels [B, T] as positions among them (-1: elsewhere)."""
         positive = (local_labels >= 0) & (local_labels < self.num_local)
-        k = min(self.num_local, max(self.num_sample, local_labels.numel()))
-        score = torch.rand(self.num_local + 1, device=local_labels.device)
-        # positives score 2 > any random score in [0, 1); non-positives land on the spare last slot
-        score[torch.where(positive, local_labels, self.num_local)] = 2.0
-        index = score[: self.num_local].topk(k).indices.sort().values
+        hit = torch.zeros(self.num_local + 1, dtype=torch.bool, device=local_labels.device)
+        hit[torch.where(positive, local_labels, self.num_local)] = True  # the spare last slot takes the others
+        hit = hit[: self.num_local]
+        k = max(self.num_sample, int(hit.sum()))
+        score = torch.rand(self.num_local).to(local_labels.device)  # PartialFC_V2's draw, on the CPU generator
+        score[hit] = 2.0
+        index = score.topk(k).indices.sort().values
         position = torch.searchsorted(index, local_labels.clamp(0, self.num_local - 1))
         return index, torch.where(positive, position, -1)
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        labels = local_labels.reshape(-1).long()
-        if local_embeddings.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"PartialFC: {local_embeddings.shape[0]} embeddings but {labels.shape[0]} labels"
-            )
+    def forward(
+        self,
+        local_embeddings: torch.Tensor,
+        local_labels: torch.Tensor,
+        label_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """local_embeddings [b, D]; local_labels [b] (or [b, 1]) class ids in [0, num_classes), or [b, T]
+        with label_weights [b, T] (mixup: two labels and [lam, 1 - lam]; every rank the same b and T)
+        -> the loss, a scalar, mean over the global batch of ``sum_t w_t * (-log p_t)``.  The margin
+        applies to every labelled class inside one softmax, as ``margin_softmax_cross_entropy`` does."""
+        labels, weights = self._targets(local_embeddings, local_labels, label_weights)
         embeddings = local_embeddings
         if self.process_group is not None:
-            embeddings = GatherFromRanks.apply(local_embeddings, self.process_group).flatten(0, 1)
-            labels = all_gather_no_grad(labels, self.process_group).flatten()
+            embeddings = GatherFromRanks.apply(local_embeddings, self.process_group, float(self.world_size))
+            embeddings = embeddings.flatten(0, 1)
+            labels = all_gather_no_grad(labels, self.process_group).flatten(0, 1)
+            weights = all_gather_no_grad(weights, self.process_group).flatten(0, 1)
         local_labels = labels - self.class_start
         weight = self.weight
         self.sampled_index = None
@@ -117,24 +172,46 @@ class PartialFC(nn.Module):
             embeddings, weight = embeddings.half(), weight.half()
         else:
             embeddings = embeddings.to(weight.dtype)
-        margin = Margin(self.s, self.m1, self.m2, self.m3, False, self.margin_grad == "straight_through")
-        backend = BACKENDS.select(call_of(embeddings, requires_grad=True))
-        chunk = self.chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"])
-        local_labels = local_labels[:, None]
-        if self.process_group is None:
-            stats = local_row_stats(embeddings, weight, local_labels, margin, chunk_size=chunk, backend=backend,
-                                    check_labels=False, need_logit_sum=False)
+        if self.process_group is not None:
+            embeddings = SumGradAcrossRanks.apply(embeddings, self.process_group)
+        if self.filter_threshold > 0:
+            stats = torch_stats(embeddings, weight, local_labels, self.margin, self.filter_threshold)
         else:
-            stats = sharded_row_stats(
-                embeddings, weight, local_labels, self.class_start, margin,
-                chunk_size=chunk, backend=backend, group=self.process_group, need_argmax=False, need_logit_sum=False,
+            backend = BACKENDS.select(call_of(embeddings, requires_grad=True))
+            chunk = self.chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"])
+            stats = local_row_stats(embeddings, weight, local_labels, self.margin, chunk_size=chunk, backend=backend,
+                                    check_labels=False, need_logit_sum=False)
+        if self.process_group is not None:
+            stats = combine_shard_stats(stats, self.class_start, self.process_group, need_argmax=False)
+        nll = stats.lse[:, None] - stats.target_logit  # [B, T] -log p_t
+        if self.probability_floor > 0:
+            cap = -math.log(self.probability_floor)
+            nll = nll + (nll.clamp(max=cap) - nll).detach()
+        return (weights.to(nll.dtype) * nll).sum(1).mean()
+
+    def _targets(self, embeddings, labels, label_weights):
+        """labels [B, T] int64 and weights [B, T] from the forward's arguments, checked."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"PartialFC: local_embeddings must be [b, {self.embedding_size}]; got {tuple(embeddings.shape)}")
+        if labels.dim() == 2 and labels.shape[1] == 1 and label_weights is None:
+            labels = labels[:, 0]  # PartialFC_V2 accepts [b, 1]
+        if labels.dim() not in (1, 2) or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"PartialFC: {embeddings.shape[0]} embeddings need labels [b] or [b, T]; got {tuple(labels.shape)}"
             )
-        ones = torch.ones_like(local_labels, dtype=stats.lse.dtype)
-        return soft_target_loss(stats, ones, 0.0, self.num_classes, "mean")
+        if labels.dim() == 1:
+            if label_weights is not None:
+                raise ValueError("PartialFC: label_weights go with labels [b, T]; labels here are [b]")
+            return labels.long()[:, None], torch.ones(labels.shape[0], 1, device=labels.device)
+        if label_weights is None or label_weights.shape != labels.shape:
+            got = None if label_weights is None else tuple(label_weights.shape)
+            raise ValueError(f"PartialFC: labels {tuple(labels.shape)} need label_weights of that shape; got {got}")
+        return labels.long(), label_weights.detach().float()
 
     def extra_repr(self) -> str:
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, num_local={self.num_local}, "
             f"class_start={self.class_start}, sample_rate={self.sample_rate}, s={self.s}, "
-            f"margin=({self.m1}, {self.m2}, {self.m3}), world_size={self.world_size}"
+            f"margin=({self.m1}, {self.m2}, {self.m3}), margin_grad={self.margin_grad!r}, "
+            f"filter_threshold={self.filter_threshold}, world_size={self.world_size}"
         )

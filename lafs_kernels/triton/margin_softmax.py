@@ -12,6 +12,8 @@ The margined target logits and their derivatives are computed by the caller from
 the ``B*T`` gathered centres, so no kernel needs ``acos``.  Launchers take tensors
 and return tensors; they know nothing of backend selection.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -126,6 +128,11 @@ def _backward_kernel(
     tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _on_device_of(x: torch.Tensor):
+    """Launch on x's GPU, not the current one (a process may hold tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
@@ -152,11 +159,12 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
     rows, cols = x.shape[0], grid[1]
     stats = torch.empty(4, rows, cols, dtype=torch.float32, device=x.device)
     arg = torch.empty(rows, cols, dtype=torch.int32, device=x.device)
-    _forward_kernel[grid](
-        x, w, inv_x, labels.contiguous(), target_logit.float().contiguous(),
-        stats[0], stats[1], stats[2], stats[3], arg,
-        rows, w.shape[0], x.shape[1], float(s), x.stride(0), w.stride(0), cols, **meta,
-    )
+    with _on_device_of(x):
+        _forward_kernel[grid](
+            x, w, inv_x, labels.contiguous(), target_logit.float().contiguous(),
+            stats[0], stats[1], stats[2], stats[3], arg,
+            rows, w.shape[0], x.shape[1], float(s), x.stride(0), w.stride(0), cols, **meta,
+        )
     tile_max, tile_sum, tile_logit_sum, tile_best = stats
     chunk_max = tile_max.max(1).values
     chunk_lse = chunk_max + torch.log((tile_sum * torch.exp(tile_max - chunk_max[:, None])).sum(1))
@@ -179,9 +187,10 @@ def chunk_backward(x, inv_x, w, labels, target_logit, target_derivative, lse, gr
     def f32(t):
         return t.float().contiguous()
 
-    _backward_kernel[grid](
-        x, w, inv_x, labels.contiguous(), f32(target_logit), f32(target_derivative), f32(lse),
-        f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, radial,
-        rows, classes, x.shape[1], float(s), x.stride(0), w.stride(0), **meta,
-    )
+    with _on_device_of(x):
+        _backward_kernel[grid](
+            x, w, inv_x, labels.contiguous(), f32(target_logit), f32(target_derivative), f32(lse),
+            f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, radial,
+            rows, classes, x.shape[1], float(s), x.stride(0), w.stride(0), **meta,
+        )
     return g, radial.sum(0)

@@ -1,33 +1,32 @@
-"""The chunked backend's two CPU engines: the C++ chunk kernels (csrc/cpu/margin_softmax.cpp) and
-the PyTorch-ops fallback used when the extension is not built.  Both against the float64 reference
-of test_margin_softmax on the cases where their code paths differ."""
+"""The two blockwise CPU backends: ``cpu`` (the C++ chunk kernels of csrc/cpu/margin_softmax.cpp) and
+``chunked`` (PyTorch ops, what CPU tensors get when the extension is not built).  Both against the
+float64 reference of test_margin_softmax on the cases where their code paths differ."""
 import math
 
 import pytest
 import torch
 
 from lafs_kernels import _extension, margin_softmax_cross_entropy
-from lafs_kernels.ops import margin_softmax as margin_ops
+from lafs_kernels.ops import margin_chunks
 from tests.kernels.test_margin_softmax import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 from tests.tolerances import assert_close
 
 needs_kernels = pytest.mark.skipif(
-    not margin_ops.cpu_kernels_available(), reason=f"C++ margin kernels not built: {_extension.missing_reason('cpu')}"
+    margin_chunks.cpp_kernels_missing_reason() is not None, reason=f"C++ margin kernels not built: {_extension.missing_reason('cpu')}"
 )
 
 
-@pytest.fixture(params=["cpu-kernels", "torch-ops"])
-def engine(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(margin_ops, "cpu_kernels_available", lambda: False)
-    elif not margin_ops.cpu_kernels_available():
-        pytest.skip(f"C++ margin kernels not built: {_extension.missing_reason('cpu')}")
+@pytest.fixture(params=["cpu", "chunked"])
+def engine(request):
+    """The backend under test: ``cpu`` (C++ chunk kernels) or ``chunked`` (PyTorch ops)."""
+    if request.param == "cpu" and margin_chunks.cpp_kernels_missing_reason() is not None:
+        pytest.skip(f"C++ margin kernels not built: {margin_chunks.cpp_kernels_missing_reason()}")
     return request.param
 
 
 def test_kernels_are_registered_when_the_extension_is_built():
     if _extension.missing_reason("cpu") is None:
-        assert margin_ops.cpu_kernels_available(), "the extension loads but lacks _margin_chunk_fwd/_bwd: rebuild it"
+        assert margin_chunks.cpp_kernels_missing_reason() is None, "the extension loads but lacks _margin_chunk_fwd/_bwd: rebuild it"
 
 
 def soft_targets(rng, b, c, dtype):
@@ -50,7 +49,7 @@ def test_soft_targets_smoothing_signed_upstream(rng, engine, dtype, kind):
     upstream = torch.randn(9, generator=rng, dtype=dtype)
     upstream[3] = 0
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction="none", **MARGINS[kind])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend="chunked", chunk_size=16,
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=16,
                           upstream=upstream, **kwargs)
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream.double(), **kwargs)
     for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
@@ -63,7 +62,7 @@ def test_targets_far_above_the_log_sum_exp(rng, engine):
     x, w, labels = make_inputs(rng, 6, 32, 300)
     with torch.no_grad():
         x[:] = 2.0 * w[labels] + 0.05 * torch.randn(6, 32, generator=rng, dtype=torch.float64).float()
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend="chunked", chunk_size=128,
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=128,
                           **MARGINS["arcface"])
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **MARGINS["arcface"])
     for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
@@ -75,8 +74,9 @@ def test_labels_of_other_shards_and_argmax(rng, engine):
     x, w, _ = make_inputs(rng, 5, 8, 37)
     labels = torch.tensor([[3, -1], [40, 36], [0, 0], [-5, 17], [36, 100]])
     label_weights = torch.full((5, 2), 0.5)
-    loss, argmax = margin_softmax_cross_entropy(x, w, labels, label_weights=label_weights, backend="chunked",
-                                                chunk_size=10, check_labels=False, return_argmax=True, reduction="none")
+    loss, argmax = margin_softmax_cross_entropy(x, w, labels, label_weights=label_weights, backend=engine,
+                                                chunk_size=10, check_labels=False, return_argmax=True, reduction="none",
+                                                **MARGINS["cosface"])
     with torch.no_grad():
         cos = torch.nn.functional.normalize(x.double()) @ torch.nn.functional.normalize(w.double()).T
         inside = (labels >= 0) & (labels < 37)

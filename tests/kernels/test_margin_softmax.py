@@ -9,10 +9,20 @@ import lafs_kernels
 from lafs_kernels import margin_softmax_cross_entropy
 from lafs_kernels.baselines.margin import unfused_margin_loss
 from lafs_kernels.nn import ArcFace, CombinedMarginSoftmax, CosFace
+from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
 from lafs_kernels.ops.margin_softmax import THETA_EPS
 from tests.tolerances import assert_close, assert_close_low_precision
 
-BACKENDS = ["torch", "chunked", "triton"]
+# "cpu" (the C++ chunk kernels) runs where the extension is built; "chunked" is the same blockwise path in PyTorch ops.
+NEEDS_CPP = pytest.mark.skipif(cpp_kernels_missing_reason() is not None,
+                               reason=f"C++ margin kernels: {cpp_kernels_missing_reason()}")
+CPP = pytest.param("cpu", marks=NEEDS_CPP)
+BACKENDS = ["torch", "chunked", CPP, "triton"]
+
+
+def cases(rows):
+    """Parameter rows; those of the ``cpu`` backend skip where the C++ margin kernels are not built."""
+    return [pytest.param(*row, marks=NEEDS_CPP) if row[0] == "cpu" else row for row in rows]
 MARGINS = {
     "cosface": dict(m1=1.0, m2=0.0, m3=0.4),
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
@@ -38,12 +48,13 @@ def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=Fals
     return value + (c - c.detach()) * slope
 
 
-def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.4, label_smoothing=0.0,
-                   reduction="mean", easy_margin=False, straight_through=False):
-    """Dense float64 soft-target cross-entropy: logits [B, C], target distribution [B, C]."""
-    x, w = x.double(), w.double()
+def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.0, label_smoothing=0.0,
+                   reduction="mean", easy_margin=False, straight_through=False, dtype=torch.float64):
+    """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
+    (float64: the reference; a half dtype: what plain PyTorch gets in that dtype)."""
+    x, w = x.to(dtype), w.to(dtype)
     if labels.dim() == 1:
-        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=torch.float64)
+        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=dtype, device=x.device)
     cos = F.normalize(x) @ F.normalize(w).T
     logits = s * cos
     for t in range(labels.shape[1]):
@@ -51,7 +62,7 @@ def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, 
         target = reference_target(cos.gather(1, column)[:, 0], m1, m2, m3, easy_margin, straight_through)
         logits = logits.scatter(1, column, s * target[:, None])
     num_classes = w.shape[0]
-    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.double())
+    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.to(dtype))
     q = (1 - label_smoothing) * q + label_smoothing / num_classes
     loss = -(q * torch.log_softmax(logits, 1)).sum(1)
     return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
@@ -92,7 +103,7 @@ def test_float32_matches_reference(rng, backend, kind):
     check_against_reference(x, w, labels, backend, chunk_size=16, **MARGINS[kind])
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("backend", ["torch", "chunked", CPP])
 def test_float64_matches_reference(rng, backend):
     x, w, labels = make_inputs(rng, 5, 8, 23, dtype=torch.float64)
     check_against_reference(x, w, labels, backend, chunk_size=7, **MARGINS["combined"])
@@ -100,7 +111,7 @@ def test_float64_matches_reference(rng, backend):
 
 @pytest.mark.parametrize(
     "backend, reduction",
-    [(b, r) for b in ("torch", "chunked") for r in ("mean", "sum", "none")] + [("triton", "none")],
+    cases([(b, r) for b in ("torch", "chunked", "cpu") for r in ("mean", "sum", "none")] + [("triton", "none")]),
 )
 def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction):
     x, w, labels = make_inputs(rng, 7, 12, 29, t=2)
@@ -122,7 +133,7 @@ ODD_SIZES = [(1, 3, 5, 2), (3, 3, 11, 4), (2, 5, 9, 100)]
 
 @pytest.mark.parametrize(
     "backend, b, d, c, chunk",
-    [(backend, *size) for backend in ("torch", "chunked") for size in ODD_SIZES] + [("triton", *ODD_SIZES[1])],
+    cases([(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES] + [("triton", *ODD_SIZES[1])]),
 )
 def test_odd_sizes(rng, backend, b, d, c, chunk):
     x, w, labels = make_inputs(rng, b, d, c)
@@ -139,7 +150,7 @@ def test_arcface_fallback_when_theta_plus_m_exceeds_pi(rng, backend):
     check_against_reference(x, w, labels, backend, chunk_size=8, **MARGINS["arcface"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("backend", ["torch", "chunked", CPP])
 @pytest.mark.parametrize("kind", ["arcface", "combined"])
 def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
     x, w, labels = make_inputs(rng, 4, 8, 10, dtype=torch.float64)
@@ -157,7 +168,7 @@ def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
 
 @pytest.mark.parametrize(
     "backend, dtype, kind",
-    [("chunked", dtype, kind) for dtype in (torch.float16, torch.bfloat16) for kind in ("cosface", "arcface")]
+    cases([(b, dtype, kind) for b in ("chunked", "cpu") for dtype in (torch.float16, torch.bfloat16) for kind in ("cosface", "arcface")])
     + [("triton", torch.float16, "cosface"), ("triton", torch.bfloat16, "arcface")],
 )
 def test_low_precision(rng, backend, dtype, kind):
@@ -170,6 +181,37 @@ def test_low_precision(rng, backend, dtype, kind):
     for name, a, b, r in zip(("loss", "grad x", "grad w"), ours, same_dtype, ref):
         assert a.dtype == (torch.float32 if name == "loss" else dtype)
         assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+@pytest.mark.parametrize(
+    "backend, dtype",
+    cases([("chunked", torch.float16), ("cpu", torch.bfloat16), ("triton", torch.bfloat16), ("triton", torch.float16)]),
+)
+def test_low_precision_soft_labels(rng, backend, dtype):
+    """Two labels with mixup weights and smoothing: within a small factor of plain PyTorch's error in ``dtype``."""
+    x64, w64, labels = make_inputs(rng, 8, 32, 40, t=2, dtype=torch.float64)
+    lam = torch.rand(8, 1, generator=rng, dtype=torch.float64)
+    label_weights = torch.cat([lam, 1 - lam], 1)
+    x, w = x64.to(dtype), w64.to(dtype)
+    kwargs = dict(label_smoothing=0.1, **MARGINS["arcface"])
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=16,
+                          label_weights=label_weights.to(dtype), **kwargs)
+    same_dtype = loss_and_grads(reference_loss, x, w, labels, label_weights.to(dtype), dtype=dtype, **kwargs)
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, label_weights, **kwargs)
+    for name, a, b, r in zip(("loss", "grad x", "grad w"), ours, same_dtype, ref):
+        assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+def test_defaults_add_no_margin(rng):
+    """Giving one margin never adds another: m2 alone is ArcFace, no margin at all is a plain softmax of s*cos."""
+    x, w, labels = make_inputs(rng, 6, 16, 20)
+    assert_close(margin_softmax_cross_entropy(x, w, labels, m2=0.5), reference_loss(x, w, labels, **MARGINS["arcface"]),
+                 dtype=torch.float32)
+    plain = F.cross_entropy(64.0 * F.normalize(x.double()) @ F.normalize(w.double()).T, labels)
+    assert_close(margin_softmax_cross_entropy(x, w, labels), plain, dtype=torch.float32)
+    head = CombinedMarginSoftmax(16, 20, m2=0.5)
+    assert (head.m1, head.m2, head.m3) == (1.0, 0.5, 0.0)
+    assert (CosFace(16, 20).m3, ArcFace(16, 20).m2) == (0.4, 0.5)  # the modules named after a paper keep its margin
 
 
 def test_gradcheck_float64(rng):
@@ -238,7 +280,8 @@ def insightface_style_loss(x, w, labels, s, m2, m3):
     return F.cross_entropy(logits * s, labels)
 
 
-@pytest.mark.parametrize("backend, kind", [("torch", "arcface"), ("chunked", "arcface"), ("chunked", "cosface"), ("triton", "arcface")])
+@pytest.mark.parametrize("backend, kind", cases([("torch", "arcface"), ("chunked", "arcface"), ("cpu", "arcface"),
+                                                 ("cpu", "cosface"), ("triton", "arcface")]))
 def test_straight_through_matches_insightface(rng, backend, kind):
     x, w, labels = make_inputs(rng, 6, 16, 25)
     m = MARGINS[kind]
@@ -252,11 +295,12 @@ def test_straight_through_matches_insightface(rng, backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_is_the_nearest_centre(rng, backend):
     x, w, labels = make_inputs(rng, 9, 16, 45)
-    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True)
+    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True,
+                                                **MARGINS["cosface"])
     expected = (F.normalize(x.double()) @ F.normalize(w.double()).T).argmax(1)
     assert argmax.dtype == torch.int64
     assert torch.equal(argmax, expected)
-    assert_close(loss, reference_loss(x, w, labels), dtype=torch.float32)
+    assert_close(loss, reference_loss(x, w, labels, **MARGINS["cosface"]), dtype=torch.float32)
 
 
 def sample_op_inputs(rng):
@@ -268,12 +312,12 @@ def sample_op_inputs(rng):
 def test_opcheck(rng, backend):
     x, w, labels = sample_op_inputs(rng)
     labels[1, 1] = -1  # a target on another shard
-    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, False, True, 8, backend)
+    args = (x, w, labels, 64.0, 0.9, 0.3, 0.2, False, False, True, False, True, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_forward.default, args)
     lse = torch.randn(5, generator=rng)
     grads = (torch.rand(5, generator=rng), torch.rand(5, 2, generator=rng), None)
     norms = torch.linalg.vector_norm(w.detach(), dim=1)
-    bargs = (*grads, x.detach(), w.detach(), labels, lse, norms, 64.0, 0.9, 0.3, 0.2, False, False, 8, backend)
+    bargs = (*grads, x.detach(), w.detach(), labels, lse, norms, 64.0, 0.9, 0.3, 0.2, False, False, True, 8, backend)
     torch.library.opcheck(torch.ops.lafs_kernels.margin_softmax_backward.default, bargs)
 
 
@@ -331,15 +375,18 @@ def test_module_soft_labels(rng):
     labels = torch.randint(0, 20, (4, 2), generator=rng)
     label_weights = torch.tensor([[0.7, 0.3]]).expand(4, 2)
     loss = head(x, labels, label_weights)
-    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights), dtype=torch.float32)
+    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights, **MARGINS["cosface"]),
+                 dtype=torch.float32)
 
 
-def test_backend_registered_and_cpu_prefers_chunked():
+def test_backend_registered_and_cpu_prefers_the_cpp_kernels_then_chunked():
     from lafs_kernels._dispatch import REGISTRY, Call
+    from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
 
     backends = REGISTRY["margin_softmax_cross_entropy"]
-    assert backends.select(Call(device=torch.device("cpu"), dtype=torch.float32)) == "chunked"
-    assert set(backends.names) == {"torch", "chunked", "triton"}
+    expected = "chunked" if cpp_kernels_missing_reason() else "cpu"
+    assert backends.select(Call(device=torch.device("cpu"), dtype=torch.float32)) == expected
+    assert set(backends.names) == {"torch", "chunked", "cpu", "triton"}
 
 
 @pytest.mark.gpu
@@ -356,6 +403,10 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
         for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
             assert_close(a, b, dtype=dtype, scale=scale, msg=name)
     else:
+        same = loss_and_grads(reference_loss, x, w, labels.cuda(), dtype=dtype,
+                              **{**kwargs, "label_weights": label_weights.to(dtype).cuda()})
+        for name, a, b, r in zip(("soft loss", "soft grad x", "soft grad w"), ours, same, ref):
+            assert_close_low_precision(a.to(dtype), b, r, msg=name)
         same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
         ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
         ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"])
@@ -373,3 +424,17 @@ def test_triton_compiles_on_gpu(rng):
     with pytest.raises(ValueError, match="labels must lie in"):
         margin_softmax_cross_entropy(x, w, labels + 3000, backend="triton")
     assert lafs_kernels.margin_softmax_cross_entropy is margin_softmax_cross_entropy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_runs_on_the_inputs_device_not_the_current_one(rng):
+    """A process holding its tensors on cuda:1 while cuda:0 is current (one process per GPU without set_device)."""
+    x, w, labels = make_inputs(rng, 32, 64, 500)
+    with torch.cuda.device(0):
+        ours = loss_and_grads(margin_softmax_cross_entropy, x.cuda(1), w.cuda(1), labels.cuda(1), backend="triton",
+                              **MARGINS["arcface"])
+    ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **MARGINS["arcface"])
+    for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
+        assert a.device == torch.device("cuda", 1)
+        assert_close(a, b, dtype=torch.float32, scale=scale, msg=name)

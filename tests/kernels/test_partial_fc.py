@@ -1,9 +1,11 @@
-"""PartialFC: single process against the fused op, and two gloo ranks against one process."""
+"""PartialFC: one process against the fused op and against PartialFC_V2's maths; two gloo ranks against one process."""
+import math
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from lafs_kernels import margin_softmax_cross_entropy
 from lafs_kernels.nn import PartialFC
@@ -22,6 +24,43 @@ def loss_and_grads(fn, x, w, *args, **kwargs):
     return loss.detach(), x.grad, w.grad
 
 
+def partial_fc_v2_statement(x, kept_weight, labels, s, m1, m2, m3, threshold=0.0):
+    """PartialFC_V2's loss of one process holding every kept centre, written from the facts of its code
+    (dense, in the inputs' dtype): x [B, D], kept_weight [K, D], labels [B] rows of kept_weight.
+
+    cosines clamped to [-1, 1]; non-target cosines above the threshold become 0 without gradient; ArcFace
+    (m1 == 1, m3 == 0): every logit cos(acos(c) + m2 * is_target) with the gradient of c; CosFace (m3 > 0):
+    the target minus m3; all times s.  Loss -mean log max(p_target, 1e-30), gradient (softmax - onehot) / B.
+    """
+    cos = (F.normalize(x) @ F.normalize(kept_weight).T).clamp(-1, 1)
+    is_target = F.one_hot(labels, cos.shape[1]).bool()
+    if threshold > 0:
+        cos = cos * (is_target | (cos.detach() <= threshold))
+    if m1 == 1 and m3 == 0:
+        margined = torch.cos(torch.acos(cos.detach()) + m2 * is_target)
+        logits = s * (cos + (margined - cos).detach())
+    else:
+        assert m3 > 0
+        logits = s * (cos - m3 * is_target)
+    p_target = torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
+    value = -torch.log(p_target.clamp_min(1e-30)).mean()
+    cross_entropy = F.cross_entropy(logits, labels)
+    return cross_entropy + (value - cross_entropy).detach()
+
+
+def partial_fc_v2_sample(seed, num_local, num_sample, positives):
+    """PartialFC_V2's draw: one uniform key per local class from the CPU generator, positives forced to the
+    top, the num_sample largest kept (sorted); exactly the positives when there are more of them."""
+    perm = torch.rand(num_local, generator=torch.Generator().manual_seed(seed))
+    perm[positives] = 2.0
+    if num_sample < positives.numel():
+        return positives
+    return perm.topk(num_sample).indices.sort().values
+
+
+# ----------------------------------------------------------------------------- one process
+
+
 def test_single_process_equals_fused_op(rng):
     head = PartialFC((1.0, 0.5, 0.0), 16, 50)
     assert (head.num_local, head.class_start, head.world_size) == (50, 0, 1)
@@ -35,16 +74,19 @@ def test_single_process_equals_fused_op(rng):
     assert_close(head.weight.grad, ref[2], scale=GRAD_SCALE)
 
 
-def test_sampling_keeps_every_positive_and_matches_op_on_the_sample(rng):
-    head = PartialFC((1.0, 0.0, 0.4), 8, 200, sample_rate=0.1)
+@pytest.mark.parametrize("rate, expected_rows", [(0.1, "positives"), (0.6, "num_sample")])
+def test_sampling_count_and_draw_follow_partial_fc_v2(rng, rate, expected_rows):
+    head = PartialFC((1.0, 0.0, 0.4), 8, 200, sample_rate=rate)
     x = torch.randn(30, 8, generator=rng, requires_grad=True)
     labels = torch.randint(0, 200, (30,), generator=rng)
+    positives = labels.unique()
+    assert positives.numel() > head.num_sample if expected_rows == "positives" else positives.numel() <= head.num_sample
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    torch.manual_seed(seed)
     loss = head(x, labels)
     loss.backward()
     index = head.sampled_index
-    assert index.shape == (30,)  # max(0.1 * 200, batch 30): fixed size, no host sync
-    assert torch.equal(index, index.sort().values) and index.unique().numel() == 30
-    assert torch.isin(labels, index).all()
+    assert torch.equal(index, partial_fc_v2_sample(seed, 200, head.num_sample, positives))
     ref = loss_and_grads(margin_softmax_cross_entropy, x, head.weight[index], torch.searchsorted(index, labels), m3=0.4)
     assert_close(loss, ref[0])
     assert_close(x.grad, ref[1], scale=GRAD_SCALE)
@@ -56,17 +98,60 @@ def test_sampling_keeps_every_positive_and_matches_op_on_the_sample(rng):
     assert_close(head(x, labels), margin_softmax_cross_entropy(x, head.weight, labels, m3=0.4))
 
 
-def test_accepts_insightface_combined_margin_loss(rng):
-    class CombinedMarginLoss:  # the attributes arcface_torch's CombinedMarginLoss carries
-        s, m1, m2, m3, interclass_filtering_threshold = 32.0, 1.0, 0.0, 0.35, 0.0
+@pytest.mark.parametrize("kind, threshold", [("cosface", 0.0), ("arcface", 0.0), ("cosface", 0.2), ("arcface", 0.2)])
+def test_insightface_margin_object_trains_as_partial_fc_v2_in_one_process(kind, threshold):
+    data = worker.make_inputs(7)
+    s, m1, m2, m3 = worker.INSIGHTFACE[kind]
+    head = PartialFC(worker.CombinedMarginLoss(s, m1, m2, m3, threshold), worker.DIM, worker.NUM_CLASSES, 1.0, False)
+    with torch.no_grad():
+        head.weight.copy_(data["weight"])
+    x = data["embeddings"].clone().requires_grad_()
+    loss = head(x, data["labels"])
+    loss.backward()
+    ref = loss_and_grads(partial_fc_v2_statement, data["embeddings"].double(), data["weight"].double(), data["labels"],
+                         s, m1, m2, m3, threshold)
+    if kind == "cosface":  # rows 1 and 7: target probability below the floor
+        cos = F.cosine_similarity(data["embeddings"][[1, 7]], data["weight"][data["labels"][[1, 7]]])
+        assert (cos < -0.99).all()
+    assert_close(loss, ref[0], dtype=torch.float32)
+    assert_close(x.grad, ref[1], dtype=torch.float32, scale=GRAD_SCALE)
+    assert_close(head.weight.grad, ref[2], dtype=torch.float32, scale=GRAD_SCALE)
 
-    head = PartialFC(CombinedMarginLoss(), 8, 20, 1.0, False)
-    assert (head.s, head.m1, head.m2, head.m3) == (32.0, 1.0, 0.0, 0.35)
-    x = torch.randn(4, 8, generator=rng)
-    labels = torch.randint(0, 20, (4,), generator=rng)
-    assert_close(head(x, labels), margin_softmax_cross_entropy(x, head.weight, labels, s=32.0, m3=0.35))
+
+def test_insightface_margin_mapping_and_errors():
+    cosface = PartialFC(worker.CombinedMarginLoss(32.0, 1.0, 0.3, 0.35), 8, 20, 1.0, False)
+    assert (cosface.s, cosface.m1, cosface.m2, cosface.m3) == (32.0, 1.0, 0.0, 0.35)  # their m3 > 0 branch drops m2
+    arcface = PartialFC(worker.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 8, 20, 1.0, False)
+    assert arcface.margin_grad == "straight_through" and not arcface.margin.fallback
+    assert PartialFC((1.0, 0.5, 0.0), 8, 20).margin_grad == "exact"
+    with pytest.raises(ValueError, match="m1 == 1 with m3 == 0"):
+        PartialFC(worker.CombinedMarginLoss(64.0, 0.9, 0.4, 0.0), 8, 20)
     with pytest.raises(TypeError, match="margin must be"):
         PartialFC(0.5, 8, 20)
+    head = PartialFC((1.0, 0.5, 0.0), 8, 20)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="need label_weights"):
+        head(x, torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"local_embeddings must be \[b, 8\]"):
+        head(x[:, :5], torch.zeros(4, dtype=torch.int64))
+
+
+def test_two_labels_in_one_call_equal_the_fused_soft_target_loss(rng):
+    head = PartialFC((1.0, 0.5, 0.0), 8, 30, s=32.0)
+    x = torch.randn(6, 8, generator=rng, requires_grad=True)
+    labels = torch.randint(0, 30, (6, 2), generator=rng)
+    lam = torch.rand(6, 1, generator=rng)
+    weights = torch.cat([lam, 1 - lam], 1)
+    loss = head(x, labels, weights)
+    loss.backward()
+    ref = loss_and_grads(margin_softmax_cross_entropy, x, head.weight, labels, label_weights=weights,
+                         s=32.0, m2=0.5)
+    assert_close(loss, ref[0])
+    assert_close(x.grad, ref[1], scale=GRAD_SCALE)
+    assert_close(head.weight.grad, ref[2], scale=GRAD_SCALE)
+
+
+# ----------------------------------------------------------------------------- two gloo processes
 
 
 def free_port() -> int:
@@ -75,44 +160,133 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case of the worker on 2 gloo ranks, run once: (per-rank results, folder with the ranks' files)."""
+    out = tmp_path_factory.mktemp("partial_fc")
+    mp.spawn(worker.run, args=(worker.WORLD, free_port(), SEED, str(out)), nprocs=worker.WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(worker.WORLD)], out
+
+
+def rows_of(rank):
+    return slice(rank * worker.LOCAL_BATCH, (rank + 1) * worker.LOCAL_BATCH)
+
+
+def kept_classes(ranks, name, labels):
+    """The classes each rank used, in rank order (all of them at sample rate 1), and the labels as rows of them."""
+    if ranks[0][name]["sampled"] is None:
+        classes = torch.arange(worker.NUM_CLASSES)
+    else:
+        classes = torch.cat([r[name]["sampled"] for r in ranks])
+    assert torch.isin(labels, classes).all()
+    return classes, torch.searchsorted(classes, labels)
+
+
+def check_ranks(ranks, name, loss, grad_x, grad_w, classes):
+    """Each rank's loss equals ``loss``; its embedding gradient is world times the global one (rows of this
+    rank); its centres' gradient is the global one at the classes it used, zero elsewhere."""
+    for rank, r in enumerate(ranks):
+        got = r[name]
+        assert_close(got["loss"], loss, dtype=torch.float32, msg=f"{name}: loss, rank {rank}")
+        assert_close(got["grad_x"], worker.WORLD * grad_x[rows_of(rank)], dtype=torch.float32, scale=GRAD_SCALE,
+                     msg=f"{name}: grad x, rank {rank}")
+        start = got["class_start"]
+        expected = torch.zeros_like(got["grad_w"], dtype=grad_w.dtype)
+        mine = (classes >= start) & (classes < start + expected.shape[0])
+        expected[classes[mine] - start] = grad_w[mine]
+        assert_close(got["grad_w"], expected, dtype=torch.float32, scale=GRAD_SCALE, msg=f"{name}: grad w, rank {rank}")
+
+
 @pytest.mark.distributed
-@pytest.mark.slow
-def test_two_ranks_equal_one_process_with_and_without_sampling(tmp_path):
-    world, local_batch, dim, num_classes, rate, seed = 2, 6, 8, 41, 0.3, 1234
-    mp.spawn(worker.run, args=(world, free_port(), seed, str(tmp_path), local_batch, dim, num_classes, rate), nprocs=world)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    embeddings, labels, weight = worker.make_inputs(seed, world, local_batch, dim, num_classes)
-    for r in ranks:  # shards as PartialFC_V2 splits them: 21 + 20 classes
-        assert r[1.0]["class_start"] == (0 if r is ranks[0] else 21)
+@pytest.mark.parametrize("name", [n for n in worker.CASES if n.startswith("insightface")])
+def test_two_ranks_train_as_partial_fc_v2(two_ranks, name):
+    ranks, _ = two_ranks
+    kind, rate, threshold, _ = worker.CASES[name]
+    data = worker.make_inputs(SEED)
+    labels = data["labels"]
+    classes, rows = kept_classes(ranks, name, labels)
+    for rank, r in enumerate(ranks):  # the classes PartialFC_V2 draws from the same generator state
+        start, num_local = r[name]["class_start"], r[name]["grad_w"].shape[0]
+        assert (start, num_local) == ((0, 21) if rank == 0 else (21, 20))
+        if rate < 1:
+            positives = (labels[(labels >= start) & (labels < start + num_local)] - start).unique()
+            drawn = partial_fc_v2_sample(worker.case_seed(SEED, name, rank), num_local, int(rate * num_local), positives)
+            assert torch.equal(r[name]["sampled"], drawn + start), f"{name}: sampled classes, rank {rank}"
+    s, m1, m2, m3 = worker.INSIGHTFACE[kind]
+    ref = loss_and_grads(partial_fc_v2_statement, data["embeddings"].double(), data["weight"][classes].double(), rows,
+                         s, m1, m2, m3, threshold)
+    check_ranks(ranks, name, *ref, classes)
 
-    for rate in (1.0, rate):
-        if rate == 1.0:
-            classes = torch.arange(num_classes)
-        else:
-            classes = torch.cat([r[rate]["sampled"] for r in ranks])  # the same sampled classes
-            assert torch.isin(labels, classes).all()
-        w = weight.clone().requires_grad_()
-        x = embeddings.clone().requires_grad_()
-        loss = margin_softmax_cross_entropy(x, w[classes], torch.searchsorted(classes, labels), s=32.0, m1=1.0, m2=0.5, m3=0.0)
-        loss.backward()
-        for rank, r in enumerate(ranks):
-            got = r[rate]
-            assert_close(got["loss"], loss, msg=f"loss, rank {rank}, rate {rate}")
-            rows = slice(rank * local_batch, (rank + 1) * local_batch)
-            assert_close(got["grad_x"], x.grad[rows], scale=GRAD_SCALE, msg=f"grad x, rank {rank}, rate {rate}")
-            shard = slice(got["class_start"], got["class_start"] + got["grad_w"].shape[0])
-            assert_close(got["grad_w"], w.grad[shard], scale=GRAD_SCALE, msg=f"grad w, rank {rank}, rate {rate}")
 
-    x = embeddings.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [n for n in worker.CASES if n.startswith("ours")])
+def test_two_ranks_equal_the_fused_loss_with_the_whole_head(two_ranks, name):
+    """Our margins (ArcFace fallback, exact gradient), one label, two (mixup) or three (soft) in one call."""
+    ranks, _ = two_ranks
+    margin, _, _, targets = worker.CASES[name]
+    data = worker.make_inputs(SEED)
+    labels = data[targets]
+    classes, rows = kept_classes(ranks, name, labels)
+    kwargs = {} if targets == "labels" else {"label_weights": data[f"{targets}_weights"]}
+    m1, m2, m3 = margin
+    ref = loss_and_grads(margin_softmax_cross_entropy, data["embeddings"].double(), data["weight"][classes].double(),
+                         rows, s=32.0, m1=m1, m2=m2, m3=m3, **kwargs)
+    check_ranks(ranks, name, *ref, classes)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", ["labels", "two"])
+def test_function_with_process_group_equals_one_process(two_ranks, targets):
+    ranks, _ = two_ranks
+    data = worker.make_inputs(SEED)
+    kwargs = {} if targets == "labels" else {"label_weights": data["two_weights"]}
+    x = data["embeddings"].clone().requires_grad_()
+    w = data["weight"].clone().requires_grad_()
     loss, argmax = margin_softmax_cross_entropy(
-        x, w, labels, s=32.0, m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1, return_argmax=True
+        x, w, data[targets], s=32.0, m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1, return_argmax=True, **kwargs
     )
     loss.backward()
     for rank, r in enumerate(ranks):
-        got = r["function"]
+        got = r[f"function-{targets}"]
         assert_close(got["loss"], loss, msg=f"function loss, rank {rank}")
         assert torch.equal(got["argmax"], argmax)
         assert_close(got["grad_x"], x.grad, scale=GRAD_SCALE, msg=f"function grad x, rank {rank}")
         shard = slice(got["class_start"], got["class_start"] + got["grad_w"].shape[0])
         assert_close(got["grad_w"], w.grad[shard], scale=GRAD_SCALE, msg=f"function grad w, rank {rank}")
+
+
+def test_probability_floor_changes_the_value_not_the_gradient():
+    """Sanity of the statement above: the floor is active on rows 1 and 7 of the inputs (CosFace)."""
+    data = worker.make_inputs(SEED)
+    x, w = data["embeddings"].double(), data["weight"].double()
+    logits = 64.0 * (F.normalize(x) @ F.normalize(w).T - 0.4 * F.one_hot(data["labels"], worker.NUM_CLASSES))
+    nll = F.cross_entropy(logits, data["labels"], reduction="none")
+    assert (nll[[1, 7]] > -math.log(1e-30)).all()
+    floored = partial_fc_v2_statement(x, w, data["labels"], 64.0, 1.0, 0.0, 0.4)
+    assert_close(floored, nll.clamp(max=-math.log(1e-30)).mean())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_resharded_head_gives_the_same_loss(two_ranks, tmp_path, world):
+    """The 2 ranks' softmax_fc_gpu_{rank}.pt files, resharded by the command to 1 or 3 ranks and loaded there,
+    give the loss the 2 ranks computed on the same global batch."""
+    from lafs_kernels.reshard import main
+
+    ranks, files = two_ranks
+    main([str(files / f"softmax_fc_gpu_{r}.pt") for r in range(worker.WORLD)] + ["--world-size", str(world),
+                                                                                "--out", str(tmp_path)])
+    expected = ranks[0]["insightface-arcface-rate1.0"]["loss"]
+    if world == 1:
+        data = worker.make_inputs(SEED)
+        head = worker.build_head("insightface-arcface-rate1.0", 0)
+        head.load_state_dict(torch.load(tmp_path / "softmax_fc_gpu_0.pt", weights_only=True))
+        losses = [head(data["embeddings"], data["labels"]).detach()]
+    else:
+        mp.spawn(worker.run_loss_from_files, args=(world, free_port(), SEED, str(tmp_path), str(tmp_path)), nprocs=world)
+        losses = [torch.load(tmp_path / f"loss{r}.pt") for r in range(world)]
+    for loss in losses:
+        assert_close(loss, expected)
