@@ -16,8 +16,8 @@ A shard (a plain dict of tensors, loadable with ``torch.load(weights_only=True)`
 which names them: ``last.pt`` is the commit point, so a crash leaves the previous complete
 checkpoint. Files no checkpoint names any more are removed afterwards.
 
-Resuming on M != N processes concatenates the N shards' rows (centres and their optimizer
-rows, in class order) and splits them for M processes; one process holds all classes.
+Resuming on M != N processes reshards the rows (centres and their optimizer rows) with
+``lafs_kernels.reshard.reshard_centres``; one process holds all classes.
 """
 from __future__ import annotations
 
@@ -27,14 +27,16 @@ from typing import Sequence
 
 import torch
 
+from lafs_kernels.ops.margin_sharded import class_range as _class_range
+from lafs_kernels.reshard import reshard_centres
+
 SHARD_FILE = "head-step{step:07d}-rank{rank}of{world}.pt"
 _SHARD_RE = re.compile(r"head-step(\d+)-rank(\d+)of(\d+)\.pt$")
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """(class_start, num_local) of ``rank``: arcface_torch's split, as ``PartialFC`` builds it."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + int(rank < extra)
+    return _class_range(num_classes, world_size, rank)
 
 
 def shard_file(step: int, rank: int, world_size: int) -> str:
@@ -80,14 +82,13 @@ def reshard(shards: Sequence[dict], world_size: int, row_keys: dict) -> list[dic
     other entry (e.g. AdamW's ``step``) is the same on every process and is taken from shard 0.
     """
     num_classes = int(shards[0]["num_classes"])
-    order = sorted(shards, key=lambda s: int(s["class_start"]))
+    order = sorted(shards, key=lambda s: int(s["rank"]))
 
     def split(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        whole = torch.cat(tensors)
-        if whole.shape[0] != num_classes:
-            raise ValueError(f"the shards hold {whole.shape[0]} class rows, the checkpoint says {num_classes}")
-        return [whole[start:start + count].clone()
-                for start, count in (class_range(num_classes, r, world_size) for r in range(world_size))]
+        rows = sum(t.shape[0] for t in tensors)
+        if rows != num_classes:
+            raise ValueError(f"the shards hold {rows} class rows, the checkpoint says {num_classes}")
+        return reshard_centres(tensors, world_size)
 
     out = [{"rank": r, "world_size": world_size, "class_start": class_range(num_classes, r, world_size)[0],
             "num_classes": num_classes, "state": dict(order[0]["state"]),

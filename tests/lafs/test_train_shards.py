@@ -1,4 +1,4 @@
-"""Class-centre shards: arcface_torch's class split, resharding N -> M -> N exactly, centres independent of the split."""
+"""Class-centre shards in checkpoints: resharding N -> M -> N exactly, centres independent of the split."""
 import pytest
 import torch
 
@@ -19,16 +19,6 @@ def shards_of(whole: dict, world: int) -> list[dict]:
                     "optimizer": {"loss.weight": {"step": whole["step"], "exp_avg": whole["exp_avg"][rows].clone(),
                                                   "exp_avg_sq": whole["exp_avg_sq"][rows].clone()}}})
     return out
-
-
-@pytest.mark.parametrize("num_classes", [7, 10, 13])
-def test_class_range_is_arcface_torchs_split(num_classes):
-    """Contiguous ranges in rank order; the first ``num_classes % world`` ranks hold one class more."""
-    for world in (1, 2, 3, 4):
-        ranges = [class_range(num_classes, r, world) for r in range(world)]
-        assert ranges[0][0] == 0 and sum(c for _, c in ranges) == num_classes
-        assert all(s + c == ranges[r + 1][0] for r, (s, c) in enumerate(ranges[:-1]))
-        assert [c for _, c in ranges] == [num_classes // world + (r < num_classes % world) for r in range(world)]
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 3), (3, 2), (4, 4)])
