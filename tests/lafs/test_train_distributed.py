@@ -67,7 +67,9 @@ def runs(tmp_path_factory):
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
         ("finetune", root / "fine2_random", RANDOM + batch(LOCAL_BATCH), False, [("dump_replicas", root / "fine2_random")]),
     ]
-    worker.run_processes(WORLD, two, timeout=600)
+    worker.run_processes(WORLD, two, timeout=300)
+    worker.run_processes(4, [("supervised", root / "sup4", SUPERVISED + batch(WORLD * LOCAL_BATCH // 4), False, [])],
+                         timeout=300)
     shutil.copytree(root / "sup2_to1", root / "sup2_to1_stopped")
     one([
         ("supervised", root / "sup2_to1", ["train.stop_after_steps=null"] + batch(WORLD * LOCAL_BATCH), True, []),
@@ -137,6 +139,13 @@ def test_supervised_two_processes_equal_one_with_batch_2b(runs):
     norms = [r["grad_norm"] for r in map(json.loads, (runs / "sup1" / "log.jsonl").read_text().splitlines())
              if "grad_norm" in r]
     assert max(norms) > 1.0, "the clip never bit: raise the test's clipping"
+
+
+def test_supervised_four_processes_equal_one_with_batch_4b(runs):
+    state4, four = recognition_state(runs / "sup4")
+    assert state4["world_size"] == 4 and len(state4["head"]["files"]) == 4  # 8 classes: 2 per process
+    assert_close_tensors(four, recognition_state(runs / "sup1")[1], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(losses(runs / "sup4"), losses(runs / "sup1"), rtol=1e-5)
 
 
 def test_two_process_run_resumed_equals_uninterrupted_run_bit_for_bit(runs):
