@@ -292,13 +292,13 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     cfg, run, dist = stage.cfg, stage.run, stage.dist
     seed_everything(cfg.seed)  # the same initial weights on every process
     stage.build()
-    if dist.rank:
-        seed_everything(cfg.seed, dist.rank)  # dropout and drop path differ per process
     loader, batch_sampler = stage.make_loader()
     accum = cfg.optim.accum_steps
     micro_per_epoch = (len(batch_sampler) // accum) * accum
     stage.steps_per_epoch, stage.total_steps, stage.warmup_steps = stage.schedule_lengths(micro_per_epoch)
-    stage.setup_schedules()
+    stage.setup_schedules()  # (pretraining builds its DINO heads here)
+    if dist.rank:
+        seed_everything(cfg.seed, dist.rank)  # dropout, drop path, Partial FC sampling differ per process
 
     step, best = 0, {"accuracy": -1.0}
     if resume:

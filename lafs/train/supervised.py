@@ -172,6 +172,8 @@ class SupervisedStage(Stage):
         from .weights import load_model_weights
 
         load_model_weights(self.model, state["model"], what="--resume checkpoint")
+        if shard is None:
+            raise ValueError("--resume: the checkpoint holds no class centres (no 'head' entry)")
         name, index = self._centre_index()
         start = self.head.loss.class_start if self.sharded else 0
         if shard["class_start"] != start or shard["num_classes"] != self.num_classes:

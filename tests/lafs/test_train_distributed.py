@@ -48,7 +48,9 @@ def batch(size):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     one = worker.run_jobs  # one process, batch 2b, in this process
-    one([("supervised", root / "sup1", SUPERVISED + batch(WORLD * LOCAL_BATCH), False, [])])
+    one([("supervised", root / "sup1", SUPERVISED + batch(WORLD * LOCAL_BATCH), False, []),
+         ("supervised", root / "sup1_to2", SUPERVISED + batch(WORLD * LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+          False, [])])
     landmark = [f"init.landmark={root / 'sup1'}"]
     two = [
         ("supervised", root / "sup2", SUPERVISED + batch(LOCAL_BATCH), False, []),
@@ -57,6 +59,7 @@ def runs(tmp_path_factory):
         ("supervised", root / "sup2_to1", SUPERVISED + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
          False, []),
         ("supervised", root / "sup2_split", ["train.stop_after_steps=null"], True, []),
+        ("supervised", root / "sup1_to2", ["train.stop_after_steps=null"] + batch(LOCAL_BATCH), True, []),
         ("pretrain", root / "pre2", PRETRAIN + landmark + batch(LOCAL_BATCH), False, [("deterministic_views",)]),
         # with the real views (each process draws its own): resume
         ("pretrain", root / "pre2_views", PRETRAIN + landmark + batch(LOCAL_BATCH), False,
@@ -172,6 +175,20 @@ def test_two_process_run_resumed_on_one_process_continues_with_every_centre(runs
     assert resumed_state["world_size"] == 1 and resumed_state["step"] == 6
     assert_close_tensors(resumed, recognition_state(runs / "sup1")[1], atol=1e-5, rtol=1e-4)
     assert_close_tensors(resumed, recognition_state(runs / "sup2")[1], atol=1e-5, rtol=1e-4)
+
+
+def test_one_process_run_resumed_on_two_processes_continues_with_every_centre(runs):
+    resumed_state, resumed = recognition_state(runs / "sup1_to2")
+    assert resumed_state["world_size"] == 2 and resumed_state["step"] == 6
+    assert_close_tensors(resumed, recognition_state(runs / "sup1")[1], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
+    from lafs.train.loop import ResumeError
+
+    shutil.copytree(runs / "sup2_to1_stopped", tmp_path / "run")
+    with pytest.raises(ResumeError, match="global batch of 16 images .2 processes.*has 4 "):
+        worker.run_jobs([("supervised", tmp_path / "run", ["optim.batch_size=2"], True, [])])
 
 
 def test_pretraining_two_processes_equal_one_with_batch_2b(runs):
