@@ -315,7 +315,11 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
                 f"({state['world_size']} processes); this run has {global_batch} ({dist.world_size} processes x "
                 f"optim.batch_size {cfg.optim.batch_size} x optim.accum_steps {cfg.optim.accum_steps}). Set "
                 f"optim.batch_size so that the global batch stays the same")
-        stage.load_state_dict(state, shard=_own_shard(stage, state))
+        try:
+            shard = _own_shard(stage, state)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ResumeError(f"--resume: the class-centre shards of {run.last} cannot be read: {exc}") from exc
+        stage.load_state_dict(state, shard=shard)
         step, best = state["step"], state["best"]
         if dist.rank < len(state["rng"]):  # a process the saved run did not have keeps its fresh seed
             restore_rng(state["rng"][dist.rank])

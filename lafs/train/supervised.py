@@ -19,7 +19,7 @@ from . import plots
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, ShardedHead, build_margin_head, centre_parameter
-from .loop import Stage, autocast, autocast_dtype
+from .loop import ResumeError, Stage, autocast, autocast_dtype
 from .optim import clip_grad_norm_global, param_groups, set_lr, warmup_cosine
 from .validation import verify_sets
 
@@ -173,11 +173,11 @@ class SupervisedStage(Stage):
 
         load_model_weights(self.model, state["model"], what="--resume checkpoint")
         if shard is None:
-            raise ValueError("--resume: the checkpoint holds no class centres (no 'head' entry)")
+            raise ResumeError("--resume: the checkpoint holds no class centres (no 'head' entry)")
         name, index = self._centre_index()
         start = self.head.loss.class_start if self.sharded else 0
         if shard["class_start"] != start or shard["num_classes"] != self.num_classes:
-            raise ValueError(f"--resume: the class-centre shard holds classes from {shard['class_start']} of "
+            raise ResumeError(f"--resume: the class-centre shard holds classes from {shard['class_start']} of "
                              f"{shard['num_classes']}; this process needs them from {start} of {self.num_classes}")
         self.head.load_state_dict(shard["state"])
         optimizer = dict(state["optimizer"])
