@@ -191,6 +191,15 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
         worker.run_jobs([("supervised", tmp_path / "run", ["optim.batch_size=2"], True, [])])
 
 
+def test_resume_with_a_missing_shard_is_refused(runs, tmp_path):
+    from lafs.train.loop import ResumeError
+
+    shutil.copytree(runs / "sup2_to1_stopped", tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / f"head-step{STOP:07d}-rank1of2.pt").unlink()
+    with pytest.raises(ResumeError, match="shards .* cannot be read.*rank1of2.pt"):
+        worker.run_jobs([("supervised", tmp_path / "run", batch(WORLD * LOCAL_BATCH), True, [])])
+
+
 def test_pretraining_two_processes_equal_one_with_batch_2b(runs):
     one, two = load(runs / "pre1")["dino"], load(runs / "pre2")["dino"]
     for part in ("student", "teacher", "dino_loss"):
