@@ -57,7 +57,9 @@ class OriginalHead(nn.Module):
     """The unfused loss as the original code runs it: the full cosine logits ``[B, C]`` of
     normalised embeddings and class centres (their argmax is the training accuracy, as the
     original code reads it from its logits), the margin on the target logits (one-hot mask
-    over the whole matrix), then cross-entropy; mixup as the weighted sum of per-label losses.
+    over the whole matrix), then cross-entropy. Soft targets (mixup: labels [B, T], weights [B, T])
+    margin every target logit of a row in the one matrix and weigh the targets' log-probabilities in
+    it: the objective of the fused loss and of Partial FC.
 
     The margin is ``lafs_kernels.baselines.margin.margin_logits``, the formula of the unfused baseline.
     """
@@ -73,9 +75,12 @@ class OriginalHead(nn.Module):
         argmax = cos.detach().argmax(dim=1)
         if labels.dim() == 1:
             return F.cross_entropy(self._margin_logits(cos, labels), labels), argmax
-        losses = torch.stack([F.cross_entropy(self._margin_logits(cos, labels[:, t]), labels[:, t], reduction="none")
-                              for t in range(labels.shape[1])], dim=1)
-        return (losses * label_weights).sum(dim=1).mean(), argmax
+        logits = self._margin_logits(cos, labels[:, 0])
+        for t in range(1, labels.shape[1]):
+            target = F.one_hot(labels[:, t], cos.shape[1]).to(torch.bool)
+            logits = torch.where(target, self._margin_logits(cos, labels[:, t]), logits)
+        log_p = F.log_softmax(logits, dim=1).gather(1, labels)  # [B, T]
+        return -(log_p * label_weights).sum(dim=1).mean(), argmax
 
     def _margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return margin_logits(cos, labels, **self.margin)
