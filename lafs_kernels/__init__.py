@@ -7,8 +7,10 @@ Public operations (each dispatches to the best backend for its inputs;
 * :func:`margin_softmax_cross_entropy` -- CosFace / ArcFace / combined margin
   softmax cross-entropy without materialising the ``[batch, classes]`` logits.
 
-Modules live in :mod:`lafs_kernels.nn`; functions with the original LAFS and
-insightface signatures in :mod:`lafs_kernels.compat`.
+Modules live in :mod:`lafs_kernels.nn` (``PartialFC``: class centres sharded across ranks, a
+drop-in for arcface_torch's ``PartialFC_V2``); functions with the original LAFS and insightface
+signatures in :mod:`lafs_kernels.compat`; :mod:`lafs_kernels.reshard` moves Partial FC shards to
+another number of ranks (``python -m lafs_kernels.reshard``).
 """
 from ._dispatch import BackendUnavailableError
 from .ops.landmark_patch_gather import landmark_patch_gather

@@ -48,8 +48,8 @@ def reshard_centres(shards: Sequence[torch.Tensor], world_size: int) -> list[tor
     for rank, shard in enumerate(shards):
         if shard.dim() < 1 or shard.shape[1:] != tail or shard.dtype != shards[0].dtype:
             raise ValueError(
-                f"reshard_centres: shard {rank} is {tuple(shard.shape)} {shard.dtype}, shard 0 {tuple(shards[0].shape)} "
-                f"{shards[0].dtype}: shards must differ only in their number of rows"
+                f"reshard_centres: shard {rank} is {tuple(shard.shape)} {shard.dtype}, shard 0 is "
+                f"{tuple(shards[0].shape)} {shards[0].dtype}: shards must differ only in their number of rows"
             )
     num_classes = sum(shard.shape[0] for shard in shards)
     expected = shard_sizes(num_classes, len(shards))

@@ -53,7 +53,8 @@ class CombinedMarginSoftmax(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, "
-            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, easy_margin={self.easy_margin}, margin_grad={self.margin_grad!r}"
+            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, easy_margin={self.easy_margin}, "
+            f"margin_grad={self.margin_grad!r}"
         )
 
 
@@ -68,5 +69,6 @@ class ArcFace(CombinedMarginSoftmax):
     """ArcFace (additive angular margin): target logit ``s * cos(theta + m)``, with the
     usual fallback when ``theta + m > pi`` (or, with ``easy_margin``, no margin where cos <= 0)."""
 
-    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, **kwargs):
+    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5,
+                 easy_margin: bool = False, **kwargs):
         super().__init__(in_features, out_features, s, 1.0, m, 0.0, easy_margin=easy_margin, **kwargs)

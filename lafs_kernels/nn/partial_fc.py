@@ -17,7 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from .._dispatch import call_of
-from ..ops.margin_sharded import GatherFromRanks, SumGradAcrossRanks, all_gather_no_grad, class_range, combine_shard_stats
+from ..ops.margin_sharded import (
+    GatherFromRanks,
+    SumGradAcrossRanks,
+    all_gather_no_grad,
+    class_range,
+    combine_shard_stats,
+)
 from ..ops.margin_softmax import BACKENDS, DEFAULT_CHUNK, MARGIN_GRADS, Margin, local_row_stats, torch_stats
 
 INSIGHTFACE_PROBABILITY_FLOOR = 1e-30
@@ -120,7 +126,8 @@ class PartialFC(nn.Module):
             self.probability_floor = INSIGHTFACE_PROBABILITY_FLOOR
         else:
             raise TypeError(
-                f"PartialFC: margin must be (m1, m2, m3) or a CombinedMarginLoss-like object; got {type(margin).__name__}"
+                "PartialFC: margin must be (m1, m2, m3) or a CombinedMarginLoss-like object; "
+                f"got {type(margin).__name__}"
             )
         self.margin_grad = margin_grad
         self.s, self.m1, self.m2, self.m3 = self.margin.s, self.margin.m1, self.margin.m2, self.margin.m3
@@ -192,7 +199,9 @@ class PartialFC(nn.Module):
     def _targets(self, embeddings, labels, label_weights):
         """labels [B, T] int64 and weights [B, T] from the forward's arguments, checked."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"PartialFC: local_embeddings must be [b, {self.embedding_size}]; got {tuple(embeddings.shape)}")
+            raise ValueError(
+                f"PartialFC: local_embeddings must be [b, {self.embedding_size}]; got {tuple(embeddings.shape)}"
+            )
         if labels.dim() == 2 and labels.shape[1] == 1 and label_weights is None:
             labels = labels[:, 0]  # PartialFC_V2 accepts [b, 1]
         if labels.dim() not in (1, 2) or labels.shape[0] != embeddings.shape[0]:

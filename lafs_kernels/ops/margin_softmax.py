@@ -151,7 +151,8 @@ def _forward_fake(x, weight, labels, *args):
     rows = x.shape[0]
     vec = x.new_empty(rows, dtype=acc)
     norms = x.new_empty(weight.shape[0] if margin_chunks.ENGINES[backend].keeps_norms else 0, dtype=acc)
-    return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), x.new_empty(rows, dtype=torch.int64), norms)
+    argmax = x.new_empty(rows, dtype=torch.int64)
+    return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), argmax, norms)
 
 
 @torch.library.custom_op("lafs_kernels::margin_softmax_backward", mutates_args=())
@@ -243,17 +244,28 @@ def soft_target_loss(stats: RowStats, label_weights, label_smoothing: float, num
 def _validate(embeddings, weight, labels, label_weights, label_smoothing, reduction, margin_grad):
     name = "margin_softmax_cross_entropy"
     if embeddings.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{name}: embeddings must be [B, D] and weight [C, D]; got {tuple(embeddings.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"{name}: embeddings must be [B, D] and weight [C, D]; got {tuple(embeddings.shape)}, {tuple(weight.shape)}"
+        )
     if embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(f"{name}: embedding size {embeddings.shape[1]} != weight's {weight.shape[1]} (weight is [C, D])")
+        raise ValueError(
+            f"{name}: embedding size {embeddings.shape[1]} != weight's {weight.shape[1]} (weight is [C, D])"
+        )
     if not embeddings.is_floating_point() or embeddings.dtype != weight.dtype:
-        raise TypeError(f"{name}: embeddings and weight need the same floating dtype; got {embeddings.dtype}, {weight.dtype}")
+        raise TypeError(
+            f"{name}: embeddings and weight need the same floating dtype; got {embeddings.dtype}, {weight.dtype}"
+        )
     if embeddings.device != weight.device or labels.device != embeddings.device:
-        raise ValueError(f"{name}: embeddings, weight and labels must be on one device; got {embeddings.device}, {weight.device}, {labels.device}")
+        raise ValueError(
+            f"{name}: embeddings, weight and labels must be on one device; "
+            f"got {embeddings.device}, {weight.device}, {labels.device}"
+        )
     if labels.dtype != torch.int64:
         raise TypeError(f"{name}: labels must be int64; got {labels.dtype}")
     if labels.dim() not in (1, 2) or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{name}: labels must be [B] or [B, T] with B={embeddings.shape[0]}; got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name}: labels must be [B] or [B, T] with B={embeddings.shape[0]}; got {tuple(labels.shape)}"
+        )
     if labels.dim() == 2 and (label_weights is None or label_weights.shape != labels.shape):
         got = None if label_weights is None else tuple(label_weights.shape)
         raise ValueError(f"{name}: labels [B, T] need label_weights of the same shape {tuple(labels.shape)}; got {got}")

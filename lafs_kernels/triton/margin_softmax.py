@@ -172,7 +172,9 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
     return chunk_lse, tile_logit_sum.sum(1), best[:, 0], arg.gather(1, block)[:, 0].long()
 
 
-def chunk_backward(x, inv_x, w, labels, target_logit, target_derivative, lse, grad_lse, grad_target, grad_logit_sum, s: float):
+def chunk_backward(
+    x, inv_x, w, labels, target_logit, target_derivative, lse, grad_lse, grad_target, grad_logit_sum, s: float
+):
     """One chunk's ``g = dcos / |W_c|`` [B, c] (W's dtype) and ``radial`` [c] float32
     (``sum_b dcos * cos / |W_c|^2``, 0 for a zero centre).
 

@@ -49,7 +49,8 @@ INSIGHTFACE = {"cosface": (64.0, 1.0, 0.0, 0.4), "arcface": (32.0, 1.0, 0.5, 0.0
 
 # name -> (margin: insightface kind or (m1, m2, m3) with s=32, sample rate, filtering threshold, targets)
 CASES = {
-    **{f"insightface-{kind}-rate{rate}": (kind, rate, 0.0, "labels") for kind in INSIGHTFACE for rate in (1.0, 0.5, 0.2)},
+    **{f"insightface-{kind}-rate{rate}": (kind, rate, 0.0, "labels")
+       for kind in INSIGHTFACE for rate in (1.0, 0.5, 0.2)},
     "insightface-cosface-rate0.5-filter": ("cosface", 0.5, 0.2, "labels"),
     "insightface-arcface-rate1.0-filter": ("arcface", 1.0, 0.2, "labels"),
     "ours-arcface": ((1.0, 0.5, 0.0), 1.0, 0.0, "labels"),

@@ -12,7 +12,8 @@ from tests.kernels.test_margin_softmax import GRAD_SCALE, MARGINS, loss_and_grad
 from tests.tolerances import assert_close
 
 needs_kernels = pytest.mark.skipif(
-    margin_chunks.cpp_kernels_missing_reason() is not None, reason=f"C++ margin kernels not built: {_extension.missing_reason('cpu')}"
+    margin_chunks.cpp_kernels_missing_reason() is not None,
+    reason=f"C++ margin kernels not built: {margin_chunks.cpp_kernels_missing_reason()}",
 )
 
 
@@ -26,7 +27,7 @@ def engine(request):
 
 def test_kernels_are_registered_when_the_extension_is_built():
     if _extension.missing_reason("cpu") is None:
-        assert margin_chunks.cpp_kernels_missing_reason() is None, "the extension loads but lacks _margin_chunk_fwd/_bwd: rebuild it"
+        assert margin_chunks.cpp_kernels_missing_reason() is None, "the extension lacks _margin_chunk_fwd/_bwd: rebuild it"
 
 
 def soft_targets(rng, b, c, dtype):

@@ -133,7 +133,8 @@ ODD_SIZES = [(1, 3, 5, 2), (3, 3, 11, 4), (2, 5, 9, 100)]
 
 @pytest.mark.parametrize(
     "backend, b, d, c, chunk",
-    cases([(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES] + [("triton", *ODD_SIZES[1])]),
+    cases([(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES]
+          + [("triton", *ODD_SIZES[1])]),
 )
 def test_odd_sizes(rng, backend, b, d, c, chunk):
     x, w, labels = make_inputs(rng, b, d, c)
@@ -168,7 +169,8 @@ def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
 
 @pytest.mark.parametrize(
     "backend, dtype, kind",
-    cases([(b, dtype, kind) for b in ("chunked", "cpu") for dtype in (torch.float16, torch.bfloat16) for kind in ("cosface", "arcface")])
+    cases([(b, dtype, kind) for b in ("chunked", "cpu") for dtype in (torch.float16, torch.bfloat16)
+           for kind in ("cosface", "arcface")])
     + [("triton", torch.float16, "cosface"), ("triton", torch.bfloat16, "arcface")],
 )
 def test_low_precision(rng, backend, dtype, kind):

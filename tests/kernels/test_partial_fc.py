@@ -213,7 +213,8 @@ def test_two_ranks_train_as_partial_fc_v2(two_ranks, name):
         assert (start, num_local) == ((0, 21) if rank == 0 else (21, 20))
         if rate < 1:
             positives = (labels[(labels >= start) & (labels < start + num_local)] - start).unique()
-            drawn = partial_fc_v2_sample(worker.case_seed(SEED, name, rank), num_local, int(rate * num_local), positives)
+            seed = worker.case_seed(SEED, name, rank)
+            drawn = partial_fc_v2_sample(seed, num_local, int(rate * num_local), positives)
             assert torch.equal(r[name]["sampled"], drawn + start), f"{name}: sampled classes, rank {rank}"
     s, m1, m2, m3 = worker.INSIGHTFACE[kind]
     ref = loss_and_grads(partial_fc_v2_statement, data["embeddings"].double(), data["weight"][classes].double(), rows,
@@ -286,7 +287,8 @@ def test_resharded_head_gives_the_same_loss(two_ranks, tmp_path, world):
         head.load_state_dict(torch.load(tmp_path / "softmax_fc_gpu_0.pt", weights_only=True))
         losses = [head(data["embeddings"], data["labels"]).detach()]
     else:
-        mp.spawn(worker.run_loss_from_files, args=(world, free_port(), SEED, str(tmp_path), str(tmp_path)), nprocs=world)
+        args = (world, free_port(), SEED, str(tmp_path), str(tmp_path))
+        mp.spawn(worker.run_loss_from_files, args=args, nprocs=world)
         losses = [torch.load(tmp_path / f"loss{r}.pt") for r in range(world)]
     for loss in losses:
         assert_close(loss, expected)

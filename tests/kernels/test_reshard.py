@@ -8,7 +8,8 @@ from lafs_kernels.reshard import main, reshard_centres, shard_sizes
 
 def split(whole, world):
     """The shards of ``whole`` [C, ...] as arcface_torch's ranks hold them (class_start, num_local per rank)."""
-    return [whole[start : start + count] for start, count in (class_range(whole.shape[0], world, r) for r in range(world))]
+    ranges = (class_range(whole.shape[0], world, rank) for rank in range(world))
+    return [whole[start : start + count] for start, count in ranges]
 
 
 def test_shard_sizes_follow_arcface_torch():
