@@ -154,9 +154,9 @@ class DINOTrainer:
         """One optimisation step on ``images [B, 3, H, W]`` in [-1, 1]; returns the step's statistics.
 
         Views, student forward on every view group, teacher forward on the global group,
-        DINO loss (the returned value is the mean over ranks), backward, per-parameter clipping, last-layer freeze, AdamW step with the
-        scheduled lr / weight decay, then the teacher EMA.  Raises FloatingPointError on a
-        non-finite loss (before any weight changes).
+        DINO loss (the returned value is the mean over ranks), backward, per-parameter clipping,
+        last-layer freeze, AdamW step with the scheduled lr / weight decay, then the teacher EMA.
+        Raises FloatingPointError on a non-finite loss (before any weight changes; on every rank).
         """
         if not 0 <= global_step < self.total_steps:
             raise ValueError(f"global_step {global_step} is outside the schedule of {self.total_steps} steps")

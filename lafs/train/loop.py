@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import shards as shards_mod
-from .distributed import Distributed, all_reduce_mean, barrier, broadcast_flag
+from .distributed import Distributed, barrier, broadcast_flag
 
 CHECKPOINT_FORMAT = "lafs.train/2"
 

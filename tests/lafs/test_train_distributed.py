@@ -68,7 +68,8 @@ def runs(tmp_path_factory):
          + [f"train.stop_after_steps={STOP}"], False, []),
         ("pretrain", root / "pre2_views_split", ["train.stop_after_steps=null"], True, []),
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
-        ("finetune", root / "fine2_random", RANDOM + batch(LOCAL_BATCH), False, [("dump_replicas", root / "fine2_random")]),
+        ("finetune", root / "fine2_random", RANDOM + batch(LOCAL_BATCH), False,
+         [("dump_replicas", root / "fine2_random")]),
     ]
     worker.run_processes(WORLD, two, timeout=300)
     worker.run_processes(4, [("supervised", root / "sup4", SUPERVISED + batch(WORLD * LOCAL_BATCH // 4), False, [])],
