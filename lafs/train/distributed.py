@@ -50,15 +50,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(values: torch.Tensor, state: Distributed) -> torch.Tensor:
-    """Mean of ``values`` over processes (identity for one process)."""
-    if not state.enabled:
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / state.world_size
-
-
 def all_reduce_sum(values: torch.Tensor, state: Distributed) -> torch.Tensor:
     """Sum of ``values`` over processes (identity for one process)."""
     if not state.enabled:
