@@ -121,8 +121,6 @@ class DINOTrainer:
 
         self.student = MultiCropModel(student_backbone, head()).to(device)
         self.teacher = MultiCropModel(teacher_backbone, head()).to(device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False).eval()
         self.views = views.to(device)
         self.loss = DINOLoss(
             s.out_dim, views.crops_per_image, s.warmup_teacher_temp, s.teacher_temp,
@@ -130,10 +128,14 @@ class DINOTrainer:
         ).to(device)
         self.student_forward: nn.Module = self.student
         if _world_size() > 1:
-            cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-            self.student_forward = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[cuda_index] if device.type == "cuda" else None
-            )
+            device_ids = None  # CPU (gloo): DDP takes no device ids
+            if device.type == "cuda":
+                device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+            # DDP broadcasts rank 0's student to every rank here ...
+            self.student_forward = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        # ... so the teacher, copied afterwards, starts the same on every rank and its EMA stays so.
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False).eval()
 
         self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student))
         peak_lr = s.lr * s.batch_size * _world_size() / 256.0
@@ -152,9 +154,9 @@ class DINOTrainer:
         """One optimisation step on ``images [B, 3, H, W]`` in [-1, 1]; returns the step's statistics.
 
         Views, student forward on every view group, teacher forward on the global group,
-        DINO loss, backward, per-parameter clipping, last-layer freeze, AdamW step with the
-        scheduled lr / weight decay, then the teacher EMA.  Raises FloatingPointError on a
-        non-finite loss (before any weight changes).
+        DINO loss (the returned value is the mean over ranks), backward, per-parameter clipping,
+        last-layer freeze, AdamW step with the scheduled lr / weight decay, then the teacher EMA.
+        Raises FloatingPointError on a non-finite loss (before any weight changes; on every rank).
         """
         if not 0 <= global_step < self.total_steps:
             raise ValueError(f"global_step {global_step} is outside the schedule of {self.total_steps} steps")
@@ -173,8 +175,8 @@ class DINOTrainer:
                 teacher_out = self.teacher(groups[:1])  # the teacher sees the global views only
             student_out = self.student_forward(groups)
             loss = self.loss(student_out, teacher_out, epoch)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        loss_value = self._mean_over_ranks(loss.detach())
+        if not math.isfinite(loss_value):  # the mean: every rank stops, or none does
             raise FloatingPointError(f"DINO loss is {loss_value} at step {global_step} (epoch {epoch}); stopping")
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -188,6 +190,15 @@ class DINOTrainer:
         ema_update(self.teacher, self.student, momentum)
         return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum,
                 "teacher_temp": self.loss.teacher_temperature(epoch)}
+
+    @staticmethod
+    def _mean_over_ranks(value: torch.Tensor) -> float:
+        """The loss of the global batch: the mean of every rank's (their batches are equal in size)."""
+        if _world_size() > 1:
+            value = value.float().clone()
+            dist.all_reduce(value)
+            value /= _world_size()
+        return value.item()
 
     def state_dict(self) -> dict:
         """Everything needed to resume bitwise: models, optimizer, scaler, loss centre, random states."""

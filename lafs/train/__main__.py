@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     if args.original_path:
         overrides.append("train.original_path=true" if args.command != "demo" else "supervised.train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
+    from .distributed import shutdown
     from .loop import NonFiniteLossError, ResumeError
     from lafs.models.safe_load import UnsafeCheckpointError, allow_unsafe_pickle
 
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, ResumeError) as exc:
         print(f"lafs.train: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

@@ -107,7 +107,9 @@ COMMON = [
          "the embedding and landmark CNN get decay^(D + 1). 1 disables it; the paper fine-tunes with 0.58.",
          float, minimum=0.0, maximum=1.0),
     _opt("optim.betas", [0.9, 0.999], "AdamW betas.", list),
-    _opt("optim.clip_grad", 5.0, "Clip the global gradient norm to this value (0 disables).", float, minimum=0.0),
+    _opt("optim.clip_grad", 5.0, "Clip the global gradient norm to this value (0 disables): one norm over the "
+         "whole model (with several processes every process's Partial FC shard counts; pretraining: DINO's "
+         "per-parameter rule).", float, minimum=0.0),
     _opt("train.amp", "auto", "Autocast dtype on GPU: auto (bfloat16 where supported, else float16), bf16, fp16 or "
          "off (false and true mean off and auto). CPU runs in float32.", choices=("auto", "bf16", "fp16", "off"),
          aliases=((False, "off"), (True, "auto"))),
@@ -139,9 +141,19 @@ MARGIN = [
 FLIP = [_opt("aug.flip", 0.5, "Probability of a horizontal flip of a training image.", float, minimum=0.0,
              maximum=1.0)]
 
-SUPERVISED = COMMON + MARGIN + FLIP
+# The landmark CNN trains in the supervised and fine-tuning stages (pretraining keeps it frozen in eval mode).
+LANDMARK_TRAINING = [
+    _opt("model.landmark_dropout", 0.5, "Rate of the landmark CNN's output dropout while training (the original's "
+         "Dropout(0.5)); 0 switches it off.", float, minimum=0.0, maximum=1.0),
+    _opt("train.frozen_batch_norm", False, "Run the landmark CNN's batch norms with their running statistics (eval "
+         "mode, statistics not updated) while training; their scale and shift still learn. Then every image is "
+         "processed on its own and N processes with batch b train as one process with batch N x b; otherwise "
+         "each process normalises with its own batch's statistics.", bool),
+]
 
-FINETUNE = COMMON + MARGIN + FLIP + [
+SUPERVISED = COMMON + MARGIN + FLIP + LANDMARK_TRAINING
+
+FINETUNE = COMMON + MARGIN + FLIP + LANDMARK_TRAINING + [
     _opt("init.pretrained", None, "LAFS pretraining run folder or checkpoint whose teacher transformer starts the "
          "fine-tuning (null: transformer from scratch).", str, nullable=True),
     _opt("init.landmark", None, "Supervised run folder, checkpoint or official state dict whose landmark CNN starts "
@@ -150,7 +162,9 @@ FINETUNE = COMMON + MARGIN + FLIP + [
     _opt("aug.randaugment_ops", 2, "RandAugment operations per image.", minimum=1),
     _opt("aug.randaugment_magnitude", 9, "RandAugment magnitude (0-30).", minimum=0, maximum=30),
     _opt("aug.mixup_prob", 0.1, "Probability that a batch is mixed (mixup through the two-label soft-target path "
-         "of the fused margin loss); the paper uses 0.1, and 0.2 for MS1MV3.", float, minimum=0.0, maximum=1.0),
+         "of the fused margin loss); the paper uses 0.1, and 0.2 for MS1MV3. Whether to mix and the weight are "
+         "drawn from (seed, step, micro-batch), the same on every process; each process mixes its own images.",
+         float, minimum=0.0, maximum=1.0),
     _opt("aug.mixup_alpha", 0.8, "Beta(alpha, alpha) distribution of the mixup weight.", float, minimum=0.0),
 ]
 

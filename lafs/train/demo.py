@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
+from .distributed import init_distributed
 from .runner import run_single_stage
 
 # (run folder, stage implementation, what the table calls it)
@@ -28,8 +29,10 @@ DEMO_RUNS = (
 def run_demo(tree: dict, *, out: Path, resume: bool = False) -> dict:
     refs = {"supervised": out / "supervised", "pretrain": out / "pretrain"}
     configs = config_mod.resolve_demo(tree, refs, source="demo recipe")
+    main = init_distributed().is_main  # under torchrun only the main process writes and prints the summary
     out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(tree, out / "config.yaml")
+    if main:
+        config_mod.dump(tree, out / "config.yaml")
     results, started = {}, time.perf_counter()
     for folder, stage, _ in DEMO_RUNS:
         path = out / folder
@@ -42,8 +45,9 @@ def run_demo(tree: dict, *, out: Path, resume: bool = False) -> dict:
         results[folder] = run_single_stage(stage, configs[folder], path, resume=stage_resume)
         results[folder]["wall_seconds"] = time.perf_counter() - stage_started
     summary = demo_summary(results, configs, time.perf_counter() - started)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_table(summary))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_table(summary))
     return summary
 
 

@@ -25,7 +25,8 @@ class Distributed:
 
 
 def init_distributed() -> Distributed:
-    """Read torchrun's environment; start the process group when WORLD_SIZE > 1.
+    """Read torchrun's environment; start the process group when WORLD_SIZE > 1 (once: a later call
+    finds it started and uses it).
 
     Each process uses GPU ``LOCAL_RANK`` when CUDA is available (backend nccl),
     else the CPU (backend gloo). A single process needs no process group.
@@ -43,18 +44,19 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
-def shutdown(state: Distributed) -> None:
-    if state.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """End the process group, if one was started (once, after the last stage of the process)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(values: torch.Tensor, state: Distributed) -> torch.Tensor:
-    """Mean of ``values`` over processes (identity for one process)."""
+def all_reduce_sum(values: torch.Tensor, state: Distributed) -> torch.Tensor:
+    """Sum of ``values`` over processes (identity for one process)."""
     if not state.enabled:
         return values
     values = values.clone()
     dist.all_reduce(values)
-    return values / state.world_size
+    return values
 
 
 def barrier(state: Distributed) -> None:

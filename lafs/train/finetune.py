@@ -4,7 +4,8 @@ The supervised loop plus: weights from the pretraining teacher and the
 supervised landmark CNN, layer-wise lr decay (0.58 in the paper, in the recipe),
 RandAugment + flip on uint8 tensors (torchvision.transforms.v2), and mixup
 applied to a batch with probability ``aug.mixup_prob`` through the two-label
-soft-target path of the fused margin loss (labels [B, 2], weights [B, 2]).
+soft-target path of the margin loss (labels [B, 2], weights [B, 2]; one Partial FC
+call under torchrun).
 """
 from __future__ import annotations
 
@@ -41,19 +42,26 @@ class FinetuneStage(SupervisedStage):
         return v2.Compose(steps) if steps else None
 
     def targets(self, images: torch.Tensor, labels: torch.Tensor, step: int, micro: int):
-        """With probability ``aug.mixup_prob`` mix the batch with its reversal: labels [B, 2], weights [B, 2]."""
+        """With probability ``aug.mixup_prob`` mix each image with a partner (:meth:`mixup_partner`):
+        images [b, 3, H, W], labels [b] -> mixed images, labels [b, 2], weights [b, 2] (lambda, 1 - lambda)."""
         aug = self.cfg.aug
         if aug.mixup_prob <= 0:
             return images, labels, None
-        # Seeded from (seed, rank, step, micro-batch): the same draws after a resume.
-        rng = np.random.default_rng([self.cfg.seed, self.dist.rank, step, micro])
+        # Whether to mix and lambda change the objective and, under Partial FC, the collectives: drawn from
+        # (seed, step, micro-batch), so every process decides alike (and a resumed run draws the same).
+        rng = np.random.default_rng([self.cfg.seed, step, micro])
         if rng.random() >= aug.mixup_prob:
             return images, labels, None
         lam = float(rng.beta(aug.mixup_alpha, aug.mixup_alpha)) if aug.mixup_alpha > 0 else 1.0
-        mixed = lam * images + (1 - lam) * images.flip(0)
-        pair = torch.stack([labels, labels.flip(0)], dim=1)
+        partner = self.mixup_partner(len(labels)).to(images.device)
+        mixed = lam * images + (1 - lam) * images[partner]
+        pair = torch.stack([labels, labels[partner]], dim=1)
         weights = torch.tensor([lam, 1 - lam], device=images.device).expand(len(labels), 2).contiguous()
         return mixed, pair, weights
+
+    def mixup_partner(self, batch: int) -> torch.Tensor:
+        """Index [batch] of each image's mixing partner within this process's batch: the reversed batch."""
+        return torch.arange(batch - 1, -1, -1)
 
 
 class UInt8Augment:

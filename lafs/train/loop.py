@@ -6,13 +6,22 @@ goes into a checkpoint. :func:`run_stage` drives it: it walks the global step
 counter from the checkpoint's position to the end of the schedule, draws the
 micro-batches of each step from a resumable sampler, shows a progress bar,
 writes ``log.jsonl``, verifies every ``val.every_steps``, and writes
-``checkpoints/last.pt`` / ``best.pt`` atomically.
+``checkpoints/last.pt`` / ``best.pt`` atomically (with several processes each
+also writes its class-centre shard first; ``lafs.train.shards``).
 
 Exact resume: the data order is a function of (seed, epoch) and each item's
 augmentation a function of (seed, epoch, index); the schedule is an array
 indexed by step; model, optimizer, scaler and the global RNG states (which
 drive dropout and drop path) are restored from ``last.pt``. So N steps straight
 and N/2 + resume + N/2 give the same parameters.
+
+Several processes (torchrun): the model starts from the same seed on every process
+(process 0's, so one process and N start alike); the random streams that differ per
+process (dropout, the pretraining views) are seeded with the rank after building.
+A run may resume on another number of processes when the global batch
+(``optim.batch_size x optim.accum_steps x processes``) stays the same: the class
+centres are resharded, data order and schedule continue (per-process random
+streams of processes that did not exist start afresh).
 """
 from __future__ import annotations
 
@@ -32,9 +41,10 @@ from tqdm import tqdm
 from lafs.models.safe_load import load_checkpoint
 
 from . import config as config_mod
-from .distributed import Distributed, all_reduce_mean, barrier, broadcast_flag
+from . import shards as shards_mod
+from .distributed import Distributed, barrier, broadcast_flag
 
-CHECKPOINT_FORMAT = "lafs.train/1"
+CHECKPOINT_FORMAT = "lafs.train/2"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -206,10 +216,27 @@ class Stage:
         return {}
 
     def state_dict(self) -> dict:
+        """What every process holds alike (written once, by the main process)."""
         raise NotImplementedError
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, shard: Optional[dict] = None) -> None:
+        """Restore :meth:`state_dict`'s output and this process's class-centre ``shard`` (None without)."""
         raise NotImplementedError
+
+    def shard_state(self) -> Optional[dict]:
+        """This process's class centres and their optimizer state (``lafs.train.shards``), or None."""
+        return None
+
+    def shard_row_keys(self) -> dict:
+        """The entries of :meth:`shard_state` that hold one row per class (``lafs.train.shards.reshard``)."""
+        return {"state": [], "optimizer": []}
+
+    def process_state(self) -> dict:
+        """Random-stream state of this process beyond the global RNGs (saved per process)."""
+        return {}
+
+    def load_process_state(self, state: dict) -> None:
+        pass
 
     def finish(self, summary: dict) -> dict:
         """Plots and stage-specific summary entries, after the last step (main process only)."""
@@ -265,13 +292,15 @@ def _micro_batches(loader, batch_sampler: ResumableBatchSampler, micro_per_epoch
 def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     """Train ``stage`` to the end of its schedule (or ``train.stop_after_steps``); return its summary."""
     cfg, run, dist = stage.cfg, stage.run, stage.dist
-    seed_everything(cfg.seed, dist.rank)
+    seed_everything(cfg.seed)  # the same initial weights on every process
     stage.build()
     loader, batch_sampler = stage.make_loader()
     accum = cfg.optim.accum_steps
     micro_per_epoch = (len(batch_sampler) // accum) * accum
     stage.steps_per_epoch, stage.total_steps, stage.warmup_steps = stage.schedule_lengths(micro_per_epoch)
-    stage.setup_schedules()
+    stage.setup_schedules()  # (pretraining builds its DINO heads here)
+    if dist.rank:
+        seed_everything(cfg.seed, dist.rank)  # dropout, drop path, Partial FC sampling differ per process
 
     step, best = 0, {"accuracy": -1.0}
     if resume:
@@ -279,10 +308,24 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
             raise ResumeError(f"--resume: {run.last} does not exist (nothing to continue)")
         state = load_checkpoint(run.last)  # no code runs (see lafs.models.safe_load)
         if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage.name:
-            raise ResumeError(f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train")
-        stage.load_state_dict(state)
+            raise ResumeError(f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train "
+                              f"(format {state.get('format')!r}, this version writes {CHECKPOINT_FORMAT!r})")
+        global_batch = cfg.optim.batch_size * cfg.optim.accum_steps * dist.world_size
+        if state["global_batch"] != global_batch:
+            raise ResumeError(
+                f"--resume: {run.last} was trained with a global batch of {state['global_batch']} images "
+                f"({state['world_size']} processes); this run has {global_batch} ({dist.world_size} processes x "
+                f"optim.batch_size {cfg.optim.batch_size} x optim.accum_steps {cfg.optim.accum_steps}). Set "
+                f"optim.batch_size so that the global batch stays the same")
+        try:
+            shard = _own_shard(stage, state)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ResumeError(f"--resume: the class-centre shards of {run.last} cannot be read: {exc}") from exc
+        stage.load_state_dict(state, shard=shard)
         step, best = state["step"], state["best"]
-        restore_rng(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        if dist.rank < len(state["rng"]):  # a process the saved run did not have keeps its fresh seed
+            restore_rng(state["rng"][dist.rank])
+            stage.load_process_state(state["rng"][dist.rank].get("stage", {}))
         run.truncate_log(step)
     end = stage.total_steps
     if cfg.train.stop_after_steps is not None:
@@ -352,18 +395,50 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     return summary
 
 
+def _own_shard(stage: Stage, state: dict) -> Optional[dict]:
+    """This process's class-centre shard from a checkpoint, resharded when the number of processes changed."""
+    head = state.get("head")
+    if head is None:
+        return None
+    dist, checkpoints = stage.dist, stage.run.checkpoints
+    if head["world_size"] == dist.world_size:
+        if "files" in head:  # only this process's file
+            head = {**head, "files": [head["files"][dist.rank]]}
+            return shards_mod.load_shards(checkpoints, head)[0]
+        return shards_mod.load_shards(checkpoints, head)[dist.rank]
+    every = shards_mod.load_shards(checkpoints, head)
+    return shards_mod.reshard(every, dist.world_size, stage.shard_row_keys())[dist.rank]
+
+
 def _save(stage: Stage, step: int, best: dict, is_best: bool) -> None:
-    """last.pt (and best.pt) with the RNG state of every process, written by the main process."""
-    rng = capture_rng()
-    if stage.dist.enabled:
-        gathered = [None] * stage.dist.world_size
-        torch.distributed.all_gather_object(gathered, rng)
-        rng = gathered
-    if not stage.dist.is_main:
+    """last.pt (and best.pt), written by the main process, with the RNG state of every process;
+    each process first writes its class-centre shard (several processes) so that last.pt, renamed
+    into place last, only ever names complete shard files."""
+    dist, checkpoints = stage.dist, stage.run.checkpoints
+    shard = stage.shard_state()
+    head = None
+    if shard is not None:
+        head = {"num_classes": shard["num_classes"], "world_size": dist.world_size}
+        if dist.enabled:
+            shards_mod.save_shard(checkpoints, step, shard)
+            head["files"] = [shards_mod.shard_file(step, r, dist.world_size) for r in range(dist.world_size)]
+        else:
+            head["shards"] = [shard]
+    own = {**capture_rng(), "stage": stage.process_state()}
+    rng = [own]
+    if dist.enabled:  # also waits until every process has written its shard
+        rng = [None] * dist.world_size
+        torch.distributed.all_gather_object(rng, own)
+    if not dist.is_main:
         return
     state = {"format": CHECKPOINT_FORMAT, "stage": stage.name, "step": step, "epoch": step / stage.steps_per_epoch,
-             "best": best, "rng": rng,
+             "best": best, "rng": rng, "world_size": dist.world_size,
+             "global_batch": stage.cfg.optim.batch_size * stage.cfg.optim.accum_steps * dist.world_size,
              "config": stage.cfg.to_plain(), **stage.state_dict()}
+    if head is not None:
+        state["head"] = head
     atomic_torch_save(state, stage.run.last)
     if is_best:
         atomic_torch_save(state, stage.run.best)
+    if head is not None:  # shard files of earlier steps (or of a run on more processes) no checkpoint names
+        shards_mod.remove_stale(checkpoints, [step] + ([best["step"]] if "step" in best else []))

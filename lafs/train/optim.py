@@ -58,3 +58,31 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Scheduled lr times each group's layer-decay ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_global(replicated: list, sharded: list, max_norm: float, dist) -> torch.Tensor:
+    """Clip every gradient by one norm, the same on every process; returns that norm (before clipping).
+
+    ``replicated``: parameters every process holds whole (the DDP model: their gradients are
+    already averaged, so each counts once); ``sharded``: this process's part of parameters split
+    across processes (Partial FC class centres: their squared norms are summed over processes).
+    The norm is that of all gradients of the model as one process holds it, so N processes clip
+    as one process with the whole head does, and the replicas stay identical.  The factor is
+    ``max_norm / (norm + 1e-6)`` when below 1 (``torch.nn.utils.clip_grad_norm_``'s rule);
+    ``max_norm`` 0 only measures.  ``dist``: :class:`lafs.train.distributed.Distributed`.
+    """
+    from .distributed import all_reduce_sum
+
+    def squared(params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=dist.device)
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+    total = (squared(replicated) + all_reduce_sum(squared(sharded), dist)).sqrt()
+    if max_norm > 0:
+        grads = [p.grad for p in (*replicated, *sharded) if p.grad is not None]
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total

@@ -138,8 +138,16 @@ class PretrainStage(Stage):
                 "student_transformer": model_to_dict(self.trainer.student.backbone),
                 "landmark_cnn": self.landmark_cnn.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, shard=None) -> None:
         self.trainer.load_state_dict(state["dino"])
+
+    def process_state(self) -> dict:
+        """The view generator: each process draws its own views."""
+        return {"views": self.trainer.views.generator.get_state()}
+
+    def load_process_state(self, state: dict) -> None:
+        if "views" in state:
+            self.trainer.views.generator.set_state(state["views"])
 
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from . import config as config_mod
-from .distributed import init_distributed, shutdown
+from .distributed import init_distributed
 from .loop import RunFolder, run_stage
 
 
@@ -48,17 +48,18 @@ def run_command(command: str, *, recipe: str, overrides: Sequence[str], out: Pat
 
 
 def run_single_stage(name: str, cfg: config_mod.Config, out: Path, *, resume: bool = False) -> dict:
-    """One stage into ``out`` (config.yaml, log, checkpoints, summary, plots); works under torchrun."""
+    """One stage into ``out`` (config.yaml, log, checkpoints, summary, plots); works under torchrun.
+
+    Under torchrun the process group started by the first stage stays up for the next ones (the
+    demo's); ``lafs.train.distributed.shutdown`` ends it (``python -m lafs.train`` does on exit).
+    """
     dist = init_distributed()
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    try:
-        run = RunFolder(out, dist)
-        stage = stage_class(name)(cfg, run, dist)
-        if dist.is_main:
-            if not resume:
-                (run.path / "log.jsonl").unlink(missing_ok=True)
-            config_mod.dump(cfg.to_plain(), run.path / "config.yaml")
-        return run_stage(stage, resume=resume)
-    finally:
-        shutdown(dist)
+    run = RunFolder(out, dist)
+    stage = stage_class(name)(cfg, run, dist)
+    if dist.is_main:
+        if not resume:
+            (run.path / "log.jsonl").unlink(missing_ok=True)
+        config_mod.dump(cfg.to_plain(), run.path / "config.yaml")
+    return run_stage(stage, resume=resume)

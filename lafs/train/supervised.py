@@ -18,9 +18,9 @@ from lafs.models.checkpoint import model_to_dict
 from . import plots
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
-from .heads import OriginalPathModel, build_margin_head
-from .loop import Stage, autocast, autocast_dtype
-from .optim import param_groups, set_lr, warmup_cosine
+from .heads import OriginalPathModel, ShardedHead, build_margin_head, centre_parameter
+from .loop import ResumeError, Stage, autocast, autocast_dtype
+from .optim import clip_grad_norm_global, param_groups, set_lr, warmup_cosine
 from .validation import verify_sets
 
 
@@ -32,6 +32,7 @@ class SupervisedStage(Stage):
         self.train_set = build_train_set(cfg)
         self.val_sets = build_val_sets(cfg)
         self.model = self.build_model().to(self.device)
+        set_landmark_dropout(self.model.landmark_cnn, cfg.model.landmark_dropout)
         if cfg.train.channels_last and not cfg.train.original_path:  # the original code runs NCHW
             self.model.landmark_cnn.to(memory_format=torch.channels_last)
         self.num_classes = int(self.train_set.num_classes)
@@ -45,6 +46,10 @@ class SupervisedStage(Stage):
                               landmark_weight_decay=cfg.optim.landmark_weight_decay,
                               layer_decay=cfg.optim.layer_decay, head=self.head)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.sharded = isinstance(self.head, ShardedHead)
+        head_ids = {id(p) for p in self.head.parameters()}
+        self.replicated_params = [p for g in groups for p in g["params"] if not (self.sharded and id(p) in head_ids)]
+        self.sharded_params = list(self.head.parameters()) if self.sharded else []
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -76,6 +81,8 @@ class SupervisedStage(Stage):
         cfg = self.cfg
         set_lr(self.optimizer, self.current_lr(step))
         self.forward_model.train()
+        if cfg.train.frozen_batch_norm:
+            freeze_batch_norms(self.model)
         self.head.train()
         accum = len(micro_batches)
         losses, correct, seen = [], 0, 0
@@ -101,13 +108,20 @@ class SupervisedStage(Stage):
             return {"loss": float(loss)}
         accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad or float("inf"))
-        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
-            # A finite loss can still carry NaN gradients (e.g. a NaN image whose landmarks the
-            # gather zeroes): never let them reach the weights. (float16's scaler skips such steps itself.)
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": float(loss), "grad_norm": float(grad_norm)}
+        # One norm over the whole model, Partial FC shards included, the same on every process.
+        grad_norm = clip_grad_norm_global(self.replicated_params, self.sharded_params, cfg.optim.clip_grad,
+                                          self.dist)
+        if not torch.isfinite(grad_norm):
+            if not self.scaler.is_enabled():
+                # A finite loss can still carry NaN gradients (e.g. a NaN image whose landmarks the
+                # gather zeroes): never let them reach the weights.
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"loss": float(loss), "grad_norm": float(grad_norm)}
+            # float16: an overflow in any process's shard skips the step (and lowers the scale) in all.
+            # (GradScaler keeps no cross-process flag; its per-optimizer record is what step/update read.)
+            record = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+            for found_inf in record.values():
+                found_inf.fill_(1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,16 +138,52 @@ class SupervisedStage(Stage):
         return verify_sets(model, self.val_sets, batch_size=self.cfg.val.batch_size, device=self.device,
                            amp_dtype=self.amp_dtype)
 
-    def state_dict(self) -> dict:
-        return {"model": model_to_dict(self.model), "head": self.head.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+    def _centre_index(self) -> tuple[str, int]:
+        """(name of the class-centre parameter in the head, its index in the optimizer's state)."""
+        centres = centre_parameter(self.head)
+        name = next(n for n, p in self.head.named_parameters() if p is centres)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return name, next(i for i, p in enumerate(params) if p is centres)
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """The replicated part: model, optimizer without the class centres' rows, scaler."""
+        optimizer = self.optimizer.state_dict()
+        index = self._centre_index()[1]
+        optimizer["state"] = {k: v for k, v in optimizer["state"].items() if k != index}
+        return {"model": model_to_dict(self.model), "optimizer": optimizer, "scaler": self.scaler.state_dict()}
+
+    def shard_state(self) -> dict:
+        """This process's class centres and their optimizer state (see :mod:`lafs.train.shards`)."""
+        name, index = self._centre_index()
+        entry = self.optimizer.state_dict()["state"].get(index)
+        start = self.head.loss.class_start if self.sharded else 0
+        return {"rank": self.dist.rank if self.sharded else 0, "world_size": self.dist.world_size if self.sharded
+                else 1, "class_start": start, "num_classes": self.num_classes,
+                "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": {} if entry is None else {name: {k: v.cpu().clone() if torch.is_tensor(v) else v
+                                                              for k, v in entry.items()}}}
+
+    def shard_row_keys(self) -> dict:
+        """Which shard entries hold one row per class (:func:`lafs.train.shards.reshard`)."""
+        name = self._centre_index()[0]
+        return {"state": [name], "optimizer": [name]}
+
+    def load_state_dict(self, state: dict, shard: dict | None = None) -> None:
         from .weights import load_model_weights
 
         load_model_weights(self.model, state["model"], what="--resume checkpoint")
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if shard is None:
+            raise ResumeError("--resume: the checkpoint holds no class centres (no 'head' entry)")
+        name, index = self._centre_index()
+        start = self.head.loss.class_start if self.sharded else 0
+        if shard["class_start"] != start or shard["num_classes"] != self.num_classes:
+            raise ResumeError(f"--resume: the class-centre shard holds classes from {shard['class_start']} of "
+                             f"{shard['num_classes']}; this process needs them from {start} of {self.num_classes}")
+        self.head.load_state_dict(shard["state"])
+        optimizer = dict(state["optimizer"])
+        optimizer["state"] = {**optimizer["state"], **({index: shard["optimizer"][name]}
+                                                       if name in shard["optimizer"] else {})}
+        self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(state["scaler"])
 
     def finish(self, summary: dict) -> dict:
@@ -144,3 +194,18 @@ class SupervisedStage(Stage):
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary
+
+
+def set_landmark_dropout(landmark_cnn: torch.nn.Module, p: float) -> None:
+    """Set the rate of the landmark CNN's dropout (its output Dropout(0.5)); 0 switches it off."""
+    for module in landmark_cnn.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+def freeze_batch_norms(model: torch.nn.Module) -> None:
+    """Batch norms normalise with their running statistics (eval mode) and leave them unchanged;
+    their scale and shift still train. Every image is then processed alone, however the batch is split."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()

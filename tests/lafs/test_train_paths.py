@@ -30,3 +30,25 @@ def test_original_path_matches_fused_path(tmp_path, rng):
     b = torch.load(tmp_path / "original" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert a["model"]["arch"] == b["model"]["arch"]
     assert a["model"]["state_dict"].keys() == b["model"]["state_dict"].keys()
+
+
+@pytest.mark.parametrize("margin", [dict(s=64.0, m1=1.0, m2=0.0, m3=0.4), dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)],
+                         ids=["cosface", "arcface"])
+def test_original_head_mixup_has_the_fused_objective(rng, margin):
+    """Mixup's two labels margined in one logit matrix (a row whose two labels coincide included)."""
+    from lafs_kernels import margin_softmax_cross_entropy
+    from lafs.train.heads import OriginalHead
+
+    head = OriginalHead(16, 10, margin)
+    x = torch.randn(12, 16, generator=rng, requires_grad=True)
+    labels = torch.randint(0, 10, (12, 2), generator=rng)
+    labels[0, 1] = labels[0, 0]
+    lam = float(torch.rand((), generator=rng))
+    weights = torch.tensor([lam, 1 - lam]).expand(12, 2)
+    loss, _ = head(x, labels, weights)
+    reference = margin_softmax_cross_entropy(x, head.weight, labels, label_weights=weights, **margin)
+    atol, rtol = ATOL_RTOL[torch.float32]
+    assert loss.item() == pytest.approx(reference.item(), rel=10 * rtol, abs=10 * atol)
+    grad, = torch.autograd.grad(loss, x)
+    grad_ref, = torch.autograd.grad(reference, x)
+    torch.testing.assert_close(grad, grad_ref, atol=10 * atol, rtol=10 * rtol)

@@ -40,7 +40,12 @@ def test_supervised_resume_equals_uninterrupted_run(tmp_path, rng):
     a, model_a = _params(straight)
     b, model_b = _params(split)
     _assert_same_tensors(model_a, model_b)
-    _assert_same_tensors(a["head"], b["head"])
+    (head_a,), (head_b,) = a["head"]["shards"], b["head"]["shards"]  # one process: the whole head inline
+    _assert_same_tensors(head_a["state"], head_b["state"])
+    assert head_a["optimizer"].keys() == head_b["optimizer"].keys() and head_a["optimizer"]
+    for name in head_a["optimizer"]:
+        _assert_same_tensors(head_a["optimizer"][name], head_b["optimizer"][name])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         _assert_same_tensors(sa, sb)
     steps = [r["step"] for r in map(json.loads, (split / "log.jsonl").read_text().splitlines()) if "loss" in r]
