@@ -39,7 +39,13 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define LAFS_GATHER_SSE 1
+#endif
 
 namespace {
 
@@ -421,6 +427,185 @@ void token_to_lanes(const scalar_t* token, Dims<kP, kC> d, acc_t* lanes) {
   }
 }
 
+
+// --------------------------------------------------------------------------- P = 8, float32: SSE2
+
+#ifdef LAFS_GATHER_SSE
+// The common case (P = 8, float32) with explicit 4-wide vectors (SSE2 is part of x86-64):
+// one patch row of 8 lanes is two registers, and the token transposition is done with
+// 4 x 4 register transposes.  Same arithmetic, in the same order, as the generic code.
+struct V8 {
+  __m128 lo, hi;
+};
+inline V8 load8(const float* p) { return {_mm_loadu_ps(p), _mm_loadu_ps(p + 4)}; }
+inline void store8(float* p, const V8& v) {
+  _mm_storeu_ps(p, v.lo);
+  _mm_storeu_ps(p + 4, v.hi);
+}
+inline V8 zero8() { return {_mm_setzero_ps(), _mm_setzero_ps()}; }
+inline V8 add8(const V8& a, const V8& b) { return {_mm_add_ps(a.lo, b.lo), _mm_add_ps(a.hi, b.hi)}; }
+inline V8 sub8(const V8& a, const V8& b) { return {_mm_sub_ps(a.lo, b.lo), _mm_sub_ps(a.hi, b.hi)}; }
+inline V8 mul8(const V8& a, const V8& b) { return {_mm_mul_ps(a.lo, b.lo), _mm_mul_ps(a.hi, b.hi)}; }
+inline V8 scale8(__m128 f, const V8& a) { return {_mm_mul_ps(f, a.lo), _mm_mul_ps(f, a.hi)}; }
+// a + f (b - a)
+inline V8 lerp8(const V8& a, const V8& b, __m128 f) { return add8(a, scale8(f, sub8(b, a))); }
+// lane u <- lane u-1, lane 0 <- 0
+inline V8 shift_up8(const V8& a) {
+  const __m128 lo = _mm_castsi128_ps(_mm_slli_si128(_mm_castps_si128(a.lo), 4));
+  const __m128 t = _mm_shuffle_ps(a.lo, a.hi, _MM_SHUFFLE(0, 0, 3, 3));  // a3 a3 a4 a4
+  return {lo, _mm_shuffle_ps(t, a.hi, _MM_SHUFFLE(2, 1, 2, 0))};           // a3 a4 a5 a6
+}
+inline float last8(const V8& a) { return _mm_cvtss_f32(_mm_shuffle_ps(a.hi, a.hi, _MM_SHUFFLE(3, 3, 3, 3))); }
+inline float sum8(const V8& a) {
+  float lanes[8];
+  store8(lanes, a);
+  float s = 0;
+  for (int i = 0; i < 8; ++i) s += lanes[i];
+  return s;
+}
+// out[q] = column q of the 8 x 8 matrix whose rows are in[0..7].
+inline void transpose8(V8 in[8], V8 out[8]) {
+  __m128 a0 = in[0].lo, a1 = in[1].lo, a2 = in[2].lo, a3 = in[3].lo;
+  __m128 b0 = in[0].hi, b1 = in[1].hi, b2 = in[2].hi, b3 = in[3].hi;
+  __m128 c0 = in[4].lo, c1 = in[5].lo, c2 = in[6].lo, c3 = in[7].lo;
+  __m128 d0 = in[4].hi, d1 = in[5].hi, d2 = in[6].hi, d3 = in[7].hi;
+  _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+  _MM_TRANSPOSE4_PS(b0, b1, b2, b3);
+  _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+  _MM_TRANSPOSE4_PS(d0, d1, d2, d3);
+  out[0] = {a0, c0};
+  out[1] = {a1, c1};
+  out[2] = {a2, c2};
+  out[3] = {a3, c3};
+  out[4] = {b0, d0};
+  out[5] = {b1, d1};
+  out[6] = {b2, d2};
+  out[7] = {b3, d3};
+}
+
+// Lanes T[c*8 + j] (vector over i) -> token [i][j][c].  Row r = j*C + c of the (8C) x 8 matrix
+// [(j, c)][i] is T[c*8 + j]; its k-th block of 8 rows, transposed, is columns 8k..8k+7 of
+// the token rows i.
+template <int kC>
+inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
+  const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
+  for (int64_t k = 0; k < C; ++k) {
+    V8 in[8], out[8];
+    for (int64_t q = 0; q < 8; ++q) {
+      const int64_t r = 8 * k + q;
+      in[q] = T[(r % C) * 8 + r / C];
+    }
+    transpose8(in, out);
+    for (int64_t i = 0; i < 8; ++i) store8(token + i * row + 8 * k, out[i]);
+  }
+}
+
+template <int kC>
+inline void token_to_lanes8(const float* token, int64_t C_rt, V8* G) {
+  const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
+  for (int64_t k = 0; k < C; ++k) {
+    V8 in[8], out[8];
+    for (int64_t i = 0; i < 8; ++i) in[i] = load8(token + i * row + 8 * k);
+    transpose8(in, out);
+    for (int64_t q = 0; q < 8; ++q) {
+      const int64_t r = 8 * k + q;
+      G[(r % C) * 8 + r / C] = out[q];
+    }
+  }
+}
+
+// Window row v of channel c: w[u], u = 0..8, as a pointer to 9 floats (the image itself, or
+// seg with zeros outside).
+inline const float* window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct,
+                                float* seg) {
+  if (direct) return row + w.x0;
+  for (int64_t u = 0; u < 9; ++u) seg[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
+  return seg;
+}
+
+// h[v] = w[v][i] + fx (w[v][i+1] - w[v][i]) for v = 0..8 of channel c (zero rows outside).
+inline void rows8(const float* img_c, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, float* seg,
+                  V8 h[9], V8* d_w = nullptr) {
+  const __m128 fx = _mm_set1_ps(w.fx);
+  for (int64_t v = 0; v < 9; ++v) {
+    if (v < w.v_lo || v >= w.v_hi) {
+      h[v] = zero8();
+      if (d_w) d_w[v] = zero8();
+      continue;
+    }
+    const float* p = window_row8(img_c + (w.y0 + v) * g.sH, g, w, direct, seg);
+    const V8 a = load8(p), b = load8(p + 1);
+    h[v] = lerp8(a, b, fx);
+    if (d_w) d_w[v] = sub8(b, a);
+  }
+}
+
+template <int kC>
+void identity_forward8(const float* img, const ImageGeometry& g, int64_t C_rt, const PatchWindow<float>& w,
+                       float* seg, V8* T) {
+  const int64_t C = kC > 0 ? kC : C_rt;
+  const bool direct = w.u_lo == 0 && w.u_hi == 9 && g.sW == 1;
+  const __m128 fy = _mm_set1_ps(w.fy);
+  for (int64_t c = 0; c < C; ++c) {
+    V8 h[9];
+    rows8(img + c * g.sC, g, w, direct, seg, h);
+    for (int64_t j = 0; j < 8; ++j) T[c * 8 + j] = lerp8(h[j], h[j + 1], fy);
+  }
+}
+
+template <int kC>
+std::pair<float, float> identity_backward8(const float* img, const ImageGeometry& g, float* grad_img,
+                                           const ImageGeometry& gg, int64_t C_rt, const PatchWindow<float>& w,
+                                           bool need_centre, const V8* G, float* seg) {
+  const int64_t C = kC > 0 ? kC : C_rt;
+  const bool direct = w.u_lo == 0 && w.u_hi == 9 && g.sW == 1;
+  const bool direct_grad = w.u_lo == 0 && w.u_hi == 9 && gg.sW == 1;
+  const __m128 fy = _mm_set1_ps(w.fy), one_fy = _mm_set1_ps(1 - w.fy);
+  const __m128 fx = _mm_set1_ps(w.fx), one_fx = _mm_set1_ps(1 - w.fx);
+  V8 acc_x = zero8(), acc_y = zero8();
+  for (int64_t c = 0; c < C; ++c) {
+    const V8* Gc = G + c * 8;
+    V8 gh[9];  // gh[v] = (1-fy) G[v] + fy G[v-1]
+    gh[0] = scale8(one_fy, Gc[0]);
+    for (int64_t v = 1; v < 8; ++v) gh[v] = add8(scale8(one_fy, Gc[v]), scale8(fy, Gc[v - 1]));
+    gh[8] = scale8(fy, Gc[7]);
+    if (need_centre) {
+      V8 h[9], d_w[9];
+      rows8(img + c * g.sC, g, w, direct, seg, h, d_w);
+      for (int64_t v = 0; v < 9; ++v) acc_x = add8(acc_x, mul8(gh[v], d_w[v]));
+      for (int64_t j = 0; j < 8; ++j) acc_y = add8(acc_y, mul8(Gc[j], sub8(h[j + 1], h[j])));
+    }
+    if (grad_img != nullptr) {
+      float* grad_c = grad_img + c * gg.sC;
+      for (int64_t v = w.v_lo; v < w.v_hi; ++v) {
+        // gw[u] = (1-fx) gh[v][u] + fx gh[v][u-1], u = 0..8 (gh[v][-1] = gh[v][8] = 0)
+        const V8 gw = add8(scale8(one_fx, gh[v]), scale8(fx, shift_up8(gh[v])));
+        const float gw_last = w.fx * last8(gh[v]);
+        float* row = grad_c + (w.y0 + v) * gg.sH;
+        if (direct_grad) {
+          float* p = row + w.x0;
+          store8(p, add8(load8(p), gw));
+          p[8] += gw_last;
+        } else {
+          float lanes[9];
+          store8(lanes, gw);
+          lanes[8] = gw_last;
+          for (int64_t u = w.u_lo; u < w.u_hi; ++u) row[(w.x0 + u) * gg.sW] += lanes[u];
+        }
+      }
+    }
+  }
+  if (!need_centre) return {0.f, 0.f};
+  return {sum8(acc_x), sum8(acc_y)};
+}
+#endif  // LAFS_GATHER_SSE
+
+#ifdef LAFS_GATHER_SSE
+inline std::vector<V8> make_lanes8(bool used, int64_t C) { return std::vector<V8>(used ? C * 8 : 0); }
+#else
+inline int make_lanes8(bool, int64_t) { return 0; }
+#endif
+
 // --------------------------------------------------------------------------- drivers
 
 void check_inputs(const at::Tensor& image, const at::Tensor& centres, int64_t patch_size,
@@ -445,6 +630,43 @@ void check_inputs(const at::Tensor& image, const at::Tensor& centres, int64_t pa
 
 ImageGeometry geometry_of(const at::Tensor& t) {
   return {t.size(1), t.size(2), t.size(3), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Memory latency, not arithmetic, bounds the gather: the rows of a window are scattered over
+// an image that lives in L3 or memory, and a random-order walk over them stalls on every
+// line.  So while a task works on the K patches of one row, it streams the next row's
+// image into the cache in order (a 1/K share of it per patch); the hardware serves these
+// sequential requests at bandwidth, not latency.  Used when the image is one dense block
+// and the patches cover enough of it to be worth reading all of it.
+struct ImagePrefetch {
+  const char* base = nullptr;  // image 0
+  int64_t image_bytes = 0, batch_stride_bytes = 0, B = 1, K = 1;
+
+  // Prefetches part k (of K) of image b.
+  void operator()(int64_t b, int64_t k) const {
+    if (base == nullptr) return;
+    constexpr int64_t kLine = 64;
+    const int64_t lines = (image_bytes + kLine - 1) / kLine;
+    const int64_t first = lines * k / K, last = lines * (k + 1) / K;
+    const char* image = base + b * batch_stride_bytes;
+    for (int64_t line = first; line < last; ++line) __builtin_prefetch(image + line * kLine);
+  }
+};
+
+template <typename scalar_t>
+ImagePrefetch image_prefetch(const at::Tensor& image, int64_t K, int64_t P) {
+  ImagePrefetch p;
+  const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+  const bool dense = image.is_non_overlapping_and_dense() && image.stride(0) == C * H * W;
+  // The windows of one row cover at least 1/4 of the image area (with repeats).
+  const bool covered = K * (P + 1) * (P + 1) * 4 >= H * W;
+  if (!dense || !covered || B == 0) return p;
+  p.base = reinterpret_cast<const char*>(image.data_ptr<scalar_t>());
+  p.image_bytes = C * H * W * int64_t(sizeof(scalar_t));
+  p.batch_stride_bytes = image.stride(0) * int64_t(sizeof(scalar_t));
+  p.B = B;
+  p.K = K;
+  return p;
 }
 
 // Calls fn(Dims<kP, kC>{P, C}) with the sizes as compile-time constants where instantiated.
@@ -475,6 +697,7 @@ template <typename scalar_t, int kP, int kC>
 void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const c10::optional<at::Tensor>& affine_in,
                     Dims<kP, kC> d, at::Tensor& tokens) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kFloat32 = std::is_same<scalar_t, float>::value;
   const int64_t B = image.size(0), N = centres_in.size(0), K = centres_in.size(1), P = d.P(), C = d.C();
   const int64_t F = P * P * C;
   const ImageGeometry geo = geometry_of(image);
@@ -484,12 +707,17 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
   const Rows<acc_t> rows{centres.data_ptr<acc_t>(), affine.defined() ? affine.data_ptr<acc_t>() : nullptr};
   const scalar_t* img = image.data_ptr<scalar_t>();
   scalar_t* out = tokens.data_ptr<scalar_t>();
+  const ImagePrefetch prefetch = image_prefetch<scalar_t>(image, K, P);
   at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(P, C);
+#ifdef LAFS_GATHER_SSE
+    std::vector<V8> T(kFloat32 && P == 8 ? C * 8 : 0);
+#endif
     for (int64_t nk = begin; nk < end; ++nk) {
       const int64_t n = nk / K;
       const scalar_t* image_n = img + (n % B) * sB;
       const acc_t cx = rows.centres[2 * nk], cy = rows.centres[2 * nk + 1];
+      prefetch((n + 1) % B, nk - n * K);
       bool visible;
       if (rows.affine != nullptr) {
         visible = affine_taps(cx, cy, rows.of(n), P, geo, s);
@@ -497,6 +725,15 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
       } else {
         const auto w = locate<acc_t>(cx, cy, P, geo.H, geo.W);
         visible = w.visible;
+#ifdef LAFS_GATHER_SSE
+        if constexpr (kFloat32) {
+          if (visible && P == 8) {
+            identity_forward8<kC>(image_n, geo, C, w, s.seg.data(), T.data());
+            lanes_to_token8<kC>(T.data(), C, out + nk * F);
+            continue;
+          }
+        }
+#endif
         if (visible) identity_forward(image_n, geo, d, w, s);
       }
       if (visible) {
@@ -525,6 +762,7 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
                      const c10::optional<at::Tensor>& affine_in, Dims<kP, kC> d, at::Tensor& grad_acc,
                      bool zero_per_image, at::Tensor& grad_centres) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kFloat32 = std::is_same<scalar_t, float>::value;
   const bool need_image_grad = grad_acc.defined(), need_centre_grad = grad_centres.numel() > 0;
   const int64_t B = image.size(0), N = centres_in.size(0), K = centres_in.size(1), P = d.P(), C = d.C();
   const int64_t F = P * P * C, views = N / B;
@@ -541,8 +779,15 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
   const int64_t grad_sB = need_image_grad ? grad_acc.stride(0) : 0;
   const int64_t image_numel = geo.C * geo.H * geo.W;
 
-  auto patch = [&](int64_t nk, acc_t* grad_image_n, Scratch<acc_t>& s) {
+#ifdef LAFS_GATHER_SSE
+  using Lanes8 = std::vector<V8>;
+#else
+  using Lanes8 = int;
+#endif
+  const ImagePrefetch prefetch = need_centre_grad ? image_prefetch<scalar_t>(image, K, P) : ImagePrefetch{};
+  auto patch = [&](int64_t nk, acc_t* grad_image_n, Scratch<acc_t>& s, Lanes8& G, int64_t next_image) {
     const int64_t n = nk / K;
+    prefetch(next_image, nk - n * K);
     const scalar_t* image_n = img + (n % B) * sB;
     const acc_t cx = rows.centres[2 * nk], cy = rows.centres[2 * nk + 1];
     std::pair<acc_t, acc_t> dc{0, 0};
@@ -554,6 +799,20 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
       }
     } else {
       const auto w = locate<acc_t>(cx, cy, P, geo.H, geo.W);
+#ifdef LAFS_GATHER_SSE
+      if constexpr (kFloat32) {
+        if (w.visible && P == 8) {
+          token_to_lanes8<kC>(gtok + nk * F, C, G.data());
+          dc = identity_backward8<kC>(image_n, geo, grad_image_n, grad_geo, C, w, need_centre_grad, G.data(),
+                                      s.seg.data());
+          if (gctr) {
+            gctr[2 * nk] = dc.first;
+            gctr[2 * nk + 1] = dc.second;
+          }
+          return;
+        }
+      }
+#endif
       if (w.visible) {  // else: zero patch, zero gradients
         token_to_lanes(gtok + nk * F, d, s.lanes.data());
         dc = identity_backward(image_n, geo, grad_image_n, grad_geo, d, w, need_centre_grad, s);
@@ -570,19 +829,23 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
     // view of it (n = b, b + B, ...) in a fixed order.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s(P, C);
+      Lanes8 G = make_lanes8(kFloat32 && P == 8, C);
       for (int64_t b = begin; b < end; ++b) {
         acc_t* grad_b = gimg + b * grad_sB;
         if (zero_per_image) std::fill(grad_b, grad_b + image_numel, acc_t(0));
         for (int64_t v = 0; v < views; ++v) {
           const int64_t n = v * B + b;
-          for (int64_t nk = n * K; nk < (n + 1) * K; ++nk) patch(nk, grad_b, s);
+          // The next image this task reads: the next view of b, or image b + 1.
+          const int64_t next = v + 1 < views ? b : (b + 1) % B;
+          for (int64_t nk = n * K; nk < (n + 1) * K; ++nk) patch(nk, grad_b, s, G, next);
         }
       }
     });
   } else {
     at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s(P, C);
-      for (int64_t nk = begin; nk < end; ++nk) patch(nk, nullptr, s);
+      Lanes8 G = make_lanes8(kFloat32 && P == 8, C);
+      for (int64_t nk = begin; nk < end; ++nk) patch(nk, nullptr, s, G, (nk / K + 1) % B);
     });
   }
 }
