@@ -291,7 +291,7 @@ def _check_inputs(image, landmarks, patch_size, index, num_samples, jitter_std, 
     if min(image.shape[1:]) < 1:
         raise ValueError(f"image must have C, H, W >= 1, got shape {tuple(image.shape)}")
     if not isinstance(landmarks, Tensor) or landmarks.dim() != 3 or landmarks.shape[-1] != 2:
-        raise ValueError(f"landmarks must be a [B, L, 2] tensor of (x, y), got {_describe(landmarks)}")
+        raise ValueError(f"landmarks must be a [N, L, 2] tensor of (x, y), got {_describe(landmarks)}")
     if not landmarks.is_floating_point():
         raise TypeError(f"landmarks must be a floating-point tensor, got {landmarks.dtype}")
     rows, batch = landmarks.shape[0], image.shape[0]
