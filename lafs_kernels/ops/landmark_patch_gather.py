@@ -89,23 +89,23 @@ def _bilinear_taps(image: Tensor, centres: Tensor, patch_size: int, view_affine:
     """
     H, W = image.shape[-2:]
     P = patch_size
-    # A non-finite centre (or affine) moves to a point whose whole patch lies
-    # outside the image: zero patch, and (through where) zero gradient.
-    finite = centres.isfinite().all(dim=-1, keepdim=True)
-    if view_affine is not None:
-        affine_ok = view_affine.isfinite().all(dim=-1)  # [N]
-        finite = finite & affine_ok[:, None, None]
-        identity = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=view_affine.dtype, device=view_affine.device)
-        view_affine = torch.where(affine_ok[:, None], view_affine, identity)
-    centres = torch.where(finite, centres, torch.full_like(centres, -(P + 2.0)))
+    # A non-finite centre (or affine) gives a zero patch: its positions move to -2, where every tap
+    # is outside, and the inputs are made finite first so that no NaN reaches a gradient.
+    finite = centres.isfinite().all(dim=-1, keepdim=True)  # [N, K, 1]
+    centres = torch.where(finite, centres, torch.zeros_like(centres))
     offsets = torch.arange(P, device=centres.device, dtype=centres.dtype) - P / 2 - 0.5
     if view_affine is None:
         x = centres[..., 0, None] + offsets  # [N, K, P] sample positions along W
         y = centres[..., 1, None] + offsets  # [N, K, P] sample positions along H
     else:
-        a = view_affine.double()[:, None, None, :]  # [N, 1, 1, 4]
+        affine_ok = view_affine.isfinite().all(dim=-1)  # [N]
+        finite = finite & affine_ok[:, None, None]
+        identity = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=view_affine.dtype, device=view_affine.device)
+        a = torch.where(affine_ok[:, None], view_affine, identity).double()[:, None, None, :]  # [N, 1, 1, 4]
         x = a[..., 0] * (centres[..., 0, None].double() + offsets.double()) + a[..., 2]
         y = a[..., 1] * (centres[..., 1, None].double() + offsets.double()) + a[..., 3]
+    x = torch.where(finite, x, -2.0)
+    y = torch.where(finite, y, -2.0)
     x_floor, y_floor = x.floor(), y.floor()
     fx, fy = (x - x_floor).to(centres.dtype), (y - y_floor).to(centres.dtype)
     for dx, weight_x in ((0, 1 - fx), (1, fx)):
