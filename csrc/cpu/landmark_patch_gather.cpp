@@ -60,7 +60,7 @@ struct PatchWindow {
 };
 
 template <typename acc_t>
-PatchWindow<acc_t> locate(acc_t cx, acc_t cy, int64_t P, int64_t H, int64_t W) {
+inline PatchWindow<acc_t> locate(acc_t cx, acc_t cy, int64_t P, int64_t H, int64_t W) {
   PatchWindow<acc_t> w;
   const acc_t shift = acc_t(P) / 2 + acc_t(0.5);
   const acc_t x = cx - shift, y = cy - shift;
@@ -514,18 +514,27 @@ inline void token_to_lanes8(const float* token, int64_t C_rt, V8* G) {
   }
 }
 
-// Window row v of channel c: w[u], u = 0..8, as a pointer to 9 floats (the image itself, or
-// seg with zeros outside).
-inline const float* window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct,
-                                float* seg) {
-  if (direct) return row + w.x0;
-  for (int64_t u = 0; u < 9; ++u) seg[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
-  return seg;
+// Window row v of channel c: (a, b) = (w[u], w[u+1]), u = 0..7, from the image itself or, for a row
+// that leaves the image (or a strided one), from scalars with zeros outside, assembled in registers
+// (a copy through memory would stall each vector load on the scalar stores it reads).
+inline void window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, V8& a,
+                        V8& b) {
+  if (direct) {
+    const float* p = row + w.x0;
+    a = load8(p);
+    b = load8(p + 1);
+    return;
+  }
+  float s[9];
+  for (int64_t u = 0; u < 9; ++u) s[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
+  a = {_mm_setr_ps(s[0], s[1], s[2], s[3]), _mm_setr_ps(s[4], s[5], s[6], s[7])};
+  b = {_mm_setr_ps(s[1], s[2], s[3], s[4]), _mm_setr_ps(s[5], s[6], s[7], s[8])};
 }
 
 // h[v] = w[v][i] + fx (w[v][i+1] - w[v][i]) for v = 0..8 of channel c (zero rows outside).
 inline void rows8(const float* img_c, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, float* seg,
                   V8 h[9], V8* d_w = nullptr) {
+  (void)seg;
   const __m128 fx = _mm_set1_ps(w.fx);
   for (int64_t v = 0; v < 9; ++v) {
     if (v < w.v_lo || v >= w.v_hi) {
@@ -533,11 +542,17 @@ inline void rows8(const float* img_c, const ImageGeometry& g, const PatchWindow<
       if (d_w) d_w[v] = zero8();
       continue;
     }
-    const float* p = window_row8(img_c + (w.y0 + v) * g.sH, g, w, direct, seg);
-    const V8 a = load8(p), b = load8(p + 1);
+    V8 a, b;
+    window_row8(img_c + (w.y0 + v) * g.sH, g, w, direct, a, b);
     h[v] = lerp8(a, b, fx);
     if (d_w) d_w[v] = sub8(b, a);
   }
+}
+
+// Whole window inside a unit-stride image (most patches): no per-row tests, each window row
+// loaded once and filtered straight into the two token rows that use it.
+inline bool interior8(const ImageGeometry& g, const PatchWindow<float>& w) {
+  return w.u_lo == 0 && w.u_hi == 9 && w.v_lo == 0 && w.v_hi == 9 && g.sW == 1;
 }
 
 template <int kC>
@@ -546,6 +561,20 @@ void identity_forward8(const float* img, const ImageGeometry& g, int64_t C_rt, c
   const int64_t C = kC > 0 ? kC : C_rt;
   const bool direct = w.u_lo == 0 && w.u_hi == 9 && g.sW == 1;
   const __m128 fy = _mm_set1_ps(w.fy);
+  if (interior8(g, w)) {
+    const __m128 fx = _mm_set1_ps(w.fx);
+    for (int64_t c = 0; c < C; ++c) {
+      const float* p = img + c * g.sC + w.y0 * g.sH + w.x0;
+      V8 top = lerp8(load8(p), load8(p + 1), fx);
+      for (int64_t j = 0; j < 8; ++j) {
+        p += g.sH;
+        const V8 bottom = lerp8(load8(p), load8(p + 1), fx);
+        T[c * 8 + j] = lerp8(top, bottom, fy);
+        top = bottom;
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     V8 h[9];
     rows8(img + c * g.sC, g, w, direct, seg, h);
@@ -563,8 +592,37 @@ std::pair<float, float> identity_backward8(const float* img, const ImageGeometry
   const __m128 fy = _mm_set1_ps(w.fy), one_fy = _mm_set1_ps(1 - w.fy);
   const __m128 fx = _mm_set1_ps(w.fx), one_fx = _mm_set1_ps(1 - w.fx);
   V8 acc_x = zero8(), acc_y = zero8();
+  const bool interior = interior8(g, w) && gg.sW == 1;
   for (int64_t c = 0; c < C; ++c) {
     const V8* Gc = G + c * 8;
+    if (interior) {
+      // The general loop below without its per-row tests; the same arithmetic in the same order.
+      const float* p = img + c * g.sC + w.y0 * g.sH + w.x0;
+      float* q = grad_img == nullptr ? nullptr : grad_img + c * gg.sC + w.y0 * gg.sH + w.x0;
+      V8 h_prev = zero8();
+      V8 G_prev = zero8();
+      for (int64_t v = 0; v < 9; ++v) {
+        const V8 G_v = v < 8 ? Gc[v] : zero8();
+        const V8 gh = v == 0 ? scale8(one_fy, G_v)
+                             : (v == 8 ? scale8(fy, G_prev) : add8(scale8(one_fy, G_v), scale8(fy, G_prev)));
+        if (need_centre) {
+          const V8 a = load8(p), b = load8(p + 1);
+          const V8 h = lerp8(a, b, fx);
+          acc_x = add8(acc_x, mul8(gh, sub8(b, a)));
+          if (v > 0) acc_y = add8(acc_y, mul8(G_prev, sub8(h, h_prev)));
+          h_prev = h;
+          p += g.sH;
+        }
+        if (q != nullptr) {
+          const V8 gw = add8(scale8(one_fx, gh), scale8(fx, shift_up8(gh)));
+          store8(q, add8(load8(q), gw));
+          q[8] += w.fx * last8(gh);
+          q += gg.sH;
+        }
+        G_prev = G_v;
+      }
+      continue;
+    }
     V8 gh[9];  // gh[v] = (1-fy) G[v] + fy G[v-1]
     gh[0] = scale8(one_fy, Gc[0]);
     for (int64_t v = 1; v < 8; ++v) gh[v] = add8(scale8(one_fy, Gc[v]), scale8(fy, Gc[v - 1]));
@@ -632,43 +690,6 @@ ImageGeometry geometry_of(const at::Tensor& t) {
   return {t.size(1), t.size(2), t.size(3), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Memory latency, not arithmetic, bounds the gather: the rows of a window are scattered over
-// an image that lives in L3 or memory, and a random-order walk over them stalls on every
-// line.  So while a task works on the K patches of one row, it streams the next row's
-// image into the cache in order (a 1/K share of it per patch); the hardware serves these
-// sequential requests at bandwidth, not latency.  Used when the image is one dense block
-// and the patches cover enough of it to be worth reading all of it.
-struct ImagePrefetch {
-  const char* base = nullptr;  // image 0
-  int64_t image_bytes = 0, batch_stride_bytes = 0, B = 1, K = 1;
-
-  // Prefetches part k (of K) of image b.
-  void operator()(int64_t b, int64_t k) const {
-    if (base == nullptr) return;
-    constexpr int64_t kLine = 64;
-    const int64_t lines = (image_bytes + kLine - 1) / kLine;
-    const int64_t first = lines * k / K, last = lines * (k + 1) / K;
-    const char* image = base + b * batch_stride_bytes;
-    for (int64_t line = first; line < last; ++line) __builtin_prefetch(image + line * kLine);
-  }
-};
-
-template <typename scalar_t>
-ImagePrefetch image_prefetch(const at::Tensor& image, int64_t K, int64_t P) {
-  ImagePrefetch p;
-  const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
-  const bool dense = image.is_non_overlapping_and_dense() && image.stride(0) == C * H * W;
-  // The windows of one row cover at least 1/4 of the image area (with repeats).
-  const bool covered = K * (P + 1) * (P + 1) * 4 >= H * W;
-  if (!dense || !covered || B == 0) return p;
-  p.base = reinterpret_cast<const char*>(image.data_ptr<scalar_t>());
-  p.image_bytes = C * H * W * int64_t(sizeof(scalar_t));
-  p.batch_stride_bytes = image.stride(0) * int64_t(sizeof(scalar_t));
-  p.B = B;
-  p.K = K;
-  return p;
-}
-
 // Calls fn(Dims<kP, kC>{P, C}) with the sizes as compile-time constants where instantiated.
 template <typename Fn>
 void with_dims(int64_t P, int64_t C, Fn&& fn) {
@@ -707,7 +728,6 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
   const Rows<acc_t> rows{centres.data_ptr<acc_t>(), affine.defined() ? affine.data_ptr<acc_t>() : nullptr};
   const scalar_t* img = image.data_ptr<scalar_t>();
   scalar_t* out = tokens.data_ptr<scalar_t>();
-  const ImagePrefetch prefetch = image_prefetch<scalar_t>(image, K, P);
   at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(P, C);
 #ifdef LAFS_GATHER_SSE
@@ -717,7 +737,6 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
       const int64_t n = nk / K;
       const scalar_t* image_n = img + (n % B) * sB;
       const acc_t cx = rows.centres[2 * nk], cy = rows.centres[2 * nk + 1];
-      prefetch((n + 1) % B, nk - n * K);
       bool visible;
       if (rows.affine != nullptr) {
         visible = affine_taps(cx, cy, rows.of(n), P, geo, s);
@@ -784,10 +803,8 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
 #else
   using Lanes8 = int;
 #endif
-  const ImagePrefetch prefetch = need_centre_grad ? image_prefetch<scalar_t>(image, K, P) : ImagePrefetch{};
-  auto patch = [&](int64_t nk, acc_t* grad_image_n, Scratch<acc_t>& s, Lanes8& G, int64_t next_image) {
+  auto patch = [&](int64_t nk, acc_t* grad_image_n, Scratch<acc_t>& s, Lanes8& G) {
     const int64_t n = nk / K;
-    prefetch(next_image, nk - n * K);
     const scalar_t* image_n = img + (n % B) * sB;
     const acc_t cx = rows.centres[2 * nk], cy = rows.centres[2 * nk + 1];
     std::pair<acc_t, acc_t> dc{0, 0};
@@ -835,9 +852,7 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
         if (zero_per_image) std::fill(grad_b, grad_b + image_numel, acc_t(0));
         for (int64_t v = 0; v < views; ++v) {
           const int64_t n = v * B + b;
-          // The next image this task reads: the next view of b, or image b + 1.
-          const int64_t next = v + 1 < views ? b : (b + 1) % B;
-          for (int64_t nk = n * K; nk < (n + 1) * K; ++nk) patch(nk, grad_b, s, G, next);
+          for (int64_t nk = n * K; nk < (n + 1) * K; ++nk) patch(nk, grad_b, s, G);
         }
       }
     });
@@ -845,7 +860,7 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
     at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s(P, C);
       Lanes8 G = make_lanes8(kFloat32 && P == 8, C);
-      for (int64_t nk = begin; nk < end; ++nk) patch(nk, nullptr, s, G, (nk / K + 1) % B);
+      for (int64_t nk = begin; nk < end; ++nk) patch(nk, nullptr, s, G);
     });
   }
 }
