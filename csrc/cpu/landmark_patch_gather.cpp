@@ -38,12 +38,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #define LAFS_GATHER_SSE 1
 #endif
 
@@ -428,240 +430,94 @@ void token_to_lanes(const scalar_t* token, Dims<kP, kC> d, acc_t* lanes) {
 }
 
 
-// --------------------------------------------------------------------------- P = 8, float32: SSE2
+// --------------------------------------------------------------------------- P = 8, float32: SIMD
 
 #ifdef LAFS_GATHER_SSE
-// The common case (P = 8, float32) with explicit 4-wide vectors (SSE2 is part of x86-64):
-// one patch row of 8 lanes is two registers, and the token transposition is done with
-// 4 x 4 register transposes.  Same arithmetic, in the same order, as the generic code.
-struct V8 {
-  __m128 lo, hi;
+namespace sse2 {
+#define LAFS_SIMD_AVX2 0
+#include "landmark_patch_gather_simd.h"
+#undef LAFS_SIMD_AVX2
+}  // namespace sse2
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LAFS_GATHER_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#define LAFS_SIMD_AVX2 1
+#include "landmark_patch_gather_simd.h"
+#undef LAFS_SIMD_AVX2
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// AVX2 when the CPU has it, unless LAFS_KERNELS_CPU_SIMD=sse2 (to compare the two).
+inline bool use_avx2() {
+#ifdef LAFS_GATHER_AVX2
+  static const bool avx2 = [] {
+    const char* forced = std::getenv("LAFS_KERNELS_CPU_SIMD");
+    if (forced != nullptr && std::string(forced) == "sse2") return false;
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+// Lane buffer of one task: C*8 vectors of 8 floats, 32-byte aligned, for either instruction set.
+struct Lanes8 {
+  std::vector<float> storage;
+  float* data = nullptr;
+  Lanes8(bool used, int64_t C) : storage(used ? C * 64 + 8 : 0) {
+    if (used) {
+      const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
+      data = storage.data() + ((32 - address % 32) % 32) / sizeof(float);
+    }
+  }
+  template <typename V>
+  V* as() {
+    return reinterpret_cast<V*>(data);
+  }
 };
-inline V8 load8(const float* p) { return {_mm_loadu_ps(p), _mm_loadu_ps(p + 4)}; }
-inline void store8(float* p, const V8& v) {
-  _mm_storeu_ps(p, v.lo);
-  _mm_storeu_ps(p + 4, v.hi);
-}
-inline V8 zero8() { return {_mm_setzero_ps(), _mm_setzero_ps()}; }
-inline V8 add8(const V8& a, const V8& b) { return {_mm_add_ps(a.lo, b.lo), _mm_add_ps(a.hi, b.hi)}; }
-inline V8 sub8(const V8& a, const V8& b) { return {_mm_sub_ps(a.lo, b.lo), _mm_sub_ps(a.hi, b.hi)}; }
-inline V8 mul8(const V8& a, const V8& b) { return {_mm_mul_ps(a.lo, b.lo), _mm_mul_ps(a.hi, b.hi)}; }
-inline V8 scale8(__m128 f, const V8& a) { return {_mm_mul_ps(f, a.lo), _mm_mul_ps(f, a.hi)}; }
-// a + f (b - a)
-inline V8 lerp8(const V8& a, const V8& b, __m128 f) { return add8(a, scale8(f, sub8(b, a))); }
-// lane u <- lane u-1, lane 0 <- 0
-inline V8 shift_up8(const V8& a) {
-  const __m128 lo = _mm_castsi128_ps(_mm_slli_si128(_mm_castps_si128(a.lo), 4));
-  const __m128 t = _mm_shuffle_ps(a.lo, a.hi, _MM_SHUFFLE(0, 0, 3, 3));  // a3 a3 a4 a4
-  return {lo, _mm_shuffle_ps(t, a.hi, _MM_SHUFFLE(2, 1, 2, 0))};           // a3 a4 a5 a6
-}
-inline float last8(const V8& a) { return _mm_cvtss_f32(_mm_shuffle_ps(a.hi, a.hi, _MM_SHUFFLE(3, 3, 3, 3))); }
-inline float sum8(const V8& a) {
-  float lanes[8];
-  store8(lanes, a);
-  float s = 0;
-  for (int i = 0; i < 8; ++i) s += lanes[i];
-  return s;
-}
-// out[q] = column q of the 8 x 8 matrix whose rows are in[0..7].
-inline void transpose8(V8 in[8], V8 out[8]) {
-  __m128 a0 = in[0].lo, a1 = in[1].lo, a2 = in[2].lo, a3 = in[3].lo;
-  __m128 b0 = in[0].hi, b1 = in[1].hi, b2 = in[2].hi, b3 = in[3].hi;
-  __m128 c0 = in[4].lo, c1 = in[5].lo, c2 = in[6].lo, c3 = in[7].lo;
-  __m128 d0 = in[4].hi, d1 = in[5].hi, d2 = in[6].hi, d3 = in[7].hi;
-  _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
-  _MM_TRANSPOSE4_PS(b0, b1, b2, b3);
-  _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
-  _MM_TRANSPOSE4_PS(d0, d1, d2, d3);
-  out[0] = {a0, c0};
-  out[1] = {a1, c1};
-  out[2] = {a2, c2};
-  out[3] = {a3, c3};
-  out[4] = {b0, d0};
-  out[5] = {b1, d1};
-  out[6] = {b2, d2};
-  out[7] = {b3, d3};
-}
-
-// Lanes T[c*8 + j] (vector over i) -> token [i][j][c].  Row r = j*C + c of the (8C) x 8 matrix
-// [(j, c)][i] is T[c*8 + j]; its k-th block of 8 rows, transposed, is columns 8k..8k+7 of
-// the token rows i.
-template <int kC>
-inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
-  const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
-  for (int64_t k = 0; k < C; ++k) {
-    V8 in[8], out[8];
-    for (int64_t q = 0; q < 8; ++q) {
-      const int64_t r = 8 * k + q;
-      in[q] = T[(r % C) * 8 + r / C];
-    }
-    transpose8(in, out);
-    for (int64_t i = 0; i < 8; ++i) store8(token + i * row + 8 * k, out[i]);
-  }
-}
 
 template <int kC>
-inline void token_to_lanes8(const float* token, int64_t C_rt, V8* G) {
-  const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
-  for (int64_t k = 0; k < C; ++k) {
-    V8 in[8], out[8];
-    for (int64_t i = 0; i < 8; ++i) in[i] = load8(token + i * row + 8 * k);
-    transpose8(in, out);
-    for (int64_t q = 0; q < 8; ++q) {
-      const int64_t r = 8 * k + q;
-      G[(r % C) * 8 + r / C] = out[q];
-    }
-  }
-}
-
-// Window row v of channel c: (a, b) = (w[u], w[u+1]), u = 0..7, from the image itself or, for a row
-// that leaves the image (or a strided one), from scalars with zeros outside, assembled in registers
-// (a copy through memory would stall each vector load on the scalar stores it reads).
-inline void window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, V8& a,
-                        V8& b) {
-  if (direct) {
-    const float* p = row + w.x0;
-    a = load8(p);
-    b = load8(p + 1);
+inline void forward8(const float* img, const ImageGeometry& g, int64_t C, const PatchWindow<float>& w, float* seg,
+                     Lanes8& T, float* token) {
+#ifdef LAFS_GATHER_AVX2
+  if (use_avx2()) {
+    avx2::identity_forward8<kC>(img, g, C, w, seg, T.as<avx2::V8>());
+    avx2::lanes_to_token8<kC>(T.as<avx2::V8>(), C, token);
     return;
   }
-  float s[9];
-  for (int64_t u = 0; u < 9; ++u) s[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
-  a = {_mm_setr_ps(s[0], s[1], s[2], s[3]), _mm_setr_ps(s[4], s[5], s[6], s[7])};
-  b = {_mm_setr_ps(s[1], s[2], s[3], s[4]), _mm_setr_ps(s[5], s[6], s[7], s[8])};
-}
-
-// h[v] = w[v][i] + fx (w[v][i+1] - w[v][i]) for v = 0..8 of channel c (zero rows outside).
-inline void rows8(const float* img_c, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, float* seg,
-                  V8 h[9], V8* d_w = nullptr) {
-  (void)seg;
-  const __m128 fx = _mm_set1_ps(w.fx);
-  for (int64_t v = 0; v < 9; ++v) {
-    if (v < w.v_lo || v >= w.v_hi) {
-      h[v] = zero8();
-      if (d_w) d_w[v] = zero8();
-      continue;
-    }
-    V8 a, b;
-    window_row8(img_c + (w.y0 + v) * g.sH, g, w, direct, a, b);
-    h[v] = lerp8(a, b, fx);
-    if (d_w) d_w[v] = sub8(b, a);
-  }
-}
-
-// Whole window inside a unit-stride image (most patches): no per-row tests, each window row
-// loaded once and filtered straight into the two token rows that use it.
-inline bool interior8(const ImageGeometry& g, const PatchWindow<float>& w) {
-  return w.u_lo == 0 && w.u_hi == 9 && w.v_lo == 0 && w.v_hi == 9 && g.sW == 1;
+#endif
+  sse2::identity_forward8<kC>(img, g, C, w, seg, T.as<sse2::V8>());
+  sse2::lanes_to_token8<kC>(T.as<sse2::V8>(), C, token);
 }
 
 template <int kC>
-void identity_forward8(const float* img, const ImageGeometry& g, int64_t C_rt, const PatchWindow<float>& w,
-                       float* seg, V8* T) {
-  const int64_t C = kC > 0 ? kC : C_rt;
-  const bool direct = w.u_lo == 0 && w.u_hi == 9 && g.sW == 1;
-  const __m128 fy = _mm_set1_ps(w.fy);
-  if (interior8(g, w)) {
-    const __m128 fx = _mm_set1_ps(w.fx);
-    for (int64_t c = 0; c < C; ++c) {
-      const float* p = img + c * g.sC + w.y0 * g.sH + w.x0;
-      V8 top = lerp8(load8(p), load8(p + 1), fx);
-      for (int64_t j = 0; j < 8; ++j) {
-        p += g.sH;
-        const V8 bottom = lerp8(load8(p), load8(p + 1), fx);
-        T[c * 8 + j] = lerp8(top, bottom, fy);
-        top = bottom;
-      }
-    }
-    return;
+inline std::pair<float, float> backward8(const float* img, const ImageGeometry& g, float* grad_img,
+                                         const ImageGeometry& gg, int64_t C, const PatchWindow<float>& w,
+                                         bool need_centre, const float* grad_token, float* seg, Lanes8& G) {
+  float d_fx = 0, d_fy = 0;
+#ifdef LAFS_GATHER_AVX2
+  if (use_avx2()) {
+    avx2::token_to_lanes8<kC>(grad_token, C, G.as<avx2::V8>());
+    avx2::identity_backward8<kC>(img, g, grad_img, gg, C, w, need_centre, G.as<avx2::V8>(), seg, d_fx, d_fy);
+    return {d_fx, d_fy};
   }
-  for (int64_t c = 0; c < C; ++c) {
-    V8 h[9];
-    rows8(img + c * g.sC, g, w, direct, seg, h);
-    for (int64_t j = 0; j < 8; ++j) T[c * 8 + j] = lerp8(h[j], h[j + 1], fy);
-  }
-}
-
-template <int kC>
-std::pair<float, float> identity_backward8(const float* img, const ImageGeometry& g, float* grad_img,
-                                           const ImageGeometry& gg, int64_t C_rt, const PatchWindow<float>& w,
-                                           bool need_centre, const V8* G, float* seg) {
-  const int64_t C = kC > 0 ? kC : C_rt;
-  const bool direct = w.u_lo == 0 && w.u_hi == 9 && g.sW == 1;
-  const bool direct_grad = w.u_lo == 0 && w.u_hi == 9 && gg.sW == 1;
-  const __m128 fy = _mm_set1_ps(w.fy), one_fy = _mm_set1_ps(1 - w.fy);
-  const __m128 fx = _mm_set1_ps(w.fx), one_fx = _mm_set1_ps(1 - w.fx);
-  V8 acc_x = zero8(), acc_y = zero8();
-  const bool interior = interior8(g, w) && gg.sW == 1;
-  for (int64_t c = 0; c < C; ++c) {
-    const V8* Gc = G + c * 8;
-    if (interior) {
-      // The general loop below without its per-row tests; the same arithmetic in the same order.
-      const float* p = img + c * g.sC + w.y0 * g.sH + w.x0;
-      float* q = grad_img == nullptr ? nullptr : grad_img + c * gg.sC + w.y0 * gg.sH + w.x0;
-      V8 h_prev = zero8();
-      V8 G_prev = zero8();
-      for (int64_t v = 0; v < 9; ++v) {
-        const V8 G_v = v < 8 ? Gc[v] : zero8();
-        const V8 gh = v == 0 ? scale8(one_fy, G_v)
-                             : (v == 8 ? scale8(fy, G_prev) : add8(scale8(one_fy, G_v), scale8(fy, G_prev)));
-        if (need_centre) {
-          const V8 a = load8(p), b = load8(p + 1);
-          const V8 h = lerp8(a, b, fx);
-          acc_x = add8(acc_x, mul8(gh, sub8(b, a)));
-          if (v > 0) acc_y = add8(acc_y, mul8(G_prev, sub8(h, h_prev)));
-          h_prev = h;
-          p += g.sH;
-        }
-        if (q != nullptr) {
-          const V8 gw = add8(scale8(one_fx, gh), scale8(fx, shift_up8(gh)));
-          store8(q, add8(load8(q), gw));
-          q[8] += w.fx * last8(gh);
-          q += gg.sH;
-        }
-        G_prev = G_v;
-      }
-      continue;
-    }
-    V8 gh[9];  // gh[v] = (1-fy) G[v] + fy G[v-1]
-    gh[0] = scale8(one_fy, Gc[0]);
-    for (int64_t v = 1; v < 8; ++v) gh[v] = add8(scale8(one_fy, Gc[v]), scale8(fy, Gc[v - 1]));
-    gh[8] = scale8(fy, Gc[7]);
-    if (need_centre) {
-      V8 h[9], d_w[9];
-      rows8(img + c * g.sC, g, w, direct, seg, h, d_w);
-      for (int64_t v = 0; v < 9; ++v) acc_x = add8(acc_x, mul8(gh[v], d_w[v]));
-      for (int64_t j = 0; j < 8; ++j) acc_y = add8(acc_y, mul8(Gc[j], sub8(h[j + 1], h[j])));
-    }
-    if (grad_img != nullptr) {
-      float* grad_c = grad_img + c * gg.sC;
-      for (int64_t v = w.v_lo; v < w.v_hi; ++v) {
-        // gw[u] = (1-fx) gh[v][u] + fx gh[v][u-1], u = 0..8 (gh[v][-1] = gh[v][8] = 0)
-        const V8 gw = add8(scale8(one_fx, gh[v]), scale8(fx, shift_up8(gh[v])));
-        const float gw_last = w.fx * last8(gh[v]);
-        float* row = grad_c + (w.y0 + v) * gg.sH;
-        if (direct_grad) {
-          float* p = row + w.x0;
-          store8(p, add8(load8(p), gw));
-          p[8] += gw_last;
-        } else {
-          float lanes[9];
-          store8(lanes, gw);
-          lanes[8] = gw_last;
-          for (int64_t u = w.u_lo; u < w.u_hi; ++u) row[(w.x0 + u) * gg.sW] += lanes[u];
-        }
-      }
-    }
-  }
-  if (!need_centre) return {0.f, 0.f};
-  return {sum8(acc_x), sum8(acc_y)};
+#endif
+  sse2::token_to_lanes8<kC>(grad_token, C, G.as<sse2::V8>());
+  sse2::identity_backward8<kC>(img, g, grad_img, gg, C, w, need_centre, G.as<sse2::V8>(), seg, d_fx, d_fy);
+  return {d_fx, d_fy};
 }
 #endif  // LAFS_GATHER_SSE
 
-#ifdef LAFS_GATHER_SSE
-inline std::vector<V8> make_lanes8(bool used, int64_t C) { return std::vector<V8>(used ? C * 8 : 0); }
-#else
-inline int make_lanes8(bool, int64_t) { return 0; }
+
+#ifndef LAFS_GATHER_SSE
+struct Lanes8 {  // unused without SSE: the generic kernels run instead
+  Lanes8(bool, int64_t) {}
+};
 #endif
 
 // --------------------------------------------------------------------------- drivers
@@ -731,7 +587,7 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
   at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(P, C);
 #ifdef LAFS_GATHER_SSE
-    std::vector<V8> T(kFloat32 && P == 8 ? C * 8 : 0);
+    Lanes8 T(kFloat32 && P == 8, C);
 #endif
     for (int64_t nk = begin; nk < end; ++nk) {
       const int64_t n = nk / K;
@@ -747,8 +603,7 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
 #ifdef LAFS_GATHER_SSE
         if constexpr (kFloat32) {
           if (visible && P == 8) {
-            identity_forward8<kC>(image_n, geo, C, w, s.seg.data(), T.data());
-            lanes_to_token8<kC>(T.data(), C, out + nk * F);
+            forward8<kC>(image_n, geo, C, w, s.seg.data(), T, out + nk * F);
             continue;
           }
         }
@@ -798,11 +653,6 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
   const int64_t grad_sB = need_image_grad ? grad_acc.stride(0) : 0;
   const int64_t image_numel = geo.C * geo.H * geo.W;
 
-#ifdef LAFS_GATHER_SSE
-  using Lanes8 = std::vector<V8>;
-#else
-  using Lanes8 = int;
-#endif
   auto patch = [&](int64_t nk, acc_t* grad_image_n, Scratch<acc_t>& s, Lanes8& G) {
     const int64_t n = nk / K;
     const scalar_t* image_n = img + (n % B) * sB;
@@ -819,9 +669,8 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
 #ifdef LAFS_GATHER_SSE
       if constexpr (kFloat32) {
         if (w.visible && P == 8) {
-          token_to_lanes8<kC>(gtok + nk * F, C, G.data());
-          dc = identity_backward8<kC>(image_n, geo, grad_image_n, grad_geo, C, w, need_centre_grad, G.data(),
-                                      s.seg.data());
+          dc = backward8<kC>(image_n, geo, grad_image_n, grad_geo, C, w, need_centre_grad, gtok + nk * F,
+                             s.seg.data(), G);
           if (gctr) {
             gctr[2 * nk] = dc.first;
             gctr[2 * nk + 1] = dc.second;
@@ -846,7 +695,7 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
     // view of it (n = b, b + B, ...) in a fixed order.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s(P, C);
-      Lanes8 G = make_lanes8(kFloat32 && P == 8, C);
+      Lanes8 G(kFloat32 && P == 8, C);
       for (int64_t b = begin; b < end; ++b) {
         acc_t* grad_b = gimg + b * grad_sB;
         if (zero_per_image) std::fill(grad_b, grad_b + image_numel, acc_t(0));
@@ -859,7 +708,7 @@ void backward_kernel(const at::Tensor& grad_tokens, const at::Tensor& image, con
   } else {
     at::parallel_for(0, N * K, 64, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> s(P, C);
-      Lanes8 G = make_lanes8(kFloat32 && P == 8, C);
+      Lanes8 G(kFloat32 && P == 8, C);
       for (int64_t nk = begin; nk < end; ++nk) patch(nk, nullptr, s, G);
     });
   }
