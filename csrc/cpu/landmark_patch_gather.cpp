@@ -550,7 +550,8 @@ namespace sse2 {
 #undef LAFS_SIMD_AVX2
 }  // namespace sse2
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// GCC only: clang ignores `#pragma GCC target`, and the AVX2 intrinsics need it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LAFS_GATHER_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
