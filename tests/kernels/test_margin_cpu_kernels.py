@@ -27,7 +27,8 @@ def engine(request):
 
 def test_kernels_are_registered_when_the_extension_is_built():
     if _extension.missing_reason("cpu") is None:
-        assert margin_chunks.cpp_kernels_missing_reason() is None, "the extension lacks _margin_chunk_fwd/_bwd: rebuild it"
+        assert margin_chunks.cpp_kernels_missing_reason() is None, (
+            "the extension lacks _margin_chunk_fwd/_bwd: rebuild it")
 
 
 def soft_targets(rng, b, c, dtype):

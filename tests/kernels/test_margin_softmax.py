@@ -120,7 +120,8 @@ def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction
     label_weights = torch.cat([lam, 1 - lam], 1).float()
     upstream = torch.rand(7, generator=rng) if reduction == "none" else None
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction=reduction, **MARGINS["arcface"])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream, **kwargs)
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream,
+                          **kwargs)
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream, **kwargs)
     assert ours[0].shape == ref[0].shape
     assert_close(ours[0], ref[0], dtype=torch.float32, msg="loss")
@@ -411,7 +412,8 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
         same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
         ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
-        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"])
+        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton",
+                               **MARGINS["arcface"])
         for name, a, b, r in zip(("loss", "grad x", "grad w"), ours1, same, ref1):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
 

@@ -12,10 +12,10 @@ from sklearn.metrics import roc_curve
 
 from lafs.data import SyntheticFaces
 from lafs.eval.ijb import FARS, aggregate_templates, evaluate_ijb, read_protocol, score_pairs, tar_at_far
+
 from test_eval_align import place_in_canvas
 from test_eval_verification import TinyFaceNet
 from tolerances import assert_close
-
 
 # ---------------------------------------------------------------- a tiny IJB-style folder
 

@@ -15,8 +15,8 @@ from sklearn.model_selection import KFold
 
 from lafs.data import SyntheticFaces
 from lafs.eval.verification import UnsafePickleError, embed_with_flip, evaluate, load_bin, verify_model
-from tolerances import assert_close
 
+from tolerances import assert_close
 
 # ---------------------------------------------------------------- test data
 

@@ -18,12 +18,12 @@ from lafs.data import SyntheticFaces
 from lafs.deploy import FaceEmbedder, OnnxModel
 from lafs.eval.align import align_face
 from lafs.eval.embed import to_model_input
-from lafs.export import (ExportCheckError, PartFViTExportForm, export_form_gather, export_onnx,
-                         export_program)
+from lafs.export import ExportCheckError, PartFViTExportForm, export_form_gather, export_onnx, export_program
 from lafs.export.__main__ import main as export_main
 from lafs.export.to_onnx import _keep_insightface_normalisation
 from lafs.models import PartFViT, atomic_save, create_model, load_model, model_to_dict
 from lafs_kernels import landmark_patch_gather
+
 from test_models import official_state_of
 from tolerances import assert_close
 

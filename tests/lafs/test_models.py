@@ -1,6 +1,7 @@
 """lafs.models: shapes, the original's numerics, official state dicts, our checkpoint format."""
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from lafs.models import (
     model_from_dict,
     model_to_dict,
 )
+
 from conftest import RUN_SALT
 from tolerances import assert_close
 
@@ -444,7 +446,7 @@ def test_atomic_save_replaces_whole_files_and_leaves_nothing_behind_on_failure(t
     atomic_save({"a": torch.ones(3)}, target)
     atomic_save({"a": torch.zeros(3)}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         atomic_save({"bad": lambda: None}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
@@ -465,7 +467,7 @@ def test_channels_last_landmark_cnn_matches_nchw(rng):
     outputs = [model.forward_with_landmarks(batch) for model in (nchw, nhwc)]
     torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-3, rtol=0)
     torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-4, rtol=1e-4)
-    for (embeddings, _), model in zip(outputs, (nchw, nhwc)):
+    for embeddings, _ in outputs:
         embeddings.square().sum().backward()
     stem = [model.landmark_cnn.features[0][0].weight.grad for model in (nchw, nhwc)]
     torch.testing.assert_close(stem[1], stem[0], atol=1e-4, rtol=1e-3)

@@ -31,7 +31,6 @@ from lafs.train import __main__ as train_cli
 from lafs.train.weights import load_landmark_cnn, load_pretrained_transformer
 
 
-
 def official_state_of(model) -> dict:
     """A PartFViT's state dict under the original's key names (stn.*, output_layer.*, transformer.layers.*)."""
     renamed = {}
