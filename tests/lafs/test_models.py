@@ -446,7 +446,7 @@ def test_atomic_save_replaces_whole_files_and_leaves_nothing_behind_on_failure(t
     atomic_save({"a": torch.ones(3)}, target)
     atomic_save({"a": torch.zeros(3)}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled
         atomic_save({"bad": lambda: None}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
