@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .distributed import init_distributed
-from .runner import run_single_stage
+from .stage_run import run_single_stage
 
 # (run folder, stage implementation, what the table calls it)
 DEMO_RUNS = (
