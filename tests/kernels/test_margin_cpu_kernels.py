@@ -8,8 +8,9 @@ import torch
 
 from lafs_kernels import _extension, margin_softmax_cross_entropy
 from lafs_kernels.ops import margin_chunks
-from tests.kernels.test_margin_softmax import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 from tests.tolerances import assert_close
+
+from helpers.margin import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 
 needs_kernels = pytest.mark.skipif(
     margin_chunks.cpp_kernels_missing_reason() is not None,

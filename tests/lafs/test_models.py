@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from lafs.models import (
     IncompatibleCheckpointError,
     LandmarkCNN,
-    PartFViT,
     PartTransformer,
     atomic_save,
     create_landmark_cnn,
@@ -25,6 +24,7 @@ from lafs.models import (
 )
 
 from conftest import RUN_SALT
+from helpers.models import official_key, official_state_of
 from tolerances import assert_close
 
 SHAPES = json.loads((Path(__file__).parents[1] / "data" / "lafs_official_state_dict_shapes.json").read_text())
@@ -34,20 +34,6 @@ LANDMARK_NET = SHAPES["landmark_cnn_for_lafs"]
 
 def images(rng, batch, size=112):
     return torch.rand(batch, 3, size, size, generator=rng) * 2 - 1
-
-
-def official_key(ours: str) -> str:
-    """Our PartFViT key -> the original's, written out from the original class layout."""
-    if ours.startswith("landmark_cnn.features."):
-        return "stn." + ours[len("landmark_cnn."):]
-    if ours.startswith("landmark_cnn.output_layer."):
-        return ours[len("landmark_cnn."):]
-    rest = ours[len("transformer."):]
-    return "transformer." + rest if rest.startswith("layers.") else rest
-
-
-def official_state_of(model: PartFViT) -> dict:
-    return {official_key(k): v.clone() for k, v in model.state_dict().items()}
 
 
 def random_state(shapes: dict, rng) -> dict:
