@@ -2,11 +2,12 @@
 
 A stage is a :class:`Stage` subclass: it builds its model, data and optimizer, sets
 up what depends on the schedule's length, does one optimizer step on a list of
-micro-batches, verifies, and says what goes into a checkpoint. ``run_stage`` calls
-exactly the methods below, in this order: ``build``, ``make_loader``,
-``schedule_lengths``, ``setup_schedules``; on ``--resume`` ``load_state_dict`` and
-``load_process_state``; per step ``train_step`` and ``current_lr``; ``validate``;
-``state_dict``, ``shard_state`` and ``process_state`` for each checkpoint; ``finish``.
+micro-batches, verifies, and says what goes into a checkpoint. The loop calls the
+methods below and nothing else, in this order: ``build``, ``make_loader`` (which asks
+``transform``), ``schedule_lengths``, ``setup_schedules``; on ``--resume``
+``shard_row_keys`` (resharding), ``load_state_dict`` and ``load_process_state``; per step
+``train_step``, and ``current_lr`` / ``progress_keys`` for the log; ``validate``;
+``shard_state``, ``process_state`` and ``state_dict`` for each checkpoint; ``finish``.
 """
 from __future__ import annotations
 
