@@ -52,8 +52,8 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     cfg = stage.cfg
     batches_from = _prepare(stage)
     step, best = checkpoints.resume(stage) if resume else (0, {"accuracy": -1.0})
-    end = stage.total_steps if cfg.train.stop_after_steps is None else min(stage.total_steps,
-                                                                            cfg.train.stop_after_steps)
+    stop = cfg.train.stop_after_steps  # keeps the full run's schedule; --resume continues
+    end = stage.total_steps if stop is None else min(stage.total_steps, stop)
     batches = batches_from(step)
     progress = Progress(stage, step)
     last_val: dict = {}
