@@ -33,7 +33,9 @@ $(STAMPS)/project: $(STAMPS)/deps pyproject.toml $(EXT_SOURCES)
 train: setup
 	$(PY) -m lafs.train
 
+# ruff (configured in pyproject.toml) lints the whole tree first: a finding fails the target.
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q --durations=15
 
 info: setup

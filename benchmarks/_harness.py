@@ -88,11 +88,6 @@ def grads_of(output: torch.Tensor, inputs: Sequence[torch.Tensor], grad_output=N
 
 
 def round_budget_s(device: str) -> float:
-    """Seconds of timed rounds per case (``LAFS_BENCH_BUDGET_S``; 2 on CPU, 1 on GPU)."""
-    return float(os.environ.get("LAFS_BENCH_BUDGET_S", "1" if device == "cuda" else "2"))
-
-
-def round_budget_s(device: str) -> float:
     """Seconds of timed rounds per implementation (``LAFS_BENCH_BUDGET_S``; 2 on CPU, 1 on GPU)."""
     return float(os.environ.get("LAFS_BENCH_BUDGET_S", "1" if device == "cuda" else "2"))
 

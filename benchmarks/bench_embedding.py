@@ -15,9 +15,8 @@ B = 1 and 64 for ``part_fvit_tiny``, B = 1 for ``part_fvit_b`` (the released
 architecture; a batch of 64 takes tens of seconds per call on 2 cores), with
 all of torch's threads, and again with one thread: on a machine shared with
 other jobs eager PyTorch loses far more with two threads than onnxruntime
-(2026-12-06, load 10 on 2 cores, ``part_fvit_b`` B=1: onnxruntime 4.1x faster
-with 2 threads, 1.35x with 1), so the one-thread rows are the ones a loaded
-machine can still compare.
+(measurements in docs/EXPERIMENTS.md), so the one-thread rows are the ones a
+loaded machine can still compare.
 ``python benchmarks/bench_embedding.py RUN.json`` prints a saved run as a table.
 """
 from __future__ import annotations

@@ -17,11 +17,11 @@ import os
 import pytest
 import torch
 
-import _harness
-from _harness import COMPILE, DEVICE, DTYPES, pick
-
 import lafs_kernels
 from lafs_kernels.baselines import margin as baseline
+
+import _harness
+from _harness import COMPILE, DEVICE, DTYPES, pick
 
 pytestmark = pytest.mark.benchmark(timer=_harness.synchronized_timer)
 
@@ -34,7 +34,8 @@ SHAPES = pick(
     gpu=[(512, 512, 205_990, "bfloat16"), (512, 512, 1_000_000, "bfloat16")],
     smoke=[(4, 8, 37, "float32")],
 )
-OURS = pick(cpu=["fused-cpu"], gpu=["fused-triton", "fused-chunked"], smoke=["fused-chunked"])  # cpu: the C++ chunk kernels
+# cpu: the C++ chunk kernels
+OURS = pick(cpu=["fused-cpu"], gpu=["fused-triton", "fused-chunked"], smoke=["fused-chunked"])
 BASELINES = ["unfused"] + (["unfused-compiled"] if COMPILE and not _harness.SMOKE else [])
 MODES = ["fwd", "fwd+bwd"]
 

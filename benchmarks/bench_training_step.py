@@ -20,9 +20,9 @@ batch norms folded into the convolutions, channels_last
 the original path); the per-landmark ``grid_sample`` loop and the unfused
 margin loss stay, and so does the original's landmark-CNN call per global view.
 ``fused`` is our path: the step from the middle rung to it is the fused kernels
-(and, in pretraining, one landmark-CNN call for both global views instead of one each). CPU: the ``part_fvit_tiny`` preset in float32 with the demo recipe's
-DINO head sizes and half its pretraining batch; GPU: ``part_fvit_b`` with the WebFace4M recipes' batch sizes
-(128 supervised, 64 pretraining) under bfloat16 autocast.
+(and, in pretraining, one landmark-CNN call for both global views instead of one each). CPU: the
+``part_fvit_tiny`` preset in float32 with the demo recipe's DINO head sizes and half its pretraining batch; GPU:
+``part_fvit_b`` with the WebFace4M recipes' batch sizes (128 supervised, 64 pretraining) under bfloat16 autocast.
 
 Inputs are random images in [-1, 1] already on the device, so the data
 loader is not timed. The three steps are timed interleaved, round by round
@@ -39,10 +39,10 @@ import tempfile
 import pytest
 import torch
 
+from lafs.models.presets import PRESETS
+
 import _harness
 from _harness import DEVICE, pick
-
-from lafs.models.presets import PRESETS
 
 pytestmark = pytest.mark.benchmark(timer=_harness.synchronized_timer)
 

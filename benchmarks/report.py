@@ -400,7 +400,7 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
         if not cases:
             rows.append([spec["label"], "not measured yet: run `make bench`", "", "", ""])
             continue
-        for run, case in cases:
+        for _, case in cases:
             busy = case.busy(limit)
             if busy:
                 rows.append([spec["label"], f"not published: {busy}; rerun `make bench` on an idle machine",

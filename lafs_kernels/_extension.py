@@ -47,7 +47,8 @@ def load() -> tuple[bool, Optional[str]]:
     info = build_info()
     mismatch = _version_mismatch(info)
     if mismatch:
-        warnings.warn(f"{mismatch}; rebuild it (pip install --no-build-isolation .). Using the other backends.")
+        warnings.warn(f"{mismatch}; rebuild it (pip install --no-build-isolation .). Using the other backends.",
+                      stacklevel=2)
         return False, mismatch
     try:
         importlib.import_module("lafs_kernels._C")

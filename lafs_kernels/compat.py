@@ -13,8 +13,12 @@ from .ops.landmark_patch_gather import landmark_patch_gather
 
 def _patch_size_of(patch_shape) -> int:
     """P from an int or a (P, P) tuple / list / numpy array / tensor (the original passes an array)."""
-    values = [patch_shape] if isinstance(patch_shape, (int, float)) else [v for v in torch.as_tensor(patch_shape).flatten().tolist()]
-    if not values or len(values) > 2 or any(v != values[0] for v in values) or values[0] != int(values[0]) or values[0] < 1:
+    if isinstance(patch_shape, (int, float)):
+        values = [patch_shape]
+    else:
+        values = list(torch.as_tensor(patch_shape).flatten().tolist())
+    if (not values or len(values) > 2 or any(v != values[0] for v in values) or values[0] != int(values[0])
+            or values[0] < 1):
         raise ValueError(f"patch_shape must be a positive int P or a square (P, P), got {patch_shape!r}")
     return int(values[0])
 
@@ -35,10 +39,12 @@ def extract_patches_pytorch_gridsample(imgs: Tensor, landmarks: Tensor, patch_sh
     P = _patch_size_of(patch_shape)
     rows = math.isqrt(num_landm) if isinstance(num_landm, int) and num_landm >= 1 else 0
     if rows * rows != num_landm:
-        raise ValueError(f"num_landm must be a positive perfect square (the mosaic is r x r patches), got {num_landm!r}")
+        raise ValueError(
+            f"num_landm must be a positive perfect square (the mosaic is r x r patches), got {num_landm!r}")
     if imgs.dim() != 4 or imgs.shape[-1] != imgs.shape[-2]:
         raise ValueError(
-            f"imgs must be square [B, C, S, S] (the original normalises both axes by the height), got {tuple(imgs.shape)}"
+            f"imgs must be square [B, C, S, S] (the original normalises both axes by the height), "
+            f"got {tuple(imgs.shape)}"
         )
     if landmarks.dim() != 3 or landmarks.shape[1] < num_landm:
         raise ValueError(f"landmarks must be [B, >= {num_landm}, 2], got {tuple(landmarks.shape)}")

@@ -9,7 +9,6 @@ from .checkpoint import FORMAT, atomic_save, is_model_dict, load_model, model_fr
 from .landmark_cnn import LandmarkCNN
 from .official import IncompatibleCheckpointError, OfficialLoadResult, load_official_state_dict
 from .part_fvit import PartFViT
-from .safe_load import UnsafeCheckpointError, allow_unsafe_pickle, load_checkpoint
 from .presets import (
     PRESETS,
     build_landmark_cnn,
@@ -20,11 +19,12 @@ from .presets import (
     create_transformer,
     preset_config,
 )
+from .safe_load import UnsafeCheckpointError, allow_unsafe_pickle, load_checkpoint
 from .transformer import PartTransformer
 
 __all__ = [
     "FORMAT", "PRESETS", "IncompatibleCheckpointError", "LandmarkCNN", "OfficialLoadResult", "PartFViT",
-    "PartTransformer", "UnsafeCheckpointError", "allow_unsafe_pickle", "atomic_save", "build_landmark_cnn", "build_model", "build_transformer",
-    "create_landmark_cnn", "create_model", "create_transformer", "is_model_dict", "load_checkpoint", "load_model",
-    "load_official_state_dict", "model_from_dict", "model_to_dict", "preset_config",
+    "PartTransformer", "UnsafeCheckpointError", "allow_unsafe_pickle", "atomic_save", "build_landmark_cnn",
+    "build_model", "build_transformer", "create_landmark_cnn", "create_model", "create_transformer", "is_model_dict",
+    "load_checkpoint", "load_model", "load_official_state_dict", "model_from_dict", "model_to_dict", "preset_config",
 ]

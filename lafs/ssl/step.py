@@ -85,6 +85,21 @@ class DINOSettings:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    @classmethod
+    def from_config(cls, cfg, *, iters_per_epoch: int, amp_dtype: Optional[str]) -> DINOSettings:
+        """The settings of a ``lafs.train`` pretraining configuration (its ``optim`` and ``dino`` sections, as
+        ``lafs.train.config.schema.PRETRAIN`` declares them) for a run of ``iters_per_epoch`` steps per epoch."""
+        o, d = cfg.optim, cfg.dino
+        return cls(
+            epochs=int(o.epochs), iters_per_epoch=iters_per_epoch, batch_size=o.batch_size,
+            out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+            norm_last_layer=d.norm_last_layer, lr=o.lr, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
+            weight_decay=o.weight_decay, weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
+            warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
+            warmup_teacher_temp_epochs=int(d.warmup_teacher_temp_epochs), student_temp=d.student_temp,
+            center_momentum=d.center_momentum, clip_grad=o.clip_grad,
+            freeze_last_layer=int(d.freeze_last_layer_epochs), amp_dtype=amp_dtype)
+
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,4 +1,4 @@
-"""``python -m lafs.train [demo|supervised|pretrain|finetune] [--config RECIPE] [--out DIR] [--resume] [key=value ...]``.
+"""``python -m lafs.train [demo|supervised|pretrain|finetune] [--config RECIPE] [--out DIR] [--resume] [key=value]``.
 
 ``--unsafe-pickle`` loads checkpoints that name globals outside the allow-list (unsafe: see lafs.models.safe_load).
 
@@ -26,9 +26,9 @@ commands:
   finetune    stage 3: the pretrained transformer + the stage-1 landmark CNN, layer-wise lr decay, mixup.
 
 Recipes (--config): built-in names ({recipes}) or a YAML file. Without --config a command runs its
-stage of the demo recipe on the built-in synthetic faces (pretrain and finetune then need init.* paths). The paper's settings: webface4m_supervised,
-webface4m_pretrain, webface4m_finetune, ms1mv3_supervised, ms1mv3_pretrain, ms1mv3_finetune (set
-data.root to the insightface .rec folder).
+stage of the demo recipe on the built-in synthetic faces (pretrain and finetune then need init.* paths).
+The paper's settings: webface4m_supervised, webface4m_pretrain, webface4m_finetune, ms1mv3_supervised,
+ms1mv3_pretrain, ms1mv3_finetune (set data.root to the insightface .rec folder).
 """
 
 EPILOG = """\
@@ -86,12 +86,13 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     if args.original_path:
-        overrides.append("train.original_path=true" if args.command != "demo" else "supervised.train.original_path=true")
+        prefix = "supervised." if args.command == "demo" else ""
+        overrides.append(f"{prefix}train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
-    from .distributed import shutdown
-    from .loop import NonFiniteLossError, ResumeError
     from lafs.models.safe_load import UnsafeCheckpointError, allow_unsafe_pickle
 
+    from .distributed import shutdown
+    from .loop import NonFiniteLossError, ResumeError
     from .runner import run_command
 
     try:

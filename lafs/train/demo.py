@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .distributed import init_distributed
-from .runner import run_single_stage
+from .stage_run import run_single_stage
 
 # (run folder, stage implementation, what the table calls it)
 DEMO_RUNS = (
@@ -109,7 +109,7 @@ def _comparison_note(margin, noise, beyond_noise) -> str:
 
 def format_table(summary: dict) -> str:
     lines = [f"{'stage':<34}{'verification':>13}{'images/s':>10}{'seconds':>9}"]
-    for name, row in summary["stages"].items():
+    for row in summary["stages"].values():
         acc = row["verification_accuracy"]
         lines.append(f"{row['description']:<34}{'-' if acc is None else f'{acc:.4f}':>13}"
                      f"{row['images_per_s']:>10.1f}{row['train_seconds']:>9.0f}")

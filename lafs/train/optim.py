@@ -48,7 +48,7 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight
             scale = layer_decay ** (top - transformer.layer_id(name))
             add(param, scale, 0.0 if _no_weight_decay(name, param) else weight_decay)
     if head is not None:
-        for name, param in head.named_parameters():
+        for param in head.parameters():
             if param.requires_grad:
                 add(param, 1.0, weight_decay)
     return list(groups.values())

@@ -25,9 +25,13 @@ from lafs.ssl.views import MultiViewBuilder
 from . import plots
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
-from .loop import Stage, autocast_dtype
+from .precision import autocast_dtype
+from .stage import Stage
 from .validation import verify_sets
 from .weights import load_landmark_cnn
+
+# autocast dtype -> DINOSettings.amp_dtype
+_AMP_NAMES = {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class PretrainStage(Stage):
@@ -38,47 +42,59 @@ class PretrainStage(Stage):
         return ("loss", "teacher_temp")
 
     def build(self) -> None:
+        """Check the epoch counts, load the data, the frozen landmark CNN and two fresh transformers."""
+        self._check_whole_epochs()
+        self.train_set = build_train_set(self.cfg)
+        self.val_sets = build_val_sets(self.cfg)
+        self.landmark_cnn, self.student, self.teacher = self._build_models()
+
+    def setup_schedules(self) -> None:
+        """Pretraining's schedules live in its DINO trainer: the view builder, the settings (built once from the
+        configuration and the run's length) and the trainer; then the label-free view probe."""
+        views = self._build_views()
+        settings = DINOSettings.from_config(self.cfg, iters_per_epoch=self.steps_per_epoch,
+                                            amp_dtype=_AMP_NAMES[autocast_dtype(self.cfg.train.amp, self.device)])
+        self.trainer = DINOTrainer(self.student.to(self.device), self.teacher.to(self.device), views, settings,
+                                   device=self.device)
+        self.view_probe = self._build_view_probe()
+
+    def _check_whole_epochs(self) -> None:
+        """DINO's schedules count whole epochs: ConfigError on a fractional one."""
         cfg = self.cfg
         for key in ("optim.epochs", "dino.warmup_teacher_temp_epochs", "dino.freeze_last_layer_epochs"):
             if not float(cfg.get_path(key)).is_integer():
                 raise ConfigError(f"{key} must be a whole number of epochs for pretraining; got {cfg.get_path(key)}")
-        self.train_set = build_train_set(cfg)
-        self.val_sets = build_val_sets(cfg)
+
+    def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        """(landmark CNN from ``init.landmark``, frozen in eval mode on the device; student and teacher
+        transformers, on the CPU) of ``cfg.model``."""
+        cfg = self.cfg
         try:
             template = create_model(cfg.model.name, **cfg.model.overrides)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model: {exc}") from exc
-        self.landmark_cnn = template.landmark_cnn
-        load_landmark_cnn(self.landmark_cnn, cfg.init.landmark)
-        self.landmark_cnn.to(self.device).eval().requires_grad_(False)
-        self.student = template.transformer
-        self.teacher = create_model(cfg.model.name, **cfg.model.overrides).transformer
+        landmark_cnn = template.landmark_cnn
+        load_landmark_cnn(landmark_cnn, cfg.init.landmark)
+        landmark_cnn.to(self.device).eval().requires_grad_(False)
+        teacher = create_model(cfg.model.name, **cfg.model.overrides).transformer
+        return landmark_cnn, template.transformer, teacher
 
-    def setup_schedules(self) -> None:
-        cfg, v, d = self.cfg, self.cfg.views, self.cfg.dino
-        views = MultiViewBuilder(
+    def _build_views(self) -> MultiViewBuilder:
+        """The multi-crop view builder of ``cfg.views`` behind the frozen landmark CNN (own generator per process)."""
+        cfg, v = self.cfg, self.cfg.views
+        return MultiViewBuilder(
             self.landmark_cnn, patch_size=self.student.patch_size, global_views=2, local_views=v.local_count,
             local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
             global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
             image_size=self.landmark_cnn.image_size, grayscale_p=v.grayscale_p, seed=cfg.seed + self.dist.rank,
             original_path=cfg.train.original_path)
-        amp = autocast_dtype(cfg.train.amp, self.device)
-        settings = DINOSettings(
-            epochs=int(cfg.optim.epochs), iters_per_epoch=self.steps_per_epoch, batch_size=cfg.optim.batch_size,
-            out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-            norm_last_layer=d.norm_last_layer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-            warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
-            weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
-            warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
-            warmup_teacher_temp_epochs=int(d.warmup_teacher_temp_epochs), student_temp=d.student_temp,
-            center_momentum=d.center_momentum, clip_grad=cfg.optim.clip_grad,
-            freeze_last_layer=int(d.freeze_last_layer_epochs),
-            amp_dtype={None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp])
-        self.trainer = DINOTrainer(self.student.to(self.device), self.teacher.to(self.device), views, settings,
-                                   device=self.device)
-        self.view_probe = None
-        if cfg.val.view_probe and self.dist.is_main:
-            self.view_probe = probe_views(self.trainer.views, self._probe_images(cfg.val.view_probe), cfg.seed)
+
+    def _build_view_probe(self):
+        """``val.view_probe`` images' two global views, drawn once from the seed (main process only), or None."""
+        count = self.cfg.val.view_probe
+        if not count or not self.dist.is_main:
+            return None
+        return probe_views(self.trainer.views, self._probe_images(count), self.cfg.seed)
 
     def _probe_images(self, count: int) -> torch.Tensor:
         """``count`` training images spread evenly over the set (so over many identities): [count, 3, H, W]."""

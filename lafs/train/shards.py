@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from lafs.models.checkpoint import atomic_save
 from lafs_kernels.ops.margin_sharded import class_range as _class_range
 from lafs_kernels.reshard import reshard_centres
 
@@ -45,10 +46,8 @@ def shard_file(step: int, rank: int, world_size: int) -> str:
 
 def save_shard(checkpoints: Path, step: int, shard: dict) -> str:
     """Write this process's shard atomically; returns its file name (relative to ``checkpoints``)."""
-    from .loop import atomic_torch_save
-
     name = shard_file(step, shard["rank"], shard["world_size"])
-    atomic_torch_save(shard, Path(checkpoints) / name)
+    atomic_save(shard, Path(checkpoints) / name)
     return name
 
 

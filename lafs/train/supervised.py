@@ -16,11 +16,13 @@ from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 
 from . import plots
+from .checkpoints import ResumeError
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, ShardedHead, build_margin_head, centre_parameter
-from .loop import ResumeError, Stage, autocast, autocast_dtype
 from .optim import clip_grad_norm_global, param_groups, set_lr, warmup_cosine
+from .precision import autocast, autocast_dtype
+from .stage import Stage
 from .validation import verify_sets
 
 

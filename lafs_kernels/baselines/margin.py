@@ -26,15 +26,16 @@ def unfused_margin_loss(
     """Combined margin softmax cross-entropy, computed the plain way.
 
     embeddings [B, D], weight [C, D], labels [B] int64 -> loss (scalar, or [B]
-    with ``reduction="none"``).  Margins default to none, as the fused op's.  Target logit ``cos(m1*theta + m2) - m3`` with
-    the ArcFace fallback ``cos - sin(pi - m2) * m2`` when ``m1*theta + m2 > pi``;
+    with ``reduction="none"``).  Margins default to none, as the fused op's.  Target logit
+    ``cos(m1*theta + m2) - m3`` with the ArcFace fallback ``cos - sin(pi - m2) * m2`` when ``m1*theta + m2 > pi``;
     gradients flow through ``acos`` as autograd gives them (infinite at cos = +-1).
     """
     cos = F.linear(F.normalize(embeddings), F.normalize(weight))
     return F.cross_entropy(margin_logits(cos, labels, s=s, m1=m1, m2=m2, m3=m3), labels, reduction=reduction)
 
 
-def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, s: float, m1: float, m2: float, m3: float) -> torch.Tensor:
+def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, s: float, m1: float, m2: float,
+                  m3: float) -> torch.Tensor:
     """cos [B, C], labels [B] -> scaled logits [B, C]: ``cos(m1*theta + m2) - m3`` at the labels (ArcFace
     fallback ``cos - sin(pi - m2) * m2`` where ``m1*theta + m2 > pi``), plain cosine elsewhere, times s."""
     one_hot = F.one_hot(labels, cos.shape[1]).to(torch.bool)

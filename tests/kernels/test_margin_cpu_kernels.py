@@ -8,8 +8,9 @@ import torch
 
 from lafs_kernels import _extension, margin_softmax_cross_entropy
 from lafs_kernels.ops import margin_chunks
-from tests.kernels.test_margin_softmax import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 from tests.tolerances import assert_close
+
+from helpers.margin import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 
 needs_kernels = pytest.mark.skipif(
     margin_chunks.cpp_kernels_missing_reason() is not None,
@@ -27,7 +28,8 @@ def engine(request):
 
 def test_kernels_are_registered_when_the_extension_is_built():
     if _extension.missing_reason("cpu") is None:
-        assert margin_chunks.cpp_kernels_missing_reason() is None, "the extension lacks _margin_chunk_fwd/_bwd: rebuild it"
+        assert margin_chunks.cpp_kernels_missing_reason() is None, (
+            "the extension lacks _margin_chunk_fwd/_bwd: rebuild it")
 
 
 def soft_targets(rng, b, c, dtype):

@@ -10,8 +10,9 @@ from lafs_kernels import margin_softmax_cross_entropy
 from lafs_kernels.baselines.margin import unfused_margin_loss
 from lafs_kernels.nn import ArcFace, CombinedMarginSoftmax, CosFace
 from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
-from lafs_kernels.ops.margin_softmax import THETA_EPS
 from tests.tolerances import assert_close, assert_close_low_precision
+
+from helpers.margin import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 
 # "cpu" (the C++ chunk kernels) runs where the extension is built; "chunked" is the same blockwise path in PyTorch ops.
 NEEDS_CPP = pytest.mark.skipif(cpp_kernels_missing_reason() is not None,
@@ -23,68 +24,6 @@ BACKENDS = ["torch", "chunked", CPP, "triton"]
 def cases(rows):
     """Parameter rows; those of the ``cpu`` backend skip where the C++ margin kernels are not built."""
     return [pytest.param(*row, marks=NEEDS_CPP) if row[0] == "cpu" else row for row in rows]
-MARGINS = {
-    "cosface": dict(m1=1.0, m2=0.0, m3=0.4),
-    "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
-    "combined": dict(m1=0.9, m2=0.3, m3=0.2),
-}
-
-
-def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=False):
-    """Margined target cosine [B]; exact gradient with theta held in [THETA_EPS, pi - THETA_EPS]."""
-    c = cos_t.clamp(-1, 1)
-    theta = torch.acos(c.detach())
-    value = torch.cos(m1 * theta + m2) - m3
-    if easy_margin:
-        fallback, fallback_value = c <= 0, c - m3
-    else:
-        fallback, fallback_value = m1 * theta + m2 > math.pi, c - m3 - math.sin(math.pi - m2) * m2
-    value = torch.where(fallback, fallback_value.detach(), value)
-    if straight_through:
-        slope = torch.ones_like(c)
-    else:
-        held = theta.clamp(THETA_EPS, math.pi - THETA_EPS)
-        slope = torch.where(fallback, 1.0, m1 * torch.sin(m1 * held + m2) / torch.sin(held))
-    return value + (c - c.detach()) * slope
-
-
-def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.0, label_smoothing=0.0,
-                   reduction="mean", easy_margin=False, straight_through=False, dtype=torch.float64):
-    """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
-    (float64: the reference; a half dtype: what plain PyTorch gets in that dtype)."""
-    x, w = x.to(dtype), w.to(dtype)
-    if labels.dim() == 1:
-        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=dtype, device=x.device)
-    cos = F.normalize(x) @ F.normalize(w).T
-    logits = s * cos
-    for t in range(labels.shape[1]):
-        column = labels[:, t : t + 1]
-        target = reference_target(cos.gather(1, column)[:, 0], m1, m2, m3, easy_margin, straight_through)
-        logits = logits.scatter(1, column, s * target[:, None])
-    num_classes = w.shape[0]
-    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.to(dtype))
-    q = (1 - label_smoothing) * q + label_smoothing / num_classes
-    loss = -(q * torch.log_softmax(logits, 1)).sum(1)
-    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
-
-
-def make_inputs(rng, b, d, c, t=1, dtype=torch.float32):
-    x = torch.randn(b, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
-    w = torch.randn(c, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
-    labels = torch.randint(0, c, (b,) if t == 1 else (b, t), generator=rng)
-    return x, w, labels
-
-
-def loss_and_grads(fn, x, w, *args, upstream=None, **kwargs):
-    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = fn(x, w, *args, **kwargs)
-    total = loss.sum() if upstream is None else (loss * upstream).sum()
-    gx, gw = torch.autograd.grad(total, [x, w])
-    return loss, gx, gw
-
-
-# Logits are s = 64 times the cosines: float32 gradients carry ~64x the rounding of a cosine.
-GRAD_SCALE = 8.0
 
 
 def check_against_reference(x, w, labels, backend, chunk_size, grad_scale=GRAD_SCALE, **kwargs):
@@ -120,7 +59,8 @@ def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction
     label_weights = torch.cat([lam, 1 - lam], 1).float()
     upstream = torch.rand(7, generator=rng) if reduction == "none" else None
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction=reduction, **MARGINS["arcface"])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream, **kwargs)
+    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream,
+                          **kwargs)
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream, **kwargs)
     assert ours[0].shape == ref[0].shape
     assert_close(ours[0], ref[0], dtype=torch.float32, msg="loss")
@@ -411,7 +351,8 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
         same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
         ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
-        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"])
+        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton",
+                               **MARGINS["arcface"])
         for name, a, b, r in zip(("loss", "grad x", "grad w"), ours1, same, ref1):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
 

@@ -12,16 +12,9 @@ from lafs_kernels.nn import PartialFC
 from tests.tolerances import assert_close
 
 import margin_distributed_worker as worker
+from helpers.margin import GRAD_SCALE, loss_and_grads
 
 ARCFACE = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)
-GRAD_SCALE = 8.0  # as in test_margin_softmax: logits are s times the cosines
-
-
-def loss_and_grads(fn, x, w, *args, **kwargs):
-    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = fn(x, w, *args, **kwargs)
-    loss.backward()
-    return loss.detach(), x.grad, w.grad
 
 
 def partial_fc_v2_statement(x, kept_weight, labels, s, m1, m2, m3, threshold=0.0):

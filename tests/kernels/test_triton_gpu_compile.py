@@ -52,7 +52,8 @@ def test_compiled_kernels_fit_the_chip(compiled):
         assert r["shared"] <= MAX_SHARED_BYTES[arch], f"sm_{arch} {name} asks {r['shared']} bytes of shared memory"
         # what a launch of num_warps warps needs from the 64K registers of an SM
         if "reg" in r:
-            assert r["reg"] * 32 * r["num_warps"] <= 65536, f"sm_{arch} {name}: {r['reg']} registers x {r['num_warps']} warps"
+            assert r["reg"] * 32 * r["num_warps"] <= 65536, (
+                f"sm_{arch} {name}: {r['reg']} registers x {r['num_warps']} warps")
             assert r["stack"] <= MAX_SPILL_BYTES, f"sm_{arch} {name} spills {r['stack']} bytes per thread"
-    print("\n".join(f"sm_{arch} {n}: {r['shared']} B shared, {r.get('reg', '?')} registers, {r.get('stack', '?')} B stack"
-                    for n, r in sorted(results.items())))
+    print("\n".join(f"sm_{arch} {n}: {r['shared']} B shared, {r.get('reg', '?')} registers, "
+                    f"{r.get('stack', '?')} B stack" for n, r in sorted(results.items())))

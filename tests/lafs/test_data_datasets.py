@@ -12,6 +12,7 @@ from lafs.data import FaceRecordDataset, ImageFolderFaces, SyntheticFaces, few_s
 from lafs.data.__main__ import main as data_main
 from lafs.data.recordio import IRHeader, MXIndexedRecordIO, RecordIOError
 
+
 def random_faces(rng, counts):
     """{identity: [uint8 RGB 112x112 images]} with ``counts[i]`` random images for identity i."""
     return {i: [torch.randint(0, 256, (112, 112, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(n)]
@@ -43,7 +44,8 @@ def write_rec_by_hand(root, faces, layout, store_bgr=False, identity_records=Tru
         for offset, (identity, image) in enumerate(order):
             label = [float(identity), 1.0] if layout == "header" else float(identity)
             stored = image if store_bgr else image[:, :, ::-1]  # cv2 encodes its input as BGR
-            writer.write_idx(first + offset, recordio.pack_img(IRHeader(0, label, first + offset, 0), stored, 3, ".png"))
+            header = IRHeader(0, label, first + offset, 0)
+            writer.write_idx(first + offset, recordio.pack_img(header, stored, 3, ".png"))
         if layout == "header" and identity_records:
             start = 1
             for identity, images in faces.items():

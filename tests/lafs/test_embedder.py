@@ -9,7 +9,8 @@ from lafs.eval.align import align_face
 from lafs.eval.embed import to_model_input
 from lafs.export import export_onnx
 from lafs.models import atomic_save, create_model, model_to_dict
-from test_export import randomize_, synthetic_photos
+
+from helpers.models import randomize_, synthetic_photos
 
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside norm_crop
 

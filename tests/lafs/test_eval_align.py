@@ -1,5 +1,4 @@
 """lafs.eval.align: five-point alignment to the ArcFace template, on synthetic and real faces."""
-import math
 
 import cv2
 import numpy as np
@@ -10,23 +9,9 @@ from insightface.data import get_image
 from lafs.data import SyntheticFaces
 from lafs.eval.align import ARCFACE_TEMPLATE, align_face
 
+from helpers.eval_data import place_in_canvas
+
 CENTRE = slice(16, 96)  # the face, away from the black border a warp may bring in
-
-
-def place_in_canvas(face: np.ndarray, points: np.ndarray, rng: torch.Generator, size=(260, 240)):
-    """Warp a 112x112 face into a larger canvas with a random similarity transform.
-
-    Returns (canvas uint8 [H,W,3], the points moved with the face [5,2]).
-    """
-    width, height = size
-    scale = 1.3 + 0.7 * torch.rand(1, generator=rng).item()
-    angle = math.radians(60 * torch.rand(1, generator=rng).item() - 30)
-    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    shift = 30 * torch.rand(2, generator=rng).numpy() - 15
-    translation = np.array([width / 2, height / 2]) - rotation @ np.array([56.0, 56.0]) + shift
-    matrix = np.concatenate([rotation, translation[:, None]], axis=1)
-    canvas = cv2.warpAffine(face, matrix, (width, height), flags=cv2.INTER_CUBIC)
-    return canvas, (points @ rotation.T + translation).astype(np.float32)
 
 
 def centre_difference(a: np.ndarray, b: np.ndarray) -> float:

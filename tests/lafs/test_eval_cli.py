@@ -12,8 +12,8 @@ import torch
 from lafs.eval.__main__ import build_parser, main
 from lafs.eval.verification import load_bin, verify_model
 from lafs.models import atomic_save, create_model, load_model, model_to_dict
-from test_eval_ijb import direct_tar_at_far, expected_pair_scores, write_ijb_folder
-from test_eval_verification import synthetic_pairs, write_bin
+
+from helpers.eval_data import direct_tar_at_far, expected_pair_scores, synthetic_pairs, write_bin, write_ijb_folder
 from tolerances import assert_close
 
 

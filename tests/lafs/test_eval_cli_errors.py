@@ -10,7 +10,8 @@ import pytest
 from lafs.eval.__main__ import main
 from lafs.export import export_onnx
 from lafs.models import atomic_save, create_model, model_to_dict
-from test_eval_verification import synthetic_pairs, write_bin
+
+from helpers.eval_data import synthetic_pairs, write_bin
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

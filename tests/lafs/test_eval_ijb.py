@@ -1,103 +1,16 @@
 """lafs.eval.ijb: TAR@FAR, template aggregation, pair scores, meta files, the whole protocol on a tiny folder."""
-import copy
 import os
-from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from insightface.utils.face_align import norm_crop
-from sklearn.metrics import roc_curve
 
-from lafs.data import SyntheticFaces
 from lafs.eval.ijb import FARS, aggregate_templates, evaluate_ijb, read_protocol, score_pairs, tar_at_far
-from test_eval_align import place_in_canvas
-from test_eval_verification import TinyFaceNet
+
+from helpers.eval_data import TinyFaceNet, direct_tar_at_far, expected_pair_scores, write_ijb_folder
 from tolerances import assert_close
 
-
-# ---------------------------------------------------------------- a tiny IJB-style folder
-
-
-@dataclass
-class IJBFolder:
-    root: str
-    names: list
-    template_ids: list
-    media_ids: list
-    points: np.ndarray  # [I,5,2] in the loose crops
-    faceness: np.ndarray  # [I]
-    pairs: list  # (template 1, template 2, label)
-
-
-def write_ijb_folder(root, rng: torch.Generator, target="ijbc", num_identities=3, templates_per_identity=2,
-                     images_per_template=3) -> IJBFolder:
-    """Loose crops of synthetic faces (each moved into a larger canvas by a random similarity),
-    with their five points, faceness scores, templates of two media, and every template pair."""
-    faces = SyntheticFaces(num_identities, templates_per_identity * images_per_template,
-                           seed=int(torch.randint(0, 1000, (1,), generator=rng)))
-    os.makedirs(os.path.join(root, "meta"))
-    os.makedirs(os.path.join(root, "loose_crop"))
-    template_pool = torch.randperm(9000, generator=rng)[: num_identities * templates_per_identity] + 1000
-    names, template_ids, media_ids, points, identities = [], [], [], [], {}
-    for index in range(len(faces)):
-        face, label, face_points = faces.render(index)
-        template = int(template_pool[index // images_per_template])
-        identities[template] = label
-        canvas, moved = place_in_canvas(face, face_points, rng)
-        name = f"{index + 1}.jpg"
-        cv2.imwrite(os.path.join(root, "loose_crop", name), canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        names.append(name)
-        template_ids.append(template)
-        media_ids.append(1 + (index % images_per_template) // 2)  # media 1: two images, media 2: the rest
-        points.append(moved)
-    faceness = (0.3 + 0.7 * torch.rand(len(names), generator=rng)).numpy().astype(np.float32)
-    templates = sorted(identities)
-    pairs = [(a, b, int(identities[a] == identities[b])) for i, a in enumerate(templates) for b in templates[i + 1:]]
-    with open(os.path.join(root, "meta", f"{target}_face_tid_mid.txt"), "w") as file:
-        file.writelines(f"{n} {t} {m}\n" for n, t, m in zip(names, template_ids, media_ids))
-    with open(os.path.join(root, "meta", f"{target}_name_5pts_score.txt"), "w") as file:
-        for name, five, score in zip(names, points, faceness):
-            file.write(" ".join([name, *(f"{v:.4f}" for v in five.reshape(-1)), f"{score:.6f}"]) + "\n")
-    with open(os.path.join(root, "meta", f"{target}_template_pair_label.txt"), "w") as file:
-        file.writelines(f"{a} {b} {label}\n" for a, b, label in pairs)
-    return IJBFolder(str(root), names, template_ids, media_ids, np.array(points), faceness, pairs)
-
-
-def expected_pair_scores(model: torch.nn.Module, folder: IJBFolder, dtype=torch.float64) -> np.ndarray:
-    """The protocol written out directly (in ``dtype``, all images in one batch)."""
-    model = copy.deepcopy(model).to(dtype).eval()
-    crops = []
-    for name, five in zip(folder.names, folder.points):
-        rgb = cv2.imread(os.path.join(folder.root, "loose_crop", name))[:, :, ::-1]
-        crops.append(norm_crop(np.ascontiguousarray(rgb), np.round(five, 4)))
-    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
-    with torch.no_grad():
-        summed = (model(x) + model(x.flip(3))).double().numpy()
-    scores_as_written = np.array([float(f"{score:.6f}") for score in folder.faceness])
-    image_features = summed * scores_as_written[:, None]
-    templates = {}
-    for feature, template, medium in zip(image_features, folder.template_ids, folder.media_ids):
-        templates.setdefault(template, {}).setdefault(medium, []).append(feature)
-    normalised = {}
-    for template, media in templates.items():
-        total = sum(np.mean(features, axis=0) for features in media.values())
-        normalised[template] = total / np.linalg.norm(total)
-    return np.array([normalised[a] @ normalised[b] for a, b, _ in folder.pairs])
-
-
 # ---------------------------------------------------------------- TAR at FAR
-
-
-def direct_tar_at_far(labels, scores, fars):
-    fpr, tpr, _ = roc_curve(labels, scores)
-    result = {}
-    for far in fars:
-        # nearest FPR first, then the highest TPR
-        order = np.lexsort((-tpr, np.abs(fpr - far)))
-        result[far] = tpr[order[0]]
-    return result
 
 
 def test_tar_at_far_matches_roc_curve(rng):

@@ -1,11 +1,8 @@
 """lafs.eval.verification: safe .bin loading, the 10-fold protocol, the flip-test embedding."""
 import datetime
-import io
 import os
 import pickle
-import struct
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,98 +10,10 @@ from sklearn.metrics import accuracy_score
 from sklearn.metrics.pairwise import paired_euclidean_distances
 from sklearn.model_selection import KFold
 
-from lafs.data import SyntheticFaces
 from lafs.eval.verification import UnsafePickleError, embed_with_flip, evaluate, load_bin, verify_model
+
+from helpers.eval_data import TinyFaceNet, encode_png, make_pairs, synthetic_pairs, write_bin
 from tolerances import assert_close
-
-
-# ---------------------------------------------------------------- test data
-
-
-def random_faces(rng: torch.Generator, count: int) -> np.ndarray:
-    """Smooth random RGB images uint8 [count,112,112,3] (stand-ins for aligned faces)."""
-    coarse = torch.rand(count, 3, 8, 8, generator=rng)
-    smooth = torch.nn.functional.interpolate(coarse, size=(112, 112), mode="bilinear", align_corners=False)
-    return (smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def make_pairs(rng: torch.Generator, num_pairs: int, noise: float = 12.0) -> tuple[np.ndarray, list[bool]]:
-    """Pairs of images: "same" pairs are one image and a noisy copy, others two unrelated images.
-
-    Returns (images uint8 [2N,112,112,3] RGB, issame list of N).
-    """
-    issame = (torch.rand(num_pairs, generator=rng) < 0.5).tolist()
-    firsts = random_faces(rng, num_pairs)
-    others = random_faces(rng, num_pairs)
-    noisy = np.clip(firsts + noise * torch.randn(firsts.shape, generator=rng).numpy(), 0, 255).astype(np.uint8)
-    seconds = np.where(np.array(issame)[:, None, None, None], noisy, others)
-    images = np.stack([firsts, seconds], axis=1).reshape(-1, 112, 112, 3)
-    return images, issame
-
-
-def synthetic_pairs(rng: torch.Generator, num_pairs: int) -> tuple[np.ndarray, list[bool]]:
-    """Pairs of synthetic faces: two images of one identity, or of two identities.
-
-    Returns (images uint8 [2N,112,112,3] RGB, issame list of N).
-    """
-    seed = int(torch.randint(0, 1000, (1,), generator=rng))
-    faces = SyntheticFaces(num_identities=4, images_per_identity=4, seed=seed)
-    issame = (torch.rand(num_pairs, generator=rng) < 0.5).tolist()
-    images = []
-    for same in issame:
-        first, second = torch.randperm(4, generator=rng)[:2].tolist()
-        image_a, image_b = torch.randperm(4, generator=rng)[:2].tolist()
-        images.append(faces.render(4 * first + image_a)[0])
-        images.append(faces.render(4 * (first if same else second) + image_b)[0])
-    return np.stack(images), issame
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", rgb[:, :, ::-1])
-    assert ok
-    return encoded.tobytes()
-
-
-class _Python2StylePickler(pickle._Pickler):
-    """Writes byte strings as Python 2 ``str`` (BINSTRING), as the old .bin files hold them."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-
-
-def write_bin(path, images: np.ndarray, issame, *, py2_style=False, array_bins=False, protocol=pickle.HIGHEST_PROTOCOL):
-    """Write a verification .bin: (encoded PNGs, issame) pickled like insightface's files."""
-    bins = [encode_png(image) for image in images]
-    if array_bins:
-        bins = [np.frombuffer(encoded, np.uint8) for encoded in bins]
-    buffer = io.BytesIO()
-    if py2_style:
-        _Python2StylePickler(buffer, protocol=2).dump((bins, list(issame)))
-    else:  # issame as given: a list of bool or numpy.bool_, or a numpy array
-        pickle.dump((bins, issame if isinstance(issame, np.ndarray) else list(issame)), buffer, protocol=protocol)
-    with open(path, "wb") as file:
-        file.write(buffer.getvalue())
-
-
-class TinyFaceNet(torch.nn.Module):
-    """A stand-in face model: [B,3,112,112] in [-1,1] -> [B,16], not flip invariant."""
-
-    def __init__(self, rng: torch.Generator):
-        super().__init__()
-        self.pool = torch.nn.AvgPool2d(14)
-        self.proj = torch.nn.Linear(3 * 8 * 8, 16)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=rng) * 0.2)
-            self.proj.bias.copy_(torch.randn(16, generator=rng))
-
-    def forward(self, x):
-        return self.proj(self.pool(x).flatten(1))
-
 
 # ---------------------------------------------------------------- load_bin
 

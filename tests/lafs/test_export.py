@@ -14,17 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from lafs.data import SyntheticFaces
 from lafs.deploy import FaceEmbedder, OnnxModel
 from lafs.eval.align import align_face
 from lafs.eval.embed import to_model_input
-from lafs.export import (ExportCheckError, PartFViTExportForm, export_form_gather, export_onnx,
-                         export_program)
+from lafs.export import ExportCheckError, PartFViTExportForm, export_form_gather, export_onnx, export_program
 from lafs.export.__main__ import main as export_main
 from lafs.export.to_onnx import _keep_insightface_normalisation
 from lafs.models import PartFViT, atomic_save, create_model, load_model, model_to_dict
 from lafs_kernels import landmark_patch_gather
-from test_models import official_state_of
+
+from helpers.models import official_state_of, randomize_, synthetic_photos
 from tolerances import assert_close
 
 FACES_FILE = Path(__file__).parents[1] / "data" / "insightface_sample_faces.json"
@@ -54,13 +53,6 @@ def insightface_faces() -> tuple[list[str], np.ndarray]:
     return [face["name"] for face in spec], np.stack(crops)
 
 
-def synthetic_photos(count: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
-    """(RGB uint8 [112, 112, 3] images, their five points [count, 5, 2]) rendered by SyntheticFaces."""
-    faces = SyntheticFaces(num_identities=count, images_per_identity=1, seed=seed)
-    rendered = [faces.render(i) for i in range(count)]
-    return [r[0] for r in rendered], np.stack([r[2] for r in rendered])
-
-
 def synthetic_faces_bgr(count: int, seed: int = 0) -> np.ndarray:
     images, points = synthetic_photos(count, seed)
     return np.stack([align_face(image, p)[:, :, ::-1] for image, p in zip(images, points)])
@@ -68,24 +60,6 @@ def synthetic_faces_bgr(count: int, seed: int = 0) -> np.ndarray:
 
 def all_faces_bgr(synthetic: int = 4) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([insightface_faces()[1], synthetic_faces_bgr(synthetic)]))
-
-
-def randomize_(model: PartFViT, head_std: float, seed: int = 0) -> PartFViT:
-    """Random weights whose landmarks depend on the image: batch-norm statistics estimated on synthetic faces
-    (at initialisation every block shrinks the activations ~10x in eval mode, so all images get the same
-    landmarks) and a random landmark head (it starts at zero: a fixed grid)."""
-    gen = torch.Generator().manual_seed(seed)
-    images = to_model_input(np.stack(synthetic_photos(8, seed=seed + 100)[0]), "cpu")
-    with torch.no_grad():
-        for module in model.landmark_cnn.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average over the calibration batch
-        model.landmark_cnn.train()
-        model.landmark_cnn.features(images)
-        head = model.landmark_cnn.output_layer[1]
-        head.weight.copy_(head_std * torch.randn(head.weight.shape, generator=gen))
-    return model.eval()
 
 
 def landmark_spread(model: PartFViT, faces_bgr: np.ndarray) -> float:

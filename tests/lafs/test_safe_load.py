@@ -30,20 +30,7 @@ from lafs.ssl import DINOHead, DINOLoss, MultiCropModel, load_official_pretraini
 from lafs.train import __main__ as train_cli
 from lafs.train.weights import load_landmark_cnn, load_pretrained_transformer
 
-
-
-def official_state_of(model) -> dict:
-    """A PartFViT's state dict under the original's key names (stn.*, output_layer.*, transformer.layers.*)."""
-    renamed = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("landmark_cnn."):
-            key = key[len("landmark_cnn."):]
-            key = "stn." + key if key.startswith("features.") else key
-        else:
-            key = key[len("transformer."):]
-            key = "transformer." + key if key.startswith("layers.") else key
-        renamed[key] = value.clone()
-    return renamed
+from helpers.models import official_state_of
 
 
 class CreatesFile:

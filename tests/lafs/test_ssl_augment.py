@@ -17,6 +17,7 @@ from lafs.ssl.augment import (
     random_crop_boxes,
     random_resized_crops,
 )
+
 from tolerances import assert_close
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from lafs.models import LandmarkCNN
 from lafs.ssl.frozen import fold_batch_norms, frozen_copy
+
 from tolerances import assert_close
 
 

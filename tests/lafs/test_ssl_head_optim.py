@@ -11,6 +11,7 @@ from lafs.ssl import (
     ema_update,
     param_groups_for_weight_decay,
 )
+
 from tolerances import assert_close
 
 

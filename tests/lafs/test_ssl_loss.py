@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lafs.ssl import DINOLoss
+
 from tolerances import assert_close
 
 

@@ -6,6 +6,7 @@ import torch
 
 from lafs.models import LandmarkCNN, PartTransformer
 from lafs.ssl import DINOSettings, DINOTrainer, MultiViewBuilder
+
 from tolerances import assert_close
 
 L, SIZE, P = 16, 32, 4

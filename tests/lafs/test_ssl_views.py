@@ -8,6 +8,7 @@ import lafs.ssl.views as views_module
 from lafs.models import LandmarkCNN
 from lafs.ssl import MultiViewBuilder
 from lafs_kernels import landmark_patch_gather
+
 from tolerances import assert_close
 
 L, SIZE, P = 16, 32, 4

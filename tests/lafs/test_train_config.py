@@ -106,7 +106,8 @@ def test_missing_recipe_and_malformed_yaml(tmp_path):
 
 
 def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "lafs.train", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "lafs.train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for stage_schema in cfgmod.SCHEMAS.values():
         for opt in stage_schema:
             assert f"  {opt.key}=" in out, opt.key

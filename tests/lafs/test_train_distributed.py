@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import train_distributed_worker as worker
 from lafs.train import shards as shards_mod
+
+import train_distributed_worker as worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -93,9 +94,9 @@ def whole_head(run, state):
     """The class centres [C, D] and their AdamW rows of a checkpoint, whatever the number of processes."""
     parts = shards_mod.load_shards(run / "checkpoints", state["head"])
     (name,) = parts[0]["optimizer"]
-    cat = lambda get: torch.cat([get(p) for p in sorted(parts, key=lambda p: p["class_start"])])
-    return {"centres": cat(lambda p: p["state"][name]),
-            **{f"centres.{k}": cat(lambda p: p["optimizer"][name][k]) for k in ("exp_avg", "exp_avg_sq")}}
+    parts = sorted(parts, key=lambda p: p["class_start"])
+    return {"centres": torch.cat([p["state"][name] for p in parts]),
+            **{f"centres.{k}": torch.cat([p["optimizer"][name][k] for p in parts]) for k in ("exp_avg", "exp_avg_sq")}}
 
 
 def flat(tree, prefix="", floating=True):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lafs.train.__main__ import main
+
 from tolerances import ATOL_RTOL
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,8 @@ def test_original_path_matches_fused_path(tmp_path, rng):
                          ids=["cosface", "arcface"])
 def test_original_head_mixup_has_the_fused_objective(rng, margin):
     """Mixup's two labels margined in one logit matrix (a row whose two labels coincide included)."""
-    from lafs_kernels import margin_softmax_cross_entropy
     from lafs.train.heads import OriginalHead
+    from lafs_kernels import margin_softmax_cross_entropy
 
     head = OriginalHead(16, 10, margin)
     x = torch.randn(12, 16, generator=rng, requires_grad=True)

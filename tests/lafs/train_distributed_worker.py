@@ -73,9 +73,9 @@ def interleaved_mixup_partner(world: int):
 def dump_replicas(out):
     """After the stage, every process writes what it holds of the model to ``out/replica-rank<r>.pt``
     (a checkpoint holds the main process's only): replicas must stay identical."""
-    from lafs.train import runner
+    from lafs.train import stage_run
 
-    real = runner.run_stage
+    real = stage_run.run_stage
 
     def run_stage(stage, *, resume=False):
         summary = real(stage, resume=resume)
@@ -87,7 +87,7 @@ def dump_replicas(out):
         torch.save(held, f"{out}/replica-rank{stage.dist.rank}.pt")
         return summary
 
-    return _patched(runner, "run_stage", run_stage)
+    return _patched(stage_run, "run_stage", run_stage)
 
 
 PATCHES = {"deterministic_views": deterministic_views, "interleaved_mixup_partner": interleaved_mixup_partner,

@@ -1,33 +1,17 @@
-"""Recipes, command-line overrides and validation of the training configuration.
+"""Every option of every stage, declared once: key, default, type, bounds and help.
 
-A recipe is a YAML file (``lafs/recipes/<name>.yaml`` or any path). A stage's
-configuration is a nested mapping whose every key is declared once below, with
-its default, its type and a help string (``python -m lafs.train --help`` prints
-them all). The ``demo`` recipe holds shared sections (``seed``, ``data``,
-``val``, ``model``) and one section per stage, merged as
-``defaults <- shared <- stage``.
-
-Overrides are ``dotted.key=value`` pairs applied to the recipe before it is
-resolved; values are parsed as YAML (``optim.lr=1e-3``, ``val.bins=[a.bin]``,
-``data.root=null``). Every value is checked before any training starts.
+A stage's schema is a list of :class:`Option`; ``SCHEMAS`` maps each stage to
+its list. The checks of single values (:func:`check_value`) read these fields;
+``lafs.train.config.resolve`` applies them to a recipe.
 """
 from __future__ import annotations
 
-import difflib
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-import yaml
+from .errors import ConfigError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STAGES = ("supervised", "pretrain", "finetune")
-SHARED_SECTIONS = ("seed", "data", "val", "model", "train")
-
-
-class ConfigError(ValueError):
-    """A recipe or override names an unknown key or holds a bad value."""
 
 
 @dataclass(frozen=True)
@@ -205,150 +189,8 @@ PRETRAIN = COMMON + [
 SCHEMAS = {"supervised": SUPERVISED, "pretrain": PRETRAIN, "finetune": FINETUNE}
 
 
-class Config(dict):
-    """A nested mapping with attribute access for reading (``cfg.optim.lr``)."""
-
-    def __getattr__(self, name):
-        try:
-            value = self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
-
-    def get_path(self, dotted: str):
-        node = self
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-
-    def to_plain(self) -> dict:
-        return _plain(self)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def set_path(tree: dict, dotted: str, value) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
-
-
-def flatten(tree: dict, prefix: str = "", leaves: Sequence[str] = ()) -> dict:
-    """Dotted keys of a nested mapping; keys listed in ``leaves`` are kept whole (dict-valued options)."""
-    flat = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted not in leaves and value:
-            flat.update(flatten(value, dotted + ".", leaves))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def parse_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
-    parsed = []
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key or key.startswith("-"):
-            raise ConfigError(f"override {pair!r} is not of the form dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {pair!r}: value is not valid YAML ({exc})") from None
-        parsed.append((key.strip(), _number_if_numeric(value)))
-    return parsed
-
-
-def _number_if_numeric(value):
-    """YAML 1.1 reads ``5e-4`` (no dot) as a string; a user typing it means the number."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def recipe_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        return path
-    candidate = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
-        raise ConfigError(f"no recipe named {name_or_path!r} (built-in recipes: {known})")
-    return candidate
-
-
-def load_recipe(name_or_path: str) -> dict:
-    path = recipe_path(name_or_path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"recipe {path} must hold a mapping at the top level")
-    return tree
-
-
-def apply_overrides(tree: dict, overrides: Sequence[tuple[str, Any]]) -> dict:
-    tree = _plain(tree)
-    for key, value in overrides:
-        set_path(tree, key, value)
-    return tree
-
-
-def resolve_stage(stage: str, tree: dict, *, source: str = "recipe", refs: Optional[dict] = None) -> Config:
-    """Defaults of ``stage`` updated by ``tree`` (one stage's mapping), validated.
-
-    ``init.*`` values ``@supervised`` / ``@pretrain`` name the output of an earlier
-    stage of the demo; ``refs`` maps those names to run folders (which need not
-    exist yet).
-    """
-    schema = {opt.key: opt for opt in SCHEMAS[stage]}
-    dict_keys = [k for k, o in schema.items() if o.kind is dict]
-    resolved: dict = {}
-    for opt in schema.values():
-        set_path(resolved, opt.key, _plain(opt.default))
-    for key, value in flatten(tree, leaves=dict_keys).items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown {stage} option {key!r}{hint}")
-        set_path(resolved, key, _check(schema[key], value, source))
-    cfg = Config(resolved)
-    _check_relations(stage, cfg, source)
-    _substitute_refs(cfg, refs or {}, source)
-    return cfg
-
-
-def _substitute_refs(cfg: Config, refs: dict, source: str) -> None:
-    for key in ("init.landmark", "init.pretrained"):
-        try:
-            value = cfg.get_path(key)
-        except KeyError:
-            continue
-        if isinstance(value, str) and value.startswith("@"):
-            if value[1:] not in refs:
-                raise ConfigError(f"{source}: {key} {value!r} names the output of another stage, which only the demo "
-                                  f"provides; give a run folder or checkpoint path")
-            set_path(cfg, key, str(refs[value[1:]]))
-
-
-def _check(opt: Option, value, source: str):
+def check_value(opt: Option, value, source: str):
+    """``value`` for ``opt`` after aliases and int/float widening; ConfigError naming ``source`` and the key."""
     where = f"{source}: {opt.key}"
     value = next((meaning for alias, meaning in opt.aliases if value is alias), value)
     if value is None:
@@ -368,113 +210,3 @@ def _check(opt: Option, value, source: str):
     if opt.maximum is not None and value > opt.maximum:
         raise ConfigError(f"{where} must be <= {opt.maximum}; got {value!r}")
     return value
-
-
-def _check_relations(stage: str, cfg: Config, source: str) -> None:
-    def fail(message):
-        raise ConfigError(f"{source}: {message}")
-
-    if cfg.optim.epochs <= 0:
-        fail("optim.epochs must be > 0")
-    if cfg.optim.warmup_epochs > cfg.optim.epochs:
-        fail(f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds optim.epochs ({cfg.optim.epochs})")
-    if cfg.optim.min_lr > cfg.optim.lr:
-        fail(f"optim.min_lr ({cfg.optim.min_lr}) exceeds optim.lr ({cfg.optim.lr})")
-    betas = cfg.optim.betas
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        fail(f"optim.betas must be two numbers in [0, 1); got {betas!r}")
-    if cfg.data.source != "synthetic":
-        root = cfg.data.root
-        if not root:
-            fail(f"data.root is required when data.source is {cfg.data.source!r}")
-        if not os.path.isdir(root):
-            fail(f"data.root {root!r} is not a folder")
-        if cfg.data.source == "rec":
-            for name in ("train.rec", "train.idx"):
-                if not os.path.isfile(os.path.join(root, name)):
-                    fail(f"data.root {root!r} has no {name} (data.source 'rec' needs train.rec and train.idx)")
-    if "loss" in cfg and cfg.loss.partial_fc_sample_rate <= 0:
-        fail("loss.partial_fc_sample_rate must be > 0")
-    for path in cfg.val.bins:
-        if not isinstance(path, str) or not os.path.isfile(path):
-            fail(f"val.bins: {path!r} is not a file")
-    if stage == "pretrain":
-        for key in ("views.global_scale", "views.local_scale"):
-            lo_hi = cfg.get_path(key)
-            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-                fail(f"{key} must be [low, high] with 0 < low <= high <= 1; got {lo_hi!r}")
-        if not cfg.init.landmark:
-            fail("init.landmark is required: pretraining places patches with a frozen landmark CNN from the "
-                 "supervised stage (a run folder or checkpoint) or an official checkpoint")
-    for key in ("init.landmark", "init.pretrained"):
-        try:
-            path = cfg.get_path(key)
-        except KeyError:
-            continue
-        if path and not path.startswith("@") and not os.path.exists(path):
-            fail(f"{key} {path!r} does not exist")
-
-
-def is_demo_recipe(tree: dict) -> bool:
-    """A recipe with per-stage sections (the demo layout) rather than one stage's options."""
-    return any(isinstance(tree.get(stage), dict) for stage in STAGES)
-
-
-def demo_stage_tree(tree: dict, stage: str) -> dict:
-    """One stage's mapping from a demo-layout recipe: its section merged over the shared sections."""
-    known = set(SHARED_SECTIONS) | set(STAGES) | {"fewshot", "scratch"}
-    for key in tree:
-        if key not in known:
-            raise ConfigError(f"unknown demo section {key!r} (sections: {', '.join(sorted(known))})")
-    merged = _merge({k: tree[k] for k in SHARED_SECTIONS if k in tree}, tree.get(stage) or {})
-    if stage == "finetune":
-        merged = _merge(merged, {"data": {"few_shot": tree.get("fewshot") or {}}})
-    return merged
-
-
-def resolve_demo(tree: dict, refs: dict, *, source: str = "recipe") -> dict[str, Config]:
-    """Per-stage configs of the three-stage demo; ``@supervised`` / ``@pretrain`` resolve through ``refs``.
-
-    Also ``scratch``: the fine-tuning config with both ``init`` entries null (the
-    same few-shot training from random weights), updated by the recipe's
-    ``scratch`` section.
-    """
-    stages = {stage: resolve_stage(stage, demo_stage_tree(tree, stage), source=f"{source} [{stage}]", refs=refs)
-              for stage in STAGES}
-    scratch = _merge(demo_stage_tree(tree, "finetune"), {"init": {"pretrained": None, "landmark": None}})
-    scratch = _merge(scratch, tree.get("scratch") or {})
-    stages["scratch"] = resolve_stage("finetune", scratch, source=f"{source} [scratch]")
-    return stages
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = _plain(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = _plain(value)
-    return merged
-
-
-def dump(cfg: dict, path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
-
-
-def options_help() -> str:
-    """Every option of every stage with its default and help, for ``--help``."""
-    lines = []
-    seen: dict[str, list[str]] = {}
-    order: list[Option] = []
-    for stage, schema in SCHEMAS.items():
-        for opt in schema:
-            if opt.key not in seen:
-                seen[opt.key] = []
-                order.append(opt)
-            seen[opt.key].append(stage)
-    for opt in order:
-        stages = "" if len(seen[opt.key]) == len(SCHEMAS) else f" [{', '.join(seen[opt.key])}]"
-        choice = f" {{{'|'.join(map(str, opt.choices))}}}" if opt.choices else ""
-        default = yaml.safe_dump(opt.default, default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"  {opt.key}={default}{choice}{stages}\n      {opt.help}")
-    return "\n".join(lines)
