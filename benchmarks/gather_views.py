@@ -124,7 +124,8 @@ def timing(images, generator, device, rounds):
         ratios = [b / a for a, b in pairs]
         print(f"  {name:6s} affine {1e3 * statistics.median(a for a, _ in pairs):7.2f} ms  crop+resize+gather "
               f"{1e3 * statistics.median(b for _, b in pairs):7.2f} ms  ratio {statistics.median(ratios):.2f}x "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {rounds} rounds, load {load:.2f}->{os.getloadavg()[0]:.2f})")
+              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {rounds} rounds, "
+              f"load {load:.2f}->{os.getloadavg()[0]:.2f})")
 
 
 def main():
