@@ -35,6 +35,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../landmark_patch_gather_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -634,25 +636,6 @@ struct Lanes8 {  // unused without SSE: the generic kernels run instead
 
 // --------------------------------------------------------------------------- drivers
 
-void check_inputs(const at::Tensor& image, const at::Tensor& centres, int64_t patch_size,
-                  const c10::optional<at::Tensor>& view_affine) {
-  TORCH_CHECK(image.dim() == 4, "_patch_gather: image must be [B, C, H, W], got ", image.sizes());
-  const int64_t B = image.size(0);
-  TORCH_CHECK(centres.dim() == 3 && centres.size(2) == 2 && (B > 0 ? centres.size(0) % B == 0 : centres.size(0) == 0),
-              "_patch_gather: centres must be [N, K, 2] with N a multiple of B = ", B, ", got ", centres.sizes());
-  TORCH_CHECK(centres.scalar_type() == at::kFloat || centres.scalar_type() == at::kDouble,
-              "_patch_gather: centres must be float32 or float64, got ", centres.scalar_type());
-  TORCH_CHECK(image.device() == centres.device(), "_patch_gather: image and centres are on different devices");
-  TORCH_CHECK(patch_size >= 1, "_patch_gather: patch_size must be >= 1, got ", patch_size);
-  if (view_affine.has_value()) {
-    const auto& a = *view_affine;
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == centres.size(0) && a.size(1) == 4,
-                "_patch_gather: view_affine must be [N, 4] with N = ", centres.size(0), ", got ", a.sizes());
-    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-                "_patch_gather: view_affine must be float32 or float64, got ", a.scalar_type());
-    TORCH_CHECK(a.device() == image.device(), "_patch_gather: image and view_affine are on different devices");
-  }
-}
 
 ImageGeometry geometry_of(const at::Tensor& t) {
   return {t.size(1), t.size(2), t.size(3), t.stride(1), t.stride(2), t.stride(3)};
@@ -733,7 +716,7 @@ void forward_kernel(const at::Tensor& image, const at::Tensor& centres_in, const
 
 at::Tensor patch_gather_fwd_cpu(const at::Tensor& image, const at::Tensor& centres, int64_t patch_size,
                                 const c10::optional<at::Tensor>& view_affine) {
-  check_inputs(image, centres, patch_size, view_affine);
+  lafs_kernels::check_patch_gather_inputs(image, centres, patch_size, view_affine);
   const int64_t N = centres.size(0), K = centres.size(1), C = image.size(1);
   auto tokens = at::empty({N, K, patch_size * patch_size * C}, image.options());
   if (N * K == 0) return tokens;
@@ -833,7 +816,7 @@ std::tuple<at::Tensor, at::Tensor> patch_gather_bwd_cpu(const at::Tensor& grad_t
                                                         const c10::optional<at::Tensor>& view_affine) {
   // Always deterministic: each image's gradient is summed by one task in a fixed order.
   (void)deterministic;
-  check_inputs(image, centres, patch_size, view_affine);
+  lafs_kernels::check_patch_gather_inputs(image, centres, patch_size, view_affine);
   const int64_t N = centres.size(0), K = centres.size(1), C = image.size(1);
   const int64_t F = patch_size * patch_size * C;
   TORCH_CHECK(grad_tokens_in.dim() == 3 && grad_tokens_in.size(0) == N && grad_tokens_in.size(1) == K &&

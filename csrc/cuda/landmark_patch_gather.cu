@@ -34,6 +34,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../landmark_patch_gather_checks.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -410,24 +412,9 @@ __global__ void image_grad_gather_kernel(const scalar_t* __restrict__ grad_token
 
 void check_inputs(const at::Tensor& image, const at::Tensor& centres, int64_t patch_size,
                   const c10::optional<at::Tensor>& view_affine) {
-  TORCH_CHECK(image.dim() == 4, "_patch_gather: image must be [B, C, H, W], got ", image.sizes());
-  const int64_t B = image.size(0);
-  TORCH_CHECK(centres.dim() == 3 && centres.size(2) == 2 && (B > 0 ? centres.size(0) % B == 0 : centres.size(0) == 0),
-              "_patch_gather: centres must be [N, K, 2] with N a multiple of B = ", B, ", got ", centres.sizes());
-  TORCH_CHECK(centres.scalar_type() == at::kFloat || centres.scalar_type() == at::kDouble,
-              "_patch_gather: centres must be float32 or float64, got ", centres.scalar_type());
-  TORCH_CHECK(image.device() == centres.device(), "_patch_gather: image and centres are on different devices");
-  TORCH_CHECK(patch_size >= 1, "_patch_gather: patch_size must be >= 1, got ", patch_size);
+  lafs_kernels::check_patch_gather_inputs(image, centres, patch_size, view_affine);
   TORCH_CHECK(image.size(2) < INT_MAX / 2 && image.size(3) < INT_MAX / 2 && patch_size < 46000,
               "_patch_gather: image or patch too large for 32-bit pixel indices");
-  if (view_affine.has_value()) {
-    const auto& a = *view_affine;
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == centres.size(0) && a.size(1) == 4,
-                "_patch_gather: view_affine must be [N, 4] with N = ", centres.size(0), ", got ", a.sizes());
-    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-                "_patch_gather: view_affine must be float32 or float64, got ", a.scalar_type());
-    TORCH_CHECK(a.device() == image.device(), "_patch_gather: image and view_affine are on different devices");
-  }
 }
 
 int blocks_for(int64_t total) {
