@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 
-from . import plots
+from . import landmark_report, plots
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, build_margin_head
@@ -139,8 +139,8 @@ class SupervisedStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            plots.landmarks(self.model, self.val_sets[0].sample_images(), self.run.path / "landmarks.png",
-                            device=self.device)
+        summary["landmark_tracking"] = landmark_report.report(
+            self.model, self.cfg, self.run, self.val_sets[0].sample_images(), step=summary["steps"], device=self.device)
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary

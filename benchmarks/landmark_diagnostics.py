@@ -1,0 +1,191 @@
+"""Why does (or doesn't) the landmark CNN learn?  A supervised stage of the demo recipe, instrumented.
+
+    python benchmarks/landmark_diagnostics.py [key=value ...] [--every 80] [--steps N] [--faces 200]
+
+Trains the supervised stage of ``lafs/recipes/demo.yaml`` (with the overrides, as
+``python -m lafs.train supervised`` would; no run folder, no checkpoints) and every
+``--every`` steps prints one JSON line with
+
+* gradient norms per parameter group, before clipping (landmark trunk, landmark head weight and bias,
+  transformer, margin head), averaged over the window, and the global norm;
+* ``dlandmarks``: RMS gradient of the loss with respect to the landmark coordinates (per coordinate,
+  in pixels) and ``draw``, the same for the 2L raw head outputs before the min-max scaling;
+* how far each group's weights moved in the window (relative to their norm);
+* the landmark tracking score and spread at difficulty 1.0 (``--faces`` held-out faces) and the
+  spread of the raw head outputs.
+
+Gradients are recorded inside the real ``train_step`` (the optimizer's step is wrapped), so the
+numbers are those of the training run itself.  One thread (``train.cpu_threads`` of the recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lafs.eval import landmark_tracking
+from lafs.train import config as config_mod
+from lafs.train.distributed import init_distributed
+from lafs.train.loop import RunFolder, _micro_batches, seed_everything
+from lafs.train.supervised import SupervisedStage
+
+
+def _groups(model, head) -> dict[str, list[torch.nn.Parameter]]:
+    cnn = model.landmark_cnn
+    linear = cnn.output_layer[1]
+    return {"landmark_trunk": list(cnn.features.parameters()), "landmark_head_w": [linear.weight],
+            "landmark_head_b": [linear.bias], "transformer": list(model.transformer.parameters()),
+            "margin_head": list(head.parameters())}
+
+
+def _norm(tensors) -> float:
+    return float(torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors if t is not None)))
+
+
+def _modify(stage, args) -> None:
+    """Apply the experiment flags to a built stage (rebuilding its optimizer when the lr groups change)."""
+    cnn = stage.model.landmark_cnn
+    linear = cnn.output_layer[1]
+    if args.head_dropout is not None:
+        cnn.output_layer[0].p = args.head_dropout
+    if args.head_init == "random":
+        linear.reset_parameters()
+    elif args.head_init == "grid_random":
+        torch.nn.init.normal_(linear.weight, std=args.head_init_std)
+    head_scale = args.landmark_lr_scale if args.head_lr_scale is None else args.head_lr_scale
+    if args.landmark_lr_scale != 1.0 or head_scale != 1.0:
+        cfg = stage.cfg
+        from lafs.train.optim import param_groups
+
+        groups = param_groups(stage.model, weight_decay=cfg.optim.weight_decay,
+                              landmark_weight_decay=cfg.optim.landmark_weight_decay,
+                              layer_decay=cfg.optim.layer_decay, head=stage.head)
+        trunk = {id(p) for p in cnn.features.parameters()}
+        head = {id(p) for p in cnn.output_layer.parameters()}
+        split = []
+        for group in groups:
+            for ids, scale in ((trunk, args.landmark_lr_scale), (head, head_scale), (None, 1.0)):
+                params = [p for p in group["params"] if (id(p) in ids if ids is not None
+                                                         else id(p) not in trunk | head)]
+                if params:
+                    split.append({**group, "params": params, "lr_scale": group["lr_scale"] * scale})
+        stage.optimizer = torch.optim.AdamW(split, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--every", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    parser.add_argument("--faces", type=int, default=200)
+    parser.add_argument("--config", default="demo")
+    # Experiments on the landmark CNN before they become recipe options:
+    parser.add_argument("--landmark-lr-scale", type=float, default=1.0, help="lr multiplier of the landmark CNN")
+    parser.add_argument("--head-lr-scale", type=float, default=None,
+                        help="lr multiplier of the landmark head alone (default: --landmark-lr-scale)")
+    parser.add_argument("--head-dropout", type=float, default=None, help="p of the Dropout before the landmark head")
+    parser.add_argument("--head-init", choices=("grid", "random", "grid_random"), default="grid",
+                        help="grid: zero weight, bias = grid (ours); random: torch's default Linear init (the "
+                             "original's); grid_random: bias = grid, weight random with std --head-init-std")
+    parser.add_argument("--head-init-std", type=float, default=0.01)
+    args = parser.parse_args(argv)
+
+    tree = config_mod.load_recipe(args.config)
+    if config_mod.is_demo_recipe(tree):
+        tree = config_mod.demo_stage_tree(tree, "supervised")
+    tree = config_mod.apply_overrides(tree, config_mod.parse_overrides(args.overrides))
+    cfg = config_mod.resolve_stage("supervised", tree, source="diagnostics")
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    dist = init_distributed()
+    seed_everything(cfg.seed, 0)
+    run = RunFolder(Path(tempfile.mkdtemp(prefix="lafs_diag_")), dist)
+    stage = SupervisedStage(cfg, run, dist)
+    stage.build()
+    loader, batch_sampler = stage.make_loader()
+    micro_per_epoch = len(batch_sampler)
+    stage.steps_per_epoch, stage.total_steps, stage.warmup_steps = stage.schedule_lengths(micro_per_epoch)
+    stage.setup_schedules()
+    model, head = stage.model, stage.head
+    _modify(stage, args)
+    groups = _groups(model, head)
+    faces = landmark_tracking.tracking_faces(1.0, cfg.data.synthetic.colours, args.faces)
+
+    window: dict[str, list[float]] = {}
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_grad(name):
+        def hook(grad):
+            window.setdefault(name, []).append(float(grad.float().pow(2).mean().sqrt()))
+        return hook
+
+    def on_head(module, inputs, output):
+        if output.requires_grad:
+            output.register_hook(keep_grad("draw"))
+
+    def on_cnn(module, inputs, output):
+        if output.requires_grad:
+            output.register_hook(keep_grad("dlandmarks"))
+
+    model.landmark_cnn.output_layer.register_forward_hook(on_head)
+    model.landmark_cnn.register_forward_hook(on_cnn)
+    optimizer_step = stage.optimizer.step
+
+    def step_with_record(*a, **k):
+        for name, params in groups.items():
+            window.setdefault(f"grad_{name}", []).append(_norm([p.grad for p in params]))
+        return optimizer_step(*a, **k)
+
+    stage.optimizer.step = step_with_record
+
+    def snapshot():
+        return {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+
+    def report(step, before, seconds, loss):
+        record = {"step": step, "seconds": round(seconds, 1), "loss": round(loss, 3)}
+        for key, values in window.items():
+            record[key] = float(np.mean(values))
+        for name, params in groups.items():
+            moved = _norm([p - q for p, q in zip(params, before[name])])
+            record[f"moved_{name}"] = moved / max(_norm(params), 1e-12)
+        images, points = faces
+        landmarks = landmark_tracking.predict_landmarks(model.landmark_cnn, images)
+        record["score_d1"] = landmark_tracking.tracking_score(landmarks, points)
+        record["spread_px"] = landmark_tracking.spread(landmarks)
+        with torch.no_grad():
+            model.landmark_cnn.eval()
+            from lafs.eval.embed import to_model_input
+            raw = model.landmark_cnn.raw_outputs(to_model_input(images[:100], stage.device))
+            model.landmark_cnn.train()
+        record["raw_spread"] = float(raw.std(dim=0).mean())
+        record["raw_range"] = float((raw.amax(1) - raw.amin(1)).mean())
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+        window.clear()
+
+    end = stage.total_steps if args.steps is None else min(args.steps, stage.total_steps)
+    batches = _micro_batches(loader, batch_sampler, micro_per_epoch, 0)
+    before, started, losses = snapshot(), time.perf_counter(), []
+    report(0, before, 0.0, math.nan)
+    for step in range(end):
+        metrics = stage.train_step([next(batches)], step)
+        losses.append(metrics["loss"])
+        if (step + 1) % args.every == 0 or step + 1 == end:
+            report(step + 1, before, time.perf_counter() - started, float(np.mean(losses)))
+            before, losses = snapshot(), []
+    accuracy = stage.validate()
+    results = landmark_tracking.measure(model.landmark_cnn, [cfg.data.synthetic.difficulty, 1.0],
+                                        cfg.data.synthetic.colours)
+    print(json.dumps({"final_step": end, "verification": accuracy.get("accuracy"),
+                      **{k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()},
+                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
