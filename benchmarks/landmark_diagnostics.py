@@ -16,6 +16,14 @@ Trains the supervised stage of ``lafs/recipes/demo.yaml`` (with the overrides, a
 
 Gradients are recorded inside the real ``train_step`` (the optimizer's step is wrapped), so the
 numbers are those of the training run itself.  One thread (``train.cpu_threads`` of the recipe).
+
+    python benchmarks/landmark_diagnostics.py --alignment RUN [--difficulty 1.0]
+
+instead asks a finished supervised run whether its loss gradient would move the landmarks with the
+face: on training images (their labels, its margin head, eval mode) it takes -dloss/dlandmarks and
+the displacement that would make each landmark follow the face (the affine map from the mean true
+five points to the image's, applied to the landmark, minus the landmark) and prints their cosine,
+averaged over images, beside the same with another image's displacement (chance).
 """
 from __future__ import annotations
 
@@ -79,6 +87,65 @@ def _modify(stage, args) -> None:
         stage.optimizer = torch.optim.AdamW(split, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
+def _affine_displacements(points: np.ndarray, marks: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+    """points [N,5,2] true five points, marks [N,L,2] landmarks -> [N,L,2]: where the affine map from the
+    mean five points (or from ``source`` [N,5,2], e.g. the same faces without pose) to each image's moves
+    each landmark, minus the landmark."""
+    out = np.empty_like(marks)
+    for i in range(len(points)):
+        start = points.mean(axis=0) if source is None else source[i]
+        design = np.concatenate([start, np.ones((5, 1))], axis=1)  # [5, 3]
+        affine, *_ = np.linalg.lstsq(design, points[i], rcond=None)  # [3, 2]
+        out[i] = np.concatenate([marks[i], np.ones((marks.shape[1], 1))], axis=1) @ affine - marks[i]
+    return out
+
+
+def alignment(run: Path, difficulty: float, count: int = 256) -> dict:
+    """Cosine between -dloss/dlandmarks and the face-following displacement (see the module docstring)."""
+    from lafs.data import SyntheticFaces
+    from lafs.models import load_model
+    from lafs.train.heads import build_margin_head
+    from lafs_kernels import landmark_patch_gather
+
+    tree = config_mod.load_recipe(str(run / "config.yaml"))
+    cfg = config_mod.resolve_stage("supervised", tree, source=str(run))
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    model = load_model(run)
+    dist = init_distributed()
+    synthetic = cfg.data.synthetic
+    faces = SyntheticFaces(synthetic.identities, synthetic.images_per_identity, seed=cfg.seed,
+                           difficulty=difficulty, colours=synthetic.colours)
+    head = build_margin_head(cfg, model.embedding_dim, faces.num_classes, dist)
+    head.load_state_dict(state["head"])
+    chosen = np.random.default_rng(0).choice(len(faces), count, replace=False)
+    rendered = [faces.render(int(i)) for i in chosen]
+    from lafs.eval.embed import to_model_input
+
+    images = to_model_input(np.stack([r[0] for r in rendered]), torch.device("cpu"))
+    labels = torch.tensor([r[1] for r in rendered])
+    points = np.stack([r[2] for r in rendered])
+    model.eval()
+    with torch.no_grad():
+        marks = model.landmark_cnn(images)
+    marks.requires_grad_(True)
+    embeddings = model.transformer(landmark_patch_gather(images, marks, model.patch_size))
+    loss, _ = head(embeddings, labels)
+    (grad,) = torch.autograd.grad(loss * count, marks)
+    push = -grad.numpy().reshape(count, -1)
+    follow = _affine_displacements(points, marks.detach().numpy()).reshape(count, -1)
+    unposed = np.stack([faces.render(int(i), difficulty=difficulty, pose_difficulty=0.0)[2] for i in chosen])
+    pose = _affine_displacements(points, marks.detach().numpy(), unposed).reshape(count, -1)
+
+    def cosine(a, b):
+        return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+
+    other = follow[np.roll(np.arange(count), 1)]
+    return {"run": str(run), "difficulty": difficulty, "loss": float(loss.detach()),
+            "cosine": cosine(push, follow), "cosine_pose": cosine(push, pose),
+            "cosine_other_image": cosine(push, other), "grad_rms": float(np.sqrt((push ** 2).mean())),
+            "follow_rms_px": float(np.sqrt((follow ** 2).mean())), "pose_rms_px": float(np.sqrt((pose ** 2).mean()))}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*")
@@ -86,6 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     parser.add_argument("--faces", type=int, default=200)
     parser.add_argument("--config", default="demo")
+    parser.add_argument("--alignment", type=Path, default=None, help="a finished supervised run folder")
+    parser.add_argument("--difficulty", type=float, default=1.0)
     # Experiments on the landmark CNN before they become recipe options:
     parser.add_argument("--landmark-lr-scale", type=float, default=1.0, help="lr multiplier of the landmark CNN")
     parser.add_argument("--head-lr-scale", type=float, default=None,
@@ -96,6 +165,10 @@ def main(argv=None) -> None:
                              "original's); grid_random: bias = grid, weight random with std --head-init-std")
     parser.add_argument("--head-init-std", type=float, default=0.01)
     args = parser.parse_args(argv)
+    if args.alignment is not None:
+        torch.set_num_threads(1)
+        print(json.dumps(alignment(args.alignment, args.difficulty)), flush=True)
+        return
 
     tree = config_mod.load_recipe(args.config)
     if config_mod.is_demo_recipe(tree):

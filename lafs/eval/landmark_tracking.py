@@ -28,12 +28,13 @@ RIDGE_ALPHAS = tuple(np.logspace(-3, 4, 15))
 
 
 def tracking_faces(difficulty: float, colours: str = "per_image", count: int = TRACKING_FACES,
-                   seed: int = TRACKING_SEED, identity_offset: int = TRACKING_IDENTITY_OFFSET):
+                   pose_difficulty: float | None = None, seed: int = TRACKING_SEED,
+                   identity_offset: int = TRACKING_IDENTITY_OFFSET):
     """``count`` held-out synthetic faces, one per identity: (images uint8 [N,112,112,3], points float32 [N,5,2])."""
     from lafs.data import SyntheticFaces
 
     faces = SyntheticFaces(count, 1, seed=seed, identity_offset=identity_offset, difficulty=difficulty,
-                           colours=colours)
+                           colours=colours, pose_difficulty=pose_difficulty)
     rendered = [faces.render(i) for i in range(count)]
     return np.stack([r[0] for r in rendered]), np.stack([r[2] for r in rendered]).astype(np.float32)
 
@@ -86,25 +87,41 @@ def tracking_score(landmarks: np.ndarray, points: np.ndarray, folds: int = 5, se
     return float(r2_score(targets, predicted, multioutput="variance_weighted"))
 
 
-def measure(landmark_cnn: torch.nn.Module, difficulties, colours: str = "per_image", device=None,
+def _setting(item) -> tuple[float, float | None]:
+    difficulty, pose = item if isinstance(item, (tuple, list)) else (item, None)
+    difficulty = float(difficulty)
+    pose = None if pose is None or float(pose) == difficulty else float(pose)
+    return difficulty, pose
+
+
+def measure(landmark_cnn: torch.nn.Module, settings, colours: str = "per_image", device=None,
             count: int = TRACKING_FACES, keep: bool = False) -> dict:
-    """Tracking score and spreads at each difficulty: ``{"difficulty_<d>": {"difficulty", "score",
-    "spread_px", "true_spread_px", "faces"}}``; with ``keep`` each entry also holds ``images``,
-    ``points`` and ``landmarks`` (for the picture)."""
+    """Tracking score and spreads for each setting (a difficulty, or a pair (difficulty, pose_difficulty)):
+    ``{"difficulty_<d>[_pose_<p>]": {"difficulty", "pose_difficulty", "score", "spread_px", "true_spread_px",
+    "faces"}}``; with ``keep`` each entry also holds ``images``, ``points`` and ``landmarks`` (for the picture)."""
     results = {}
-    for difficulty in dict.fromkeys(float(d) for d in difficulties):
-        images, points = tracking_faces(difficulty, colours, count)
+    for difficulty, pose in dict.fromkeys(_setting(item) for item in settings):
+        images, points = tracking_faces(difficulty, colours, count, pose_difficulty=pose)
         landmarks = predict_landmarks(landmark_cnn, images, device)
-        entry = {"difficulty": difficulty, "score": tracking_score(landmarks, points),
-                 "spread_px": spread(landmarks), "true_spread_px": spread(points), "faces": int(count)}
+        entry = {"difficulty": difficulty, "pose_difficulty": difficulty if pose is None else pose,
+                 "score": tracking_score(landmarks, points), "spread_px": spread(landmarks),
+                 "true_spread_px": spread(points), "faces": int(count)}
         if keep:
             entry.update(images=images, points=points, landmarks=landmarks)
-        results[f"difficulty_{difficulty:g}"] = entry
+        results[f"difficulty_{difficulty:g}" + ("" if pose is None else f"_pose_{pose:g}")] = entry
     return results
+
+
+def setting_name(entry: dict) -> str:
+    """``difficulty 0.2`` or ``difficulty 0.2 (pose 1)``."""
+    name = f"difficulty {entry['difficulty']:g}"
+    if entry["pose_difficulty"] != entry["difficulty"]:
+        name += f" (pose {entry['pose_difficulty']:g})"
+    return name
 
 
 def summary_line(results: dict) -> str:
     """One log line: ``landmark tracking R^2 0.93 (difficulty 0.2), ...; spread 3.1 px (true 2.1 px), ...``."""
-    parts = [f"R^2 {r['score']:.3f} at difficulty {r['difficulty']:g} (landmark spread {r['spread_px']:.2f} px, "
+    parts = [f"R^2 {r['score']:.3f} at {setting_name(r)} (landmark spread {r['spread_px']:.2f} px, "
              f"true five points {r['true_spread_px']:.2f} px)" for r in results.values()]
     return "landmark tracking: " + "; ".join(parts)

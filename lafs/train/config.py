@@ -68,6 +68,10 @@ COMMON = [
          "image ('per_image': colour never identifies anybody) or once per identity ('per_identity', as real "
          "people keep theirs; small per-image variation). Backgrounds are per image in both.",
          choices=("per_image", "per_identity")),
+    _opt("data.synthetic.pose_difficulty", None, "Strength of the pose nuisances alone (in-plane rotation, scale, "
+         "shift, yaw) of the synthetic set, training and held-out; null: data.synthetic.difficulty. A wide pose "
+         "range with mild lighting, blur and noise gives the landmark CNN poses to follow.", float, nullable=True,
+         minimum=0.0, maximum=3.0),
     _opt("data.synthetic.difficulty_warmup_epochs", 0.0, "Curriculum: the training images' nuisances ramp "
          "linearly from none to data.synthetic.difficulty over this many epochs (each image keeps its own random "
          "draw, scaled); held-out pairs always use the full difficulty. 0: full difficulty from the start.", float,
@@ -103,6 +107,9 @@ COMMON = [
          float, minimum=0.0),
     _opt("optim.landmark_weight_decay", 0.05, "AdamW weight decay of the landmark CNN's weights.", float,
          minimum=0.0),
+    _opt("optim.landmark_lr_scale", 1.0, "Learning-rate multiplier of the landmark CNN (trunk and head). Its head "
+         "outputs pixels, so with AdamW's steps of about lr per weight it moves the landmarks slowly; the original "
+         "trains it at the transformer's lr.", float, minimum=0.0),
     _opt("optim.layer_decay", 1.0, "Layer-wise learning-rate decay: block i of D gets lr x decay^(D + 1 - i); "
          "the embedding and landmark CNN get decay^(D + 1). 1 disables it; the paper fine-tunes with 0.58.",
          float, minimum=0.0, maximum=1.0),

@@ -117,8 +117,10 @@ def format_table(summary: dict) -> str:
                      f"{retrieval:.3f}")
     tracking = summary["stages"]["supervised"].get("landmark_tracking")
     if tracking:
+        from lafs.eval.landmark_tracking import setting_name
+
         lines.append("supervised landmark tracking R^2 (held-out faces): " + ", ".join(
-            f"{t['score']:.3f} at difficulty {t['difficulty']:g}" for t in tracking.values()))
+            f"{t['score']:.3f} at {setting_name(t)}" for t in tracking.values()))
     fs = summary["few_shot"]
     if fs["lafs_minus_scratch"] is not None:
         lines.append(f"few-shot ({fs['images_per_identity']} images per identity): LAFS - scratch = "

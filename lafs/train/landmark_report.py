@@ -24,8 +24,9 @@ def report(model, cfg, run, sample_images, *, step: int, device=None) -> dict | 
         if cfg.train.plots:
             plots.landmarks(model, sample_images, run.path / "landmarks.png", device=device)
         return None
-    difficulties = [cfg.data.synthetic.difficulty, REPORTED_DIFFICULTY]
-    results = landmark_tracking.measure(model.landmark_cnn, difficulties, cfg.data.synthetic.colours,
+    synthetic = cfg.data.synthetic
+    settings = [(synthetic.difficulty, synthetic.pose_difficulty), REPORTED_DIFFICULTY]
+    results = landmark_tracking.measure(model.landmark_cnn, settings, synthetic.colours,
                                         device=device, keep=cfg.train.plots)
     print(landmark_tracking.summary_line(results), flush=True)
     if cfg.train.plots:

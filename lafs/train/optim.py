@@ -23,13 +23,15 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight_decay: float,
-                 layer_decay: float, head: torch.nn.Module | None = None) -> list[dict]:
+                 layer_decay: float, head: torch.nn.Module | None = None,
+                 landmark_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups for a PartFViT (``model.landmark_cnn``, ``model.transformer``) and its margin head.
 
     Each group carries ``lr_scale`` (multiplied with the scheduled lr each step)
     and ``weight_decay``. Block ``i`` of a depth-D transformer gets
     ``layer_decay ** (D + 1 - (i + 1))``; the embedding and the landmark CNN
-    get ``layer_decay ** (D + 1)``; the final norm and the margin head 1.
+    get ``layer_decay ** (D + 1)``, the landmark CNN times ``landmark_lr_scale``;
+    the final norm and the margin head 1.
     """
     transformer = model.transformer
     top = transformer.num_layer_groups - 1
@@ -42,7 +44,8 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight
 
     for name, param in model.landmark_cnn.named_parameters():
         if param.requires_grad:
-            add(param, layer_decay ** top, 0.0 if _no_weight_decay(name, param) else landmark_weight_decay)
+            add(param, layer_decay ** top * landmark_lr_scale,
+                0.0 if _no_weight_decay(name, param) else landmark_weight_decay)
     for name, param in transformer.named_parameters():
         if param.requires_grad:
             scale = layer_decay ** (top - transformer.layer_id(name))

@@ -104,6 +104,8 @@ def landmark_tracking(results: dict, path: Path, patch: int = 8, columns: int = 
     last (hardest) difficulty."""
     import numpy as np
 
+    from lafs.eval.landmark_tracking import setting_name
+
     entry = list(results.values())[-1]
     images, points, marks = entry["images"], entry["points"], entry["landmarks"]
     mean = marks.mean(axis=0)
@@ -131,7 +133,7 @@ def landmark_tracking(results: dict, path: Path, patch: int = 8, columns: int = 
         ax.scatter(points[index, :, 0], points[index, :, 1], s=30, c="cyan", marker="+", linewidths=0.8)
         eyes = points[index, 1] - points[index, 0]
         ax.set_title(f"face {index}: roll {np.degrees(np.arctan2(eyes[1], eyes[0])):+.0f} deg", fontsize=8)
-    scores = ", ".join(f"{r['score']:.2f} at difficulty {r['difficulty']:g}" for r in results.values())
+    scores = ", ".join(f"{r['score']:.2f} at {setting_name(r)}" for r in results.values())
     fig.suptitle(f"predicted landmarks ({marks.shape[1]}, {patch}x{patch} patches) on held-out faces: red; "
                  f"true five points: cyan\nlandmark tracking R^2 {scores}", fontsize=9)
     fig.tight_layout()

@@ -43,7 +43,8 @@ class SupervisedStage(Stage):
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
         groups = param_groups(self.model, weight_decay=cfg.optim.weight_decay,
                               landmark_weight_decay=cfg.optim.landmark_weight_decay,
-                              layer_decay=cfg.optim.layer_decay, head=self.head)
+                              layer_decay=cfg.optim.layer_decay, head=self.head,
+                              landmark_lr_scale=cfg.optim.landmark_lr_scale)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
