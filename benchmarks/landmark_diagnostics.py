@@ -155,6 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="demo")
     parser.add_argument("--alignment", type=Path, default=None, help="a finished supervised run folder")
     parser.add_argument("--difficulty", type=float, default=1.0)
+    parser.add_argument("--save", type=Path, default=None, help="write the trained model (lafs/v1 dict) here")
     # Experiments on the landmark CNN before they become recipe options:
     parser.add_argument("--landmark-lr-scale", type=float, default=1.0, help="lr multiplier of the landmark CNN")
     parser.add_argument("--head-lr-scale", type=float, default=None,
@@ -253,6 +254,10 @@ def main(argv=None) -> None:
             report(step + 1, before, time.perf_counter() - started, float(np.mean(losses)))
             before, losses = snapshot(), []
     accuracy = stage.validate()
+    if args.save is not None:
+        from lafs.models.checkpoint import atomic_save, model_to_dict
+
+        atomic_save({"model": model_to_dict(model), "head": head.state_dict()}, args.save)
     results = landmark_tracking.measure(model.landmark_cnn, [cfg.data.synthetic.difficulty, 1.0],
                                         cfg.data.synthetic.colours)
     print(json.dumps({"final_step": end, "verification": accuracy.get("accuracy"),
