@@ -58,7 +58,7 @@ def _norm(tensors) -> float:
 
 
 def _modify(stage, args) -> None:
-    """Apply the experiment flags to a built stage (rebuilding its optimizer when the lr groups change)."""
+    """Apply the experiment flags to a built stage."""
     cnn = stage.model.landmark_cnn
     linear = cnn.output_layer[1]
     if args.head_dropout is not None:
@@ -67,83 +67,6 @@ def _modify(stage, args) -> None:
         linear.reset_parameters()
     elif args.head_init == "grid_random":
         torch.nn.init.normal_(linear.weight, std=args.head_init_std)
-    head_scale = args.landmark_lr_scale if args.head_lr_scale is None else args.head_lr_scale
-    if args.landmark_lr_scale != 1.0 or head_scale != 1.0:
-        cfg = stage.cfg
-        from lafs.train.optim import param_groups
-
-        groups = param_groups(stage.model, weight_decay=cfg.optim.weight_decay,
-                              landmark_weight_decay=cfg.optim.landmark_weight_decay,
-                              layer_decay=cfg.optim.layer_decay, head=stage.head)
-        trunk = {id(p) for p in cnn.features.parameters()}
-        head = {id(p) for p in cnn.output_layer.parameters()}
-        split = []
-        for group in groups:
-            for ids, scale in ((trunk, args.landmark_lr_scale), (head, head_scale), (None, 1.0)):
-                params = [p for p in group["params"] if (id(p) in ids if ids is not None
-                                                         else id(p) not in trunk | head)]
-                if params:
-                    split.append({**group, "params": params, "lr_scale": group["lr_scale"] * scale})
-        stage.optimizer = torch.optim.AdamW(split, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-
-
-def _affine_displacements(points: np.ndarray, marks: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
-    """points [N,5,2] true five points, marks [N,L,2] landmarks -> [N,L,2]: where the affine map from the
-    mean five points (or from ``source`` [N,5,2], e.g. the same faces without pose) to each image's moves
-    each landmark, minus the landmark."""
-    out = np.empty_like(marks)
-    for i in range(len(points)):
-        start = points.mean(axis=0) if source is None else source[i]
-        design = np.concatenate([start, np.ones((5, 1))], axis=1)  # [5, 3]
-        affine, *_ = np.linalg.lstsq(design, points[i], rcond=None)  # [3, 2]
-        out[i] = np.concatenate([marks[i], np.ones((marks.shape[1], 1))], axis=1) @ affine - marks[i]
-    return out
-
-
-def alignment(run: Path, difficulty: float, count: int = 256) -> dict:
-    """Cosine between -dloss/dlandmarks and the face-following displacement (see the module docstring)."""
-    from lafs.data import SyntheticFaces
-    from lafs.models import load_model
-    from lafs.train.heads import build_margin_head
-    from lafs_kernels import landmark_patch_gather
-
-    tree = config_mod.load_recipe(str(run / "config.yaml"))
-    cfg = config_mod.resolve_stage("supervised", tree, source=str(run))
-    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    model = load_model(run)
-    dist = init_distributed()
-    synthetic = cfg.data.synthetic
-    faces = SyntheticFaces(synthetic.identities, synthetic.images_per_identity, seed=cfg.seed,
-                           difficulty=difficulty, colours=synthetic.colours)
-    head = build_margin_head(cfg, model.embedding_dim, faces.num_classes, dist)
-    head.load_state_dict(state["head"])
-    chosen = np.random.default_rng(0).choice(len(faces), count, replace=False)
-    rendered = [faces.render(int(i)) for i in chosen]
-    from lafs.eval.embed import to_model_input
-
-    images = to_model_input(np.stack([r[0] for r in rendered]), torch.device("cpu"))
-    labels = torch.tensor([r[1] for r in rendered])
-    points = np.stack([r[2] for r in rendered])
-    model.eval()
-    with torch.no_grad():
-        marks = model.landmark_cnn(images)
-    marks.requires_grad_(True)
-    embeddings = model.transformer(landmark_patch_gather(images, marks, model.patch_size))
-    loss, _ = head(embeddings, labels)
-    (grad,) = torch.autograd.grad(loss * count, marks)
-    push = -grad.numpy().reshape(count, -1)
-    follow = _affine_displacements(points, marks.detach().numpy()).reshape(count, -1)
-    unposed = np.stack([faces.render(int(i), difficulty=difficulty, pose_difficulty=0.0)[2] for i in chosen])
-    pose = _affine_displacements(points, marks.detach().numpy(), unposed).reshape(count, -1)
-
-    def cosine(a, b):
-        return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
-
-    other = follow[np.roll(np.arange(count), 1)]
-    return {"run": str(run), "difficulty": difficulty, "loss": float(loss.detach()),
-            "cosine": cosine(push, follow), "cosine_pose": cosine(push, pose),
-            "cosine_other_image": cosine(push, other), "grad_rms": float(np.sqrt((push ** 2).mean())),
-            "follow_rms_px": float(np.sqrt((follow ** 2).mean())), "pose_rms_px": float(np.sqrt((pose ** 2).mean()))}
 
 
 def main(argv=None) -> None:
@@ -157,9 +80,6 @@ def main(argv=None) -> None:
     parser.add_argument("--difficulty", type=float, default=1.0)
     parser.add_argument("--save", type=Path, default=None, help="write the trained model (lafs/v1 dict) here")
     # Experiments on the landmark CNN before they become recipe options:
-    parser.add_argument("--landmark-lr-scale", type=float, default=1.0, help="lr multiplier of the landmark CNN")
-    parser.add_argument("--head-lr-scale", type=float, default=None,
-                        help="lr multiplier of the landmark head alone (default: --landmark-lr-scale)")
     parser.add_argument("--head-dropout", type=float, default=None, help="p of the Dropout before the landmark head")
     parser.add_argument("--head-init", choices=("grid", "random", "grid_random"), default="grid",
                         help="grid: zero weight, bias = grid (ours); random: torch's default Linear init (the "

@@ -91,6 +91,9 @@ COMMON = [
          minimum=20),
     _opt("val.bins", [], "Verification .bin files (lfw.bin, cfp_fp.bin, ...) to evaluate on instead of synthetic "
          "pairs; the best checkpoint follows the mean accuracy.", list),
+    _opt("val.landmark_faces", 400, "Held-out synthetic faces (seed 777, identities from 5000) on which the end of a "
+         "supervised or fine-tuning run measures the landmark tracking score (lafs.eval.landmark_tracking); 0 skips "
+         "it. Synthetic data only.", minimum=0),
     _opt("val.batch_size", 128, "Images per forward pass during verification.", minimum=1),
     _opt("model.name", "part_fvit_tiny", "Model preset of lafs.models.create_model (part_fvit_b is the paper's "
          "Part fViT-B; part_fvit_tiny runs on a CPU)."),
@@ -110,6 +113,8 @@ COMMON = [
     _opt("optim.landmark_lr_scale", 1.0, "Learning-rate multiplier of the landmark CNN (trunk and head). Its head "
          "outputs pixels, so with AdamW's steps of about lr per weight it moves the landmarks slowly; the original "
          "trains it at the transformer's lr.", float, minimum=0.0),
+    _opt("optim.landmark_warmup_epochs", 0.0, "Epochs during which the landmark CNN keeps its initial weights "
+         "(lr 0) while the rest trains; its lr then ramps up over optim.warmup_epochs.", float, minimum=0.0),
     _opt("optim.layer_decay", 1.0, "Layer-wise learning-rate decay: block i of D gets lr x decay^(D + 1 - i); "
          "the embedding and landmark CNN get decay^(D + 1). 1 disables it; the paper fine-tunes with 0.58.",
          float, minimum=0.0, maximum=1.0),
@@ -386,6 +391,9 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
             for name in ("train.rec", "train.idx"):
                 if not os.path.isfile(os.path.join(root, name)):
                     fail(f"data.root {root!r} has no {name} (data.source 'rec' needs train.rec and train.idx)")
+    if 0 < cfg.val.landmark_faces < 10:
+        fail(f"val.landmark_faces must be 0 (skip) or at least 10 (5-fold cross-validation); got "
+             f"{cfg.val.landmark_faces}")
     if "loss" in cfg and cfg.loss.partial_fc_sample_rate <= 0:
         fail("loss.partial_fc_sample_rate must be > 0")
     for path in cfg.val.bins:

@@ -14,20 +14,23 @@ from . import plots
 
 REPORTED_DIFFICULTY = 1.0  # besides the recipe's own: the full nuisance strength of SyntheticFaces
 LEFT_OUT = "landmark tracking: left out (real data has no five points to compare the landmarks with)"
+SKIPPED = "landmark tracking: skipped (val.landmark_faces=0)"
 
 
 def report(model, cfg, run, sample_images, *, step: int, device=None) -> dict | None:
-    """Tracking results ``{"difficulty_<d>": {"score", "spread_px", ...}}`` (None on real data)."""
-    if cfg.data.source != "synthetic":
-        print(LEFT_OUT, flush=True)
-        run.log({"step": step, "landmark_tracking": None, "note": LEFT_OUT})
+    """Tracking results ``{"difficulty_<d>": {"score", "spread_px", ...}}`` (None on real data, or with
+    ``val.landmark_faces=0``)."""
+    if cfg.data.source != "synthetic" or cfg.val.landmark_faces == 0:
+        note = LEFT_OUT if cfg.data.source != "synthetic" else SKIPPED
+        print(note, flush=True)
+        run.log({"step": step, "landmark_tracking": None, "note": note})
         if cfg.train.plots:
             plots.landmarks(model, sample_images, run.path / "landmarks.png", device=device)
         return None
     synthetic = cfg.data.synthetic
     settings = [(synthetic.difficulty, synthetic.pose_difficulty), REPORTED_DIFFICULTY]
-    results = landmark_tracking.measure(model.landmark_cnn, settings, synthetic.colours,
-                                        device=device, keep=cfg.train.plots)
+    results = landmark_tracking.measure(model.landmark_cnn, settings, synthetic.colours, device=device,
+                                        count=cfg.val.landmark_faces, keep=cfg.train.plots)
     print(landmark_tracking.summary_line(results), flush=True)
     if cfg.train.plots:
         plots.landmark_tracking(results, run.path / "landmarks.png", patch=model.patch_size)

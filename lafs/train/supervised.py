@@ -20,7 +20,7 @@ from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, build_margin_head
 from .loop import Stage, autocast, autocast_dtype
-from .optim import param_groups, set_lr, warmup_cosine
+from .optim import landmark_warmup, param_groups, set_lr, warmup_cosine
 from .validation import verify_sets
 
 
@@ -65,6 +65,8 @@ class SupervisedStage(Stage):
     def setup_schedules(self) -> None:
         o = self.cfg.optim
         self.lr_schedule = warmup_cosine(o.lr, o.min_lr, self.total_steps, self.warmup_steps)
+        frozen = int(round(o.landmark_warmup_epochs * self.steps_per_epoch))
+        self.landmark_factor = landmark_warmup(self.total_steps, frozen, self.warmup_steps)
 
     def current_lr(self, step: int) -> float:
         return float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
@@ -75,7 +77,7 @@ class SupervisedStage(Stage):
 
     def train_step(self, micro_batches: list, step: int) -> dict:
         cfg = self.cfg
-        set_lr(self.optimizer, self.current_lr(step))
+        set_lr(self.optimizer, self.current_lr(step), self.landmark_factor[min(step, self.total_steps - 1)])
         self.forward_model.train()
         self.head.train()
         accum = len(micro_batches)

@@ -95,3 +95,46 @@ def test_bad_shapes_are_refused(faces):
         lt.tracking_score(np.zeros((10, 49, 2)), points)
     with pytest.raises(ValueError, match="too few"):
         lt.tracking_score(np.zeros((6, 49, 2)), points[:6])
+
+
+# ---------------------------------------------------------------- in a training run
+
+
+def test_a_supervised_run_reports_the_tracking_score(tmp_path):
+    import json
+
+    from lafs.train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["supervised", "--config", "tiny", "train.stop_after_steps=2", "train.plots=true",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tracking = summary["landmark_tracking"]
+    assert set(tracking) == {"difficulty_1"}  # the tiny recipe trains at difficulty 1.0
+    assert tracking["difficulty_1"]["faces"] == 20 and tracking["difficulty_1"]["true_spread_px"] > 3.0
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged[-1]["landmark_tracking"] == tracking and logged[-1]["step"] == 2
+    assert (out / "landmarks.png").stat().st_size > 20_000
+
+
+def test_real_data_leaves_the_score_out_and_says_so(tmp_path, capsys):
+    from types import SimpleNamespace as NS
+
+    from lafs.train import landmark_report
+    from lafs.train.distributed import init_distributed
+    from lafs.train.loop import RunFolder
+
+    cfg = NS(data=NS(source="rec"), val=NS(landmark_faces=400), train=NS(plots=False))
+    run = RunFolder(tmp_path, init_distributed())
+    assert landmark_report.report(None, cfg, run, None, step=7) is None
+    assert "left out" in capsys.readouterr().out
+    assert "no five points" in run.read_log()[-1]["note"] and run.read_log()[-1]["step"] == 7
+
+
+def test_too_few_tracking_faces_are_refused_before_training():
+    from lafs.train import config as config_mod
+
+    tree = config_mod.demo_stage_tree(config_mod.load_recipe("tiny"), "supervised")
+    tree = config_mod.apply_overrides(tree, config_mod.parse_overrides(["val.landmark_faces=5"]))
+    with pytest.raises(config_mod.ConfigError, match="landmark_faces"):
+        config_mod.resolve_stage("supervised", tree)
