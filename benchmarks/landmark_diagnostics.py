@@ -24,6 +24,13 @@ face: on training images (their labels, its margin head, eval mode) it takes -dl
 the displacement that would make each landmark follow the face (the affine map from the mean true
 five points to the image's, applied to the landmark, minus the landmark) and prints their cosine,
 averaged over images, beside the same with another image's displacement (chance).
+
+    python benchmarks/landmark_diagnostics.py --probe [overrides] [--steps N]
+
+asks what the landmark CNN's architecture can learn at all in the recipe's budget: its trunk and a
+linear head on the pooled features (as the landmark head) trained directly on the true five points
+(mean squared error, AdamW at the recipe's lr and schedule, the recipe's batch size, training images
+at the recipe's difficulty and pose) and scored like the tracking score on the 400 held-out faces.
 """
 from __future__ import annotations
 
@@ -69,6 +76,65 @@ def _modify(stage, args) -> None:
         torch.nn.init.normal_(linear.weight, std=args.head_init_std)
 
 
+def probe(cfg, steps: int | None, every: int) -> None:
+    """Train the landmark trunk + a linear head directly on the five points (see the module docstring)."""
+    from lafs.data import SyntheticFaces
+    from lafs.eval.embed import to_model_input
+    from lafs.models import create_landmark_cnn
+    from lafs.train.optim import warmup_cosine
+
+    synthetic = cfg.data.synthetic
+    cnn = create_landmark_cnn(cfg.model.name, **cfg.model.overrides)
+    trunk = cnn.features
+    head = torch.nn.Linear(cnn.output_layer[1].in_features, 10)
+    faces = SyntheticFaces(synthetic.identities, synthetic.images_per_identity, seed=cfg.seed,
+                           difficulty=synthetic.difficulty, colours=synthetic.colours,
+                           pose_difficulty=synthetic.pose_difficulty, cache=True)
+    params = list(trunk.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.landmark_weight_decay)
+    per_epoch = len(faces) // cfg.optim.batch_size
+    total = int(round(cfg.optim.epochs * per_epoch))
+    schedule = warmup_cosine(cfg.optim.lr, cfg.optim.min_lr, total, int(round(cfg.optim.warmup_epochs * per_epoch)))
+    end = total if steps is None else min(steps, total)
+    test_images, test_points = landmark_tracking.tracking_faces(1.0, synthetic.colours)
+    generator = np.random.default_rng(cfg.seed)
+    mean = torch.tensor([[56.0, 62.0]]).repeat(5, 1).reshape(-1)
+    started = time.perf_counter()
+
+    def score():
+        trunk.eval()
+        with torch.no_grad():
+            feats = torch.cat([trunk(to_model_input(test_images[i:i + 100], torch.device("cpu"))).mean(dim=(2, 3))
+                               for i in range(0, len(test_images), 100)])
+            predicted = (head(feats) + mean).reshape(-1, 5, 2).numpy()
+        trunk.train()
+        from sklearn.metrics import r2_score
+
+        direct = r2_score(test_points.reshape(len(test_points), -1), predicted.reshape(len(predicted), -1),
+                          multioutput="variance_weighted")
+        return {"direct_r2_d1": round(float(direct), 4),
+                "tracking_score_d1": round(landmark_tracking.tracking_score(feats.numpy()[:, :, None].repeat(2, 2),
+                                                                             test_points), 4)}
+
+    order = generator.permutation(len(faces))
+    for step in range(end):
+        for group in optimizer.param_groups:
+            group["lr"] = float(schedule[step])
+        batch = order[(step * cfg.optim.batch_size) % (per_epoch * cfg.optim.batch_size):][:cfg.optim.batch_size]
+        rendered = [faces.render(int(i)) for i in batch]
+        images = to_model_input(np.stack([r[0] for r in rendered]), torch.device("cpu"))
+        target = torch.from_numpy(np.stack([r[2] for r in rendered]).reshape(len(batch), -1)) - mean
+        loss = torch.nn.functional.mse_loss(head(trunk(images).mean(dim=(2, 3))), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % per_epoch == 0:
+            order = generator.permutation(len(faces))
+        if (step + 1) % every == 0 or step + 1 == end:
+            print(json.dumps({"step": step + 1, "loss": round(float(loss), 3), **score(),
+                              "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*")
@@ -78,6 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="demo")
     parser.add_argument("--alignment", type=Path, default=None, help="a finished supervised run folder")
     parser.add_argument("--difficulty", type=float, default=1.0)
+    parser.add_argument("--probe", action="store_true", help="train the landmark CNN on the five points directly")
     parser.add_argument("--save", type=Path, default=None, help="write the trained model (lafs/v1 dict) here")
     # Experiments on the landmark CNN before they become recipe options:
     parser.add_argument("--head-dropout", type=float, default=None, help="p of the Dropout before the landmark head")
@@ -98,6 +165,10 @@ def main(argv=None) -> None:
     cfg = config_mod.resolve_stage("supervised", tree, source="diagnostics")
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
+    if args.probe:
+        torch.manual_seed(cfg.seed)
+        probe(cfg, args.steps, args.every)
+        return
     dist = init_distributed()
     seed_everything(cfg.seed, 0)
     run = RunFolder(Path(tempfile.mkdtemp(prefix="lafs_diag_")), dist)
