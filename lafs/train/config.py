@@ -110,9 +110,9 @@ COMMON = [
          float, minimum=0.0),
     _opt("optim.landmark_weight_decay", 0.05, "AdamW weight decay of the landmark CNN's weights.", float,
          minimum=0.0),
-    _opt("optim.landmark_lr_scale", 1.0, "Learning-rate multiplier of the landmark CNN (trunk and head). Its head "
-         "outputs pixels, so with AdamW's steps of about lr per weight it moves the landmarks slowly; the original "
-         "trains it at the transformer's lr.", float, minimum=0.0),
+    _opt("optim.landmark_lr_scale", 1.0, "Learning-rate multiplier of the landmark CNN (trunk and head); the original "
+         "trains it at the transformer's lr (docs/EXPERIMENTS.md: 10 moves the demo's landmarks, but at random).",
+         float, minimum=0.0),
     _opt("optim.landmark_warmup_epochs", 0.0, "Epochs during which the landmark CNN keeps its initial weights "
          "(lr 0) while the rest trains; its lr then ramps up over optim.warmup_epochs.", float, minimum=0.0),
     _opt("optim.layer_decay", 1.0, "Layer-wise learning-rate decay: block i of D gets lr x decay^(D + 1 - i); "

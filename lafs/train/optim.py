@@ -61,7 +61,9 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight
 
 def landmark_warmup(total_steps: int, frozen_steps: int, ramp_steps: int) -> np.ndarray:
     """[total_steps] factors of the landmark CNN's lr: 0 for ``frozen_steps`` (the transformer learns from the
-    initial layout first), then a linear ramp to 1 over ``ramp_steps``."""
+    initial layout first), then a linear ramp to 1 over ``ramp_steps``; all 1 without a warm-up."""
+    if frozen_steps <= 0:
+        return np.ones(total_steps)
     steps = np.arange(total_steps, dtype=np.float64)
     return np.clip((steps - frozen_steps + 1) / max(ramp_steps, 1), 0.0, 1.0) * (steps >= frozen_steps)
 

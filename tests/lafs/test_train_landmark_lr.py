@@ -40,6 +40,7 @@ def test_set_lr_holds_the_landmark_cnn_back_by_its_factor():
 def test_landmark_warmup_is_frozen_then_ramps():
     np.testing.assert_allclose(landmark_warmup(8, 3, 2), [0, 0, 0, 0.5, 1, 1, 1, 1])
     np.testing.assert_allclose(landmark_warmup(4, 0, 0), [1, 1, 1, 1])
+    np.testing.assert_allclose(landmark_warmup(4, 0, 3), [1, 1, 1, 1])  # no warm-up: the lr schedule as it was
     assert landmark_warmup(5, 9, 1).max() == 0.0
 
 
