@@ -77,21 +77,23 @@ def landmarks(model, images: torch.Tensor, path: Path, device=None, columns: int
     plt.close(fig)
 
 
-def _pose_examples(points, count: int = 6) -> list[int]:
-    """Indices of faces at the extremes of roll, yaw and shift, judged from their true five points [N,5,2]:
+def _pose_examples(points, count: int = 7) -> list[tuple[int, str]]:
+    """(index, why) of faces at the extremes of roll, yaw and shift, judged from their true five points [N,5,2]:
     the eye line's angle, the nose tip's offset from the eyes' midpoint, the eyes' midpoint."""
     import numpy as np
 
     points = np.asarray(points, dtype=np.float64)
     eyes = points[:, 1] - points[:, 0]
     middle = (points[:, 0] + points[:, 1]) / 2
-    roll = np.arctan2(eyes[:, 1], eyes[:, 0])
-    yaw = (points[:, 2, 0] - middle[:, 0]) / np.linalg.norm(eyes, axis=1)
-    chosen: list[int] = []
-    for measure in (roll, yaw, middle[:, 0], middle[:, 1]):
-        for index in (int(np.argmin(measure)), int(np.argmax(measure))):
-            if index not in chosen:
-                chosen.append(index)
+    measures = (("roll", np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0])), "deg"),
+                ("yaw: nose", points[:, 2, 0] - middle[:, 0], "px"),
+                ("shift x", middle[:, 0], "px"), ("shift y", middle[:, 1], "px"))
+    chosen: list[tuple[int, str]] = []
+    for name, values, unit in measures:
+        deviation = values - values.mean()
+        for index in (int(np.argmin(deviation)), int(np.argmax(deviation))):
+            if index not in [i for i, _ in chosen]:
+                chosen.append((index, f"{name} {deviation[index]:+.0f} {unit}"))
     return chosen[:count]
 
 
@@ -124,15 +126,14 @@ def landmark_tracking(results: dict, path: Path, patch: int = 8, columns: int = 
     ax.scatter(points[:, :, 0].mean(0), points[:, :, 1].mean(0), s=30, c="cyan", marker="+", linewidths=0.8)
     ax.set_title(f"mean layout of {len(images)} faces\n(circles: spread, mean {entry['spread_px']:.1f} px)",
                  fontsize=8)
-    for ax, index in zip(axes.flat[1:], examples):
+    for ax, (index, why) in zip(axes.flat[1:], examples):
         ax.imshow(images[index], extent=extent)
         ax.plot(np.stack([mean[:, 0], marks[index, :, 0]]), np.stack([mean[:, 1], marks[index, :, 1]]),
                 color="yellow", linewidth=0.7)
         ax.scatter(mean[:, 0], mean[:, 1], s=2, c="0.6")
         ax.scatter(marks[index, :, 0], marks[index, :, 1], s=4, c="red")
         ax.scatter(points[index, :, 0], points[index, :, 1], s=30, c="cyan", marker="+", linewidths=0.8)
-        eyes = points[index, 1] - points[index, 0]
-        ax.set_title(f"face {index}: roll {np.degrees(np.arctan2(eyes[1], eyes[0])):+.0f} deg", fontsize=8)
+        ax.set_title(f"face {index}: {why}", fontsize=8)
     scores = ", ".join(f"{r['score']:.2f} at {setting_name(r)}" for r in results.values())
     fig.suptitle(f"predicted landmarks ({marks.shape[1]}, {patch}x{patch} patches) on held-out faces: red; "
                  f"true five points: cyan\nlandmark tracking R^2 {scores}", fontsize=9)
