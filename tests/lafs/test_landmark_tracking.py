@@ -138,3 +138,19 @@ def test_too_few_tracking_faces_are_refused_before_training():
     tree = config_mod.apply_overrides(tree, config_mod.parse_overrides(["val.landmark_faces=5"]))
     with pytest.raises(config_mod.ConfigError, match="landmark_faces"):
         config_mod.resolve_stage("supervised", tree)
+
+
+def test_the_picture_shows_the_faces_of_extreme_pose(faces):
+    from lafs.train.plots import _pose_examples
+
+    _, points = faces
+    before = dict(_pose_examples(points))
+    turned, moved = [i for i in range(len(points)) if i not in before][:2]
+    changed = points.copy()
+    centre = changed[turned].mean(axis=0)
+    turn = np.array([[np.cos(0.6), -np.sin(0.6)], [np.sin(0.6), np.cos(0.6)]])
+    changed[turned] = (changed[turned] - centre) @ turn.T + centre  # turned by 34 degrees: the most rolled
+    changed[moved] += [25.0, 0.0]  # moved right by 25 px: the largest x shift
+    examples = dict(_pose_examples(changed))
+    assert examples[turned].startswith("roll +") and examples[moved].startswith("shift x +")
+    assert len(examples) <= 7
