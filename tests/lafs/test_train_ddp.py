@@ -27,4 +27,6 @@ def test_two_process_supervised_run(tmp_path):
     assert len(losses) == 2 and all(map(lambda v: v == v and abs(v) < 1e4, losses))
     state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 2 and len(state["rng"]) == 2  # the RNG state of each process
-    assert "val_accuracy" in records[-1]
+    # the final verification, then (main process only) the landmark tracking report
+    assert "val_accuracy" in records[-2] and "landmark_tracking" in records[-1]
+    assert sum("landmark_tracking" in r for r in records) == 1
