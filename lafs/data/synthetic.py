@@ -60,9 +60,14 @@ class SyntheticFaces(torch.utils.data.Dataset):
     identity, and each image only varies them slightly (every other nuisance, the
     background included, is the same draw in both modes).
 
+    ``pose_difficulty`` (default: ``difficulty``) scales the pose nuisances alone (in-plane rotation,
+    scale, shift, yaw), so a set can have a wide pose range and mild lighting, blur and noise; the
+    random draws are the same, so ``pose_difficulty=difficulty`` renders the same images as the default.
+
     ``difficulty_warmup_epochs`` > 0 makes a curriculum for training:
     ``item_at(i, epoch)`` renders image ``i`` with the nuisances of the same
-    random draw scaled down to ``difficulty * min(1, epoch / difficulty_warmup_epochs)``
+    random draw scaled down to ``difficulty * min(1, epoch / difficulty_warmup_epochs)`` (the pose
+    strength by the same factor)
     (clean faces first, the full nuisances from that epoch on); ``dataset[i]``
     always renders at the full ``difficulty``.
 
@@ -72,7 +77,8 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, identity_offset: int = 0,
                  difficulty: float = 1.0, transform=None, cache: bool = False,
-                 difficulty_warmup_epochs: float = 0.0, colours: str = "per_image"):
+                 difficulty_warmup_epochs: float = 0.0, colours: str = "per_image",
+                 pose_difficulty: float | None = None):
         if num_identities < 1 or images_per_identity < 1:
             raise ValueError(f"need at least one identity and one image per identity, got "
                              f"num_identities={num_identities}, images_per_identity={images_per_identity}")
@@ -80,6 +86,8 @@ class SyntheticFaces(torch.utils.data.Dataset):
             raise ValueError(f"seed and identity_offset must be non-negative, got {seed}, {identity_offset}")
         if not 0.0 <= difficulty <= 3.0:
             raise ValueError(f"difficulty must be in [0, 3], got {difficulty}")
+        if pose_difficulty is not None and not 0.0 <= pose_difficulty <= 3.0:
+            raise ValueError(f"pose_difficulty must be in [0, 3] (or None: the difficulty), got {pose_difficulty}")
         if colours not in COLOUR_MODES:
             raise ValueError(f"colours must be one of {COLOUR_MODES}, got {colours!r}")
         if not difficulty_warmup_epochs >= 0.0:
@@ -89,6 +97,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.identity_offset = int(identity_offset)
         self.difficulty = float(difficulty)
+        self.pose_difficulty = None if pose_difficulty is None else float(pose_difficulty)
         self.difficulty_warmup_epochs = float(difficulty_warmup_epochs)
         self.colours = colours
         self.transform = transform
@@ -112,33 +121,42 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def item_at(self, index: int, epoch: int):
         """``dataset[index]`` as training epoch ``epoch`` sees it (rendered at ``difficulty_at(epoch)``)."""
-        image, label, _ = self.render(index, difficulty=self.difficulty_at(epoch))
+        difficulty = self.difficulty_at(epoch)
+        pose = None
+        if self.pose_difficulty is not None:
+            ramp = difficulty / self.difficulty if self.difficulty > 0 else 1.0
+            pose = self.pose_difficulty * ramp
+        image, label, _ = self.render(index, difficulty=difficulty, pose_difficulty=pose)
         return apply_transform(image, self.transform, f"SyntheticFaces item {index}"), label
 
-    def render(self, index: int, difficulty: float | None = None):
+    def render(self, index: int, difficulty: float | None = None, pose_difficulty: float | None = None):
         """Image ``index`` as (rgb uint8 [112,112,3], label, five_points float32 [5,2] in pixels:
         left eye, right eye, nose tip, left mouth corner, right mouth corner).
 
-        ``difficulty`` (default: the data set's) scales the nuisances of the image's own random draw."""
+        ``difficulty`` (default: the data set's) scales the nuisances of the image's own random draw,
+        ``pose_difficulty`` its pose alone (default: the data set's, or ``difficulty`` when that is None)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"SyntheticFaces index {index} out of range for {len(self)} images")
         index = int(index) % len(self)
         difficulty = self.difficulty if difficulty is None else float(difficulty)
+        if pose_difficulty is None:
+            pose_difficulty = difficulty if self.pose_difficulty is None else self.pose_difficulty
+        key = (difficulty, float(pose_difficulty))
         cached = self._cache.get(index) if self._cache is not None else None
-        if cached is not None and cached[0] == difficulty:  # one difficulty per image is kept
+        if cached is not None and cached[0] == key:  # one difficulty per image is kept
             _, image, points = cached
             return image.copy(), int(self.labels[index]), points.copy()
         label, image_number = divmod(index, self.images_per_identity)
         identity = self._identity(label)
         rng = np.random.default_rng([self.seed, 2, self.identity_offset + label, image_number])
-        nuisance = _sample_nuisance(rng, difficulty)
+        nuisance = _sample_nuisance(rng, difficulty, pose_difficulty)
         if self.colours == "per_identity":
             # A stream of its own, so the other nuisances are the same draws as in the per-image mode.
             colour_rng = np.random.default_rng([self.seed, 4, self.identity_offset + label, image_number])
             nuisance.update(_identity_colours(identity, colour_rng))
         image, points = _render_face(identity, nuisance, rng)
         if self._cache is not None:
-            self._cache[index] = (difficulty, image, points)
+            self._cache[index] = (key, image, points)
             image, points = image.copy(), points.copy()
         return image, label, points
 
@@ -264,16 +282,18 @@ def _identity_colours(identity: dict, rng: np.random.Generator) -> dict:
             "hair": identity["hair_level"] * _HAIR_TINT + rng.standard_normal(3) * 3.0}
 
 
-def _sample_nuisance(rng: np.random.Generator, difficulty: float) -> dict:
-    """Per-image nuisances; every strength is proportional to ``difficulty``."""
+def _sample_nuisance(rng: np.random.Generator, difficulty: float, pose: float | None = None) -> dict:
+    """Per-image nuisances; every strength is proportional to ``difficulty``, the pose's to ``pose``
+    (default ``difficulty``)."""
     d = difficulty
+    p = difficulty if pose is None else pose
     n = rng.standard_normal
     skin_level = rng.uniform(0.0, 1.0)
     return {
-        "angle": float(np.clip(n() * 9.0 * d, -25.0, 25.0)),
-        "scale": float(math.exp(np.clip(n() * 0.06 * d, -0.2, 0.2))),
-        "shift": np.clip(n(2) * 2.5 * d, -7.0, 7.0),
-        "yaw": float(np.clip(n() * 0.35 * d, -0.8, 0.8)),
+        "angle": float(np.clip(n() * 9.0 * p, -25.0, 25.0)),
+        "scale": float(math.exp(np.clip(n() * 0.06 * p, -0.2, 0.2))),
+        "shift": np.clip(n(2) * 2.5 * p, -7.0, 7.0),
+        "yaw": float(np.clip(n() * 0.35 * p, -0.8, 0.8)),
         "smile": float(n() * 2.0 * d),
         "mouth_open": float(max(0.0, n() * 2.5 * d)),
         "brow_raise": float(n() * 1.5 * d),

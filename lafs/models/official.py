@@ -204,8 +204,11 @@ def infer_official_config(state: Mapping[str, torch.Tensor]) -> dict:
     """A flat model config (see :mod:`lafs.models.presets`) read from an official state dict's shapes.
 
     Needs the transformer keys; assumes heads of 64 (as every released model)
-    and the MobileNetV3-large landmark trunk.
+    and the MobileNetV3-large landmark trunk. Dropout, embedding dropout and drop
+    path (which no state dict records) are Part fViT-B's, the original's training values.
     """
+    from .presets import PRESETS
+
     try:
         pos = state["pos_embedding"]
         token_dim = state["patch_to_embedding.weight"].shape[1]
@@ -220,4 +223,5 @@ def infer_official_config(state: Mapping[str, torch.Tensor]) -> dict:
             f"unexpected shapes: token width {token_dim} is not 3*P*P, or attention width {inner} is not heads*64")
     return dict(num_landmarks=pos.shape[1] - 1, patch_size=patch, dim=pos.shape[2], depth=depth, heads=inner // 64,
                 dim_head=64, mlp_dim=mlp_dim, image_size=112, landmark_blocks="mobilenet_v3_large",
-                landmark_stem_channels=16)
+                landmark_stem_channels=16,
+                **{k: PRESETS["part_fvit_b"][k] for k in ("dropout", "emb_dropout", "drop_path")})

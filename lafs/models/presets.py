@@ -15,9 +15,10 @@ from .part_fvit import PartFViT
 from .transformer import PartTransformer
 
 PRESETS: dict[str, dict] = {
-    # The architecture of the paper and of the released checkpoints.
+    # The architecture of the paper and of the released checkpoints, with the original's training dropout
+    # (ViT_face_landmark_patch8(dropout=0.1, emb_dropout=0.1) in its training scripts; eval mode ignores it).
     "part_fvit_b": dict(num_landmarks=196, patch_size=8, dim=768, depth=12, heads=11, dim_head=64, mlp_dim=2048,
-                        dropout=0.0, emb_dropout=0.0, drop_path=0.1, image_size=112,
+                        dropout=0.1, emb_dropout=0.1, drop_path=0.1, image_size=112,
                         landmark_blocks="mobilenet_v3_large", landmark_stem_channels=16),
     # CPU demos: same token layout (196 landmarks, 8x8 patches), narrow and shallow.
     "part_fvit_tiny": dict(num_landmarks=196, patch_size=8, dim=96, depth=4, heads=4, dim_head=24, mlp_dim=192,

@@ -20,7 +20,7 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
         dataset = SyntheticFaces(data.synthetic.identities, data.synthetic.images_per_identity, seed=cfg.seed,
                                  difficulty=data.synthetic.difficulty, cache=True,
                                  difficulty_warmup_epochs=data.synthetic.difficulty_warmup_epochs,
-                                 colours=data.synthetic.colours)
+                                 colours=data.synthetic.colours, pose_difficulty=data.synthetic.pose_difficulty)
     elif data.source == "rec":
         from lafs.data import FaceRecordDataset
 
@@ -91,7 +91,7 @@ def build_val_sets(cfg: Config) -> list[ValSet]:
 
     held_out = SyntheticFaces(val.synthetic_identities, val.synthetic_images_per_identity, seed=cfg.seed,
                               identity_offset=_held_out_offset(cfg), difficulty=cfg.data.synthetic.difficulty,
-                              colours=cfg.data.synthetic.colours)
+                              colours=cfg.data.synthetic.colours, pose_difficulty=cfg.data.synthetic.pose_difficulty)
     index, issame = verification_pair_index(held_out, val.pairs, seed=cfg.seed)
     used = np.unique(index)
     images = torch.stack([held_out[int(i)][0] for i in used])

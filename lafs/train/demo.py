@@ -59,6 +59,8 @@ def demo_summary(results: dict, configs: dict, wall_seconds: float) -> dict:
                           "best_accuracy": r.get("best", {}).get("accuracy"), "images_per_s": r["images_per_s"],
                           "train_seconds": r["train_seconds"], "steps": r["steps"],
                           "train_images": r.get("train_images")}
+        if "landmark_tracking" in r:  # supervised and fine-tuning stages (None on real data)
+            stages[folder]["landmark_tracking"] = r["landmark_tracking"]
     # Pretraining's label-free check (lafs.ssl.monitor): absent when val.view_probe is 0.
     for key in ("view_retrieval", "student_view_retrieval"):
         value = results["pretrain"].get("verification", {}).get(key)
@@ -117,6 +119,12 @@ def format_table(summary: dict) -> str:
     if retrieval is not None:
         lines.append(f"pretraining view retrieval (teacher; second view of an image nearest to its first): "
                      f"{retrieval:.3f}")
+    tracking = summary["stages"]["supervised"].get("landmark_tracking")
+    if tracking:
+        from lafs.eval.landmark_tracking import setting_name
+
+        lines.append("supervised landmark tracking R^2 (held-out faces): " + ", ".join(
+            f"{t['score']:.3f} at {setting_name(t)}" for t in tracking.values()))
     fs = summary["few_shot"]
     if fs["lafs_minus_scratch"] is not None:
         lines.append(f"few-shot ({fs['images_per_identity']} images per identity): LAFS - scratch = "

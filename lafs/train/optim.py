@@ -23,26 +23,31 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight_decay: float,
-                 layer_decay: float, head: torch.nn.Module | None = None) -> list[dict]:
+                 layer_decay: float, head: torch.nn.Module | None = None,
+                 landmark_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups for a PartFViT (``model.landmark_cnn``, ``model.transformer``) and its margin head.
 
     Each group carries ``lr_scale`` (multiplied with the scheduled lr each step)
     and ``weight_decay``. Block ``i`` of a depth-D transformer gets
     ``layer_decay ** (D + 1 - (i + 1))``; the embedding and the landmark CNN
-    get ``layer_decay ** (D + 1)``; the final norm and the margin head 1.
+    get ``layer_decay ** (D + 1)``, the landmark CNN times ``landmark_lr_scale``;
+    the final norm and the margin head 1. The landmark CNN's groups are marked
+    ``landmark: True`` (:func:`set_lr` can hold them back during a warm-up).
     """
     transformer = model.transformer
     top = transformer.num_layer_groups - 1
     groups: dict[tuple, dict] = {}
 
-    def add(param, lr_scale, decay):
-        key = (lr_scale, decay)
-        group = groups.setdefault(key, {"params": [], "lr_scale": lr_scale, "weight_decay": decay})
+    def add(param, lr_scale, decay, landmark=False):
+        key = (lr_scale, decay, landmark)
+        group = groups.setdefault(key, {"params": [], "lr_scale": lr_scale, "weight_decay": decay,
+                                        "landmark": landmark})
         group["params"].append(param)
 
     for name, param in model.landmark_cnn.named_parameters():
         if param.requires_grad:
-            add(param, layer_decay ** top, 0.0 if _no_weight_decay(name, param) else landmark_weight_decay)
+            add(param, layer_decay ** top * landmark_lr_scale,
+                0.0 if _no_weight_decay(name, param) else landmark_weight_decay, landmark=True)
     for name, param in transformer.named_parameters():
         if param.requires_grad:
             scale = layer_decay ** (top - transformer.layer_id(name))
@@ -54,10 +59,20 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight
     return list(groups.values())
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Scheduled lr times each group's layer-decay ``lr_scale``."""
+def landmark_warmup(total_steps: int, frozen_steps: int, ramp_steps: int) -> np.ndarray:
+    """[total_steps] factors of the landmark CNN's lr: 0 for ``frozen_steps`` (the transformer learns from the
+    initial layout first), then a linear ramp to 1 over ``ramp_steps``; all 1 without a warm-up."""
+    if frozen_steps <= 0:
+        return np.ones(total_steps)
+    steps = np.arange(total_steps, dtype=np.float64)
+    return np.clip((steps - frozen_steps + 1) / max(ramp_steps, 1), 0.0, 1.0) * (steps >= frozen_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, landmark_factor: float = 1.0) -> None:
+    """Scheduled lr times each group's layer-decay ``lr_scale`` (and ``landmark_factor`` for the landmark CNN)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        factor = landmark_factor if group.get("landmark", False) else 1.0
+        group["lr"] = lr * group.get("lr_scale", 1.0) * factor
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ from torchvision.transforms import v2
 from lafs.models import create_model
 from lafs.models.checkpoint import model_to_dict
 
-from . import plots
+from . import landmark_report, plots
 from .checkpoints import ResumeError
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
 from .heads import OriginalPathModel, ShardedHead, build_margin_head, centre_parameter
-from .optim import clip_grad_norm_global, param_groups, set_lr, warmup_cosine
+from .optim import clip_grad_norm_global, landmark_warmup, param_groups, set_lr, warmup_cosine
 from .precision import autocast, autocast_dtype
 from .stage import Stage
 from .validation import verify_sets
@@ -46,7 +46,8 @@ class SupervisedStage(Stage):
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
         groups = param_groups(self.model, weight_decay=cfg.optim.weight_decay,
                               landmark_weight_decay=cfg.optim.landmark_weight_decay,
-                              layer_decay=cfg.optim.layer_decay, head=self.head)
+                              layer_decay=cfg.optim.layer_decay, head=self.head,
+                              landmark_lr_scale=cfg.optim.landmark_lr_scale)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.sharded = isinstance(self.head, ShardedHead)
         head_ids = {id(p) for p in self.head.parameters()}
@@ -71,6 +72,8 @@ class SupervisedStage(Stage):
     def setup_schedules(self) -> None:
         o = self.cfg.optim
         self.lr_schedule = warmup_cosine(o.lr, o.min_lr, self.total_steps, self.warmup_steps)
+        frozen = int(round(o.landmark_warmup_epochs * self.steps_per_epoch))
+        self.landmark_factor = landmark_warmup(self.total_steps, frozen, self.warmup_steps)
 
     def current_lr(self, step: int) -> float:
         return float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
@@ -81,7 +84,7 @@ class SupervisedStage(Stage):
 
     def train_step(self, micro_batches: list, step: int) -> dict:
         cfg = self.cfg
-        set_lr(self.optimizer, self.current_lr(step))
+        set_lr(self.optimizer, self.current_lr(step), self.landmark_factor[min(step, self.total_steps - 1)])
         self.forward_model.train()
         if cfg.train.frozen_batch_norm:
             freeze_batch_norms(self.model)
@@ -191,8 +194,8 @@ class SupervisedStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            plots.landmarks(self.model, self.val_sets[0].sample_images(), self.run.path / "landmarks.png",
-                            device=self.device)
+        summary["landmark_tracking"] = landmark_report.report(
+            self.model, self.cfg, self.run, self.val_sets[0].sample_images(), step=summary["steps"], device=self.device)
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary

@@ -201,3 +201,27 @@ def test_per_identity_colours_keep_each_identitys_skin_and_change_nothing_else(r
             assert within > 0.8 * between, (within, between)
     with pytest.raises(ValueError, match="colours"):
         SyntheticFaces(2, 2, colours="per_face")
+
+
+def test_pose_difficulty_scales_the_pose_alone(rng):
+    seed = seed_from(rng) % 10_000
+    i = int(torch.randint(0, 6, (1,), generator=rng))
+    plain = SyntheticFaces(2, 3, seed=seed, difficulty=0.3)
+    same = SyntheticFaces(2, 3, seed=seed, difficulty=0.3, pose_difficulty=0.3)
+    wide = SyntheticFaces(2, 3, seed=seed, difficulty=0.3, pose_difficulty=1.5, cache=True)
+    both = SyntheticFaces(2, 3, seed=seed, difficulty=1.5)
+    np.testing.assert_array_equal(plain.render(i)[0], same.render(i)[0])
+    # eyes and nose tip depend on pose (and the identity) only (the mouth corners on the expression too):
+    # wide pose at difficulty 0.3 puts them where difficulty 1.5 does, with the lighting, blur and noise of 0.3
+    np.testing.assert_allclose(wide.render(i)[2][:3], both.render(i)[2][:3], atol=1e-4)
+    assert not np.allclose(wide.render(i)[2], plain.render(i)[2], atol=0.05)
+    assert not np.array_equal(wide.render(i)[0], both.render(i)[0])
+    # render() can ask for another pose strength; the cache keeps one (difficulty, pose) per image
+    np.testing.assert_array_equal(wide.render(i, difficulty=0.3, pose_difficulty=0.3)[0], plain.render(i)[0])
+    np.testing.assert_allclose(wide.render(i)[2][:3], both.render(i)[2][:3], atol=1e-4)
+    # the curriculum ramps the pose with the other nuisances
+    ramp = SyntheticFaces(2, 3, seed=seed, difficulty=0.3, pose_difficulty=1.5, difficulty_warmup_epochs=2)
+    half = SyntheticFaces(2, 3, seed=seed, difficulty=0.15, pose_difficulty=0.75)
+    assert torch.equal(ramp.item_at(i, 1)[0], half[i][0])
+    with pytest.raises(ValueError, match="pose_difficulty"):
+        SyntheticFaces(2, 2, pose_difficulty=-0.5)

@@ -269,6 +269,23 @@ def test_landmark_head_starts_as_a_fixed_grid(rng):
     assert landmarks[0].min() == 0 and landmarks[0].max() == 111
 
 
+def test_part_fvit_b_trains_with_the_originals_dropout(rng):
+    """The original builds Part fViT-B with dropout=0.1, emb_dropout=0.1 (and drop path 0.1) for training;
+    in eval mode none of them acts, so embeddings are deterministic."""
+    model = create_model("part_fvit_b", depth=1)
+    rates = {type(m).__name__ + str(m.p) for m in model.transformer.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {"Dropout0.1"}
+    assert model.transformer.dropout.p == 0.1
+    assert model.transformer.arch_config()["dropout"] == 0.1
+    assert model.transformer.arch_config()["emb_dropout"] == 0.1
+    x = images(rng, 2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
 def test_presets_reject_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown model"):
         create_model("part_fvit_xl")

@@ -29,3 +29,7 @@ def test_torchrun_two_processes_run_every_stage_of_the_tiny_demo(tmp_path):
         assert state["world_size"] == 2 and len(state["rng"]) == 2, stage
         if stage != "pretrain":  # each process's class-centre shard, named by last.pt
             assert [(out / stage / "checkpoints" / f).is_file() for f in state["head"]["files"]] == [True, True]
+    records = [json.loads(line) for line in (out / "supervised" / "log.jsonl").read_text().splitlines()]
+    # the final verification, then (main process only) the landmark tracking report
+    assert "val_accuracy" in records[-2] and "landmark_tracking" in records[-1]
+    assert sum("landmark_tracking" in r for r in records) == 1

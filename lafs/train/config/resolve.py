@@ -70,6 +70,9 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
             for name in ("train.rec", "train.idx"):
                 if not os.path.isfile(os.path.join(root, name)):
                     fail(f"data.root {root!r} has no {name} (data.source 'rec' needs train.rec and train.idx)")
+    if 0 < cfg.val.landmark_faces < 10:
+        fail(f"val.landmark_faces must be 0 (skip) or at least 10 (5-fold cross-validation); got "
+             f"{cfg.val.landmark_faces}")
     if "loss" in cfg and cfg.loss.partial_fc_sample_rate <= 0:
         fail("loss.partial_fc_sample_rate must be > 0")
     for path in cfg.val.bins:

@@ -52,6 +52,10 @@ COMMON = [
          "image ('per_image': colour never identifies anybody) or once per identity ('per_identity', as real "
          "people keep theirs; small per-image variation). Backgrounds are per image in both.",
          choices=("per_image", "per_identity")),
+    _opt("data.synthetic.pose_difficulty", None, "Strength of the pose nuisances alone (in-plane rotation, scale, "
+         "shift, yaw) of the synthetic set, training and held-out; null: data.synthetic.difficulty. A wide pose "
+         "range with mild lighting, blur and noise gives the landmark CNN poses to follow.", float, nullable=True,
+         minimum=0.0, maximum=3.0),
     _opt("data.synthetic.difficulty_warmup_epochs", 0.0, "Curriculum: the training images' nuisances ramp "
          "linearly from none to data.synthetic.difficulty over this many epochs (each image keeps its own random "
          "draw, scaled); held-out pairs always use the full difficulty. 0: full difficulty from the start.", float,
@@ -71,6 +75,9 @@ COMMON = [
          minimum=20),
     _opt("val.bins", [], "Verification .bin files (lfw.bin, cfp_fp.bin, ...) to evaluate on instead of synthetic "
          "pairs; the best checkpoint follows the mean accuracy.", list),
+    _opt("val.landmark_faces", 400, "Held-out synthetic faces (seed 777, identities from 5000) on which the end of a "
+         "supervised or fine-tuning run measures the landmark tracking score (lafs.eval.landmark_tracking); 0 skips "
+         "it. Synthetic data only.", minimum=0),
     _opt("val.batch_size", 128, "Images per forward pass during verification.", minimum=1),
     _opt("model.name", "part_fvit_tiny", "Model preset of lafs.models.create_model (part_fvit_b is the paper's "
          "Part fViT-B; part_fvit_tiny runs on a CPU)."),
@@ -87,6 +94,11 @@ COMMON = [
          float, minimum=0.0),
     _opt("optim.landmark_weight_decay", 0.05, "AdamW weight decay of the landmark CNN's weights.", float,
          minimum=0.0),
+    _opt("optim.landmark_lr_scale", 1.0, "Learning-rate multiplier of the landmark CNN (trunk and head); the original "
+         "trains it at the transformer's lr (docs/EXPERIMENTS.md: 10 moves the demo's landmarks, but at random).",
+         float, minimum=0.0),
+    _opt("optim.landmark_warmup_epochs", 0.0, "Epochs during which the landmark CNN keeps its initial weights "
+         "(lr 0) while the rest trains; its lr then ramps up over optim.warmup_epochs.", float, minimum=0.0),
     _opt("optim.layer_decay", 1.0, "Layer-wise learning-rate decay: block i of D gets lr x decay^(D + 1 - i); "
          "the embedding and landmark CNN get decay^(D + 1). 1 disables it; the paper fine-tunes with 0.58.",
          float, minimum=0.0, maximum=1.0),
