@@ -17,14 +17,6 @@ Trains the supervised stage of ``lafs/recipes/demo.yaml`` (with the overrides, a
 Gradients are recorded inside the real ``train_step`` (the optimizer's step is wrapped), so the
 numbers are those of the training run itself.  One thread (``train.cpu_threads`` of the recipe).
 
-    python benchmarks/landmark_diagnostics.py --alignment RUN [--difficulty 1.0]
-
-instead asks a finished supervised run whether its loss gradient would move the landmarks with the
-face: on training images (their labels, its margin head, eval mode) it takes -dloss/dlandmarks and
-the displacement that would make each landmark follow the face (the affine map from the mean true
-five points to the image's, applied to the landmark, minus the landmark) and prints their cosine,
-averaged over images, beside the same with another image's displacement (chance).
-
     python benchmarks/landmark_diagnostics.py --probe [overrides] [--steps N]
 
 asks what the landmark CNN's architecture can learn at all in the recipe's budget: its trunk and a
@@ -48,7 +40,9 @@ import torch
 from lafs.eval import landmark_tracking
 from lafs.train import config as config_mod
 from lafs.train.distributed import init_distributed
-from lafs.train.loop import RunFolder, _micro_batches, seed_everything
+from lafs.train.randomness import seed_everything
+from lafs.train.run_folder import RunFolder
+from lafs.train.sampling import micro_batches
 from lafs.train.supervised import SupervisedStage
 
 
@@ -142,8 +136,6 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     parser.add_argument("--faces", type=int, default=200)
     parser.add_argument("--config", default="demo")
-    parser.add_argument("--alignment", type=Path, default=None, help="a finished supervised run folder")
-    parser.add_argument("--difficulty", type=float, default=1.0)
     parser.add_argument("--probe", action="store_true", help="train the landmark CNN on the five points directly")
     parser.add_argument("--save", type=Path, default=None, help="write the trained model (lafs/v1 dict) here")
     # Experiments on the landmark CNN before they become recipe options:
@@ -153,11 +145,6 @@ def main(argv=None) -> None:
                              "original's); grid_random: bias = grid, weight random with std --head-init-std")
     parser.add_argument("--head-init-std", type=float, default=0.01)
     args = parser.parse_args(argv)
-    if args.alignment is not None:
-        torch.set_num_threads(1)
-        print(json.dumps(alignment(args.alignment, args.difficulty)), flush=True)
-        return
-
     tree = config_mod.load_recipe(args.config)
     if config_mod.is_demo_recipe(tree):
         tree = config_mod.demo_stage_tree(tree, "supervised")
@@ -184,7 +171,6 @@ def main(argv=None) -> None:
     faces = landmark_tracking.tracking_faces(1.0, cfg.data.synthetic.colours, args.faces)
 
     window: dict[str, list[float]] = {}
-    captured: dict[str, torch.Tensor] = {}
 
     def keep_grad(name):
         def hook(grad):
@@ -235,7 +221,7 @@ def main(argv=None) -> None:
         window.clear()
 
     end = stage.total_steps if args.steps is None else min(args.steps, stage.total_steps)
-    batches = _micro_batches(loader, batch_sampler, micro_per_epoch, 0)
+    batches = micro_batches(loader, batch_sampler, micro_per_epoch, 0)
     before, started, losses = snapshot(), time.perf_counter(), []
     report(0, before, 0.0, math.nan)
     for step in range(end):
