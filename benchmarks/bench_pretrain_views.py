@@ -230,6 +230,41 @@ def head_and_loss_share(out_dim: int, case: str = "paper layout") -> dict:
     return {"out_dim": out_dim, "seconds": sorted(seconds)[1]}
 
 
+@torch.no_grad()
+def landmark_mapping_distance(run: str, count: int = 64, seed: int = 0) -> dict:
+    """Per-image landmarks mapped into views against the landmark CNN run on each view's crop (the two
+    ``views.landmarks`` options), for the landmark CNN of ``run`` (a run folder or checkpoint) on ``count``
+    images of the default run's synthetic training set, global-view crops (scale 0.4-1, flips): the distance
+    in view pixels (mean, median, 90th percentile), beside how far the crop moves the landmarks (the
+    distance between the CNN's landmarks on the crop and at the same positions of the uncropped image)."""
+    from lafs.models import load_model
+    from lafs.ssl.augment import random_crop_parameters, resized_crops
+    from lafs.ssl.frozen import frozen_copy
+    from lafs.ssl.geometry import crop_affine, landmarks_into_views
+    from lafs.train import config as config_mod
+    from lafs.train.data import build_train_set
+
+    cfg = config_mod.resolve_stage("supervised", config_mod.demo_stage_tree(config_mod.load_recipe("demo"),
+                                                                             "supervised"), source="demo")
+    train_set = build_train_set(cfg)
+    picks = torch.linspace(0, len(train_set) - 1, count).round().long()
+    images = torch.stack([train_set[int(i)][0] for i in picks])
+    cnn = frozen_copy(load_model(run).landmark_cnn)
+    size = cnn.image_size
+    boxes, flips = random_crop_parameters(count, images.shape[2], images.shape[3], (0.4, 1.0),
+                                          torch.Generator().manual_seed(seed))
+    on_crops = cnn(resized_crops(images, boxes, flips, size))
+    source = cnn(images)
+    mapped = landmarks_into_views(source, crop_affine(boxes, flips, size))
+    distance = (on_crops - mapped).norm(dim=-1).flatten()
+    moved = (on_crops - source).norm(dim=-1).flatten()
+    q = torch.tensor([0.5, 0.9])
+    return {"run": run, "images": count, "mean_px": distance.mean().item(),
+            "median_px": distance.quantile(q)[0].item(), "p90_px": distance.quantile(q)[1].item(),
+            "unmapped_mean_px": moved.mean().item(),
+            "cnn_spread_px": source.std(dim=0).norm(dim=-1).mean().item()}
+
+
 # --------------------------------------------------------------------------- pytest
 
 
@@ -320,7 +355,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=12, help="alternating pairs per speed-up")
     parser.add_argument("--case", choices=CASE_NAMES, action="append", help="only these cases (default: all)")
     parser.add_argument("--launches-only", action="store_true", help="CUDA: kernel launches per step only")
+    parser.add_argument("--landmarks-from", metavar="RUN", help="only measure per-image landmarks mapped into views "
+                        "against the CNN on crops, for the landmark CNN of this run folder or checkpoint")
     args = parser.parse_args(argv)
+    if args.landmarks_from:
+        result = landmark_mapping_distance(args.landmarks_from)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     print(f"{_harness.device_name()}; gather: {GATHER}")
     reports = []
     for case in args.case or CASE_NAMES:
