@@ -187,14 +187,17 @@ def _change_rows_(x: torch.Tensor, chosen: torch.Tensor, change) -> torch.Tensor
 
 
 def _colour_jitter_(
-    x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, mean_start: int = 0
+    x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, mean_start: int = 0,
+    dense: bool = False,
 ) -> torch.Tensor:
     """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
 
     ``factors [N, 4]`` (brightness, contrast, saturation, hue) and ``order [N, 4]`` (a permutation of
     0..3 per image) come from :func:`draw_colour_parameters`.  Per stage of the random order, the
     images whose op there is brightness, contrast or saturation take one ``_blend_`` together, those
-    whose op is hue one hue shift.  ``mean_start``: see ``_blend_``.
+    whose op is hue one hue shift.  ``mean_start``: see ``_blend_``.  ``dense``: the blend runs on every
+    image, with factor 1 (exactly the identity on [0, 1]) where an image takes no blend at that stage,
+    instead of copying the images that do out and back (cheaper for small images such as tokens).
     """
     hue = list(_JITTER).index("hue")
     blend_factors = factors[:, :hue].to(x.dtype)  # [N, 3]: brightness, contrast, saturation
@@ -202,9 +205,16 @@ def _colour_jitter_(
     gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype)
     mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
     for stage in order.unbind(dim=1):
-        _change_rows_(x, apply & (stage != hue), lambda images, rows: _blend_(
-            images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
-            mean_weight[stage[rows]].to(x.device), mean_start))
+        blend = apply & (stage != hue)
+        if dense and blend.any():
+            op = stage.clamp(max=hue - 1)
+            factor = torch.where(blend, blend_factors.gather(1, op[:, None]).squeeze(1), 1.0)
+            _blend_(x, factor.to(x.device), torch.where(blend, gray_weight[op], 0.0).to(x.device),
+                    torch.where(blend, mean_weight[op], 0.0).to(x.device), mean_start)
+        elif not dense:
+            _change_rows_(x, blend, lambda images, rows: _blend_(
+                images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
+                mean_weight[stage[rows]].to(x.device), mean_start))
         _change_rows_(x, apply & (stage == hue),
                       lambda images, rows: _shift_hue_(images, hue_shift[rows].to(x.device)))
     return x
@@ -274,9 +284,11 @@ def draw_colour_parameters(
     return ColourParameters(jitter, gray, blur, sigma, solarize, factors, order)
 
 
-def jitter_and_gray_(x: torch.Tensor, params: ColourParameters, mean_start: int = 0) -> torch.Tensor:
-    """In place on ``x [N, 3, H, W]`` in [0, 1]: the colour jitter, then grayscale (``mean_start``: see ``_blend_``)."""
-    _colour_jitter_(x, params.jitter, params.factors, params.order, mean_start)
+def jitter_and_gray_(x: torch.Tensor, params: ColourParameters, mean_start: int = 0,
+                     dense: bool = False) -> torch.Tensor:
+    """In place on ``x [N, 3, H, W]`` in [0, 1]: the colour jitter, then grayscale (``mean_start``, ``dense``:
+    see ``_blend_`` and ``_colour_jitter_``)."""
+    _colour_jitter_(x, params.jitter, params.factors, params.order, mean_start, dense)
     return _change_rows_(x, params.gray, lambda images, rows: _grayscale(images).expand_as(images))
 
 

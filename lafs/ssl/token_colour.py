@@ -45,6 +45,6 @@ def colour_tokens(tokens: torch.Tensor, params: ColourParameters,
         pixels = torch.cat((pixels, view_samples.reshape(n, -1, 3)), dim=1)
     # [N, 3, T, 1] in [0, 1], channels first as the crop functions expect
     x = pixels.transpose(1, 2).mul(0.5).add_(0.5).contiguous().unsqueeze(-1)
-    jitter_and_gray_(x, params, mean_start=token_pixels if view_samples is not None else 0)
+    jitter_and_gray_(x, params, mean_start=token_pixels if view_samples is not None else 0, dense=True)
     out = solarize_(x[:, :, :token_pixels], params)[..., 0].mul_(2.0).sub_(1.0)
     return out.transpose(1, 2).reshape(n, k, features)
