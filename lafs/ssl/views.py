@@ -276,12 +276,17 @@ class MultiViewBuilder(nn.Module):
         rows = torch.nonzero(params.blur).squeeze(1)
         scale = affine[rows.to(affine.device), :2].abs().double().cpu()
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
-        # taps out to 3 sigma, as the crop path's 6 for its largest sigma, 2
-        radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))),
-                     min(images.shape[-2:]) - 1)
+        # Taps out to 3 sigma of each view (the crop path uses 6 for every sigma, 3 times its largest): the
+        # blur's cost grows with its taps, so views are blurred in groups of equal radius.
+        radius = torch.ceil(3 * torch.maximum(sigma_x, sigma_y)).long().clamp_(1, min(images.shape[-2:]) - 1)
         batch = images.shape[0]
+        sources = torch.empty(len(rows), *images.shape[1:], dtype=images.dtype, device=images.device)
+        for r in radius.unique().tolist():
+            group = torch.nonzero(radius == r).squeeze(1)
+            group_dev = group.to(images.device)
+            sources[group_dev] = _gaussian_blur(images[rows[group].to(images.device) % batch], sigma_x[group],
+                                                sigma_y[group], radius=r)
         rows_dev = rows.to(images.device)
-        sources = _gaussian_blur(images[rows_dev % batch], sigma_x, sigma_y, radius=radius)
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)
 

@@ -144,3 +144,29 @@ def test_mean_samples_are_a_grid_over_the_view(rng):
     expected_pixels = expected.permute(0, 2, 3, 1).reshape(4, -1, 3).sort(dim=1).values
     got_pixels = samples.reshape(4, -1, 3).sort(dim=1).values
     assert_close(got_pixels, expected_pixels, dtype=torch.float32)
+
+
+def test_blurring_the_source_against_blurring_the_crop():
+    """A blurred view gathered from its source blurred with sigma * |scale| per axis (3 sigma of taps) against the
+    crop path's blur of the materialised (bilinear) crop with sigma (6 taps, reflect padding at the crop's edge):
+    on synthetic faces the mean |difference| of the tokens is below 0.01 in [-1, 1] (reported), most of it from
+    patches at the crop's edge, where the crop reflects and the source has real pixels."""
+    from lafs.ssl.augment import _gaussian_blur
+
+    gen = torch.Generator().manual_seed(1)
+    faces = SyntheticFaces(8, 1, seed=4)
+    images = torch.stack([faces[i][0] for i in range(8)])
+    boxes, flips = random_crop_parameters(8, 112, 112, (0.4, 1.0), gen)
+    affine = crop_affine(boxes, flips, 112)
+    sigma = torch.rand(8, generator=gen, dtype=torch.float64) * 1.9 + 0.1
+    landmarks = torch.rand(8, 49, 2, generator=gen) * 100 + 6
+    crops = _gaussian_blur(bilinear_views(images, affine, 112).float(), sigma)
+    expected = landmark_patch_gather(crops, landmarks, 8)
+    scale = affine[:, :2].abs().double()
+    radius = int(torch.ceil(3 * (sigma[:, None] * scale).max()))
+    sources = _gaussian_blur(images, sigma * scale[:, 0], sigma * scale[:, 1], radius=radius)
+    tokens = gather(sources, landmarks, 8, view_affine=affine)
+    tokens = (tokens.view(8, 49, 8, 8, 3) * view_edge_weights(landmarks, 8, 112)).view_as(tokens)
+    difference = (tokens - expected).abs()
+    print(f"blurred source vs blurred crop: mean |difference| {difference.mean():.4f}, max {difference.max():.3f}")
+    assert difference.mean() < 0.01
