@@ -28,10 +28,8 @@ import argparse
 import collections
 import contextlib
 import json
-import math
 import os
 import sys
-import time
 
 import pytest
 import torch

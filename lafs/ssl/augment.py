@@ -6,13 +6,18 @@ any device; the work itself runs on the images' device with torch ops.
 
 - ``random_resized_crops``: torchvision's ``RandomResizedCrop`` (scale range, aspect
   ratio 3/4..4/3, ten tries then a central fallback) plus a horizontal flip with
-  probability 1/2, bicubic, as two batched matrix products (the grid is separable).
+  probability 1/2, bicubic, as two batched matrix products (the grid is separable);
+  ``random_crop_parameters`` draws the boxes and flips alone (the fused view path turns
+  them into the gather's affine), ``resized_crops`` resamples given ones.
 - ``colour_augment``: DINO's photometric chain on images in [0, 1]: colour jitter
   (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order per
   image) with probability 0.8, grayscale with probability 0.2, Gaussian blur
   (sigma uniform in [0.1, 2]) and solarisation (invert values >= 0.5) with
   per-image probabilities.  On the CPU these passes are memory-bound, so each
-  works in place on just the images it changes.
+  works in place on just the images it changes.  ``draw_colour_parameters`` draws
+  everything random once (``ColourParameters``); ``jitter_and_gray_``, ``blur_`` and
+  ``solarize_`` apply the steps, so the token path (``lafs.ssl.token_colour``) runs
+  the same functions on the same draws.
 """
 from __future__ import annotations
 

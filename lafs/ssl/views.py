@@ -43,7 +43,6 @@ all landmarks in order, no crop, colour change, jitter or subsampling.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
