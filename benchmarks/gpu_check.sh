@@ -18,7 +18,8 @@
 #   --dry-run (or LAFS_GPU_CHECK_CPU=1): on a machine without a GPU, run every step up to the first GPU
 #   call (environment, toolkit, CUDA build, build record) and stop there.
 #   LAFS_GPU_CHECK_BUILD_TIMEOUT (default 240 s) bounds the build; MAX_JOBS defaults to nproc.
-#   Time limits: build 240 s, tests 120 s, benchmarks 100 + 120 + 80 + 200 s (typical total: about 9 minutes).
+#   Time limits: build 240 s, tests 120 s, benchmarks 100 + 120 + 80 s, views gather 60 s, pretraining views
+#   200 s (typical total: about 9.5 minutes).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
@@ -156,6 +157,20 @@ for suite in landmark_patch_gather:100 margin_softmax:120 training_step:80; do
   esac
   [ -s "$OUT/bench_$name.json" ] && JSONS+=("$OUT/bench_$name.json")
 done
+
+# The gather through a per-view affine (issue 21): distance from crop-resize-gather and its time
+# against materialising the crops (benchmarks/gather_views.py), into bench.log and the summary.
+say "GPU views gather: benchmarks/gather_views.py (limit 60s) -> bench.log"
+timeout 60 "$PY" benchmarks/gather_views.py --device cuda --rounds 15 > "$OUT/gather_views.log" 2>&1
+status=$?
+cat "$OUT/gather_views.log" >> "$OUT/bench.log"
+grep -E "ratio|vs interpolate" "$OUT/gather_views.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+rm -f "$OUT/gather_views.log"
+case $status in
+  0) ;;
+  124) fail "benchmarks/gather_views.py took over 60s (bench.log)" ;;
+  *) fail "benchmarks/gather_views.py failed (exit $status, bench.log)" ;;
+esac
 
 # LAFS pretraining at Part fViT-B (issue 21): builder and step by part, ours against the original path,
 # kernel launches per step (torch.profiler), the DINO head + loss at out_dim 65,536 and 100,000.

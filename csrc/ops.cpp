@@ -13,16 +13,20 @@ static int64_t lafs_cuda_runtime_version() { return 0; }
 
 TORCH_LIBRARY(lafs_kernels, m) {
   // Landmark patch gather (SPEC section 1) on already selected and jittered
-  // centres.  image [B, C, H, W]; centres [B, K, 2] (x, y) in pixels, float32
-  // (float64 for float64 images: gradcheck and the golden outputs need it);
-  // returns tokens [B, K, P*P*C] in image's dtype.
-  m.def("_patch_gather_fwd(Tensor image, Tensor centres, int patch_size) -> Tensor");
-  // Gradients of _patch_gather_fwd.  grad_tokens [B, K, P*P*C].  Returns
-  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [B, K, 2] in the centres' dtype
-  // or an empty tensor).  deterministic=True avoids float atomics.
+  // centres.  image [B, C, H, W]; centres [N, K, 2] (x, y) in pixels with N a
+  // multiple of B (row n samples image n % B), float32 (float64 for float64
+  // images: gradcheck and the golden outputs need it); view_affine [N, 4]
+  // (scale_x, scale_y, offset_x, offset_y) maps the sample positions of row n
+  // into the source image, None: identity.  Returns tokens [N, K, P*P*C] in
+  // image's dtype.
+  m.def("_patch_gather_fwd(Tensor image, Tensor centres, int patch_size, Tensor? view_affine=None) -> Tensor");
+  // Gradients of _patch_gather_fwd.  grad_tokens [N, K, P*P*C].  Returns
+  // (grad_image [B, C, H, W] or an empty tensor, grad_centres [N, K, 2] in the centres' dtype
+  // or an empty tensor).  deterministic=True avoids float atomics.  No gradient to view_affine.
   m.def(
       "_patch_gather_bwd(Tensor grad_tokens, Tensor image, Tensor centres, int patch_size, "
-      "bool need_image_grad, bool need_centre_grad, bool deterministic) -> (Tensor, Tensor)");
+      "bool need_image_grad, bool need_centre_grad, bool deterministic, Tensor? view_affine=None) "
+      "-> (Tensor, Tensor)");
   // Margin-softmax cross-entropy (SPEC section 2): the elementwise work on one class chunk of the
   // chunked backend (csrc/cpu/margin_softmax.cpp).  raw [B, n] = s * <x_b/|x_b|, W_j> (float32 or
   // float64), inv_w [n] = 1/max(|W_j|, eps), labels [B, T] int64 class ids, first [B, T] bool (first

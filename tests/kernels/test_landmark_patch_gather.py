@@ -179,10 +179,11 @@ def test_gradients_are_computed_only_for_inputs_that_need_them(rng, monkeypatch)
     calls = []
     original = gather_module._backward
 
-    def spy(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic):
+    def spy(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic,
+            view_affine=None):
         calls.append((need_image_grad, need_centre_grad))
         return original(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad,
-                        deterministic)
+                        deterministic, view_affine)
 
     monkeypatch.setattr(gather_module, "_backward", spy)
     image, landmarks = random_case(rng, landmarks=3)
@@ -289,16 +290,18 @@ def test_bad_inputs_raise_clear_errors(rng):
     cases = [
         (ValueError, "image must be a \\[B, C, H, W\\]", dict(image=image[0])),
         (TypeError, "image must be float32", dict(image=image.to(torch.int32))),
-        (ValueError, "landmarks must be a \\[B, L, 2\\]", dict(landmarks=landmarks[..., :1])),
+        (ValueError, "landmarks must be a \\[N, L, 2\\]", dict(landmarks=landmarks[..., :1])),
         (TypeError, "landmarks must be a floating-point", dict(landmarks=landmarks.long())),
         (ValueError, "landmarks batch 1 does not match image batch 2", dict(landmarks=landmarks[:1])),
+        (ValueError, "landmarks batch 3 does not match image batch 2",
+         dict(landmarks=torch.cat([landmarks, landmarks[:1]]))),
         (ValueError, "landmarks are on meta", dict(landmarks=landmarks.to("meta"))),
         (ValueError, "patch_size must be an int >= 1", dict(patch_size=0)),
         (ValueError, "patch_size must be an int >= 1", dict(patch_size=2.0)),
         (IndexError, "index values must lie in \\[0, 4\\)", dict(index=torch.tensor([[0, 4], [1, 2]]))),
         (IndexError, "index values must lie in \\[0, 4\\)", dict(index=torch.tensor([[0, -1], [1, 2]]))),
         (TypeError, "index must be int64", dict(index=torch.zeros(2, 3))),
-        (ValueError, "index must be a \\[B, K\\]", dict(index=torch.zeros(3, dtype=torch.long))),
+        (ValueError, "index must be a \\[N, K\\]", dict(index=torch.zeros(3, dtype=torch.long))),
         (ValueError, "either index or num_samples", dict(index=torch.zeros(2, 1, dtype=torch.long), num_samples=2)),
         (ValueError, "cannot draw 5 of 4 landmarks without replacement", dict(num_samples=5, replacement=False)),
         (ValueError, "num_samples must be an int >= 1", dict(num_samples=0)),

@@ -53,22 +53,25 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
 
 
 def gather_variants():
-    """The patch gather as the demo and the paper run it: P=8, C=3 (F=192)."""
+    """The patch gather as the demo and the paper run it: P=8, C=3 (F=192), with and without a view affine."""
     patch, channels = 8, 3
     block_k, block_f, _ = gather._launch_config(1024, patch * patch * channels)
-    scalars = {n: "i32" for n in ("num_patches", "K", "C", "H", "W", "stride_b", "stride_c", "stride_h", "stride_w")}
+    scalars = {n: "i32" for n in ("num_patches", "K", "B", "C", "H", "W", "stride_b", "stride_c", "stride_h",
+                                  "stride_w")}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
-        const = {"P": patch, "BLOCK_K": block_k, "BLOCK_F": block_f}
-        types = dict(scalars, image_ptr=f"*{t}", centres_ptr="*fp32", tokens_ptr=f"*{t}")
-        yield f"gather_forward_{t}", gather._forward_kernel, types, const, {}
-        for need_image, need_centres in ((True, True), (True, False), (False, True)):
-            const = {"P": patch, "BLOCK_K": block_k, "BLOCK_F": block_f,
-                     "NEED_IMAGE_GRAD": need_image, "NEED_CENTRE_GRAD": need_centres}
-            types = dict(scalars, grad_tokens_ptr=f"*{t}", image_ptr=f"*{t}", centres_ptr="*fp32",
-                         grad_image_ptr="*fp32", grad_centres_ptr="*fp32")
-            yield (f"gather_backward_{t}_image{int(need_image)}_centres{int(need_centres)}", gather._backward_kernel,
-                   types, const, {"num_warps": gather.BACKWARD_NUM_WARPS})
+        for affine in (False, True):
+            suffix = "_affine" if affine else ""
+            const = {"P": patch, "BLOCK_K": block_k, "BLOCK_F": block_f, "AFFINE": affine}
+            types = dict(scalars, image_ptr=f"*{t}", centres_ptr="*fp32", affine_ptr="*fp32", tokens_ptr=f"*{t}")
+            yield f"gather_forward_{t}{suffix}", gather._forward_kernel, types, const, {}
+            for need_image, need_centres in ((True, True), (True, False), (False, True)):
+                const = {"P": patch, "BLOCK_K": block_k, "BLOCK_F": block_f, "AFFINE": affine,
+                         "NEED_IMAGE_GRAD": need_image, "NEED_CENTRE_GRAD": need_centres}
+                types = dict(scalars, grad_tokens_ptr=f"*{t}", image_ptr=f"*{t}", centres_ptr="*fp32",
+                             affine_ptr="*fp32", grad_image_ptr="*fp32", grad_centres_ptr="*fp32")
+                yield (f"gather_backward_{t}_image{int(need_image)}_centres{int(need_centres)}{suffix}",
+                       gather._backward_kernel, types, const, {"num_warps": gather.BACKWARD_NUM_WARPS})
 
 
 def margin_variants():
