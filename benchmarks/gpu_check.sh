@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one check of the GPU paths, for a machine with an NVIDIA H100/H200 (CUDA 13, torch and Triton
-# installed, no network). In about nine minutes it
+# installed, no network). In about nine and a half minutes it
 #   1. finds Python (.venv/bin/python, else python3; LAFS_GPU_CHECK_PYTHON overrides) and the CUDA toolkit,
 #   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed, but the
 #      _C of an editable install in this checkout is replaced; `pip install -e .` restores it),
