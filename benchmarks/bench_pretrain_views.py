@@ -19,8 +19,6 @@ recipe's head (65,536 outputs), and the paper's largest, 100,000, for the head-a
 
 ``pytest benchmarks/bench_pretrain_views.py --benchmark-only`` records everything in ``extra_info``;
 ``python benchmarks/bench_pretrain_views.py`` prints the tables (``--json FILE`` saves them).
-Until the gather's ``view_affine`` is merged (branch ``gather``), ours runs on the plain-torch stand-in of
-``tests/lafs/affine_gather_stand_in.py`` and says so (``gather`` in the output).
 """
 from __future__ import annotations
 
@@ -66,20 +64,6 @@ STEP_PARTS = ("views", "teacher", "student forward", "head+loss forward", "head+
               "student backward", "clip+optimizer", "EMA")
 
 
-def gather_in_use() -> str:
-    """'lafs_kernels' when the installed gather has view_affine, else installs the test stand-in and says so."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "lafs"))
-    import affine_gather_stand_in
-
-    if affine_gather_stand_in.real_gather_has_view_affine():
-        return "lafs_kernels"
-    import lafs.ssl.views
-
-    lafs.ssl.views.landmark_patch_gather = affine_gather_stand_in.affine_gather
-    return "stand-in (grid_sample; branch gather not merged)"
-
-
-GATHER = gather_in_use()
 
 
 def build_trainer(path: str, case: str = "paper layout", out_dim=None):
@@ -238,9 +222,10 @@ def landmark_mapping_distance(run: str, count: int = 64, seed: int = 0) -> dict:
     from lafs.models import load_model
     from lafs.ssl.augment import random_crop_parameters, resized_crops
     from lafs.ssl.frozen import frozen_copy
-    from lafs.ssl.geometry import crop_affine, landmarks_into_views
+    from lafs.ssl.geometry import landmarks_into_views
     from lafs.train import config as config_mod
     from lafs.train.data import build_train_set
+    from lafs_kernels.ops.landmark_patch_gather import crop_affine
 
     cfg = config_mod.resolve_stage("supervised", config_mod.demo_stage_tree(config_mod.load_recipe("demo"),
                                                                              "supervised"), source="demo")
@@ -253,7 +238,7 @@ def landmark_mapping_distance(run: str, count: int = 64, seed: int = 0) -> dict:
                                           torch.Generator().manual_seed(seed))
     on_crops = cnn(resized_crops(images, boxes, flips, size))
     source = cnn(images)
-    mapped = landmarks_into_views(source, crop_affine(boxes, flips, size))
+    mapped = landmarks_into_views(source, crop_affine(boxes, size, flips))
     distance = (on_crops - mapped).norm(dim=-1).flatten()
     moved = (on_crops - source).norm(dim=-1).flatten()
     q = torch.tensor([0.5, 0.9])
@@ -282,7 +267,7 @@ def test_pretrain_views(benchmark, what, case):
         path: _harness.paired_speedup(cases[path], cases["original"], "original", **pairs)
         for path in ("per_image", "per_view")}
     benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
-    benchmark.extra_info.update(gather=GATHER, load_1_5_15=os.getloadavg())
+    benchmark.extra_info.update(load_1_5_15=os.getloadavg())
     _harness.measure(benchmark, op=f"pretrain_{what}", impl="per_image", ours=True, mode=what, dtype=dtype,
                      shape={"case": case, "model": model, "B": batch, "views": f"2+{local_views}",
                             "local_tokens": local_tokens},
@@ -363,14 +348,14 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
         return 0
-    print(f"{_harness.device_name()}; gather: {GATHER}")
+    print(_harness.device_name())
     reports = []
     for case in args.case or CASE_NAMES:
         reports.append(measure_case(case, args.pairs, args.launches_only))
         print_case(reports[-1])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": _harness.device_name(), "gather": GATHER, "cases": reports}, f, indent=1)
+            json.dump({"device": _harness.device_name(), "cases": reports}, f, indent=1)
     return 0
 
 

@@ -7,7 +7,7 @@ optional horizontal flip is the per-view affine of ``lafs_kernels.landmark_patch
 source.  Landmarks are in the usual continuous coordinates, pixel k spanning [k, k + 1], so a
 landmark ``l`` samples around position ``l - 0.5``.
 
-- :func:`crop_affine`: boxes and flips -> ``view_affine``;
+- ``lafs_kernels.ops.landmark_patch_gather.crop_affine``: boxes and flips -> ``view_affine``;
 - :func:`landmarks_into_views`: landmarks found once on the source image -> each view's
   coordinates (the inverse affine; ``views.landmarks=per_image``);
 - :func:`view_edge_weights`: how much of each sample's bilinear support lies inside the
@@ -18,23 +18,6 @@ landmark ``l`` samples around position ``l - 0.5``.
 from __future__ import annotations
 
 import torch
-
-
-def crop_affine(boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """``view_affine [N, 4]`` float32 of crops ``boxes [N, 4]`` ``(x0, y0, w, h)`` mirrored where ``flips [N]``,
-    resized to ``size x size`` (bilinear / bicubic resampling with align_corners=False).
-
-    scale = w / S, offset = x0 + 0.5 * w / S - 0.5; a flip negates the x scale and moves
-    the x offset to x0 + (S - 0.5) * w / S - 0.5 (computed in float64, rounded once).
-    """
-    boxes = boxes.to(torch.float64)
-    x0, y0, w, h = boxes.unbind(dim=1)
-    scale_x, scale_y = w / size, h / size
-    flips = flips.to(device=boxes.device, dtype=torch.bool)
-    offset_x = torch.where(flips, x0 + (size - 0.5) * scale_x - 0.5, x0 + 0.5 * scale_x - 0.5)
-    offset_y = y0 + 0.5 * scale_y - 0.5
-    scale_x = torch.where(flips, -scale_x, scale_x)
-    return torch.stack((scale_x, scale_y, offset_x, offset_y), dim=1).to(torch.float32)
 
 
 def landmarks_into_views(source_landmarks: torch.Tensor, view_affine: torch.Tensor) -> torch.Tensor:

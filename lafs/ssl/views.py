@@ -52,7 +52,7 @@ from torch.profiler import record_function
 
 from lafs_kernels import landmark_patch_gather
 from lafs_kernels.baselines.gather import gather_patches_loop
-from lafs_kernels.ops.landmark_patch_gather import draw_index, select_centres
+from lafs_kernels.ops.landmark_patch_gather import crop_affine, draw_index, select_centres
 
 from .augment import (
     _gaussian_blur,
@@ -65,7 +65,7 @@ from .augment import (
     solarize_,
 )
 from .frozen import frozen_copy
-from .geometry import crop_affine, landmarks_into_views, mean_sample_layout, view_edge_weights
+from .geometry import landmarks_into_views, mean_sample_layout, view_edge_weights
 from .token_colour import colour_tokens
 
 # (blur probability, solarisation probability) per view, from DINO / LAFS: the first
@@ -233,7 +233,7 @@ class MultiViewBuilder(nn.Module):
         rows, size, device = views * batch, self.image_size, images.device
         with record_function("views.crops"):
             boxes, flips = random_crop_parameters(rows, height, width, scale, generator)
-            affine = crop_affine(boxes, flips, size).to(device)
+            affine = crop_affine(boxes, size, flips).to(device)
         if source_landmarks is None:  # per_view: the CNN sees each view's (uncoloured) crop
             with record_function("views.crops"):
                 crops = resized_crops(images.repeat(views, 1, 1, 1), boxes, flips, size)

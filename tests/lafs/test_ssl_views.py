@@ -9,7 +9,8 @@ from lafs.data.synthetic import SyntheticFaces
 from lafs.models import LandmarkCNN
 from lafs.ssl import MultiViewBuilder
 from lafs.ssl.augment import random_crop_parameters, resized_crops
-from lafs.ssl.geometry import crop_affine, landmarks_into_views
+from lafs.ssl.geometry import landmarks_into_views
+from lafs_kernels.ops.landmark_patch_gather import crop_affine
 from lafs_kernels import landmark_patch_gather
 from tolerances import assert_close
 
@@ -219,7 +220,7 @@ def test_per_image_mapping_against_a_landmark_finder_on_crops(rng):
     per_image(images, generator=torch.Generator().set_state(state.get_state()))
     boxes, flips = random_crop_parameters(8, SIZE, SIZE, (0.6, 1.0), torch.Generator().set_state(state.get_state()))
     on_crops = BlobFinder()(resized_crops(images.repeat(2, 1, 1, 1), boxes, flips, SIZE))
-    mapped = landmarks_into_views(BlobFinder()(images), crop_affine(boxes, flips, SIZE))
+    mapped = landmarks_into_views(BlobFinder()(images), crop_affine(boxes, SIZE, flips))
     distance = (on_crops - mapped).norm(dim=-1).max().item()
     print(f"blob finder: per-image landmarks mapped into crops vs found on crops: max {distance:.3f} px")
     assert distance < 0.3 and flips.any()

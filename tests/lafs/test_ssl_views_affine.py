@@ -4,26 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import affine_gather_stand_in
-import lafs.ssl.views as views_module
 from lafs.data.synthetic import SyntheticFaces
 from lafs.ssl.augment import random_crop_parameters
 from lafs.ssl.geometry import (
-    crop_affine,
     landmarks_into_views,
     mean_sample_layout,
     sample_offsets,
     view_edge_weights,
 )
 from lafs_kernels import landmark_patch_gather
+from lafs_kernels.ops.landmark_patch_gather import crop_affine
 from tolerances import assert_close
 
 S, P = 24, 4
-
-
-def gather(*args, **kwargs):
-    """The view builder's gather (the real one, or the stand-in until the affine gather is merged)."""
-    return views_module.landmark_patch_gather(*args, **kwargs)
 
 
 def bilinear_views(images, affine, size):
@@ -41,20 +34,11 @@ def bilinear_views(images, affine, size):
     return F.grid_sample(images.to(torch.float64).repeat(rows // batch, 1, 1, 1), grid, align_corners=False)
 
 
-def test_stand_in_is_the_real_gather_at_the_identity(rng):
-    """The stand-in the builder uses until the merge samples as the real gather does."""
-    images = torch.rand(3, 3, 17, 19, generator=rng, dtype=torch.float64)
-    landmarks = torch.rand(3, 6, 2, generator=rng, dtype=torch.float64) * 24 - 2
-    identity = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(3, 4)
-    assert_close(affine_gather_stand_in.affine_gather(images, landmarks, 5, view_affine=identity),
-                 landmark_patch_gather(images, landmarks, 5, backend="torch"))
-
-
 def test_crop_affine_maps_view_pixel_centres_to_the_crops_sample_points(rng):
     """Against the crop path's own formula (lafs.ssl.augment.resized_crops): view pixel k samples the
     source at x0 + u_k * w - 0.5 with u_k = (k + 0.5) / S, or 1 - u_k when mirrored."""
     boxes, flips = random_crop_parameters(64, 40, 50, (0.2, 1.0), rng)
-    affine = crop_affine(boxes, flips, S).to(torch.float64)
+    affine = crop_affine(boxes, S, flips).to(torch.float64)
     k = torch.arange(S, dtype=torch.float64)
     u = (k + 0.5) / S
     u_x = torch.where(flips[:, None], 1 - u, u)
@@ -67,17 +51,17 @@ def test_crop_affine_maps_view_pixel_centres_to_the_crops_sample_points(rng):
 
 def test_landmarks_into_views_inverts_the_affine(rng):
     boxes, flips = random_crop_parameters(3 * 4, 30, 30, (0.3, 1.0), rng)
-    affine = crop_affine(boxes, flips, S)
+    affine = crop_affine(boxes, S, flips)
     source = torch.rand(3, 7, 2, generator=rng) * 30
     in_views = landmarks_into_views(source, affine)  # [12, 7, 2]
     # a landmark l samples around l - 0.5; mapped through the affine that is the source's l - 0.5
     back = affine[:, None, :2] * (in_views - 0.5) + affine[:, None, 2:] + 0.5
-    assert_close(back, source.repeat(4, 1, 1), scale=10)
+    assert_close(back, source.repeat(4, 1, 1), dtype=torch.float32, scale=10)
     # continuous crop coordinates: (l - x0) * S / w, mirrored as S - that
     x0, y0, w, h = boxes.float().unbind(dim=1)
     expected_x = (source.repeat(4, 1, 1)[..., 0] - x0[:, None]) * S / w[:, None]
     expected_x = torch.where(flips[:, None], S - expected_x, expected_x)
-    assert_close(in_views[..., 0], expected_x, scale=10)
+    assert_close(in_views[..., 0], expected_x, dtype=torch.float32, scale=10)
     with pytest.raises(ValueError, match="multiple"):
         landmarks_into_views(source, affine[:5])
 
@@ -88,11 +72,11 @@ def test_affine_tokens_equal_a_materialised_crop_at_pixel_centres(rng):
     that leave the view included."""
     images = torch.rand(2, 3, 32, 36, generator=rng, dtype=torch.float64) * 2 - 1
     boxes, flips = random_crop_parameters(3 * 2, 32, 36, (0.3, 1.0), rng)
-    affine = crop_affine(boxes, flips, S)
+    affine = crop_affine(boxes, S, flips)
     landmarks = torch.randint(-3, S + 3, (6, 9, 2), generator=rng).to(torch.float64) + 0.5
     crops = bilinear_views(images, affine, S)
     expected = landmark_patch_gather(crops, landmarks, P, backend="torch")
-    tokens = gather(images, landmarks, P, view_affine=affine)
+    tokens = landmark_patch_gather(images, landmarks, P, view_affine=affine)
     tokens = (tokens.view(6, 9, P, P, 3) * view_edge_weights(landmarks, P, S)).view_as(tokens)
     assert_close(tokens, expected, dtype=torch.float32)
     assert flips.any() or not flips.all()
@@ -105,11 +89,11 @@ def test_affine_tokens_against_a_materialised_crop_anywhere():
     faces = SyntheticFaces(4, 1, seed=3)
     images = torch.stack([faces[i][0] for i in range(4)])
     boxes, flips = random_crop_parameters(8, 112, 112, (0.4, 1.0), gen)
-    affine = crop_affine(boxes, flips, 112)
+    affine = crop_affine(boxes, 112, flips)
     landmarks = torch.rand(8, 49, 2, generator=gen) * 100 + 6
     crops = bilinear_views(images, affine, 112).float()
     expected = landmark_patch_gather(crops, landmarks, 8)
-    tokens = gather(images, landmarks, 8, view_affine=affine)
+    tokens = landmark_patch_gather(images, landmarks, 8, view_affine=affine)
     tokens = (tokens.view(8, 49, 8, 8, 3) * view_edge_weights(landmarks, 8, 112)).view_as(tokens)
     difference = (tokens - expected).abs().mean().item()
     print(f"affine tokens vs bilinear crop + gather: mean |difference| {difference:.4f}")
@@ -131,9 +115,9 @@ def test_view_edge_weights():
 def test_mean_samples_are_a_grid_over_the_view(rng):
     images = torch.rand(2, 3, 30, 30, generator=rng, dtype=torch.float64)
     boxes, flips = random_crop_parameters(4, 30, 30, (0.3, 1.0), rng)
-    affine = crop_affine(boxes, flips, S)
+    affine = crop_affine(boxes, S, flips)
     coarse, centres = mean_sample_layout(affine, S, P, grid=8)
-    samples = gather(images, centres.to(torch.float64), P, view_affine=coarse)  # [4, 4, P*P*3]
+    samples = landmark_patch_gather(images, centres.to(torch.float64), P, view_affine=coarse)  # [4, 4, P*P*3]
     grid = 8
     u = (torch.arange(grid, dtype=torch.float64) + 0.5) * S / grid - 0.5  # view positions of the grid
     a = affine.to(torch.float64)
@@ -157,7 +141,7 @@ def test_blurring_the_source_against_blurring_the_crop():
     faces = SyntheticFaces(8, 1, seed=4)
     images = torch.stack([faces[i][0] for i in range(8)])
     boxes, flips = random_crop_parameters(8, 112, 112, (0.4, 1.0), gen)
-    affine = crop_affine(boxes, flips, 112)
+    affine = crop_affine(boxes, 112, flips)
     sigma = torch.rand(8, generator=gen, dtype=torch.float64) * 1.9 + 0.1
     landmarks = torch.rand(8, 49, 2, generator=gen) * 100 + 6
     crops = _gaussian_blur(bilinear_views(images, affine, 112).float(), sigma)
@@ -165,7 +149,7 @@ def test_blurring_the_source_against_blurring_the_crop():
     scale = affine[:, :2].abs().double()
     radius = int(torch.ceil(3 * (sigma[:, None] * scale).max()))
     sources = _gaussian_blur(images, sigma * scale[:, 0], sigma * scale[:, 1], radius=radius)
-    tokens = gather(sources, landmarks, 8, view_affine=affine)
+    tokens = landmark_patch_gather(sources, landmarks, 8, view_affine=affine)
     tokens = (tokens.view(8, 49, 8, 8, 3) * view_edge_weights(landmarks, 8, 112)).view_as(tokens)
     difference = (tokens - expected).abs()
     print(f"blurred source vs blurred crop: mean |difference| {difference.mean():.4f}, max {difference.max():.3f}")
