@@ -43,6 +43,7 @@ all landmarks in order, no crop, colour change, jitter or subsampling.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -275,16 +276,10 @@ class MultiViewBuilder(nn.Module):
         rows = torch.nonzero(params.blur).squeeze(1)
         scale = affine[rows.to(affine.device), :2].abs().double().cpu()
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
-        # Taps out to 3 sigma of each view (the crop path uses 6 for every sigma, 3 times its largest): the
-        # blur's cost grows with its taps, so views are blurred in groups of equal radius.
-        radius = torch.ceil(3 * torch.maximum(sigma_x, sigma_y)).long().clamp_(1, min(images.shape[-2:]) - 1)
-        batch = images.shape[0]
-        sources = torch.empty(len(rows), *images.shape[1:], dtype=images.dtype, device=images.device)
-        for r in radius.unique().tolist():
-            group = torch.nonzero(radius == r).squeeze(1)
-            group_dev = group.to(images.device)
-            sources[group_dev] = _gaussian_blur(images[rows[group].to(images.device) % batch], sigma_x[group],
-                                                sigma_y[group], radius=r)
+        # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
+        radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))),
+                     min(images.shape[-2:]) - 1)
+        sources = _gaussian_blur(images[rows.to(images.device) % images.shape[0]], sigma_x, sigma_y, radius=radius)
         rows_dev = rows.to(images.device)
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)
