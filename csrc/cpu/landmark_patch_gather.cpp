@@ -103,12 +103,12 @@ struct Scratch {
   std::vector<acc_t> lanes, h, seg, gh, acc_x, acc_y;
   // Affine taps: per column / row, the lower tap, its fraction and which taps lie inside.
   std::vector<int64_t> x_lo, y_lo;
-  std::vector<acc_t> x_frac, y_frac, d_x, d_y;
+  std::vector<acc_t> x_frac, y_frac, d_x, d_y, row_h, row_d, row_g;
   std::vector<uint8_t> x_in_lo, x_in_hi, y_in_lo, y_in_hi;
   Scratch(int64_t P, int64_t C)
       : lanes(C * P * P), h(2 * (P + 1) * P), seg(2 * (P + 2)), gh((P + 1) * (P + 2), 0), acc_x(P + 1),
-        acc_y(P), x_lo(P), y_lo(P), x_frac(P), y_frac(P), d_x(P), d_y(P), x_in_lo(P), x_in_hi(P), y_in_lo(P),
-        y_in_hi(P) {}
+        acc_y(P), x_lo(P), y_lo(P), x_frac(P), y_frac(P), d_x(P), d_y(P), row_h(2 * P * P), row_d(2 * P * P),
+        row_g(2 * P * P), x_in_lo(P), x_in_hi(P), y_in_lo(P), y_in_hi(P) {}
 };
 
 // --------------------------------------------------------------------------- identity rows
@@ -318,9 +318,65 @@ void affine_row_taps(const scalar_t* img_c, const ImageGeometry& g, int64_t P, i
   }
 }
 
+// The source rows [first, first + count) read by the visible samples of an affine patch.  When there
+// are at most 2P of them (|scale_y| <= 2, every crop of the views pipeline) each is filtered along x
+// once and shared by the samples that read it (the per-sample loop filters 2P rows).
+template <typename acc_t>
+bool shared_rows(const Scratch<acc_t>& s, int64_t P, int64_t& first, int64_t& count) {
+  int64_t lo = 0, hi = -1;
+  for (int64_t j = 0; j < P; ++j) {
+    if (!(s.y_in_lo[j] || s.y_in_hi[j])) continue;
+    if (hi < lo) {
+      lo = s.y_lo[j];
+      hi = s.y_lo[j] + 1;
+    }
+    lo = std::min(lo, s.y_lo[j]);
+    hi = std::max(hi, s.y_lo[j] + 1);
+  }
+  first = lo;
+  count = hi - lo + 1;
+  return count <= 2 * P;
+}
+
+// h[r][i] (and d[r][i] = hi - lo, when d is not null) of source rows first + r: row r read through
+// the column taps and filtered along x; zero for rows outside the image.
+template <typename scalar_t, typename acc_t>
+void filter_shared_rows(const scalar_t* img_c, const ImageGeometry& g, int64_t P, int64_t first, int64_t count,
+                        Scratch<acc_t>& s, acc_t* h, acc_t* d) {
+  acc_t* lo = s.seg.data();
+  acc_t* hi = lo + (P + 2);
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t y = first + r;
+    affine_row_taps(img_c, g, P, y, y >= 0 && y < g.H, s, lo, hi);
+    for (int64_t i = 0; i < P; ++i) h[r * P + i] = lo[i] + s.x_frac[i] * (hi[i] - lo[i]);
+    if (d != nullptr) {
+      for (int64_t i = 0; i < P; ++i) d[r * P + i] = hi[i] - lo[i];
+    }
+  }
+}
+
 template <int kP, int kC, typename scalar_t, typename acc_t>
 void affine_forward(const scalar_t* img, const ImageGeometry& g, Dims<kP, kC> d, Scratch<acc_t>& s) {
   const int64_t P = d.P(), C = d.C();
+  int64_t first, count;
+  if (shared_rows(s, P, first, count)) {
+    acc_t* h = s.row_h.data();
+    for (int64_t c = 0; c < C; ++c) {
+      filter_shared_rows(img + c * g.sC, g, P, first, count, s, h, static_cast<acc_t*>(nullptr));
+      acc_t* t = s.lanes.data() + c * P * P;
+      for (int64_t j = 0; j < P; ++j) {
+        if (!(s.y_in_lo[j] || s.y_in_hi[j])) {
+          std::fill(t + j * P, t + (j + 1) * P, acc_t(0));
+          continue;
+        }
+        const acc_t* top = h + (s.y_lo[j] - first) * P;
+        const acc_t* bottom = top + P;
+        const acc_t fy = s.y_frac[j];
+        for (int64_t i = 0; i < P; ++i) t[j * P + i] = top[i] + fy * (bottom[i] - top[i]);
+      }
+    }
+    return;
+  }
   acc_t* top = s.h.data();
   acc_t* bottom = top + P;
   acc_t* lo = s.seg.data();
@@ -351,6 +407,61 @@ std::pair<acc_t, acc_t> affine_backward(const scalar_t* img, const ImageGeometry
   if (need_centre) {
     std::fill(d_x, d_x + P, acc_t(0));
     std::fill(d_y, d_y + P, acc_t(0));
+  }
+  int64_t first, count;
+  if (shared_rows(s, P, first, count)) {
+    acc_t* h = s.row_h.data();
+    acc_t* dh = s.row_d.data();
+    acc_t* gr = s.row_g.data();
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* G = s.lanes.data() + c * P * P;
+      if (need_centre) {
+        filter_shared_rows(img + c * g.sC, g, P, first, count, s, h, dh);
+        for (int64_t j = 0; j < P; ++j) {
+          if (!(s.y_in_lo[j] || s.y_in_hi[j])) continue;
+          const int64_t r = s.y_lo[j] - first;
+          const acc_t fy = s.y_frac[j];
+          const acc_t* Gj = G + j * P;
+          acc_t dy = 0;
+          for (int64_t i = 0; i < P; ++i) {
+            d_x[i] += Gj[i] * (1 - fy) * dh[r * P + i];
+            d_x[i] += Gj[i] * fy * dh[(r + 1) * P + i];
+            dy += Gj[i] * (h[(r + 1) * P + i] - h[r * P + i]);
+          }
+          d_y[j] += dy;
+        }
+      }
+      if (grad_img != nullptr) {
+        // Gradient of each shared row, then through the column taps into the image.
+        std::fill(gr, gr + count * P, acc_t(0));
+        for (int64_t j = 0; j < P; ++j) {
+          if (!(s.y_in_lo[j] || s.y_in_hi[j])) continue;
+          const int64_t r = s.y_lo[j] - first;
+          const acc_t fy = s.y_frac[j];
+          for (int64_t i = 0; i < P; ++i) {
+            gr[r * P + i] += (1 - fy) * G[j * P + i];
+            gr[(r + 1) * P + i] += fy * G[j * P + i];
+          }
+        }
+        acc_t* grad_c = grad_img + c * gg.sC;
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t y = first + r;
+          if (y < 0 || y >= gg.H) continue;
+          acc_t* row = grad_c + y * gg.sH;
+          for (int64_t i = 0; i < P; ++i) {
+            const int64_t x = s.x_lo[i];
+            if (s.x_in_lo[i]) row[x * gg.sW] += (1 - s.x_frac[i]) * gr[r * P + i];
+            if (s.x_in_hi[i]) row[(x + 1) * gg.sW] += s.x_frac[i] * gr[r * P + i];
+          }
+        }
+      }
+    }
+    acc_t gx = 0, gy = 0;
+    if (need_centre) {
+      for (int64_t i = 0; i < P; ++i) gx += d_x[i];
+      for (int64_t j = 0; j < P; ++j) gy += d_y[j];
+    }
+    return {a.sx * gx, a.sy * gy};
   }
   acc_t* top = s.h.data();
   acc_t* bottom = top + P;
@@ -439,7 +550,8 @@ namespace sse2 {
 #undef LAFS_SIMD_AVX2
 }  // namespace sse2
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// GCC only: clang ignores `#pragma GCC target`, and the AVX2 intrinsics need it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LAFS_GATHER_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2")

@@ -21,7 +21,7 @@ horizontal flip ``scale_x = -w/S, offset_x = x0 + (S - 0.5)*w/S - 0.5``
 and zero gradients; the affine gets no gradient.
 
 Structure: selecting landmarks (``index`` or ``num_samples`` drawn from the
-generator) and jitter are plain torch and produce ``centres [B, K, 2]``, so
+generator) and jitter are plain torch and produce ``centres [N, K, 2]``, so
 autograd sums the landmark gradient over repeated indices and every backend
 sees the same centres for the same generator state.  The custom op
 ``lafs_kernels::landmark_patch_gather`` then gathers patches at those centres

@@ -21,8 +21,9 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 # Register spills per thread (cuobjdump's STACK) allowed: the tiles were chosen so that none spills more
 # than a few words (the float32 margin forward spilled 1088 bytes on sm_90 with BLOCK_D 64).
 MAX_SPILL_BYTES = 64
-EXPECTED = {f"gather_forward_{t}" for t in ("fp32", "bf16", "fp16")} | {
-    f"gather_backward_{t}_image{i}_centres{c}" for t in ("fp32", "bf16", "fp16") for i, c in ((1, 1), (1, 0), (0, 1))
+EXPECTED = {f"gather_forward_{t}{a}" for t in ("fp32", "bf16", "fp16") for a in ("", "_affine")} | {
+    f"gather_backward_{t}_image{i}_centres{c}{a}" for t in ("fp32", "bf16", "fp16") for i, c in ((1, 1), (1, 0), (0, 1))
+    for a in ("", "_affine")
 } | {f"margin_{d}_{t}_T{n}" for d in ("forward", "backward") for t in ("fp32", "bf16", "fp16") for n in (1, 2)}
 
 
