@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # The one check of the GPU paths, for a machine with an NVIDIA H100/H200 (CUDA 13, torch and Triton
-# installed, no network). In under eight minutes it
+# installed, no network). In about nine and a half minutes it
 #   1. finds Python (.venv/bin/python, else python3; LAFS_GPU_CHECK_PYTHON overrides) and the CUDA toolkit,
 #   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed, but the
 #      _C of an editable install in this checkout is replaced; `pip install -e .` restores it),
 #   3. runs the GPU-marked tests (pytest -m gpu tests),
-#   4. runs the GPU benchmarks at the issues' shapes (pytest benchmarks --benchmark-only),
+#   4. runs the GPU benchmarks at the issues' shapes (pytest benchmarks --benchmark-only), and the LAFS
+#      pretraining step and view builder at Part fViT-B by part, with kernel launches per step
+#      (python benchmarks/bench_pretrain_views.py),
 #   5. prints a short table last.
-# Writes into OUT_DIR (8 files): build.log (with `python -m lafs_kernels.info`), tests.log, bench.log,
-# bench_landmark_patch_gather.json, bench_margin_softmax.json, bench_training_step.json, RESULTS.md, summary.txt.
+# Writes into OUT_DIR (10 files): build.log (with `python -m lafs_kernels.info`), tests.log, bench.log,
+# bench_landmark_patch_gather.json, bench_margin_softmax.json, bench_training_step.json, pretrain_views.log,
+# bench_pretrain_views.json, RESULTS.md, summary.txt.
 # Exit status 0 only when every step passed; otherwise FAIL lines name the failed steps.
 #
 # usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run]
 #   --dry-run (or LAFS_GPU_CHECK_CPU=1): on a machine without a GPU, run every step up to the first GPU
 #   call (environment, toolkit, CUDA build, build record) and stop there.
 #   LAFS_GPU_CHECK_BUILD_TIMEOUT (default 240 s) bounds the build; MAX_JOBS defaults to nproc.
-#   Time limits: build 240 s, tests 120 s, benchmarks 90 + 100 + 110 s, views gather 60 s (typical total: about
-#   8 minutes).
+#   Time limits: build 240 s, tests 120 s, benchmarks 90 + 100 + 110 s, views gather 60 s, pretraining views
+#   200 s (typical total: about 10 minutes).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
@@ -167,6 +170,18 @@ case $status in
   0) ;;
   124) fail "benchmarks/gather_views.py took over 60s (bench.log)" ;;
   *) fail "benchmarks/gather_views.py failed (exit $status, bench.log)" ;;
+esac
+
+# LAFS pretraining at Part fViT-B (issue 21): builder and step by part, ours against the original path,
+# kernel launches per step (torch.profiler), the DINO head + loss at out_dim 65,536 and 100,000.
+say "GPU pretraining views: benchmarks/bench_pretrain_views.py (limit 200s) -> pretrain_views.log, bench_pretrain_views.json"
+timeout 200 "$PY" benchmarks/bench_pretrain_views.py --case "paper layout" --pairs 6 \
+  --json "$OUT/bench_pretrain_views.json" > "$OUT/pretrain_views.log" 2>&1
+status=$?
+case $status in
+  0) grep -E "^(kernel launches|builder |step |DINO head)" "$OUT/pretrain_views.log" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
+  124) fail "benchmarks/bench_pretrain_views.py took over 200s (pretrain_views.log)" ;;
+  *) fail "benchmarks/bench_pretrain_views.py failed (exit $status, pretrain_views.log)"; tail -n 10 "$OUT/pretrain_views.log" | tee -a "$SUMMARY" ;;
 esac
 
 # ---- 5. report ------------------------------------------------------------------------------------------

@@ -486,7 +486,8 @@ def _build_identity_parts(p: dict) -> dict:
     for side in (-1, 1):
         line, thickness = _brow_line(p, side)
         if p["brow_hatched"]:
-            shapes += [[[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]] for (x, y), t in zip(line, thickness)]
+            shapes += [[[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]]
+                       for (x, y), t in zip(line, thickness)]
         else:
             shapes.append(_ribbon(line, thickness))
     brows.add("line" if p["brow_hatched"] else "fill", shapes, _DEPTH_EYES, skin=0.15, hair=0.8)
@@ -583,8 +584,9 @@ def _render_face(p: dict, nuisance: dict, rng: np.random.Generator):
     canvas = _background(nuisance, rng)
     skin, hair = nuisance["skin"], nuisance["hair"]
     eyes, mouth, eye_centers, corners = _expression_parts(p, parts, nuisance)
-    _draw_in_order(canvas, pose, skin, hair, [(parts["back"], 0.0), (eyes, 0.0), (parts["brows"], -nuisance["brow_raise"]),
-                                              (parts["nose"], 0.0), (mouth, 0.0)])
+    layers = [(parts["back"], 0.0), (eyes, 0.0), (parts["brows"], -nuisance["brow_raise"]), (parts["nose"], 0.0),
+              (mouth, 0.0)]
+    _draw_in_order(canvas, pose, skin, hair, layers)
     image = _photometric(canvas, nuisance, rng)
     points = np.concatenate([pose(eye_centers, _DEPTH_EYES), pose([[_CENTER_X, p["nose_tip_y"]]], _DEPTH_NOSE),
                              pose(corners, _DEPTH_MOUTH)])
@@ -613,7 +615,8 @@ def _photometric(canvas: np.ndarray, nuisance: dict, rng: np.random.Generator) -
         canvas = cv2.GaussianBlur(canvas, (0, 0), nuisance["blur_sigma"])
     # The light ramp: a bilinear blend of four corner gains (cv2.resize of a 2x2 image is the fast way).
     direction = np.array([math.cos(nuisance["light_angle"]), math.sin(nuisance["light_angle"])])
-    corners = 1.0 + nuisance["light_gradient"] * (np.array([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]) @ direction)
+    corner_signs = np.array([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    corners = 1.0 + nuisance["light_gradient"] * (corner_signs @ direction)
     gains = (corners[:, None] * (nuisance["brightness"] * nuisance["color_cast"])).astype(np.float32)
     light = cv2.resize(gains.reshape(2, 2, 3), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
     image = canvas.astype(np.float32) * light

@@ -8,7 +8,8 @@ Pieces: ``DINOHead`` (head.py), ``DINOLoss`` (loss.py), ``cosine_schedule`` /
 ``teacher_temp_schedule`` (schedules.py), ``ema_update`` (ema.py), weight-decay groups,
 per-parameter clipping and the last-layer freeze (optim.py), batched crop and colour
 augmentation (augment.py), the builder's frozen landmark CNN with batch norms folded
-(frozen.py), ``MultiViewBuilder`` (views.py), ``MultiCropModel``
+(frozen.py), a view's crop as the gather's affine (geometry.py), colour on tokens
+(token_colour.py), ``MultiViewBuilder`` (views.py), ``MultiCropModel``
 (multicrop.py), ``DINOTrainer`` (step.py), original LAFS checkpoints (official.py).
 """
 from .ema import ema_update

@@ -6,17 +6,23 @@ any device; the work itself runs on the images' device with torch ops.
 
 - ``random_resized_crops``: torchvision's ``RandomResizedCrop`` (scale range, aspect
   ratio 3/4..4/3, ten tries then a central fallback) plus a horizontal flip with
-  probability 1/2, bicubic, as two batched matrix products (the grid is separable).
+  probability 1/2, bicubic, as two batched matrix products (the grid is separable);
+  ``random_crop_parameters`` draws the boxes and flips alone (the fused view path turns
+  them into the gather's affine), ``resized_crops`` resamples given ones.
 - ``colour_augment``: DINO's photometric chain on images in [0, 1]: colour jitter
   (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order per
   image) with probability 0.8, grayscale with probability 0.2, Gaussian blur
   (sigma uniform in [0.1, 2]) and solarisation (invert values >= 0.5) with
   per-image probabilities.  On the CPU these passes are memory-bound, so each
-  works in place on just the images it changes.
+  works in place on just the images it changes.  ``draw_colour_parameters`` draws
+  everything random once (``ColourParameters``); ``jitter_and_gray_``, ``blur_`` and
+  ``solarize_`` apply the steps, so the token path (``lafs.ssl.token_colour``) runs
+  the same functions on the same draws.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,20 +94,26 @@ def _bicubic_matrix(positions: torch.Tensor, size: int) -> torch.Tensor:
     return matrix.scatter_add_(2, taps, _cubic_weights(positions - base))
 
 
-def random_resized_crops(
-    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
-) -> torch.Tensor:
-    """Random resized crop + random horizontal flip: ``[N, C, H, W] -> [N, C, size, size]``.
+def random_crop_parameters(
+    n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boxes ``[n, 4]`` float64 ``(x0, y0, w, h)``, flips ``[n]`` bool): the random draws of
+    :func:`random_resized_crops`, in its order (boxes, then the flips)."""
+    boxes = random_crop_boxes(n, height, width, scale, generator)
+    return boxes, torch.rand(n, generator=generator) < 0.5
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C, size, size]``: box n of image n resized to ``size``, mirrored where ``flips[n]``.
 
     Bicubic (as ``grid_sample(mode="bicubic", padding_mode="border")``), done as two
     matrix products per image, rows then columns, since the sampling grid is separable.
     Values are clamped to the input's range (bicubic interpolation overshoots).
     """
     n, c, height, width = images.shape
-    boxes = random_crop_boxes(n, height, width, scale, generator)
-    flip = torch.rand(n, generator=generator) < 0.5
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # output pixel centres in (0, 1)
-    u = torch.where(flip[:, None], 1.0 - centres, centres)  # [N, size]
+    u = torch.where(flips.cpu()[:, None], 1.0 - centres, centres)  # [N, size]
+    boxes = boxes.cpu().to(torch.float64)
     x = boxes[:, 0:1] + u * boxes[:, 2:3]  # input coordinates, pixel k spanning [k, k+1]
     y = boxes[:, 1:2] + centres * boxes[:, 3:4]
     columns = _bicubic_matrix((x - 0.5).to(images.device), width).to(images.dtype)  # [N, size, W]
@@ -111,6 +123,16 @@ def random_resized_crops(
     return crops.clamp_(images.amin(), images.amax())
 
 
+def random_resized_crops(
+    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Random resized crop + random horizontal flip: ``[N, C, H, W] -> [N, C, size, size]``
+    (:func:`random_crop_parameters`, then :func:`resized_crops`)."""
+    n, _, height, width = images.shape
+    boxes, flips = random_crop_parameters(n, height, width, scale, generator)
+    return resized_crops(images, boxes, flips, size)
+
+
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W] -> [N, 1, H, W]`` luma (ITU-R 601)."""
     luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3)
@@ -118,14 +140,17 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend_(
-    x: torch.Tensor, factor: torch.Tensor, gray_weight: torch.Tensor, mean_weight: torch.Tensor
+    x: torch.Tensor, factor: torch.Tensor, gray_weight: torch.Tensor, mean_weight: torch.Tensor,
+    mean_start: int = 0,
 ) -> torch.Tensor:
     """In place: ``x <- clamp(f * x + (1 - f) * (a * gray + b * mean(gray)), 0, 1)``, one f, a, b [N] per image.
 
     Brightness is a = b = 0, contrast a = 0, b = 1, saturation a = 1, b = 0 (as torchvision).
+    ``mean(gray)`` is over the pixels from flat position ``mean_start`` on (0: the whole image; the
+    token path puts the samples that stand for its view after its tokens).
     """
     gray = _grayscale(x)
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    mean = gray.flatten(1)[:, mean_start:].mean(dim=1).view(-1, 1, 1, 1)
     other = gray.mul_(gray_weight.view(-1, 1, 1, 1)).add_(mean * mean_weight.view(-1, 1, 1, 1))
     factor = factor.view(-1, 1, 1, 1)
     return x.mul_(factor).add_(other.mul_(1.0 - factor)).clamp_(0.0, 1.0)
@@ -166,43 +191,126 @@ def _change_rows_(x: torch.Tensor, chosen: torch.Tensor, change) -> torch.Tensor
     return x
 
 
-def _colour_jitter_(x: torch.Tensor, apply: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _colour_jitter_(
+    x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, mean_start: int = 0,
+    dense: bool = False,
+) -> torch.Tensor:
     """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
 
-    Per stage of the random order, the images whose op there is brightness, contrast
-    or saturation take one ``_blend_`` together, those whose op is hue one hue shift.
+    ``factors [N, 4]`` (brightness, contrast, saturation, hue) and ``order [N, 4]`` (a permutation of
+    0..3 per image) come from :func:`draw_colour_parameters`.  Per stage of the random order, the
+    images whose op there is brightness, contrast or saturation take one ``_blend_`` together, those
+    whose op is hue one hue shift.  ``mean_start``: see ``_blend_``.  ``dense``: the blend runs on every
+    image, with factor 1 (exactly the identity on [0, 1]) where an image takes no blend at that stage,
+    instead of copying the images that do out and back (cheaper for small images such as tokens).
     """
-    n = x.shape[0]
-    ops = list(_JITTER)
-    factors = {
-        op: (_uniform(n, -s, s, generator) if op == "hue" else _uniform(n, 1 - s, 1 + s, generator)).to(x.dtype)
-        for op, s in _JITTER.items()
-    }
-    order = torch.rand(n, len(ops), generator=generator).argsort(dim=1)  # a random permutation per image
-    hue = ops.index("hue")
-    blend_factors = torch.stack([factors[op] for op in ops[:hue]], dim=1)  # [N, 3]: brightness, contrast, saturation
+    hue = list(_JITTER).index("hue")
+    blend_factors = factors[:, :hue].to(x.dtype)  # [N, 3]: brightness, contrast, saturation
+    hue_shift = factors[:, hue].to(x.dtype)
     gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype)
     mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
     for stage in order.unbind(dim=1):
-        _change_rows_(x, apply & (stage != hue), lambda images, rows: _blend_(
-            images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
-            mean_weight[stage[rows]].to(x.device)))
+        blend = apply & (stage != hue)
+        if dense and blend.any():
+            op = stage.clamp(max=hue - 1)
+            factor = torch.where(blend, blend_factors.gather(1, op[:, None]).squeeze(1), 1.0)
+            _blend_(x, factor.to(x.device), torch.where(blend, gray_weight[op], 0.0).to(x.device),
+                    torch.where(blend, mean_weight[op], 0.0).to(x.device), mean_start)
+        elif not dense:
+            _change_rows_(x, blend, lambda images, rows, stage=stage: _blend_(
+                images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
+                mean_weight[stage[rows]].to(x.device), mean_start))
         _change_rows_(x, apply & (stage == hue),
-                      lambda images, rows: _shift_hue_(images, factors["hue"][rows].to(x.device)))
+                      lambda images, rows: _shift_hue_(images, hue_shift[rows].to(x.device)))
     return x
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur, one sigma per image (``sigma [N]``), reflect padding."""
+def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """``[N, 2 * radius + 1]`` float64 normalised Gaussian taps, one row per ``sigma [N]``."""
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(torch.float64)[:, None]) ** 2)
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_y: Optional[torch.Tensor] = None,
+                   radius: int = _BLUR_RADIUS) -> torch.Tensor:
+    """Separable Gaussian blur, one sigma per image (``sigma [N]``; ``sigma_y [N]`` along H if it differs),
+    ``radius`` taps each side, reflect padding."""
     n, c, h, w = x.shape
-    taps = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(device=x.device, dtype=x.dtype)
-    kernel = kernel.repeat_interleave(c, dim=0)  # [N*C, taps]
-    flat = F.pad(x.reshape(1, n * c, h, w), (_BLUR_RADIUS,) * 4, mode="reflect")
-    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
+    kernel_x = _gaussian_kernels(sigma, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)
+    kernel_y = kernel_x if sigma_y is None else (
+        _gaussian_kernels(sigma_y, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0))
+    flat = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel_x[:, None, None, :], groups=n * c)
+    flat = F.conv2d(flat, kernel_y[:, None, :, None], groups=n * c)
     return flat.view(n, c, h, w)
+
+
+class ColourParameters(NamedTuple):
+    """The random draws of DINO's colour augmentation for N images (CPU tensors).
+
+    jitter, gray, blur, solarize: [N] bool, whether each step changes image n;
+    sigma: [N] float64 blur sigma in pixels; factors: [N, 4] float64 brightness, contrast,
+    saturation factors and hue shift (turns); order: [N, 4] int64 the jitter ops' order.
+    """
+
+    jitter: torch.Tensor
+    gray: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
+
+
+def draw_colour_parameters(
+    n: int, blur_p: torch.Tensor, solarize_p: torch.Tensor, generator: torch.Generator,
+    jitter_p: float = 0.8, grayscale_p: float = 0.2,
+) -> ColourParameters:
+    """Draw :class:`ColourParameters` from ``generator`` in a fixed order: which images are jittered,
+    grayed, blurred, the sigmas, which are solarised, the four jitter factors (each [N]), the op order.
+
+    ``blur_p [N]`` and ``solarize_p [N]`` are per-image probabilities (DINO / LAFS use
+    blur 1.0 for the first global view, 0.1 plus solarisation 0.2 for the second,
+    blur 0.5 for local views).
+    """
+    if blur_p.shape != (n,) or solarize_p.shape != (n,):
+        raise ValueError(
+            f"colour_augment: blur_p and solarize_p must be [{n}], got {tuple(blur_p.shape)}, {tuple(solarize_p.shape)}"
+        )
+    jitter = torch.rand(n, generator=generator) < jitter_p
+    gray = torch.rand(n, generator=generator) < grayscale_p
+    blur = torch.rand(n, generator=generator) < blur_p.cpu()
+    sigma = _uniform(n, _BLUR_SIGMA[0], _BLUR_SIGMA[1], generator)
+    solarize = torch.rand(n, generator=generator) < solarize_p.cpu()
+    factors = torch.stack([_uniform(n, -s, s, generator) if op == "hue" else _uniform(n, 1 - s, 1 + s, generator)
+                           for op, s in _JITTER.items()], dim=1)
+    order = torch.rand(n, len(_JITTER), generator=generator).argsort(dim=1)  # a random permutation per image
+    return ColourParameters(jitter, gray, blur, sigma, solarize, factors, order)
+
+
+def jitter_and_gray_(x: torch.Tensor, params: ColourParameters, mean_start: int = 0,
+                     dense: bool = False) -> torch.Tensor:
+    """In place on ``x [N, 3, H, W]`` in [0, 1]: the colour jitter, then grayscale (``mean_start``, ``dense``:
+    see ``_blend_`` and ``_colour_jitter_``)."""
+    _colour_jitter_(x, params.jitter, params.factors, params.order, mean_start, dense)
+    return _change_rows_(x, params.gray, lambda images, rows: _grayscale(images).expand_as(images))
+
+
+def blur_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
+    """In place: Gaussian blur of the images ``params.blur`` selects, each with its sigma."""
+    return _change_rows_(x, params.blur, lambda images, rows: _gaussian_blur(images, params.sigma[rows]))
+
+
+def solarize_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
+    """In place: solarisation (values >= 0.5 inverted) of the images ``params.solarize`` selects."""
+    return _change_rows_(x, params.solarize, lambda images, rows: torch.where(images >= 0.5, 1.0 - images, images))
+
+
+def apply_colour_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
+    """In place on ``x [N, 3, H, W]`` in [0, 1]: jitter, grayscale, blur, solarisation, each only on the
+    images it changes."""
+    return solarize_(blur_(jitter_and_gray_(x, params), params), params)
 
 
 def colour_augment(
@@ -213,28 +321,9 @@ def colour_augment(
     jitter_p: float = 0.8,
     grayscale_p: float = 0.2,
 ) -> torch.Tensor:
-    """DINO's colour augmentation of ``images [N, 3, H, W]`` in [0, 1]; returns a new tensor.
-
-    ``blur_p [N]`` and ``solarize_p [N]`` are per-image probabilities (DINO / LAFS use
-    blur 1.0 for the first global view, 0.1 plus solarisation 0.2 for the second,
-    blur 0.5 for local views).
-    """
-    n = images.shape[0]
+    """DINO's colour augmentation of ``images [N, 3, H, W]`` in [0, 1]; returns a new tensor
+    (:func:`draw_colour_parameters`, then :func:`apply_colour_` on a copy)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"colour_augment needs RGB images [N, 3, H, W], got {tuple(images.shape)}")
-    if blur_p.shape != (n,) or solarize_p.shape != (n,):
-        raise ValueError(
-            f"colour_augment: blur_p and solarize_p must be [{n}], got {tuple(blur_p.shape)}, {tuple(solarize_p.shape)}"
-        )
-    do_jitter = torch.rand(n, generator=generator) < jitter_p
-    do_gray = torch.rand(n, generator=generator) < grayscale_p
-    do_blur = torch.rand(n, generator=generator) < blur_p.cpu()
-    sigma = _uniform(n, _BLUR_SIGMA[0], _BLUR_SIGMA[1], generator)
-    do_solarize = torch.rand(n, generator=generator) < solarize_p.cpu()
-
-    # Each step touches only the images it changes.
-    out = _colour_jitter_(images.clone(), do_jitter, generator)
-    _change_rows_(out, do_gray, lambda x, rows: _grayscale(x).expand_as(x))
-    _change_rows_(out, do_blur, lambda x, rows: _gaussian_blur(x, sigma[rows]))
-    _change_rows_(out, do_solarize, lambda x, rows: torch.where(x >= 0.5, 1.0 - x, x))
-    return out
+    params = draw_colour_parameters(images.shape[0], blur_p, solarize_p, generator, jitter_p, grayscale_p)
+    return apply_colour_(images.clone(), params)

@@ -87,7 +87,7 @@ class PretrainStage(Stage):
             local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
             global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
             image_size=self.landmark_cnn.image_size, grayscale_p=v.grayscale_p, seed=cfg.seed + self.dist.rank,
-            original_path=cfg.train.original_path)
+            original_path=cfg.train.original_path, landmarks=v.landmarks, local_positions=v.local_positions)
 
     def _build_view_probe(self):
         """``val.view_probe`` images' two global views, drawn once from the seed (main process only), or None."""

@@ -14,6 +14,7 @@ from lafs.ssl.augment import (
     _shift_hue_,
     _uniform,
     colour_augment,
+    draw_colour_parameters,
     random_crop_boxes,
     random_resized_crops,
 )
@@ -126,8 +127,13 @@ def test_jitter_applies_each_images_ops_in_its_drawn_order(rng):
     x = torch.rand(n, 3, 6, 6, generator=rng, dtype=torch.float64)
     apply = torch.rand(n, generator=rng) < 0.8
     state = rng.get_state()
-    out = _colour_jitter_(x.clone(), apply, rng)
-    rng.set_state(state)  # the same draws, in the documented order: the four factors, then the op order
+    params = draw_colour_parameters(n, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), rng)
+    out = _colour_jitter_(x.clone(), apply, params.factors, params.order)
+    rng.set_state(state)  # the same draws, in the documented order: five per-image draws, the four factors, the order
+    for _ in range(3):  # jitter, grayscale, blur
+        torch.rand(n, generator=rng)
+    _uniform(n, 0.1, 2.0, rng)  # sigma
+    torch.rand(n, generator=rng)  # solarisation
     factors = {op: _uniform(n, -s, s, rng) if op == "hue" else _uniform(n, 1 - s, 1 + s, rng)
                for op, s in _JITTER.items()}
     order = torch.rand(n, 4, generator=rng).argsort(dim=1)

@@ -180,6 +180,13 @@ PRETRAIN = COMMON + [
     _opt("views.jitter_std", 5.0, "Gaussian landmark jitter in pixels.", float, minimum=0.0),
     _opt("views.grayscale_p", 0.2, "Probability that a view is turned to grayscale (DINO's 0.2).", float,
          minimum=0.0, maximum=1.0),
+    _opt("views.landmarks", "per_view", "Where the frozen landmark CNN runs: per_view (on every view's crop, as the "
+         "paper) or per_image (once per source image, its landmarks mapped into each view through the crop's "
+         "inverse affine: one CNN pass instead of one per view). train.original_path always runs it per view.",
+         choices=("per_view", "per_image")),
+    _opt("views.local_positions", None, "Position embeddings of a local view's tokens: landmark (each token its "
+         "landmark's) or first (the released code's first K + 1 positions, whatever landmarks were drawn); null: "
+         "first with train.original_path, else landmark.", str, nullable=True, choices=("landmark", "first")),
     _opt("dino.out_dim", 65536, "Output dimension of the DINO head (the paper uses up to 100,000).", minimum=1),
     _opt("dino.hidden_dim", 2048, "Hidden width of the DINO head.", minimum=1),
     _opt("dino.bottleneck_dim", 256, "Bottleneck width of the DINO head.", minimum=1),

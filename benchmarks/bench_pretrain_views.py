@@ -1,0 +1,364 @@
+"""LAFS pretraining by part (issue 21): ``MultiViewBuilder`` and the whole DINO step, ours against the original path.
+
+What it measures, each case built from ``lafs.ssl`` directly (random images in [-1, 1] already on the device):
+
+- the builder (images -> the tokens of all views) by part, from ``torch.profiler`` ranges the builder
+  opens (``views.crops``, ``views.landmark_cnn``, ``views.colour``, ``views.blur``, ``views.gather``; the
+  rest, random draws and bookkeeping, is ``other``);
+- the step by part, its phases run one after another as ``DINOTrainer.train_step`` runs them, each timed
+  (views, teacher, student forward, head and loss forward, backward of head and loss, backward of the
+  student, clipping and optimizer, EMA);
+- the speed-ups, builder and step, from alternating calls of ours and the original (``_harness.paired_speedup``):
+  ours with ``views.landmarks`` per_image and per_view, the original path as the released script runs it;
+- on CUDA, kernel launches per step of each path (``torch.profiler``, CUDA kernel events).
+
+Cases: "paper layout" (CPU: ``part_fvit_tiny``, 16 images, 2 + 8 views with 36 tokens per local view, the demo
+recipe's DINO head (4096 outputs), float32; GPU: ``part_fvit_b``, 64 images, bfloat16 autocast, the WebFace4M
+recipe's head (65,536 outputs), and the paper's largest, 100,000, for the head-and-loss share) and, on the CPU,
+"default run" (the demo recipe's pretraining stage as it stands: model, batch, views and head).
+
+``pytest benchmarks/bench_pretrain_views.py --benchmark-only`` records everything in ``extra_info``;
+``python benchmarks/bench_pretrain_views.py`` prints the tables (``--json FILE`` saves them).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import _harness
+from _harness import DEVICE, pick
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.benchmark(timer=_harness.synchronized_timer)
+
+# name -> (model preset, model overrides, batch, dtype, DINO out_dim, hidden, bottleneck, local views, local tokens)
+CASES = pick(
+    cpu={"paper layout": ("part_fvit_tiny", {}, 16, "float32", 4096, 512, 128, 8, 36), "default run": "demo"},
+    gpu={"paper layout": ("part_fvit_b", {}, 64, "bfloat16", 65536, 2048, 256, 8, 36)},
+    smoke={"paper layout": ("part_fvit_nano", {}, 2, "float32", 64, 32, 16, 8, 36)},
+)
+
+
+def default_run_case() -> tuple:
+    """The default run's pretraining settings, read from the demo recipe (lafs/recipes/demo.yaml)."""
+    from lafs.train import config as config_mod
+
+    tree = config_mod.demo_stage_tree(config_mod.load_recipe("demo"), "pretrain")
+    model, views, dino = tree["model"], tree.get("views", {}), tree["dino"]
+    return (model["name"], model.get("overrides") or {}, tree["optim"]["batch_size"], "float32", dino["out_dim"],
+            dino["hidden_dim"], dino["bottleneck_dim"], views.get("local_count", 8), views.get("local_tokens", 36))
+
+
+CASES = {name: default_run_case() if spec == "demo" else spec for name, spec in CASES.items()}
+CASE_NAMES = tuple(CASES)
+PATHS = ("per_image", "per_view", "original")
+VIEW_PARTS = ("crops", "landmark_cnn", "colour", "blur", "gather")
+STEP_PARTS = ("views", "teacher", "student forward", "head+loss forward", "head+loss backward",
+              "student backward", "clip+optimizer", "EMA")
+
+
+
+
+def build_trainer(path: str, case: str = "paper layout", out_dim=None):
+    """(DINOTrainer, images [B, 3, 112, 112]) of ``case`` (CASES) for ``path`` in PATHS, on DEVICE."""
+    from lafs.models import create_model
+    from lafs.ssl import DINOSettings, DINOTrainer, MultiViewBuilder
+
+    model, overrides, batch, dtype, dim, hidden, bottleneck, local_views, local_tokens = CASES[case]
+    torch.manual_seed(0)
+    template = create_model(model, **overrides)
+    original = path == "original"
+    views = MultiViewBuilder(template.landmark_cnn, patch_size=template.transformer.patch_size, local_views=local_views,
+                             local_tokens=local_tokens, original_path=original,
+                             landmarks="per_view" if original else path)
+    settings = DINOSettings(epochs=2, iters_per_epoch=10, batch_size=batch, out_dim=out_dim or dim,
+                            hidden_dim=hidden, bottleneck_dim=bottleneck, warmup_epochs=0.5,
+                            amp_dtype=None if dtype == "float32" else dtype)
+    trainer = DINOTrainer(template.transformer.to(DEVICE), create_model(model, **overrides).transformer.to(DEVICE),
+                          views, settings, device=torch.device(DEVICE))
+    images = (torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(DEVICE)
+    return trainer, images
+
+
+def builder_case(trainer, images):
+    views = trainer.views.train()
+    return lambda: views(images)
+
+
+def step_case(trainer, images):
+    position = [trainer.total_steps // 2]
+    return lambda: trainer.train_step(images, position[0], 1)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def builder_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> dict:
+    """Seconds per call of each ``views.*`` range of the builder (``other``: the rest), and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = builder_case(trainer, images)
+    case()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    start = _harness.synchronized_timer()
+    with profile(activities=activities) as prof:
+        for _ in range(rounds):
+            case()
+        _harness.synchronized_timer()
+    total = (_harness.synchronized_timer() - start) / rounds
+    parts = collections.defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("views."):
+            name = event.key.split(".", 1)[1]
+            cpu = event.cpu_time_total / 1e6 / rounds
+            device = getattr(event, "device_time_total", 0.0) / 1e6 / rounds
+            parts[name] += max(cpu, device) if DEVICE == "cuda" else cpu
+    profiled_total = sum(parts.values())
+    result = {name: parts.get(name, 0.0) for name in VIEW_PARTS}
+    result["other"] = max(0.0, total - profiled_total)
+    result["total"] = total
+    return result
+
+
+@contextlib.contextmanager
+def _timed(times: dict, name: str):
+    start = _harness.synchronized_timer()
+    yield
+    times[name] += _harness.synchronized_timer() - start
+
+
+def step_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> dict:
+    """Seconds per step of each phase of ``DINOTrainer.train_step``, run one after another as it runs them."""
+    from lafs.ssl.ema import ema_update
+    from lafs.ssl.optim import cancel_last_layer_gradients, clip_gradients_per_parameter
+
+    s = trainer.settings
+    times = collections.defaultdict(float)
+    autocast = dict(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None)
+    step = trainer.total_steps // 2
+    for round_ in range(rounds + 1):
+        if round_ == 1:
+            times.clear()  # the first round warms up
+        trainer.student.train()
+        with _timed(times, "views"):
+            groups = trainer.views.train()(images)
+        with torch.autocast(**autocast):
+            with _timed(times, "teacher"), torch.no_grad():
+                teacher_out = trainer.teacher(groups[:1])
+            with _timed(times, "student forward"):
+                features = torch.cat([trainer.student.backbone(t, i) for t, i in groups])
+            with _timed(times, "head+loss forward"):
+                detached = features.detach().requires_grad_(True)
+                loss = trainer.loss(trainer.student.head(detached), teacher_out, 1)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with _timed(times, "head+loss backward"):
+            loss.backward()
+        with _timed(times, "student backward"):
+            features.backward(detached.grad)
+        with _timed(times, "clip+optimizer"):
+            if s.clip_grad:
+                clip_gradients_per_parameter(trainer.student, s.clip_grad)
+            cancel_last_layer_gradients(trainer.student.head, 1, s.freeze_last_layer)
+            trainer.optimizer.step()
+        with _timed(times, "EMA"):
+            ema_update(trainer.teacher, trainer.student, float(trainer.momentum_schedule[step]))
+    result = {name: times[name] / rounds for name in STEP_PARTS}
+    result["total"] = sum(result.values())
+    return result
+
+
+def kernel_launches(case) -> int:
+    """CUDA kernels launched by one call of ``case`` (torch.profiler); -1 off CUDA."""
+    if DEVICE != "cuda":
+        return -1
+    from torch.profiler import ProfilerActivity, profile
+
+    case()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        case()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def head_and_loss_share(out_dim: int, case: str = "paper layout") -> dict:
+    """Seconds of the DINO head + loss, forward and backward, at ``out_dim`` (the fused-loss question)."""
+    trainer, images = build_trainer("per_image", case, out_dim=out_dim)
+    groups = trainer.views(images)
+    with torch.no_grad():
+        features = torch.cat([trainer.student.backbone(t, i) for t, i in groups])
+        teacher_out = trainer.teacher(groups[:1])
+    autocast = dict(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None)
+
+    def case():
+        detached = features.detach().requires_grad_(True)
+        with torch.autocast(**autocast):
+            loss = trainer.loss(trainer.student.head(detached), teacher_out, 1)
+        loss.backward()
+
+    case()
+    seconds = []
+    for _ in range(3):
+        start = _harness.synchronized_timer()
+        case()
+        seconds.append(_harness.synchronized_timer() - start)
+    return {"out_dim": out_dim, "seconds": sorted(seconds)[1]}
+
+
+@torch.no_grad()
+def landmark_mapping_distance(run: str, count: int = 64, seed: int = 0) -> dict:
+    """Per-image landmarks mapped into views against the landmark CNN run on each view's crop (the two
+    ``views.landmarks`` options), for the landmark CNN of ``run`` (a run folder or checkpoint) on ``count``
+    images of the default run's synthetic training set, global-view crops (scale 0.4-1, flips): the distance
+    in view pixels (mean, median, 90th percentile), beside how far the crop moves the landmarks (the
+    distance between the CNN's landmarks on the crop and at the same positions of the uncropped image)."""
+    from lafs.models import load_model
+    from lafs.ssl.augment import random_crop_parameters, resized_crops
+    from lafs.ssl.frozen import frozen_copy
+    from lafs.ssl.geometry import landmarks_into_views
+    from lafs.train import config as config_mod
+    from lafs.train.data import build_train_set
+    from lafs_kernels.ops.landmark_patch_gather import crop_affine
+
+    cfg = config_mod.resolve_stage("supervised", config_mod.demo_stage_tree(config_mod.load_recipe("demo"),
+                                                                             "supervised"), source="demo")
+    train_set = build_train_set(cfg)
+    picks = torch.linspace(0, len(train_set) - 1, count).round().long()
+    images = torch.stack([train_set[int(i)][0] for i in picks])
+    cnn = frozen_copy(load_model(run).landmark_cnn)
+    size = cnn.image_size
+    boxes, flips = random_crop_parameters(count, images.shape[2], images.shape[3], (0.4, 1.0),
+                                          torch.Generator().manual_seed(seed))
+    on_crops = cnn(resized_crops(images, boxes, flips, size))
+    source = cnn(images)
+    mapped = landmarks_into_views(source, crop_affine(boxes, size, flips))
+    distance = (on_crops - mapped).norm(dim=-1).flatten()
+    moved = (on_crops - source).norm(dim=-1).flatten()
+    q = torch.tensor([0.5, 0.9])
+    return {"run": run, "images": count, "mean_px": distance.mean().item(),
+            "median_px": distance.quantile(q)[0].item(), "p90_px": distance.quantile(q)[1].item(),
+            "unmapped_mean_px": moved.mean().item(),
+            "cnn_spread_px": source.std(dim=0).norm(dim=-1).mean().item()}
+
+
+# --------------------------------------------------------------------------- pytest
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("what", ["builder", "step"])
+def test_pretrain_views(benchmark, what, case):
+    model, _, batch, dtype, _, _, _, local_views, local_tokens = CASES[case]
+    trainers = {path: build_trainer(path, case) for path in PATHS}
+    make = builder_case if what == "builder" else step_case
+    cases = {path: make(*trainers[path]) for path in PATHS}
+    for run in cases.values():
+        run()  # warm-up
+    profile = builder_profile if what == "builder" else step_profile
+    benchmark.extra_info["profile"] = {path: profile(*trainers[path]) for path in PATHS}
+    pairs = dict(min_pairs=1, max_pairs=1) if _harness.SMOKE else dict(min_pairs=5, max_pairs=40)
+    benchmark.extra_info["paired"] = {
+        path: _harness.paired_speedup(cases[path], cases["original"], "original", **pairs)
+        for path in ("per_image", "per_view")}
+    benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
+    benchmark.extra_info.update(load_1_5_15=os.getloadavg())
+    _harness.measure(benchmark, op=f"pretrain_{what}", impl="per_image", ours=True, mode=what, dtype=dtype,
+                     shape={"case": case, "model": model, "B": batch, "views": f"2+{local_views}",
+                            "local_tokens": local_tokens},
+                     build=lambda: cases["per_image"], memory_spec=None, work={"images": batch}, warmed_up=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _table(title: str, profiles: dict, parts: tuple) -> str:
+    lines = [f"{title}", "| part | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    for part in (*parts, "total"):
+        cells = []
+        for p in profiles.values():
+            share = p[part] / p["total"] if p["total"] else 0.0
+            cells.append(f"{1e3 * p[part]:.1f} ms" + ("" if part == "total" else f" ({100 * share:.0f}%)"))
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
+    """Everything for one case of CASES: launches, profiles, speed-ups, the head + loss at two out_dims."""
+    report = {"case": case, "settings": CASES[case], "load_start": os.getloadavg()}
+    trainers = {path: build_trainer(path, case) for path in PATHS}
+    steps = {path: step_case(*trainers[path]) for path in PATHS}
+    builders = {path: builder_case(*trainers[path]) for path in PATHS}
+    report["kernel_launches_per_step"] = {path: kernel_launches(steps[path]) for path in PATHS}
+    report["kernel_launches_per_builder_call"] = {path: kernel_launches(builders[path]) for path in PATHS}
+    if launches_only:
+        return report
+    report["builder_profile"] = {path: builder_profile(*trainers[path]) for path in PATHS}
+    report["step_profile"] = {path: step_profile(*trainers[path]) for path in PATHS}
+    for what, cases in (("builder", builders), ("step", steps)):
+        report[f"{what}_speedup"] = {
+            path: _harness.paired_speedup(cases[path], cases["original"], "original", min_pairs=pairs,
+                                          max_pairs=pairs)
+            for path in ("per_image", "per_view")}
+    del trainers, steps, builders
+    out_dims = pick(cpu=(CASES[case][4], 65536), gpu=(65536, 100000), smoke=(64,))
+    report["head_and_loss"] = [head_and_loss_share(d, case) for d in out_dims]
+    report["load_end"] = os.getloadavg()
+    return report
+
+
+def print_case(report: dict) -> None:
+    model, _, batch, dtype, out_dim, _, _, local_views, local_tokens = report["settings"]
+    print(f"\n## {report['case']}: {model}, batch {batch}, 2 + {local_views} views ({local_tokens} tokens per local "
+          f"view), {dtype}, DINO out_dim {out_dim}; load {report['load_start'][0]:.1f} -> "
+          f"{report.get('load_end', report['load_start'])[0]:.1f}")
+    if DEVICE == "cuda":
+        print(f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
+              f"{report['kernel_launches_per_builder_call']}")
+    if "builder_profile" not in report:
+        return
+    print(_table("MultiViewBuilder by part (ms per call, share)", report["builder_profile"], VIEW_PARTS + ("other",)))
+    print(_table("Pretraining step by part (ms per step, share)", report["step_profile"], STEP_PARTS))
+    for what in ("builder", "step"):
+        for path, r in report[f"{what}_speedup"].items():
+            print(f"{what} {path} vs original: {r['ratio_median']:.2f}x (quartiles {r['ratio_q25']:.2f}-"
+                  f"{r['ratio_q75']:.2f}, {r['pairs']} alternating pairs)")
+    for r in report["head_and_loss"]:
+        print(f"DINO head + loss forward and backward at out_dim {r['out_dim']}: {1e3 * r['seconds']:.1f} ms")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--pairs", type=int, default=12, help="alternating pairs per speed-up")
+    parser.add_argument("--case", choices=CASE_NAMES, action="append", help="only these cases (default: all)")
+    parser.add_argument("--launches-only", action="store_true", help="CUDA: kernel launches per step only")
+    parser.add_argument("--landmarks-from", metavar="RUN", help="only measure per-image landmarks mapped into views "
+                        "against the CNN on crops, for the landmark CNN of this run folder or checkpoint")
+    args = parser.parse_args(argv)
+    if args.landmarks_from:
+        result = landmark_mapping_distance(args.landmarks_from)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    print(_harness.device_name())
+    reports = []
+    for case in args.case or CASE_NAMES:
+        reports.append(measure_case(case, args.pairs, args.launches_only))
+        print_case(reports[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": _harness.device_name(), "cases": reports}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("LAFS_BENCH_THREADS", torch.get_num_threads())))
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""DINO's colour augmentation on gathered patch tokens instead of whole crops (the fused view path).
+
+Every step of the chain but two is a function of one pixel, so it gives on a token exactly
+what it gives on that pixel of the whole crop: brightness, saturation, hue, grayscale and
+solarisation run here on the tokens only (for a LAFS local view 36 * 64 of 112 * 112
+pixels).  The two that are not:
+
+- contrast blends with the mean gray of the whole view.  The view is represented by a
+  coarse ``G x G`` grid of samples of it (``lafs.ssl.geometry.mean_sample_layout``), which
+  go through every jitter step before the contrast exactly as the tokens do; their mean
+  stands for the crop's (the tests bound the difference);
+- Gaussian blur needs neighbours: ``MultiViewBuilder`` blurs the source image of a blurred
+  view instead (its sigma mapped into source pixels by the view's scale) and gathers from
+  that, so here blur is skipped.
+
+The random draws are :func:`lafs.ssl.augment.draw_colour_parameters`, the same as the crop
+path's, and the per-pixel functions are ``lafs.ssl.augment``'s: tokens are laid out as an
+``[N, 3, T, 1]`` image of their pixels for them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .augment import ColourParameters, jitter_and_gray_, solarize_
+
+
+def colour_tokens(tokens: torch.Tensor, params: ColourParameters,
+                  view_samples: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Colour-augmented copy of ``tokens [N, K, P*P*3]`` in [-1, 1] (pixel-major, channel last).
+
+    ``params``: the N views' draws (blur is left out: see the module docstring).
+    ``view_samples [N, M, F]`` in [-1, 1]: samples of each whole view for the contrast's mean
+    (None: the mean over the tokens themselves).  Returns ``[N, K, P*P*3]`` in [-1, 1].
+    """
+    n, k, features = tokens.shape
+    if features % 3:
+        raise ValueError(f"colour_tokens needs RGB tokens [N, K, P*P*3], got {tuple(tokens.shape)}")
+    if params.jitter.shape != (n,):
+        raise ValueError(f"colour parameters are for {params.jitter.shape[0]} views, the tokens for {n}")
+    pixels = tokens.reshape(n, -1, 3)
+    token_pixels = pixels.shape[1]
+    if view_samples is not None:
+        pixels = torch.cat((pixels, view_samples.reshape(n, -1, 3)), dim=1)
+    # [N, 3, T, 1] in [0, 1], channels first as the crop functions expect
+    x = pixels.transpose(1, 2).mul(0.5).add_(0.5).contiguous().unsqueeze(-1)
+    jitter_and_gray_(x, params, mean_start=token_pixels if view_samples is not None else 0, dense=True)
+    out = solarize_(x[:, :, :token_pixels], params)[..., 0].mul_(2.0).sub_(1.0)
+    return out.transpose(1, 2).reshape(n, k, features)
