@@ -8,7 +8,7 @@ What it measures, each case built from ``lafs.ssl`` directly (random images in [
 - the step by part, its phases run one after another as ``DINOTrainer.train_step`` runs them, each timed
   (views, teacher, student forward, head and loss forward, backward of head and loss, backward of the
   student, clipping and optimizer, EMA);
-- the speed-ups, builder and step, from alternating calls of ours and the original (``_harness.paired_speedup``):
+- the speed-ups, builder and step, ours and the original timed interleaved round by round (``_harness.compare``):
   ours with ``views.landmarks`` per_image and per_view, the original path as the released script runs it;
 - on CUDA, kernel launches per step of each path (``torch.profiler``, CUDA kernel events).
 
@@ -262,16 +262,14 @@ def test_pretrain_views(benchmark, what, case):
         run()  # warm-up
     profile = builder_profile if what == "builder" else step_profile
     benchmark.extra_info["profile"] = {path: profile(*trainers[path]) for path in PATHS}
-    pairs = dict(min_pairs=1, max_pairs=1) if _harness.SMOKE else dict(min_pairs=5, max_pairs=40)
-    benchmark.extra_info["paired"] = {
-        path: _harness.paired_speedup(cases[path], cases["original"], "original", **pairs)
-        for path in ("per_image", "per_view")}
     benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
-    benchmark.extra_info.update(load_1_5_15=os.getloadavg())
-    _harness.measure(benchmark, op=f"pretrain_{what}", impl="per_image", ours=True, mode=what, dtype=dtype,
+    title = ("LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
+             if what == "builder" else "LAFS pretraining: whole DINO step, ours vs the original path")
+    _harness.compare(benchmark, op=f"pretrain_{what}", title=title, mode=what, dtype=dtype,
                      shape={"case": case, "model": model, "B": batch, "views": f"2+{local_views}",
                             "local_tokens": local_tokens},
-                     build=lambda: cases["per_image"], memory_spec=None, work={"images": batch}, warmed_up=True)
+                     impls=[_harness.Impl(path, path != "original", (lambda p=path: cases[p])) for path in PATHS],
+                     work={"images": batch}, warmed_up=PATHS)
 
 
 # --------------------------------------------------------------------------- command line
@@ -288,6 +286,13 @@ def _table(title: str, profiles: dict, parts: tuple) -> str:
     return "\n".join(lines)
 
 
+def _ratio_summary(baseline: list, ours: list) -> dict:
+    """Median and quartiles of the per-round ratios baseline time / ours."""
+    ratios = torch.tensor([b / o for b, o in zip(baseline, ours)], dtype=torch.float64)
+    q25, median, q75 = ratios.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"ratio_median": median, "ratio_q25": q25, "ratio_q75": q75, "rounds": len(ratios)}
+
+
 def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     """Everything for one case of CASES: launches, profiles, speed-ups, the head + loss at two out_dims."""
     report = {"case": case, "settings": CASES[case], "load_start": os.getloadavg()}
@@ -301,10 +306,9 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     report["builder_profile"] = {path: builder_profile(*trainers[path]) for path in PATHS}
     report["step_profile"] = {path: step_profile(*trainers[path]) for path in PATHS}
     for what, cases in (("builder", builders), ("step", steps)):
-        report[f"{what}_speedup"] = {
-            path: _harness.paired_speedup(cases[path], cases["original"], "original", min_pairs=pairs,
-                                          max_pairs=pairs)
-            for path in ("per_image", "per_view")}
+        times = _harness.interleaved_rounds(cases, pairs, dict.fromkeys(cases, 1))
+        report[f"{what}_speedup"] = {path: _ratio_summary(times["original"], times[path])
+                                     for path in ("per_image", "per_view")}
     del trainers, steps, builders
     out_dims = pick(cpu=(CASES[case][4], 65536), gpu=(65536, 100000), smoke=(64,))
     report["head_and_loss"] = [head_and_loss_share(d, case) for d in out_dims]
@@ -327,7 +331,7 @@ def print_case(report: dict) -> None:
     for what in ("builder", "step"):
         for path, r in report[f"{what}_speedup"].items():
             print(f"{what} {path} vs original: {r['ratio_median']:.2f}x (quartiles {r['ratio_q25']:.2f}-"
-                  f"{r['ratio_q75']:.2f}, {r['pairs']} alternating pairs)")
+                  f"{r['ratio_q75']:.2f}, {r['rounds']} interleaved rounds)")
     for r in report["head_and_loss"]:
         print(f"DINO head + loss forward and backward at out_dim {r['out_dim']}: {1e3 * r['seconds']:.1f} ms")
 
@@ -335,7 +339,7 @@ def print_case(report: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the numbers to this file")
-    parser.add_argument("--pairs", type=int, default=12, help="alternating pairs per speed-up")
+    parser.add_argument("--pairs", type=int, default=12, help="interleaved rounds per speed-up")
     parser.add_argument("--case", choices=CASE_NAMES, action="append", help="only these cases (default: all)")
     parser.add_argument("--launches-only", action="store_true", help="CUDA: kernel launches per step only")
     parser.add_argument("--landmarks-from", metavar="RUN", help="only measure per-image landmarks mapped into views "
