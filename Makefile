@@ -33,8 +33,10 @@ $(STAMPS)/project: $(STAMPS)/deps pyproject.toml $(EXT_SOURCES)
 train: setup
 	$(PY) -m lafs.train
 
-# ruff (configured in pyproject.toml) lints the whole tree first: a finding fails the target.
+# ruff (configured in pyproject.toml) checks the formatting and lints the whole tree first: a finding fails
+# the target (`ruff format .` fixes the formatting).
 test: setup
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q --durations=15
 

@@ -9,6 +9,7 @@ Environment:
 The build imports the torch of the environment: install with
 `pip install --no-build-isolation .` so the extension matches the torch you run.
 """
+
 import glob
 import json
 import os

@@ -31,6 +31,7 @@ Environment:
   LAFS_BENCH_BUDGET_S     seconds of timed rounds per implementation (default 2 on CPU, 1 on GPU).
   LAFS_BENCH_NO_COMPILE=1 skip the torch.compile baselines.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,8 +110,11 @@ class Impl:
 
 def _cpu_seconds() -> Optional[tuple[float, float]]:
     """(CPU seconds every process of the machine has used, CPU seconds of this process and its children)."""
-    own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for field in ("ru_utime", "ru_stime"))
+    own = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
@@ -137,8 +141,13 @@ class MachineActivity:
         # /proc/stat counts in clock ticks (10 ms): shorter stretches say nothing reliable.
         if self.cpu_before is not None and cpu_after is not None and wall >= 0.5:
             other = max(0.0, (cpu_after[0] - self.cpu_before[0]) - (cpu_after[1] - self.cpu_before[1])) / wall
-        return {"load_before": self.load_before, "load_after": list(os.getloadavg()),
-                "other_cpu_cores": other, "cores": os.cpu_count(), "timed_s": wall}
+        return {
+            "load_before": self.load_before,
+            "load_after": list(os.getloadavg()),
+            "other_cpu_cores": other,
+            "cores": os.cpu_count(),
+            "timed_s": wall,
+        }
 
 
 def _timed(case: Callable, iterations: int) -> float:
@@ -172,14 +181,26 @@ def interleaved_rounds(cases: dict[str, Callable], rounds: int, iterations: dict
     names = list(cases)
     times = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(_timed(cases[name], iterations[name]))
     return times
 
 
-def compare(benchmark, *, op: str, title: str, mode: str, dtype: str, shape: dict, impls: Sequence[Impl],
-            work: Optional[dict] = None, ladder: Optional[Sequence[str]] = None, role: Optional[str] = None,
-            group: Optional[str] = None, warmed_up: Sequence[str] = ()) -> None:
+def compare(
+    benchmark,
+    *,
+    op: str,
+    title: str,
+    mode: str,
+    dtype: str,
+    shape: dict,
+    impls: Sequence[Impl],
+    work: Optional[dict] = None,
+    ladder: Optional[Sequence[str]] = None,
+    role: Optional[str] = None,
+    group: Optional[str] = None,
+    warmed_up: Sequence[str] = (),
+) -> None:
     """Time every implementation of one case interleaved, round by round, and record memory and facts.
 
     op, title  what is measured ("landmark_patch_gather", "Landmark patch gather"): report.py makes one
@@ -216,8 +237,12 @@ def compare(benchmark, *, op: str, title: str, mode: str, dtype: str, shape: dic
     machine = activity.stop()
     records = []
     for impl in impls:
-        record = {"name": impl.name, "ours": impl.ours, "times_s": times[impl.name],
-                  "iterations": iterations[impl.name]}
+        record = {
+            "name": impl.name,
+            "ours": impl.ours,
+            "times_s": times[impl.name],
+            "iterations": iterations[impl.name],
+        }
         if impl.memory_spec is not None:
             if device == "cuda" or SMOKE:
                 record.update(_memory.in_process(cases[impl.name], device, warm_up=not SMOKE))
@@ -225,23 +250,39 @@ def compare(benchmark, *, op: str, title: str, mode: str, dtype: str, shape: dic
                 record.update(_memory.fresh_subprocess(impl.memory_spec))
         records.append(record)
     benchmark.extra_info.update(
-        schema=SCHEMA, op=op, title=title, mode=mode, dtype=dtype, device=device, device_name=device_name(device),
-        shape=shape, work=work or {}, impls=records, rounds=rounds, ladder=list(ladder or []), role=role,
-        machine=machine, smoke=SMOKE,
+        schema=SCHEMA,
+        op=op,
+        title=title,
+        mode=mode,
+        dtype=dtype,
+        device=device,
+        device_name=device_name(device),
+        shape=shape,
+        work=work or {},
+        impls=records,
+        rounds=rounds,
+        ladder=list(ladder or []),
+        role=role,
+        machine=machine,
+        smoke=SMOKE,
     )
 
 
 def measure(*args, **kwargs):
     """Replaced by :func:`compare`: a benchmark times ours and its baselines in one test, interleaved."""
-    raise TypeError("_harness.measure() times one implementation alone and was replaced by _harness.compare(), "
-                    "which times ours and every baseline interleaved round by round: pass them all as impls=[Impl(...)]"
-                    " (see the _harness docstring)")
+    raise TypeError(
+        "_harness.measure() times one implementation alone and was replaced by _harness.compare(), "
+        "which times ours and every baseline interleaved round by round: pass them all as impls=[Impl(...)]"
+        " (see the _harness docstring)"
+    )
 
 
 def paired_speedup(*args, **kwargs):
     """Replaced by :func:`compare` (every baseline is timed interleaved with ours)."""
-    raise TypeError("_harness.paired_speedup() was replaced by _harness.compare(), which interleaves every "
-                    "implementation of a case in each round")
+    raise TypeError(
+        "_harness.paired_speedup() was replaced by _harness.compare(), which interleaves every "
+        "implementation of a case in each round"
+    )
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, **kwargs) -> None:

@@ -18,6 +18,7 @@ Run as a script it is that subprocess:
 ``python benchmarks/_memory.py '{"module": "<bench file>", "kwargs": {...}}'``
 prints one JSON line.
 """
+
 from __future__ import annotations
 
 import gc
@@ -105,12 +106,15 @@ def fresh_subprocess(spec: dict, timeout_s: float = 600) -> dict:
     env = dict(os.environ, **_MALLOC_ENV, LAFS_BENCH_DEVICE="cpu")
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), json.dumps(spec)],
-        capture_output=True, text=True, env=env, timeout=timeout_s,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
+            return json.loads(line[len(_MARK) :])
     raise RuntimeError(
         f"memory subprocess for {spec} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     )

@@ -19,6 +19,7 @@ other jobs eager PyTorch loses far more with two threads than onnxruntime
 loaded machine can still compare.
 ``python benchmarks/bench_embedding.py RUN.json`` prints a saved run as a table.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -41,8 +42,11 @@ pytestmark = [
 OP = "embedding"
 # (model preset, batch, threads: None = torch's default)
 CASES = pick(
-    cpu=[(model, batch, threads) for threads in (None, 1)
-         for model, batch in (("part_fvit_tiny", 1), ("part_fvit_tiny", 64), ("part_fvit_b", 1))],
+    cpu=[
+        (model, batch, threads)
+        for threads in (None, 1)
+        for model, batch in (("part_fvit_tiny", 1), ("part_fvit_tiny", 64), ("part_fvit_b", 1))
+    ],
     gpu=[],
     smoke=[("part_fvit_nano", 2, 1)],
 )
@@ -108,11 +112,18 @@ def test_embedding(benchmark, model, batch, threads):
     assert cosine >= MIN_COSINE, f"the exported file's embeddings differ from eager: cosine {cosine:.6f}"
     shape = {"model": model, "B": batch, "threads": threads}
     _harness.compare(
-        benchmark, op=OP, title="Embeddings per second (exported ONNX in onnxruntime vs PyTorch eager)",
-        mode="fwd", dtype="float32", shape=shape,
-        impls=[_harness.Impl(impl, impl == "onnxruntime", functools.partial(cases.__getitem__, impl))
-               for impl in IMPLS],
-        work={"images": batch}, warmed_up=IMPLS)
+        benchmark,
+        op=OP,
+        title="Embeddings per second (exported ONNX in onnxruntime vs PyTorch eager)",
+        mode="fwd",
+        dtype="float32",
+        shape=shape,
+        impls=[
+            _harness.Impl(impl, impl == "onnxruntime", functools.partial(cases.__getitem__, impl)) for impl in IMPLS
+        ],
+        work={"images": batch},
+        warmed_up=IMPLS,
+    )
     benchmark.extra_info["min_cosine_vs_eager"] = cosine
     benchmark.extra_info["load_1min"] = os.getloadavg()[0]
 
@@ -124,8 +135,11 @@ def summary(path: str) -> str:
 
     with open(path) as file:
         run = json.load(file)
-    lines = ["| model | B | threads | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up: median of "
-             "interleaved ratios (IQR, count) | load (1 min) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | B | threads | torch eager (emb/s) | onnxruntime (emb/s) | onnxruntime speed-up: median of "
+        "interleaved ratios (IQR, count) | load (1 min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
         if info.get("op") != OP:
@@ -136,9 +150,11 @@ def summary(path: str) -> str:
         q25, median, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         count = len(ratios)
         seconds = {name: statistics.median(t) for name, t in times.items()}
-        lines.append(f"| {shape['model']} | {shape['B']} | {shape['threads']} | "
-                     f"{shape['B'] / seconds['torch-eager']:.3g} | {shape['B'] / seconds['onnxruntime']:.3g} | "
-                     f"{median:.2f}x ({q25:.2f}-{q75:.2f}, {count}) | {info['load_1min']:.1f} |")
+        lines.append(
+            f"| {shape['model']} | {shape['B']} | {shape['threads']} | "
+            f"{shape['B'] / seconds['torch-eager']:.3g} | {shape['B'] / seconds['onnxruntime']:.3g} | "
+            f"{median:.2f}x ({q25:.2f}-{q75:.2f}, {count}) | {info['load_1min']:.1f} |"
+        )
     return "\n".join(lines)
 
 

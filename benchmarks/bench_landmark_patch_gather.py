@@ -11,6 +11,7 @@ Each test times ours and both baselines interleaved, round by round
 (``_harness.compare``). A copy of a large buffer is measured in the same
 run: report.py states the gather's bandwidth as a share of it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,11 @@ SHAPES = pick(
     gpu=[(b, k, d) for b in (64, 256) for k in (196, 36) for d in ("float32", "bfloat16")],
     smoke=[(2, 5, "float32")],
 )
-OURS = pick(cpu=["fused-cpu"], gpu=["fused-cuda", "fused-triton"],
-            smoke=["fused-torch", "fused-cpu" if DEVICE == "cpu" else "fused-cuda"])
+OURS = pick(
+    cpu=["fused-cpu"],
+    gpu=["fused-cuda", "fused-triton"],
+    smoke=["fused-torch", "fused-cpu" if DEVICE == "cpu" else "fused-cuda"],
+)
 BASELINES = ["batched-grid_sample", "loop-grid_sample"]
 MODES = ["fwd", "fwd+bwd"]
 
@@ -48,7 +52,8 @@ def _gather_fn(impl: str):
     if impl.startswith("fused-"):
         backend = impl.split("-", 1)[1]
         return lambda image, landmarks, index: lafs_kernels.landmark_patch_gather(
-            image, landmarks, P, index=index, backend=backend)
+            image, landmarks, P, index=index, backend=backend
+        )
     gather = {"batched-grid_sample": baseline.gather_patches_batched, "loop-grid_sample": baseline.gather_patches_loop}
     if impl not in gather:
         raise ValueError(f"unknown implementation {impl!r}")
@@ -104,8 +109,13 @@ def _check_matches_baseline(impl: str, B: int, K: int, dtype: str) -> None:
         expected = _gather_fn("batched-grid_sample")(image.float(), landmarks, index)
     # float32: positions are computed in pixels here and from a normalised grid
     # by grid_sample, so their rounding differs; the tests check accuracy.
-    _harness.assert_close(ours, expected, dtype=DTYPES[dtype], scale=100.0 if dtype == "float32" else 2.0,
-                          msg=f"{impl} != batched grid_sample")
+    _harness.assert_close(
+        ours,
+        expected,
+        dtype=DTYPES[dtype],
+        scale=100.0 if dtype == "float32" else 2.0,
+        msg=f"{impl} != batched grid_sample",
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -118,11 +128,22 @@ def test_gather(benchmark, B, K, dtype, mode):
     impls = []
     for impl in OURS + BASELINES:
         kwargs = dict(impl=impl, mode=mode, B=B, K=K, dtype=dtype)
-        impls.append(_harness.Impl(impl, impl in OURS, functools.partial(build_case, **kwargs),
-                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+        impls.append(
+            _harness.Impl(
+                impl,
+                impl in OURS,
+                functools.partial(build_case, **kwargs),
+                {"module": os.path.abspath(__file__), "kwargs": kwargs},
+            )
+        )
     _harness.compare(
-        benchmark, op=OP, title="Landmark patch gather", mode=mode, dtype=dtype,
-        shape={"B": B, "L": L, "K": K, "P": P, "HxW": f"{SIZE}x{SIZE}"}, impls=impls,
+        benchmark,
+        op=OP,
+        title="Landmark patch gather",
+        mode=mode,
+        dtype=dtype,
+        shape={"B": B, "L": L, "K": K, "P": P, "HxW": f"{SIZE}x{SIZE}"},
+        impls=impls,
         work={"bytes": minimal_bytes(mode, B, K, dtype)},
     )
 
@@ -134,7 +155,14 @@ def test_copy_bandwidth(benchmark):
     dst = torch.empty_like(src)
     case = lambda: dst.copy_(src)  # noqa: E731
     _harness.compare(
-        benchmark, op="copy", title="Copy bandwidth (the ceiling of memory-bound work)", mode="fwd",
-        dtype="float32", shape={"numel": numel}, impls=[_harness.Impl("copy_", False, lambda: case)],
-        work={"bytes": 2 * src.nbytes}, role="ceiling", group=f"copy {DEVICE}",
+        benchmark,
+        op="copy",
+        title="Copy bandwidth (the ceiling of memory-bound work)",
+        mode="fwd",
+        dtype="float32",
+        shape={"numel": numel},
+        impls=[_harness.Impl("copy_", False, lambda: case)],
+        work={"bytes": 2 * src.nbytes},
+        role="ceiling",
+        group=f"copy {DEVICE}",
     )

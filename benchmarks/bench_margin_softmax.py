@@ -9,6 +9,7 @@ and 1,000,000, bfloat16. ``fwd+bwd`` returns the gradients of the embeddings
 and the class centres; its added memory is what the loss needs beyond
 embeddings, weight and weight gradient.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,9 +105,21 @@ def test_margin(benchmark, B, D, C, dtype, mode):
     impls = []
     for impl in OURS + BASELINES:
         kwargs = dict(impl=impl, mode=mode, B=B, D=D, C=C, dtype=dtype)
-        impls.append(_harness.Impl(impl, impl in OURS, functools.partial(build_case, **kwargs),
-                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+        impls.append(
+            _harness.Impl(
+                impl,
+                impl in OURS,
+                functools.partial(build_case, **kwargs),
+                {"module": os.path.abspath(__file__), "kwargs": kwargs},
+            )
+        )
     _harness.compare(
-        benchmark, op=OP, title="Margin softmax cross-entropy, CosFace", mode=mode, dtype=dtype,
-        shape={"B": B, "D": D, "C": C}, impls=impls, work=work(mode, B, D, C, dtype),
+        benchmark,
+        op=OP,
+        title="Margin softmax cross-entropy, CosFace",
+        mode=mode,
+        dtype=dtype,
+        shape={"B": B, "D": D, "C": C},
+        impls=impls,
+        work=work(mode, B, D, C, dtype),
     )

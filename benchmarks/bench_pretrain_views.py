@@ -20,6 +20,7 @@ recipe's head (65,536 outputs), and the paper's largest, 100,000, for the head-a
 ``pytest benchmarks/bench_pretrain_views.py --benchmark-only`` records everything in ``extra_info``;
 ``python benchmarks/bench_pretrain_views.py`` prints the tables (``--json FILE`` saves them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,18 +53,33 @@ def default_run_case() -> tuple:
 
     tree = config_mod.demo_stage_tree(config_mod.load_recipe("demo"), "pretrain")
     model, views, dino = tree["model"], tree.get("views", {}), tree["dino"]
-    return (model["name"], model.get("overrides") or {}, tree["optim"]["batch_size"], "float32", dino["out_dim"],
-            dino["hidden_dim"], dino["bottleneck_dim"], views.get("local_count", 8), views.get("local_tokens", 36))
+    return (
+        model["name"],
+        model.get("overrides") or {},
+        tree["optim"]["batch_size"],
+        "float32",
+        dino["out_dim"],
+        dino["hidden_dim"],
+        dino["bottleneck_dim"],
+        views.get("local_count", 8),
+        views.get("local_tokens", 36),
+    )
 
 
 CASES = {name: default_run_case() if spec == "demo" else spec for name, spec in CASES.items()}
 CASE_NAMES = tuple(CASES)
 PATHS = ("per_image", "per_view", "original")
 VIEW_PARTS = ("crops", "landmark_cnn", "colour", "blur", "gather")
-STEP_PARTS = ("views", "teacher", "student forward", "head+loss forward", "head+loss backward",
-              "student backward", "clip+optimizer", "EMA")
-
-
+STEP_PARTS = (
+    "views",
+    "teacher",
+    "student forward",
+    "head+loss forward",
+    "head+loss backward",
+    "student backward",
+    "clip+optimizer",
+    "EMA",
+)
 
 
 def build_trainer(path: str, case: str = "paper layout", out_dim=None):
@@ -75,14 +91,31 @@ def build_trainer(path: str, case: str = "paper layout", out_dim=None):
     torch.manual_seed(0)
     template = create_model(model, **overrides)
     original = path == "original"
-    views = MultiViewBuilder(template.landmark_cnn, patch_size=template.transformer.patch_size, local_views=local_views,
-                             local_tokens=local_tokens, original_path=original,
-                             landmarks="per_view" if original else path)
-    settings = DINOSettings(epochs=2, iters_per_epoch=10, batch_size=batch, out_dim=out_dim or dim,
-                            hidden_dim=hidden, bottleneck_dim=bottleneck, warmup_epochs=0.5,
-                            amp_dtype=None if dtype == "float32" else dtype)
-    trainer = DINOTrainer(template.transformer.to(DEVICE), create_model(model, **overrides).transformer.to(DEVICE),
-                          views, settings, device=torch.device(DEVICE))
+    views = MultiViewBuilder(
+        template.landmark_cnn,
+        patch_size=template.transformer.patch_size,
+        local_views=local_views,
+        local_tokens=local_tokens,
+        original_path=original,
+        landmarks="per_view" if original else path,
+    )
+    settings = DINOSettings(
+        epochs=2,
+        iters_per_epoch=10,
+        batch_size=batch,
+        out_dim=out_dim or dim,
+        hidden_dim=hidden,
+        bottleneck_dim=bottleneck,
+        warmup_epochs=0.5,
+        amp_dtype=None if dtype == "float32" else dtype,
+    )
+    trainer = DINOTrainer(
+        template.transformer.to(DEVICE),
+        create_model(model, **overrides).transformer.to(DEVICE),
+        views,
+        settings,
+        device=torch.device(DEVICE),
+    )
     images = (torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(DEVICE)
     return trainer, images
 
@@ -227,25 +260,32 @@ def landmark_mapping_distance(run: str, count: int = 64, seed: int = 0) -> dict:
     from lafs.train.data import build_train_set
     from lafs_kernels.ops.landmark_patch_gather import crop_affine
 
-    cfg = config_mod.resolve_stage("supervised", config_mod.demo_stage_tree(config_mod.load_recipe("demo"),
-                                                                             "supervised"), source="demo")
+    cfg = config_mod.resolve_stage(
+        "supervised", config_mod.demo_stage_tree(config_mod.load_recipe("demo"), "supervised"), source="demo"
+    )
     train_set = build_train_set(cfg)
     picks = torch.linspace(0, len(train_set) - 1, count).round().long()
     images = torch.stack([train_set[int(i)][0] for i in picks])
     cnn = frozen_copy(load_model(run).landmark_cnn)
     size = cnn.image_size
-    boxes, flips = random_crop_parameters(count, images.shape[2], images.shape[3], (0.4, 1.0),
-                                          torch.Generator().manual_seed(seed))
+    boxes, flips = random_crop_parameters(
+        count, images.shape[2], images.shape[3], (0.4, 1.0), torch.Generator().manual_seed(seed)
+    )
     on_crops = cnn(resized_crops(images, boxes, flips, size))
     source = cnn(images)
     mapped = landmarks_into_views(source, crop_affine(boxes, size, flips))
     distance = (on_crops - mapped).norm(dim=-1).flatten()
     moved = (on_crops - source).norm(dim=-1).flatten()
     q = torch.tensor([0.5, 0.9])
-    return {"run": run, "images": count, "mean_px": distance.mean().item(),
-            "median_px": distance.quantile(q)[0].item(), "p90_px": distance.quantile(q)[1].item(),
-            "unmapped_mean_px": moved.mean().item(),
-            "cnn_spread_px": source.std(dim=0).norm(dim=-1).mean().item()}
+    return {
+        "run": run,
+        "images": count,
+        "mean_px": distance.mean().item(),
+        "median_px": distance.quantile(q)[0].item(),
+        "p90_px": distance.quantile(q)[1].item(),
+        "unmapped_mean_px": moved.mean().item(),
+        "cnn_spread_px": source.std(dim=0).norm(dim=-1).mean().item(),
+    }
 
 
 # --------------------------------------------------------------------------- pytest
@@ -263,13 +303,22 @@ def test_pretrain_views(benchmark, what, case):
     profile = builder_profile if what == "builder" else step_profile
     benchmark.extra_info["profile"] = {path: profile(*trainers[path]) for path in PATHS}
     benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
-    title = ("LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
-             if what == "builder" else "LAFS pretraining: whole DINO step, ours vs the original path")
-    _harness.compare(benchmark, op=f"pretrain_{what}", title=title, mode=what, dtype=dtype,
-                     shape={"case": case, "model": model, "B": batch, "views": f"2+{local_views}",
-                            "local_tokens": local_tokens},
-                     impls=[_harness.Impl(path, path != "original", (lambda p=path: cases[p])) for path in PATHS],
-                     work={"images": batch}, warmed_up=PATHS)
+    title = (
+        "LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
+        if what == "builder"
+        else "LAFS pretraining: whole DINO step, ours vs the original path"
+    )
+    _harness.compare(
+        benchmark,
+        op=f"pretrain_{what}",
+        title=title,
+        mode=what,
+        dtype=dtype,
+        shape={"case": case, "model": model, "B": batch, "views": f"2+{local_views}", "local_tokens": local_tokens},
+        impls=[_harness.Impl(path, path != "original", (lambda p=path: cases[p])) for path in PATHS],
+        work={"images": batch},
+        warmed_up=PATHS,
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -307,8 +356,9 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     report["step_profile"] = {path: step_profile(*trainers[path]) for path in PATHS}
     for what, cases in (("builder", builders), ("step", steps)):
         times = _harness.interleaved_rounds(cases, pairs, dict.fromkeys(cases, 1))
-        report[f"{what}_speedup"] = {path: _ratio_summary(times["original"], times[path])
-                                     for path in ("per_image", "per_view")}
+        report[f"{what}_speedup"] = {
+            path: _ratio_summary(times["original"], times[path]) for path in ("per_image", "per_view")
+        }
     del trainers, steps, builders
     out_dims = pick(cpu=(CASES[case][4], 65536), gpu=(65536, 100000), smoke=(64,))
     report["head_and_loss"] = [head_and_loss_share(d, case) for d in out_dims]
@@ -318,20 +368,26 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
 
 def print_case(report: dict) -> None:
     model, _, batch, dtype, out_dim, _, _, local_views, local_tokens = report["settings"]
-    print(f"\n## {report['case']}: {model}, batch {batch}, 2 + {local_views} views ({local_tokens} tokens per local "
-          f"view), {dtype}, DINO out_dim {out_dim}; load {report['load_start'][0]:.1f} -> "
-          f"{report.get('load_end', report['load_start'])[0]:.1f}")
+    print(
+        f"\n## {report['case']}: {model}, batch {batch}, 2 + {local_views} views ({local_tokens} tokens per local "
+        f"view), {dtype}, DINO out_dim {out_dim}; load {report['load_start'][0]:.1f} -> "
+        f"{report.get('load_end', report['load_start'])[0]:.1f}"
+    )
     if DEVICE == "cuda":
-        print(f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
-              f"{report['kernel_launches_per_builder_call']}")
+        print(
+            f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
+            f"{report['kernel_launches_per_builder_call']}"
+        )
     if "builder_profile" not in report:
         return
     print(_table("MultiViewBuilder by part (ms per call, share)", report["builder_profile"], VIEW_PARTS + ("other",)))
     print(_table("Pretraining step by part (ms per step, share)", report["step_profile"], STEP_PARTS))
     for what in ("builder", "step"):
         for path, r in report[f"{what}_speedup"].items():
-            print(f"{what} {path} vs original: {r['ratio_median']:.2f}x (quartiles {r['ratio_q25']:.2f}-"
-                  f"{r['ratio_q75']:.2f}, {r['rounds']} interleaved rounds)")
+            print(
+                f"{what} {path} vs original: {r['ratio_median']:.2f}x (quartiles {r['ratio_q25']:.2f}-"
+                f"{r['ratio_q75']:.2f}, {r['rounds']} interleaved rounds)"
+            )
     for r in report["head_and_loss"]:
         print(f"DINO head + loss forward and backward at out_dim {r['out_dim']}: {1e3 * r['seconds']:.1f} ms")
 
@@ -342,8 +398,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=12, help="interleaved rounds per speed-up")
     parser.add_argument("--case", choices=CASE_NAMES, action="append", help="only these cases (default: all)")
     parser.add_argument("--launches-only", action="store_true", help="CUDA: kernel launches per step only")
-    parser.add_argument("--landmarks-from", metavar="RUN", help="only measure per-image landmarks mapped into views "
-                        "against the CNN on crops, for the landmark CNN of this run folder or checkpoint")
+    parser.add_argument(
+        "--landmarks-from",
+        metavar="RUN",
+        help="only measure per-image landmarks mapped into views "
+        "against the CNN on crops, for the landmark CNN of this run folder or checkpoint",
+    )
     args = parser.parse_args(argv)
     if args.landmarks_from:
         result = landmark_mapping_distance(args.landmarks_from)

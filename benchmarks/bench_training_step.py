@@ -28,6 +28,7 @@ Inputs are random images in [-1, 1] already on the device, so the data
 loader is not timed. The three steps are timed interleaved, round by round
 (``_harness.compare``); report.py shows each rung's speed-up over the one before.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -63,13 +64,22 @@ def _overrides(step: str, model: str, batch: int, dtype: str, original: bool, la
     amp = "bf16" if dtype == "bfloat16" else "'off'"  # quoted: YAML reads a bare off as false
     classes = pick(cpu=CASIA_WEBFACE_CLASSES, gpu=WEBFACE4M_CLASSES, smoke=50)
     overrides = [
-        f"model.name={model}", "model.overrides={}", f"optim.batch_size={batch}", "optim.accum_steps=1",
-        f"train.amp={amp}", f"train.original_path={str(original).lower()}",
-        "train.plots=false", "data.source=synthetic", "data.num_workers=0",
+        f"model.name={model}",
+        "model.overrides={}",
+        f"optim.batch_size={batch}",
+        "optim.accum_steps=1",
+        f"train.amp={amp}",
+        f"train.original_path={str(original).lower()}",
+        "train.plots=false",
+        "data.source=synthetic",
+        "data.num_workers=0",
         # the synthetic set renders lazily: one image per class gives the head its full size for free
         f"data.synthetic.identities={classes if step == 'supervised' else 2 * batch}",
-        "data.synthetic.images_per_identity=1", "val.synthetic_identities=2",
-        "val.synthetic_images_per_identity=2", "val.pairs=20", "val.bins=[]",
+        "data.synthetic.images_per_identity=1",
+        "val.synthetic_identities=2",
+        "val.synthetic_images_per_identity=2",
+        "val.pairs=20",
+        "val.bins=[]",
     ]
     if step == "pretrain":
         overrides += [f"init.landmark={landmark_file}", "views.local_count=8", "views.local_tokens=36"]
@@ -114,7 +124,8 @@ def build_case(impl: str, step: str, model: str, batch: int, dtype: str, device:
     landmark_file = _landmark_checkpoint(model, _scratch_folder()) if step == "pretrain" else ""
     tree = config_mod.apply_overrides(
         _recipe_tree(step),
-        config_mod.parse_overrides(_overrides(step, model, batch, dtype, impl != OURS, landmark_file)))
+        config_mod.parse_overrides(_overrides(step, model, batch, dtype, impl != OURS, landmark_file)),
+    )
     cfg = config_mod.resolve_stage(step, tree, source="benchmark")
     dist = init_distributed()
     if dist.device.type != device:
@@ -180,15 +191,30 @@ def test_training_step(benchmark, step, model, batch, dtype):
         kwargs = dict(impl=impl, step=step, model=model, batch=batch, dtype=dtype)
         cases[impl] = build_case(**kwargs)
         calls[impl] = count_grid_sample_calls(cases[impl])  # also the warm-up call
-        impls.append(_harness.Impl(impl, impl == OURS, functools.partial(cases.__getitem__, impl),
-                                   {"module": os.path.abspath(__file__), "kwargs": kwargs}))
+        impls.append(
+            _harness.Impl(
+                impl,
+                impl == OURS,
+                functools.partial(cases.__getitem__, impl),
+                {"module": os.path.abspath(__file__), "kwargs": kwargs},
+            )
+        )
     # The comparison is only honest if the original paths really run the per-landmark loop.
     for impl in (ORIGINAL, NON_KERNEL):
         assert calls[impl] >= landmarks, (
             f"the {impl} {step} path made {calls[impl]} grid_sample calls per step, fewer than the {landmarks} "
-            f"landmarks: it does not run the per-landmark loop")
+            f"landmarks: it does not run the per-landmark loop"
+        )
     _harness.compare(
-        benchmark, op=OP, title="Training step", mode=step, dtype=dtype, shape={"model": model, "B": batch},
-        impls=impls, work={"images": batch}, ladder=PATHS, warmed_up=PATHS,
+        benchmark,
+        op=OP,
+        title="Training step",
+        mode=step,
+        dtype=dtype,
+        shape={"model": model, "B": batch},
+        impls=impls,
+        work={"images": batch},
+        ladder=PATHS,
+        warmed_up=PATHS,
     )
     benchmark.extra_info["grid_sample_calls_per_step"] = calls

@@ -11,6 +11,7 @@
 * ``LAFS_BENCH_SMOKE=1 pytest benchmarks --benchmark-disable -q`` runs every
   benchmark once on tiny shapes: a quick check that they still run.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -22,6 +22,7 @@ loaded machine a process waits for a core longer than it computes, and two OpenM
 other at every barrier, so wall-clock ratios there mostly measure the other jobs.  CPU time still includes
 the page faults and the cache misses the other jobs cause, but not the waiting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ B, L, P, SIZE = 64, 196, 8, 112
 
 def build_before(rev: str):
     """The ``before`` kernels as torch.ops.lafs_gather_before (compiled once per revision)."""
-    source = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], cwd=ROOT, check=True, capture_output=True,
-                            text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{KERNEL}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     if "view_affine" in source:
         raise SystemExit(f"{rev} already has the new kernel signature; pick an older revision")
     source = source.replace("TORCH_LIBRARY_IMPL(lafs_kernels,", f"TORCH_LIBRARY_IMPL({NAMESPACE},") + SCHEMAS
@@ -64,8 +66,15 @@ def build_before(rev: str):
     path.write_text(source)
     from torch.utils.cpp_extension import load
 
-    load(name=f"gather_before_{digest}", sources=[str(path)], extra_cflags=["-O3", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+    load(
+        name=f"gather_before_{digest}",
+        sources=[str(path)],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
     return getattr(torch.ops, NAMESPACE)
 
 
@@ -98,8 +107,9 @@ def cases(before_ops, K: int):
         def fwd_kernel(backend, image, centres, patch_size, view_affine=None):
             return ops._patch_gather_fwd(image, centres, patch_size)
 
-        def bwd_kernel(backend, grad_tokens, image, centres, patch_size, need_image, need_centre, det,
-                       view_affine=None):
+        def bwd_kernel(
+            backend, grad_tokens, image, centres, patch_size, need_image, need_centre, det, view_affine=None
+        ):
             return ops._patch_gather_bwd(grad_tokens, image, centres, patch_size, need_image, need_centre, det)
 
         im = image.clone().requires_grad_()
@@ -113,6 +123,7 @@ def cases(before_ops, K: int):
                     return fn()
                 finally:
                     module._forward, module._backward = saved
+
             return run
 
         forward = lambda: landmark_patch_gather(im, lm, P, index=index, backend="cpu")  # noqa: E731
@@ -159,8 +170,9 @@ def check_same_results(before_ops, K: int):
     image, landmarks, index, grad = make_inputs(K, seed=1)
     centres = (landmarks if index is None else landmarks.gather(1, index[..., None].expand(-1, -1, 2))).contiguous()
     new, old = torch.ops.lafs_kernels, before_ops
-    torch.testing.assert_close(new._patch_gather_fwd(image, centres, P), old._patch_gather_fwd(image, centres, P),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        new._patch_gather_fwd(image, centres, P), old._patch_gather_fwd(image, centres, P), rtol=0, atol=0
+    )
     gi_new, gc_new = new._patch_gather_bwd(grad, image, centres, P, True, True, True)
     gi_old, gc_old = old._patch_gather_bwd(grad, image, centres, P, True, True, True)
     torch.testing.assert_close(gi_new, gi_old, rtol=0, atol=0)
@@ -180,8 +192,12 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--modes", default="fwd,bwd,op fwd,op fwd+bwd")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall clock, or the thread's CPU time (needs --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall clock, or the thread's CPU time (needs --threads 1)",
+    )
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
@@ -192,8 +208,10 @@ def main():
     before_ops = build_before(args.before)
     modes = [m.strip() for m in args.modes.split(",")]
     results = []
-    print(f"before = {args.before}:{KERNEL}, after = this checkout; {args.threads} threads, {args.rounds} rounds, "
-          f"{args.clock} clock; ratio = before / after time (>1: after is faster)")
+    print(
+        f"before = {args.before}:{KERNEL}, after = this checkout; {args.threads} threads, {args.rounds} rounds, "
+        f"{args.clock} clock; ratio = before / after time (>1: after is faster)"
+    )
     for K in (196, 36):
         check_same_results(before_ops, K)
         for mode, (before_fn, after_fn) in cases(before_ops, K).items():
@@ -205,20 +223,32 @@ def main():
             ratios = [b / a for b, a in pairs]
             q1, q3 = quartiles(ratios)
             row = {
-                "K": K, "mode": mode, "ratio_median": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
-                "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "K": K,
+                "mode": mode,
+                "ratio_median": statistics.median(ratios),
+                "ratio_q1": q1,
+                "ratio_q3": q3,
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
                 "before_ms": 1e3 * statistics.median(b for b, _ in pairs),
                 "after_ms": 1e3 * statistics.median(a for _, a in pairs),
-                "rounds": args.rounds, "iterations": iterations, "load": [load_start, load_end],
+                "rounds": args.rounds,
+                "iterations": iterations,
+                "load": [load_start, load_end],
             }
             results.append(row)
-            print(f"K={K:3d} {mode:11s} ratio {row['ratio_median']:.2f}x (quartiles {q1:.2f}-{q3:.2f}, "
-                  f"range {row['ratio_min']:.2f}-{row['ratio_max']:.2f})  before {row['before_ms']:.2f} ms  "
-                  f"after {row['after_ms']:.2f} ms  load {load_start:.2f}->{load_end:.2f}", flush=True)
+            print(
+                f"K={K:3d} {mode:11s} ratio {row['ratio_median']:.2f}x (quartiles {q1:.2f}-{q3:.2f}, "
+                f"range {row['ratio_min']:.2f}-{row['ratio_max']:.2f})  before {row['before_ms']:.2f} ms  "
+                f"after {row['after_ms']:.2f} ms  load {load_start:.2f}->{load_end:.2f}",
+                flush=True,
+            )
     if args.json:
-        args.json.write_text(json.dumps({"before": args.before, "threads": args.threads, "clock": args.clock,
-                                         "results": results},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"before": args.before, "threads": args.threads, "clock": args.clock, "results": results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

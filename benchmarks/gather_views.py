@@ -17,6 +17,7 @@ Part 2, time (forward, no gradients, as the frozen-landmark pretraining step use
 of the 2 global + 8 local view groups against crop-and-resize with ``F.interpolate`` then the fused
 gather, interleaved in each round (ABBA), median ratio with its range and the load average.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ def materialised(images, boxes, flips, antialias: bool):
     B = images.shape[0]
     out = []
     for n, ((x0, y0, w, h), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
-        crop = images[n % B:n % B + 1, :, y0:y0 + h, x0:x0 + w]
+        crop = images[n % B : n % B + 1, :, y0 : y0 + h, x0 : x0 + w]
         if antialias:
             view = TF.resize(crop, [SIZE, SIZE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         else:
@@ -82,8 +83,10 @@ def distances(images, generator, device):
                 views = materialised(images, boxes, flips, antialias).to(device)
                 theirs = landmark_patch_gather(views, lm, P, index=idx).cpu()
                 diff = (ours - theirs).abs()
-                print(f"  {name:6s} landmarks {where:10s} vs {label:22s}: max {diff.max():.2e}  "
-                      f"mean {diff.mean():.2e}  (token std {theirs.std():.2f})")
+                print(
+                    f"  {name:6s} landmarks {where:10s} vs {label:22s}: max {diff.max():.2e}  "
+                    f"mean {diff.mean():.2e}  (token std {theirs.std():.2f})"
+                )
 
 
 def timing(images, generator, device, rounds):
@@ -97,7 +100,8 @@ def timing(images, generator, device, rounds):
         cases[name] = (
             lambda a=affine, lm=landmarks, i=index: landmark_patch_gather(images, lm, P, index=i, view_affine=a),
             lambda b=boxes, f=flips, lm=landmarks, i=index: landmark_patch_gather(
-                materialised(images, b, f, antialias=False), lm, P, index=i),
+                materialised(images, b, f, antialias=False), lm, P, index=i
+            ),
         )
 
     def once(fn):
@@ -107,8 +111,10 @@ def timing(images, generator, device, rounds):
         sync()
         return time.perf_counter() - start
 
-    print(f"time, forward, {images.shape[0]} images, 2 global + 8 local views, {device} "
-          f"({torch.get_num_threads()} threads); ratio = crop-then-gather / affine:")
+    print(
+        f"time, forward, {images.shape[0]} images, 2 global + 8 local views, {device} "
+        f"({torch.get_num_threads()} threads); ratio = crop-then-gather / affine:"
+    )
     for name, (ours, theirs) in cases.items():
         ours(), theirs()
         load = os.getloadavg()[0]
@@ -122,10 +128,12 @@ def timing(images, generator, device, rounds):
                 b = once(theirs)
             pairs.append((a, b))
         ratios = [b / a for a, b in pairs]
-        print(f"  {name:6s} affine {1e3 * statistics.median(a for a, _ in pairs):7.2f} ms  crop+resize+gather "
-              f"{1e3 * statistics.median(b for _, b in pairs):7.2f} ms  ratio {statistics.median(ratios):.2f}x "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {rounds} rounds, "
-              f"load {load:.2f}->{os.getloadavg()[0]:.2f})")
+        print(
+            f"  {name:6s} affine {1e3 * statistics.median(a for a, _ in pairs):7.2f} ms  crop+resize+gather "
+            f"{1e3 * statistics.median(b for _, b in pairs):7.2f} ms  ratio {statistics.median(ratios):.2f}x "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}, {rounds} rounds, "
+            f"load {load:.2f}->{os.getloadavg()[0]:.2f})"
+        )
 
 
 def main():

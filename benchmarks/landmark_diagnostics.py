@@ -24,6 +24,7 @@ linear head on the pooled features (as the landmark head) trained directly on th
 (mean squared error, AdamW at the recipe's lr and schedule, the recipe's batch size, training images
 at the recipe's difficulty and pose) and scored like the tracking score on the 400 held-out faces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,13 @@ from lafs.train.supervised import SupervisedStage
 def _groups(model, head) -> dict[str, list[torch.nn.Parameter]]:
     cnn = model.landmark_cnn
     linear = cnn.output_layer[1]
-    return {"landmark_trunk": list(cnn.features.parameters()), "landmark_head_w": [linear.weight],
-            "landmark_head_b": [linear.bias], "transformer": list(model.transformer.parameters()),
-            "margin_head": list(head.parameters())}
+    return {
+        "landmark_trunk": list(cnn.features.parameters()),
+        "landmark_head_w": [linear.weight],
+        "landmark_head_b": [linear.bias],
+        "transformer": list(model.transformer.parameters()),
+        "margin_head": list(head.parameters()),
+    }
 
 
 def _norm(tensors) -> float:
@@ -81,9 +86,15 @@ def probe(cfg, steps: int | None, every: int) -> None:
     cnn = create_landmark_cnn(cfg.model.name, **cfg.model.overrides)
     trunk = cnn.features
     head = torch.nn.Linear(cnn.output_layer[1].in_features, 10)
-    faces = SyntheticFaces(synthetic.identities, synthetic.images_per_identity, seed=cfg.seed,
-                           difficulty=synthetic.difficulty, colours=synthetic.colours,
-                           pose_difficulty=synthetic.pose_difficulty, cache=True)
+    faces = SyntheticFaces(
+        synthetic.identities,
+        synthetic.images_per_identity,
+        seed=cfg.seed,
+        difficulty=synthetic.difficulty,
+        colours=synthetic.colours,
+        pose_difficulty=synthetic.pose_difficulty,
+        cache=True,
+    )
     params = list(trunk.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.landmark_weight_decay)
     per_epoch = len(faces) // cfg.optim.batch_size
@@ -98,23 +109,33 @@ def probe(cfg, steps: int | None, every: int) -> None:
     def score():
         trunk.eval()
         with torch.no_grad():
-            feats = torch.cat([trunk(to_model_input(test_images[i:i + 100], torch.device("cpu"))).mean(dim=(2, 3))
-                               for i in range(0, len(test_images), 100)])
+            feats = torch.cat(
+                [
+                    trunk(to_model_input(test_images[i : i + 100], torch.device("cpu"))).mean(dim=(2, 3))
+                    for i in range(0, len(test_images), 100)
+                ]
+            )
             predicted = (head(feats) + mean).reshape(-1, 5, 2).numpy()
         trunk.train()
         from sklearn.metrics import r2_score
 
-        direct = r2_score(test_points.reshape(len(test_points), -1), predicted.reshape(len(predicted), -1),
-                          multioutput="variance_weighted")
-        return {"direct_r2_d1": round(float(direct), 4),
-                "tracking_score_d1": round(landmark_tracking.tracking_score(feats.numpy()[:, :, None].repeat(2, 2),
-                                                                             test_points), 4)}
+        direct = r2_score(
+            test_points.reshape(len(test_points), -1),
+            predicted.reshape(len(predicted), -1),
+            multioutput="variance_weighted",
+        )
+        return {
+            "direct_r2_d1": round(float(direct), 4),
+            "tracking_score_d1": round(
+                landmark_tracking.tracking_score(feats.numpy()[:, :, None].repeat(2, 2), test_points), 4
+            ),
+        }
 
     order = generator.permutation(len(faces))
     for step in range(end):
         for group in optimizer.param_groups:
             group["lr"] = float(schedule[step])
-        batch = order[(step * cfg.optim.batch_size) % (per_epoch * cfg.optim.batch_size):][:cfg.optim.batch_size]
+        batch = order[(step * cfg.optim.batch_size) % (per_epoch * cfg.optim.batch_size) :][: cfg.optim.batch_size]
         rendered = [faces.render(int(i)) for i in batch]
         images = to_model_input(np.stack([r[0] for r in rendered]), torch.device("cpu"))
         target = torch.from_numpy(np.stack([r[2] for r in rendered]).reshape(len(batch), -1)) - mean
@@ -125,8 +146,17 @@ def probe(cfg, steps: int | None, every: int) -> None:
         if (step + 1) % per_epoch == 0:
             order = generator.permutation(len(faces))
         if (step + 1) % every == 0 or step + 1 == end:
-            print(json.dumps({"step": step + 1, "loss": round(float(loss), 3), **score(),
-                              "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": round(float(loss), 3),
+                        **score(),
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def main(argv=None) -> None:
@@ -140,9 +170,13 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, default=None, help="write the trained model (lafs/v1 dict) here")
     # Experiments on the landmark CNN before they become recipe options:
     parser.add_argument("--head-dropout", type=float, default=None, help="p of the Dropout before the landmark head")
-    parser.add_argument("--head-init", choices=("grid", "random", "grid_random"), default="grid",
-                        help="grid: zero weight, bias = grid (ours); random: torch's default Linear init (the "
-                             "original's); grid_random: bias = grid, weight random with std --head-init-std")
+    parser.add_argument(
+        "--head-init",
+        choices=("grid", "random", "grid_random"),
+        default="grid",
+        help="grid: zero weight, bias = grid (ours); random: torch's default Linear init (the "
+        "original's); grid_random: bias = grid, weight random with std --head-init-std",
+    )
     parser.add_argument("--head-init-std", type=float, default=0.01)
     args = parser.parse_args(argv)
     tree = config_mod.load_recipe(args.config)
@@ -175,6 +209,7 @@ def main(argv=None) -> None:
     def keep_grad(name):
         def hook(grad):
             window.setdefault(name, []).append(float(grad.float().pow(2).mean().sqrt()))
+
         return hook
 
     def on_head(module, inputs, output):
@@ -213,6 +248,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             model.landmark_cnn.eval()
             from lafs.eval.embed import to_model_input
+
             raw = model.landmark_cnn.raw_outputs(to_model_input(images[:100], stage.device))
             model.landmark_cnn.train()
         record["raw_spread"] = float(raw.std(dim=0).mean())
@@ -235,11 +271,20 @@ def main(argv=None) -> None:
         from lafs.models.checkpoint import atomic_save, model_to_dict
 
         atomic_save({"model": model_to_dict(model), "head": head.state_dict()}, args.save)
-    results = landmark_tracking.measure(model.landmark_cnn, [cfg.data.synthetic.difficulty, 1.0],
-                                        cfg.data.synthetic.colours)
-    print(json.dumps({"final_step": end, "verification": accuracy.get("accuracy"),
-                      **{k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()},
-                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    results = landmark_tracking.measure(
+        model.landmark_cnn, [cfg.data.synthetic.difficulty, 1.0], cfg.data.synthetic.colours
+    )
+    print(
+        json.dumps(
+            {
+                "final_step": end,
+                "verification": accuracy.get("accuracy"),
+                **{k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()},
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from the default run's own measured speed so that it fits the time left on the d
       prints (and writes) a Markdown table: pretraining steps, view retrieval, teacher verification and the
       few-shot comparison of both runs, from their summary.json and pretrain/log.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ class PretrainPlan:
     expected_seconds: float
 
 
-def plan_pretraining(*, seconds_per_step: float, steps_per_epoch: int, finetune_seconds: float,
-                     budget_seconds: float, min_epochs: int = 8, max_epochs: int = 400) -> PretrainPlan | None:
+def plan_pretraining(
+    *,
+    seconds_per_step: float,
+    steps_per_epoch: int,
+    finetune_seconds: float,
+    budget_seconds: float,
+    min_epochs: int = 8,
+    max_epochs: int = 400,
+) -> PretrainPlan | None:
     """The longest pretraining (whole epochs, at most ``max_epochs``) that leaves time for one few-shot
     fine-tuning stage (``finetune_seconds``, counted twice for start-up and Triton compilation) within
     ``budget_seconds``; None when fewer than ``min_epochs`` fit."""
@@ -73,9 +81,13 @@ def plan_from_run(run: Path, budget_seconds: float, min_epochs: int) -> Pretrain
     epochs = float(_stage_config(run, "pretrain")["optim"]["epochs"])
     steps_per_epoch = max(1, round(pretrain["steps"] / epochs))
     # The short default run includes compilation and warm-up in its step time: the plan errs on the safe side.
-    return plan_pretraining(seconds_per_step=pretrain["train_seconds"] / pretrain["steps"],
-                            steps_per_epoch=steps_per_epoch, finetune_seconds=stages["finetune"]["train_seconds"],
-                            budget_seconds=budget_seconds, min_epochs=min_epochs)
+    return plan_pretraining(
+        seconds_per_step=pretrain["train_seconds"] / pretrain["steps"],
+        steps_per_epoch=steps_per_epoch,
+        finetune_seconds=stages["finetune"]["train_seconds"],
+        budget_seconds=budget_seconds,
+        min_epochs=min_epochs,
+    )
 
 
 def _curve(run: Path) -> list[dict]:
@@ -92,24 +104,34 @@ def _fmt(value, spec=".3f") -> str:
 
 def report(runs: dict[str, Path]) -> str:
     """Markdown comparison of demo runs (name -> run folder)."""
-    lines = ["| run | pretraining steps | view retrieval (teacher / student) | teacher verification | "
-             "few-shot from LAFS | from scratch | LAFS - scratch (noise) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | pretraining steps | view retrieval (teacher / student) | teacher verification | "
+        "few-shot from LAFS | from scratch | LAFS - scratch (noise) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, run in runs.items():
         s = _summary(run)
         pre, fs = s["stages"]["pretrain"], s["few_shot"]
         margin = fs["lafs_minus_scratch"]
-        lines.append(f"| {name} | {pre['steps']} | {_fmt(pre.get('view_retrieval'))} / "
-                     f"{_fmt(pre.get('student_view_retrieval'))} | {_fmt(pre['verification_accuracy'])} | "
-                     f"{_fmt(fs['lafs_accuracy'])} | {_fmt(fs['scratch_accuracy'])} | "
-                     f"{_fmt(margin, '+.3f')} ({_fmt(fs['noise'])}) |")
+        lines.append(
+            f"| {name} | {pre['steps']} | {_fmt(pre.get('view_retrieval'))} / "
+            f"{_fmt(pre.get('student_view_retrieval'))} | {_fmt(pre['verification_accuracy'])} | "
+            f"{_fmt(fs['lafs_accuracy'])} | {_fmt(fs['scratch_accuracy'])} | "
+            f"{_fmt(margin, '+.3f')} ({_fmt(fs['noise'])}) |"
+        )
     for name, run in runs.items():
         curve = _curve(run)
         if curve:
-            lines += ["", f"{name}: pretraining validation (step: teacher verification, teacher / student view "
-                          f"retrieval)", ""]
-            lines += [f"- {r.get('step')}: {_fmt(r.get('val_accuracy'))}, {_fmt(r.get('val_view_retrieval'))} / "
-                      f"{_fmt(r.get('val_student_view_retrieval'))}" for r in curve]
+            lines += [
+                "",
+                f"{name}: pretraining validation (step: teacher verification, teacher / student view retrieval)",
+                "",
+            ]
+            lines += [
+                f"- {r.get('step')}: {_fmt(r.get('val_accuracy'))}, {_fmt(r.get('val_view_retrieval'))} / "
+                f"{_fmt(r.get('val_student_view_retrieval'))}"
+                for r in curve
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +149,10 @@ def main(argv=None) -> int:
     if args.command == "plan":
         plan = plan_from_run(args.run, args.seconds, args.min_epochs)
         if plan is None:
-            print(f"pretrain_budget: fewer than {args.min_epochs} pretraining epochs fit in {args.seconds:.0f} s",
-                  file=sys.stderr)
+            print(
+                f"pretrain_budget: fewer than {args.min_epochs} pretraining epochs fit in {args.seconds:.0f} s",
+                file=sys.stderr,
+            )
             return 3
         print(plan.epochs, plan.warmup_epochs, plan.val_every_steps)
         print(f"pretrain_budget: {plan.epochs} epochs, about {math.ceil(plan.expected_seconds)} s", file=sys.stderr)

@@ -16,6 +16,7 @@ A case measured while other processes used more than ``busy_other_cpu_cores`` of
 (``targets.json``; the load average is recorded beside it) is marked busy: its targets are
 not judged and the README shows no number for it, only that it must be rerun on an idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,8 +132,10 @@ class Case:
         cores = self.machine.get("cores") or os.cpu_count()
         if other is not None:
             if other > limit_cores:
-                return (f"other processes used {other:.2f} CPU cores while it was measured (limit {limit_cores:g}; "
-                        f"load average {load[0]:.1f} on {cores} cores)")
+                return (
+                    f"other processes used {other:.2f} CPU cores while it was measured (limit {limit_cores:g}; "
+                    f"load average {load[0]:.1f} on {cores} cores)"
+                )
             return None
         if load[0] > cores / 2:  # no /proc/stat: the load average is all there is
             return f"load average {load[0]:.1f} on {cores} cores before it was measured"
@@ -175,11 +178,23 @@ def load_run(path: str) -> Run:
             run.old_format += "op" in info
             continue
         impls = [Impl(i["name"], i["ours"], i["times_s"], i.get("peak_added_bytes")) for i in info["impls"]]
-        run.cases.append(Case(
-            op=info["op"], title=info.get("title", info["op"]), mode=info["mode"], dtype=info["dtype"],
-            device=info["device"], device_name=info.get("device_name", info["device"]), shape=info["shape"],
-            work=info.get("work", {}), impls=impls, ladder=info.get("ladder") or [], role=info.get("role"),
-            machine=info.get("machine", {}), run_path=path))
+        run.cases.append(
+            Case(
+                op=info["op"],
+                title=info.get("title", info["op"]),
+                mode=info["mode"],
+                dtype=info["dtype"],
+                device=info["device"],
+                device_name=info.get("device_name", info["device"]),
+                shape=info["shape"],
+                work=info.get("work", {}),
+                impls=impls,
+                ladder=info.get("ladder") or [],
+                role=info.get("role"),
+                machine=info.get("machine", {}),
+                run_path=path,
+            )
+        )
     return run
 
 
@@ -264,9 +279,11 @@ def env_header(run: Run, limit: float) -> list[str]:
     lines = []
     busy = [c for c in run.cases if c.busy(limit)]
     if busy:
-        lines.append(f"- **Busy machine**: {len(busy)} of {len(run.cases)} cases were measured while other processes "
-                     f"used more than {limit:g} CPU cores; their targets are not judged and the README shows none of "
-                     "their numbers. Rerun `make bench` on an idle machine.")
+        lines.append(
+            f"- **Busy machine**: {len(busy)} of {len(run.cases)} cases were measured while other processes "
+            f"used more than {limit:g} CPU cores; their targets are not judged and the README shows none of "
+            "their numbers. Rerun `make bench` on an idle machine."
+        )
     return lines + [
         f"- **{lafs.get('device_name', run.device)}** ({run.device}); CPU: {cpu}; "
         f"{lafs.get('torch_threads', '?')} torch threads; load average (1/5/15 min) when the run started: "
@@ -312,15 +329,22 @@ def op_table(run: Run, op: str, limit: float) -> list[str]:
             for name in baseline_names:
                 base = case.impl(name)
                 ratio = memory_ratio(ours, base) if base is not None and base is not ours else None
-                cells.append("n/a" if base is None or base is ours else
-                             f"{fmt_bytes(base.added_bytes)} ({'n/a' if ratio is None else f'{ratio:.3f}'})")
+                cells.append(
+                    "n/a"
+                    if base is None or base is ours
+                    else f"{fmt_bytes(base.added_bytes)} ({'n/a' if ratio is None else f'{ratio:.3f}'})"
+                )
             busy = case.busy(limit)
             cells += [str(len(ours.times_s)), case.machine_text() + (" **busy**" if busy else "")]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Times: medians over the rounds. Speed-up in bold: the median over the rounds of baseline time / "
-              f"ours in the same round, ({SPREAD[0]:.0%}-{SPREAD[1]:.0%} of the rounds in brackets); ours and every "
-              "baseline ran interleaved, once each per round. Memory: peak added beyond inputs, parameters and the "
-              "returned output or gradients.", ""]
+    lines += [
+        "",
+        f"Times: medians over the rounds. Speed-up in bold: the median over the rounds of baseline time / "
+        f"ours in the same round, ({SPREAD[0]:.0%}-{SPREAD[1]:.0%} of the rounds in brackets); ours and every "
+        "baseline ran interleaved, once each per round. Memory: peak added beyond inputs, parameters and the "
+        "returned output or gradients.",
+        "",
+    ]
     return lines
 
 
@@ -329,9 +353,11 @@ def op_table(run: Run, op: str, limit: float) -> list[str]:
 
 def describe_target(target: dict) -> str:
     where = " ".join(f"{k}={v}" for k, v in target["where"].items())
-    goal = {"speedup": f">= {target['value']:g}x vs {target.get('baseline')}",
-            "memory_ratio": f"added memory <= {target['value']:.3g} x {target.get('baseline')}'s",
-            "ceiling_share": f">= {target['value']:.0%} of the {target.get('work', 'bytes')} ceiling"}[target["kind"]]
+    goal = {
+        "speedup": f">= {target['value']:g}x vs {target.get('baseline')}",
+        "memory_ratio": f"added memory <= {target['value']:.3g} x {target.get('baseline')}'s",
+        "ceiling_share": f">= {target['value']:.0%} of the {target.get('work', 'bytes')} ceiling",
+    }[target["kind"]]
     return f"{target.get('source', '')} {target['op']} {target['device']} {where}: {goal}".strip()
 
 
@@ -366,8 +392,7 @@ def check_targets(runs: list[Run], settings: dict) -> list[tuple[dict, str, Opti
                             value = memory_ratio(ours, base)
                             if value is not None:
                                 met = value <= target["value"]
-                                text = (f"{value:.3f} ({fmt_bytes(ours.added_bytes)} vs "
-                                        f"{fmt_bytes(base.added_bytes)})")
+                                text = f"{value:.3f} ({fmt_bytes(ours.added_bytes)} vs {fmt_bytes(base.added_bytes)})"
                     busy = case.busy(limit)
                     if busy and met is not None and kind != "memory_ratio":
                         met, text = None, f"{text}; not judged: {busy}"
@@ -379,8 +404,14 @@ def check_targets(runs: list[Run], settings: dict) -> list[tuple[dict, str, Opti
 
 
 def targets_section(runs: list[Run], settings: dict) -> list[str]:
-    lines = ["## Targets", "", "(from `benchmarks/targets.json`)", "", "| target | ours | measured | met |",
-             "|---|---|---|---|"]
+    lines = [
+        "## Targets",
+        "",
+        "(from `benchmarks/targets.json`)",
+        "",
+        "| target | ours | measured | met |",
+        "|---|---|---|---|",
+    ]
     for target, label, met, text in check_targets(runs, settings):
         mark = {True: "yes", False: "**NO**", None: "-"}[met]
         lines.append(f"| {describe_target(target)} | {label} | {text} | {mark} |")
@@ -395,16 +426,22 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
     limit = settings["busy_other_cpu_cores"]
     rows = []
     for spec in settings["headlines"]:
-        cases = [(run, c) for run in runs if run.device == spec["device"] for c in run.cases
-                 if c.op == spec["op"] and c.matches(spec["where"])]
+        cases = [
+            (run, c)
+            for run in runs
+            if run.device == spec["device"]
+            for c in run.cases
+            if c.op == spec["op"] and c.matches(spec["where"])
+        ]
         if not cases:
             rows.append([spec["label"], "not measured yet: run `make bench`", "", "", ""])
             continue
         for _, case in cases:
             busy = case.busy(limit)
             if busy:
-                rows.append([spec["label"], f"not published: {busy}; rerun `make bench` on an idle machine",
-                             "", "", ""])
+                rows.append(
+                    [spec["label"], f"not published: {busy}; rerun `make bench` on an idle machine", "", "", ""]
+                )
                 continue
             for ours in case.ours:
                 baselines = " / ".join(f"{b.name} {fmt_time(b.median_s)}" for b in case.baselines)
@@ -412,7 +449,8 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
                 if case.ladder and ours.name in case.ladder:
                     speedups += f"; step by step: {ladder_text(case)}"
                 memory = " / ".join(
-                    "n/a" if memory_ratio(ours, b) is None else f"{memory_ratio(ours, b):.3g}" for b in case.baselines)
+                    "n/a" if memory_ratio(ours, b) is None else f"{memory_ratio(ours, b):.3g}" for b in case.baselines
+                )
                 rows.append([spec["label"], f"{ours.name} {fmt_time(ours.median_s)}", baselines, speedups, memory])
     return rows
 
@@ -422,14 +460,22 @@ def readme_block(runs: list[Run], settings: dict) -> str:
     devices = sorted({f"{c.device_name}" for run in runs for c in run.cases})
     when = sorted({run.when[:16].replace("T", " ") for run in runs})
     files = ", ".join(f"`{s}`" for s in sources)
-    measured = (f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}."
-                if sources else "No measurements yet: run `make bench` on an idle machine.")
-    lines = [README_BEGIN, "",
-             f"{measured} Ours and every baseline ran interleaved, "
-             "once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
-             f"with the {SPREAD[0]:.0%}-{SPREAD[1]:.0%} range of those ratios in brackets. "
-             "Details, memory and targets: `benchmarks/RESULTS.md`.", "",
-             "| case | ours | baselines | speed-up | added memory (ours / baseline) |", "|---|---|---|---|---|"]
+    measured = (
+        f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}."
+        if sources
+        else "No measurements yet: run `make bench` on an idle machine."
+    )
+    lines = [
+        README_BEGIN,
+        "",
+        f"{measured} Ours and every baseline ran interleaved, "
+        "once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
+        f"with the {SPREAD[0]:.0%}-{SPREAD[1]:.0%} range of those ratios in brackets. "
+        "Details, memory and targets: `benchmarks/RESULTS.md`.",
+        "",
+        "| case | ours | baselines | speed-up | added memory (ours / baseline) |",
+        "|---|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in headline_rows(runs, settings)]
     return "\n".join(lines + ["", README_END])
 
@@ -460,12 +506,16 @@ def summary(runs: list[Run], settings: dict) -> str:
     for run in runs:
         for case in run.cases:
             for ours in case.ours:
-                parts = [f"{b.name} {case.speedup(ours.name, b.name).text()}"
-                         f" mem {'n/a' if memory_ratio(ours, b) is None else f'{memory_ratio(ours, b):.3f}'}"
-                         for b in case.baselines]
+                parts = [
+                    f"{b.name} {case.speedup(ours.name, b.name).text()}"
+                    f" mem {'n/a' if memory_ratio(ours, b) is None else f'{memory_ratio(ours, b):.3f}'}"
+                    for b in case.baselines
+                ]
                 busy = " [BUSY]" if case.busy(settings["busy_other_cpu_cores"]) else ""
-                out.append(f"  {case.op[:22]:<22} {shape_text(case.shape):<34} {case.dtype:<8} {case.mode:<10} "
-                           f"{ours.name:<13} {fmt_time(ours.median_s):>9}  " + "; ".join(parts) + busy)
+                out.append(
+                    f"  {case.op[:22]:<22} {shape_text(case.shape):<34} {case.dtype:<8} {case.mode:<10} "
+                    f"{ours.name:<13} {fmt_time(ours.median_s):>9}  " + "; ".join(parts) + busy
+                )
     return "\n".join(out)
 
 
@@ -491,10 +541,13 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
             for i, name in enumerate(names):
                 spreads = [c.speedup(o.name, name) for c, o in rows]
                 values = [s.median if s else 0 for s in spreads]
-                errors = [[s.median - s.low if s else 0 for s in spreads],
-                          [s.high - s.median if s else 0 for s in spreads]]
-                bars = ax.bar([x + i * width for x in range(len(rows))], values, width, yerr=errors, capsize=2,
-                              label=f"vs {name}")
+                errors = [
+                    [s.median - s.low if s else 0 for s in spreads],
+                    [s.high - s.median if s else 0 for s in spreads],
+                ]
+                bars = ax.bar(
+                    [x + i * width for x in range(len(rows))], values, width, yerr=errors, capsize=2, label=f"vs {name}"
+                )
                 ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=7)
                 highest = max([highest, *(s.high for s in spreads if s)])
             ax.axhline(1.0, color="black", linewidth=0.8)
@@ -518,13 +571,20 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
 
 def render(runs: list[Run], charts: list[str], out_path: str, settings: dict, ignored: int = 0) -> str:
     limit = settings["busy_other_cpu_cores"]
-    lines = ["# Benchmark results", "",
-             "Generated by `python benchmarks/report.py` (run by `make bench`) from the JSON of "
-             f"`pytest benchmarks --benchmark-only` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-             "UTC); never edit by hand. The README's table comes from the same files.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python benchmarks/report.py` (run by `make bench`) from the JSON of "
+        f"`pytest benchmarks --benchmark-only` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+        "UTC); never edit by hand. The README's table comes from the same files.",
+        "",
+    ]
     if ignored:
-        lines += [f"({ignored} records of the earlier layout, one implementation per record timed in separate "
-                  "rounds, are not shown: their ratios did not come from interleaved rounds.)", ""]
+        lines += [
+            f"({ignored} records of the earlier layout, one implementation per record timed in separate "
+            "rounds, are not shown: their ratios did not come from interleaved rounds.)",
+            "",
+        ]
     if not runs:
         lines += ["No results yet: run `make bench` on an idle machine.", ""]
     environments = defaultdict(list)
@@ -540,8 +600,10 @@ def render(runs: list[Run], charts: list[str], out_path: str, settings: dict, ig
     lines += targets_section(runs, settings)
     if charts:
         lines += ["## Charts", ""]
-        lines += [f"![{os.path.basename(c)}]({os.path.relpath(c, os.path.dirname(os.path.abspath(out_path)))})"
-                  for c in charts]
+        lines += [
+            f"![{os.path.basename(c)}]({os.path.relpath(c, os.path.dirname(os.path.abspath(out_path)))})"
+            for c in charts
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -551,8 +613,9 @@ def main(argv=None) -> None:
     parser.add_argument("json", nargs="*", help="result files (default: newest per environment in benchmarks/results)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown file to write")
     parser.add_argument("--charts", default=os.path.join(HERE, "charts"), help="folder for PNG charts, or 'none'")
-    parser.add_argument("--readme", default=None,
-                        help=f"rewrite the block of this file between {README_BEGIN!r} and {README_END!r}")
+    parser.add_argument(
+        "--readme", default=None, help=f"rewrite the block of this file between {README_BEGIN!r} and {README_END!r}"
+    )
     parser.add_argument("--targets", default=TARGETS_FILE, help="targets and headline rows (JSON)")
     parser.add_argument("--preamble", default=None, help="markdown file whose text goes under the title")
     parser.add_argument("--summary", action="store_true", help="print the short table to stdout")

@@ -5,6 +5,7 @@
 ``python -m lafs.export`` writes a trained model as ONNX (insightface runs it) or a torch.export program.
 ``lafs.FaceEmbedder`` embeds faces with any of them.
 """
+
 __version__ = "0.1.0"
 
 _LAZY = {"FaceEmbedder": ("lafs.deploy", "FaceEmbedder"), "export_onnx": ("lafs.export", "export_onnx")}

@@ -12,6 +12,7 @@ drop-in for arcface_torch's ``PartialFC_V2``); functions with the original LAFS 
 signatures in :mod:`lafs_kernels.compat`; :mod:`lafs_kernels.reshard` moves Partial FC shards to
 another number of ranks (``python -m lafs_kernels.reshard``).
 """
+
 from ._dispatch import BackendUnavailableError
 from .ops.landmark_patch_gather import landmark_patch_gather
 from .ops.margin_softmax import margin_softmax_cross_entropy

@@ -17,6 +17,7 @@ call-specific limits.  ``select`` answers with a backend name:
 * otherwise the first backend of the device's preference list that can run is
   chosen, silently falling back down the list.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ missing, was built for another torch, or fails to load, the reference
 backends still work and :func:`missing_reason` says what happened
 (``python -m lafs_kernels.info`` prints it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,9 @@ def load() -> tuple[bool, Optional[str]]:
     info = build_info()
     mismatch = _version_mismatch(info)
     if mismatch:
-        warnings.warn(f"{mismatch}; rebuild it (pip install --no-build-isolation .). Using the other backends.",
-                      stacklevel=2)
+        warnings.warn(
+            f"{mismatch}; rebuild it (pip install --no-build-isolation .). Using the other backends.", stacklevel=2
+        )
         return False, mismatch
     try:
         importlib.import_module("lafs_kernels._C")

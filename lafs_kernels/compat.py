@@ -1,6 +1,7 @@
 """Functions with the signatures of the original LAFS / Part fViT and insightface
 code, computed by the fused kernels, so code written for those repositories runs
 unchanged."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,13 @@ def _patch_size_of(patch_shape) -> int:
         values = [patch_shape]
     else:
         values = list(torch.as_tensor(patch_shape).flatten().tolist())
-    if (not values or len(values) > 2 or any(v != values[0] for v in values) or values[0] != int(values[0])
-            or values[0] < 1):
+    if (
+        not values
+        or len(values) > 2
+        or any(v != values[0] for v in values)
+        or values[0] != int(values[0])
+        or values[0] < 1
+    ):
         raise ValueError(f"patch_shape must be a positive int P or a square (P, P), got {patch_shape!r}")
     return int(values[0])
 
@@ -40,7 +46,8 @@ def extract_patches_pytorch_gridsample(imgs: Tensor, landmarks: Tensor, patch_sh
     rows = math.isqrt(num_landm) if isinstance(num_landm, int) and num_landm >= 1 else 0
     if rows * rows != num_landm:
         raise ValueError(
-            f"num_landm must be a positive perfect square (the mosaic is r x r patches), got {num_landm!r}")
+            f"num_landm must be a positive perfect square (the mosaic is r x r patches), got {num_landm!r}"
+        )
     if imgs.dim() != 4 or imgs.shape[-1] != imgs.shape[-2]:
         raise ValueError(
             f"imgs must be square [B, C, S, S] (the original normalises both axes by the height), "

@@ -1,5 +1,6 @@
 """``python -m lafs_kernels.info``: versions, build record, and per op which
 backends can run on this machine and why the others cannot."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,18 @@ def collect() -> dict:
 
 def format_report(info: dict) -> str:
     lines = []
-    for key in ("lafs_kernels", "python", "platform", "torch", "torch_cuda", "triton", "triton_interpret",
-                "cuda_devices", "extension_loaded", "extension_cuda_runtime"):
+    for key in (
+        "lafs_kernels",
+        "python",
+        "platform",
+        "torch",
+        "torch_cuda",
+        "triton",
+        "triton_interpret",
+        "cuda_devices",
+        "extension_loaded",
+        "extension_cuda_runtime",
+    ):
         lines.append(f"{key:>24}: {info[key]}")
     lines.append(f"{'build_info':>24}: {json.dumps(info['build_info'])}")
     for op, per_device in info["ops"].items():

@@ -14,6 +14,7 @@ Command, for arcface_torch's per-rank files (each a ``PartialFC_V2`` / ``Partial
 writes ``run4/softmax_fc_gpu_{rank}.pt`` for ranks 0..3.  Files are read with
 ``torch.load(weights_only=True)`` (no code runs) and written atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,9 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def reshard_files(paths: Sequence[str], world_size: int, out_dir: str, key: str = "weight",
-                  prefix: str = "softmax_fc_gpu_") -> list[str]:
+def reshard_files(
+    paths: Sequence[str], world_size: int, out_dir: str, key: str = "weight", prefix: str = "softmax_fc_gpu_"
+) -> list[str]:
     """Read the per-rank state dicts ``paths`` (ordered by the rank number in their names when every name
     ends in ``_{rank}.pt``, else as given), reshard ``key`` and write ``out_dir/{prefix}{rank}.pt``."""
     ranks = [_rank_of(p) for p in paths]
@@ -103,8 +105,9 @@ def reshard_files(paths: Sequence[str], world_size: int, out_dir: str, key: str 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lafs_kernels.reshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lafs_kernels.reshard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="+", help="every rank's softmax_fc_gpu_{rank}.pt")
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks to reshard to")
     parser.add_argument("--out", required=True, help="folder for the new softmax_fc_gpu_{rank}.pt files")

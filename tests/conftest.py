@@ -8,6 +8,7 @@
   ``TRITON_INTERPRET=1`` is set here, before any kernel is decorated, because
   ``triton.jit`` decides at decoration time whether to interpret.
 """
+
 import os
 import random
 import zlib

@@ -1,4 +1,5 @@
 """benchmarks/bench_pretrain_views.py still runs (tiny shapes, no timing), as pytest benchmarks and as a command."""
+
 import os
 import subprocess
 import sys
@@ -11,10 +12,20 @@ pytestmark = pytest.mark.slow
 
 def test_pretrain_views_benchmark_runs_in_smoke_mode(tmp_path):
     env = dict(os.environ, LAFS_BENCH_SMOKE="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "benchmarks/bench_pretrain_views.py", "--pairs", "1", "--json",
-                          str(tmp_path / "views.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_pretrain_views.py", "--pairs", "1", "--json", str(tmp_path / "views.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    for line in ("MultiViewBuilder by part", "Pretraining step by part", "builder per_image vs original",
-                 "step per_view vs original"):
+    for line in (
+        "MultiViewBuilder by part",
+        "Pretraining step by part",
+        "builder per_image vs original",
+        "step per_view vs original",
+    ):
         assert line in out.stdout
     assert (tmp_path / "views.json").stat().st_size > 0

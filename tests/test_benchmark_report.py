@@ -3,6 +3,7 @@ the README block).
 
 Timing is simulated with a fake clock (the cases advance it), so these tests are exact and never
 depend on how busy the machine is."""
+
 import importlib.util
 import json
 import sys
@@ -42,6 +43,7 @@ class SlowingClock:
             self.now += work * (1.0 + self.growth * self.calls)
             self.calls += 1
             self.order.append(name)
+
         return run
 
 
@@ -67,9 +69,20 @@ def test_rounds_interleave_every_implementation_in_rotating_order(monkeypatch):
 
 def _case(times: dict, ladder=(), machine=None, work=None) -> "report.Case":
     impls = [report.Impl(name, name == "ours", values) for name, values in times.items()]
-    return report.Case(op="x", title="X", mode="fwd", dtype="float32", device="cpu", device_name="CPU", shape={},
-                       work=work or {}, impls=impls, ladder=list(ladder), role=None,
-                       machine=machine or {"other_cpu_cores": 0.0, "load_before": [0.3], "cores": 2})
+    return report.Case(
+        op="x",
+        title="X",
+        mode="fwd",
+        dtype="float32",
+        device="cpu",
+        device_name="CPU",
+        shape={},
+        work=work or {},
+        impls=impls,
+        ladder=list(ladder),
+        role=None,
+        machine=machine or {"other_cpu_cores": 0.0, "load_before": [0.3], "cores": 2},
+    )
 
 
 def test_per_round_ratios_cancel_a_machine_that_slows_down(monkeypatch):
@@ -95,10 +108,21 @@ def test_compare_records_rounds_times_machine_and_ladder(monkeypatch):
     monkeypatch.setattr(harness, "synchronized_timer", clock)
     monkeypatch.setattr(harness, "SMOKE", False)
     bench = FakeBenchmark()
-    impls = [harness.Impl("original", False, lambda: clock.case(0.5)),
-             harness.Impl("fused", True, lambda: clock.case(0.4))]
-    harness.compare(bench, op="training_step", title="Training step", mode="pretrain", dtype="float32",
-                    shape={"B": 16}, impls=impls, work={"images": 16}, ladder=["original", "fused"])
+    impls = [
+        harness.Impl("original", False, lambda: clock.case(0.5)),
+        harness.Impl("fused", True, lambda: clock.case(0.4)),
+    ]
+    harness.compare(
+        bench,
+        op="training_step",
+        title="Training step",
+        mode="pretrain",
+        dtype="float32",
+        shape={"B": 16},
+        impls=impls,
+        work={"images": 16},
+        ladder=["original", "fused"],
+    )
     info = bench.extra_info
     assert bench.pedantic_calls == 1 and info["schema"] == report.SCHEMA
     assert info["rounds"] >= harness.MIN_ROUNDS and info["ladder"] == ["original", "fused"]
@@ -119,46 +143,78 @@ def test_plan_rounds_fills_the_budget_within_bounds(monkeypatch):
 
 
 def test_ladder_shows_each_steps_share():
-    case = _case({"original": [1.0, 1.0, 1.0], "original+non-kernel": [0.8, 0.8, 0.8], "ours": [0.5, 0.5, 0.5]},
-                 ladder=["original", "original+non-kernel", "ours"])
+    case = _case(
+        {"original": [1.0, 1.0, 1.0], "original+non-kernel": [0.8, 0.8, 0.8], "ours": [0.5, 0.5, 0.5]},
+        ladder=["original", "original+non-kernel", "ours"],
+    )
     assert report.ladder_text(case) == "original+non-kernel 1.25x (1.25-1.25); ours 1.60x (1.60-1.60)"
     assert case.speedup("ours", "original").median == pytest.approx(2.0)
 
 
 def test_busy_rule():
     assert _case({"ours": [1.0]}).busy(0.2) is None
-    assert "0.90 CPU cores" in _case({"ours": [1.0]}, machine={"other_cpu_cores": 0.9, "load_before": [2.5],
-                                                              "cores": 2}).busy(0.2)
+    assert "0.90 CPU cores" in _case(
+        {"ours": [1.0]}, machine={"other_cpu_cores": 0.9, "load_before": [2.5], "cores": 2}
+    ).busy(0.2)
     # without /proc/stat the load average decides
     assert _case({"ours": [1.0]}, machine={"other_cpu_cores": None, "load_before": [0.4], "cores": 2}).busy(0.2) is None
-    assert "load average 1.5" in _case({"ours": [1.0]}, machine={"other_cpu_cores": None, "load_before": [1.5],
-                                                                  "cores": 2}).busy(0.2)
+    assert "load average 1.5" in _case(
+        {"ours": [1.0]}, machine={"other_cpu_cores": None, "load_before": [1.5], "cores": 2}
+    ).busy(0.2)
 
 
 def _result_file(path: Path, other_cpu: float, op="training_step", title="Training step") -> str:
-    info = {"schema": report.SCHEMA, "op": op, "title": title, "mode": "pretrain", "dtype": "float32",
-            "device": "cpu", "device_name": "CPU (2 cores)", "shape": {"model": "part_fvit_tiny", "B": 16},
-            "work": {"images": 16}, "rounds": 5, "ladder": ["original", "original+non-kernel", "fused"],
-            "role": None, "machine": {"other_cpu_cores": other_cpu, "load_before": [0.4], "cores": 2},
-            "impls": [{"name": "original", "ours": False, "times_s": [0.60, 0.62, 0.61, 0.60, 0.63],
-                       "peak_added_bytes": 2 << 20},
-                      {"name": "original+non-kernel", "ours": False, "times_s": [0.55, 0.56, 0.55, 0.55, 0.57]},
-                      {"name": "fused", "ours": True, "times_s": [0.50, 0.50, 0.50, 0.50, 0.50],
-                       "peak_added_bytes": 1 << 20}]}
-    data = {"machine_info": {"lafs": {"bench_device": "cpu", "cpu_load_at_start_1_5_15min": [0.4, 0.5, 0.5]}},
-            "commit_info": {"id": "0" * 40}, "datetime": "2026-12-06T00:00:00",
-            "benchmarks": [{"extra_info": info, "stats": {"median": 9.0}},
-                           {"extra_info": {"op": "old", "impl": "x"}, "stats": {"median": 1.0}}]}
+    info = {
+        "schema": report.SCHEMA,
+        "op": op,
+        "title": title,
+        "mode": "pretrain",
+        "dtype": "float32",
+        "device": "cpu",
+        "device_name": "CPU (2 cores)",
+        "shape": {"model": "part_fvit_tiny", "B": 16},
+        "work": {"images": 16},
+        "rounds": 5,
+        "ladder": ["original", "original+non-kernel", "fused"],
+        "role": None,
+        "machine": {"other_cpu_cores": other_cpu, "load_before": [0.4], "cores": 2},
+        "impls": [
+            {"name": "original", "ours": False, "times_s": [0.60, 0.62, 0.61, 0.60, 0.63], "peak_added_bytes": 2 << 20},
+            {"name": "original+non-kernel", "ours": False, "times_s": [0.55, 0.56, 0.55, 0.55, 0.57]},
+            {"name": "fused", "ours": True, "times_s": [0.50, 0.50, 0.50, 0.50, 0.50], "peak_added_bytes": 1 << 20},
+        ],
+    }
+    data = {
+        "machine_info": {"lafs": {"bench_device": "cpu", "cpu_load_at_start_1_5_15min": [0.4, 0.5, 0.5]}},
+        "commit_info": {"id": "0" * 40},
+        "datetime": "2026-12-06T00:00:00",
+        "benchmarks": [
+            {"extra_info": info, "stats": {"median": 9.0}},
+            {"extra_info": {"op": "old", "impl": "x"}, "stats": {"median": 1.0}},
+        ],
+    }
     path.write_text(json.dumps(data))
     return str(path)
 
 
-SETTINGS = {"busy_other_cpu_cores": 0.2,
-            "targets": [{"source": "#8", "op": "training_step", "device": "cpu", "where": {"mode": "pretrain"},
-                         "baseline": "original", "kind": "speedup", "value": 1.2}],
-            "headlines": [{"label": "pretraining step", "op": "training_step", "device": "cpu",
-                           "where": {"mode": "pretrain"}},
-                          {"label": "gpu step", "op": "training_step", "device": "cuda", "where": {}}]}
+SETTINGS = {
+    "busy_other_cpu_cores": 0.2,
+    "targets": [
+        {
+            "source": "#8",
+            "op": "training_step",
+            "device": "cpu",
+            "where": {"mode": "pretrain"},
+            "baseline": "original",
+            "kind": "speedup",
+            "value": 1.2,
+        }
+    ],
+    "headlines": [
+        {"label": "pretraining step", "op": "training_step", "device": "cpu", "where": {"mode": "pretrain"}},
+        {"label": "gpu step", "op": "training_step", "device": "cuda", "where": {}},
+    ],
+}
 
 
 def test_targets_are_judged_on_the_median_per_round_ratio_of_an_idle_run(tmp_path):

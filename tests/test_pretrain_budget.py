@@ -1,4 +1,5 @@
 """benchmarks/pretrain_budget.py: sizing the GPU long-pretraining demo and its report."""
+
 import importlib.util
 import json
 import sys
@@ -15,8 +16,9 @@ _spec.loader.exec_module(budget)
 
 
 def test_plan_fits_the_budget_with_room_for_fine_tuning():
-    plan = budget.plan_pretraining(seconds_per_step=0.05, steps_per_epoch=48, finetune_seconds=20.0,
-                                   budget_seconds=300.0)
+    plan = budget.plan_pretraining(
+        seconds_per_step=0.05, steps_per_epoch=48, finetune_seconds=20.0, budget_seconds=300.0
+    )
     epoch_seconds = 0.05 * 48 * budget.VALIDATION_OVERHEAD
     assert plan.epochs == int((300.0 - 40.0) // epoch_seconds)
     assert plan.expected_seconds + 2 * 20.0 <= 300.0
@@ -27,25 +29,48 @@ def test_plan_fits_the_budget_with_room_for_fine_tuning():
 
 
 def test_plan_is_capped_and_refuses_too_little_time():
-    capped = budget.plan_pretraining(seconds_per_step=1e-4, steps_per_epoch=48, finetune_seconds=1.0,
-                                     budget_seconds=1000.0, max_epochs=50)
+    capped = budget.plan_pretraining(
+        seconds_per_step=1e-4, steps_per_epoch=48, finetune_seconds=1.0, budget_seconds=1000.0, max_epochs=50
+    )
     assert capped.epochs == 50
-    assert budget.plan_pretraining(seconds_per_step=1.0, steps_per_epoch=48, finetune_seconds=10.0,
-                                   budget_seconds=200.0, min_epochs=8) is None
+    assert (
+        budget.plan_pretraining(
+            seconds_per_step=1.0, steps_per_epoch=48, finetune_seconds=10.0, budget_seconds=200.0, min_epochs=8
+        )
+        is None
+    )
     with pytest.raises(ValueError, match="positive"):
-        budget.plan_pretraining(seconds_per_step=0.0, steps_per_epoch=48, finetune_seconds=1.0,
-                                budget_seconds=100.0)
+        budget.plan_pretraining(seconds_per_step=0.0, steps_per_epoch=48, finetune_seconds=1.0, budget_seconds=100.0)
 
 
-def _fake_demo_run(path: Path, *, steps: int, epochs: float, seconds: float, lafs: float, scratch: float,
-                   curve: list[tuple[int, float, float]]) -> Path:
+def _fake_demo_run(
+    path: Path,
+    *,
+    steps: int,
+    epochs: float,
+    seconds: float,
+    lafs: float,
+    scratch: float,
+    curve: list[tuple[int, float, float]],
+) -> Path:
     (path / "pretrain").mkdir(parents=True)
     (path / "pretrain" / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": epochs}}))
-    stage = {"verification_accuracy": 0.5, "train_seconds": seconds, "steps": steps, "view_retrieval": 0.25,
-             "student_view_retrieval": 0.5}
-    summary = {"stages": {"pretrain": stage, "finetune": {"train_seconds": 10.0}},
-               "few_shot": {"lafs_accuracy": lafs, "scratch_accuracy": scratch, "lafs_minus_scratch": lafs - scratch,
-                            "noise": 0.04}}
+    stage = {
+        "verification_accuracy": 0.5,
+        "train_seconds": seconds,
+        "steps": steps,
+        "view_retrieval": 0.25,
+        "student_view_retrieval": 0.5,
+    }
+    summary = {
+        "stages": {"pretrain": stage, "finetune": {"train_seconds": 10.0}},
+        "few_shot": {
+            "lafs_accuracy": lafs,
+            "scratch_accuracy": scratch,
+            "lafs_minus_scratch": lafs - scratch,
+            "noise": 0.04,
+        },
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     rows = [{"step": s, "loss": 1.0} for s in range(1, steps + 1)]
     rows += [{"step": s, "val_accuracy": acc, "val_view_retrieval": r} for s, acc, r in curve]
@@ -62,10 +87,18 @@ def test_plan_from_run_reads_the_measured_speed(tmp_path):
 
 
 def test_report_compares_runs_and_lists_the_curve(tmp_path, capsys):
-    default = _fake_demo_run(tmp_path / "default", steps=96, epochs=2, seconds=9.6, lafs=0.45, scratch=0.49,
-                             curve=[(96, 0.46, 0.05)])
-    long = _fake_demo_run(tmp_path / "long", steps=960, epochs=20, seconds=96.0, lafs=0.61, scratch=0.49,
-                          curve=[(480, 0.55, 0.2), (960, 0.6, 0.3)])
+    default = _fake_demo_run(
+        tmp_path / "default", steps=96, epochs=2, seconds=9.6, lafs=0.45, scratch=0.49, curve=[(96, 0.46, 0.05)]
+    )
+    long = _fake_demo_run(
+        tmp_path / "long",
+        steps=960,
+        epochs=20,
+        seconds=96.0,
+        lafs=0.61,
+        scratch=0.49,
+        curve=[(480, 0.55, 0.2), (960, 0.6, 0.3)],
+    )
     out = tmp_path / "report.md"
     assert budget.main(["report", str(default), str(long), "--out", str(out)]) == 0
     text = out.read_text()

@@ -6,6 +6,7 @@ is from float64: the backend's error may be at most ``LOW_PRECISION_FACTOR``
 times that error (plus a small floor for the case where the reference happens
 to be exact).
 """
+
 import torch
 
 ATOL_RTOL = {

@@ -1,4 +1,5 @@
 """``python -m lafs.data pack SRC OUT [--align LANDMARKS_FILE] [--layout header|flat]``."""
+
 import argparse
 import sys
 
@@ -10,22 +11,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lafs.data", description="Face data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     pack = commands.add_parser(
-        "pack", help="pack SRC/<identity>/<image> into OUT/train.rec, train.idx, property",
+        "pack",
+        help="pack SRC/<identity>/<image> into OUT/train.rec, train.idx, property",
         description="Pack a folder of face images (one sub-folder per identity) into an insightface "
-                    "RecordIO data set that FaceRecordDataset and insightface's trainer read.")
+        "RecordIO data set that FaceRecordDataset and insightface's trainer read.",
+    )
     pack.add_argument("src", metavar="SRC", help="folder with one sub-folder of images per identity")
     pack.add_argument("out", metavar="OUT", help="output folder (created if missing)")
-    pack.add_argument("--align", metavar="LANDMARKS_FILE",
-                      help="align every face to 112x112 with insightface's norm_crop from five points; file lines: "
-                           "'relative/path x1 y1 ... x5 y5' (left eye, right eye, nose, left/right mouth corner). "
-                           "Without it every image must already be an aligned 112x112 crop")
-    pack.add_argument("--layout", choices=LAYOUTS, default="header",
-                      help="header: insightface face2rec layout with identity ranges (default); "
-                           "flat: scalar labels at keys 0..N-1")
+    pack.add_argument(
+        "--align",
+        metavar="LANDMARKS_FILE",
+        help="align every face to 112x112 with insightface's norm_crop from five points; file lines: "
+        "'relative/path x1 y1 ... x5 y5' (left eye, right eye, nose, left/right mouth corner). "
+        "Without it every image must already be an aligned 112x112 crop",
+    )
+    pack.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="header",
+        help="header: insightface face2rec layout with identity ranges (default); flat: scalar labels at keys 0..N-1",
+    )
     pack.add_argument("--quality", type=int, help="JPEG quality (default 95), or PNG compression level 0-9 (default 3)")
-    pack.add_argument("--format", dest="img_fmt", choices=(".jpg", ".png"), default=".jpg",
-                      help="image encoding inside the records: every image is decoded and re-encoded; .jpg "
-                           "(default, as insightface's face2rec) is lossy, .png keeps the pixels exactly")
+    pack.add_argument(
+        "--format",
+        dest="img_fmt",
+        choices=(".jpg", ".png"),
+        default=".jpg",
+        help="image encoding inside the records: every image is decoded and re-encoded; .jpg "
+        "(default, as insightface's face2rec) is lossy, .png keeps the pixels exactly",
+    )
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -33,8 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        counts = pack_folder(args.src, args.out, landmarks_file=args.align, layout=args.layout,
-                             quality=args.quality, img_fmt=args.img_fmt, progress=not args.quiet)
+        counts = pack_folder(
+            args.src,
+            args.out,
+            landmarks_file=args.align,
+            layout=args.layout,
+            quality=args.quality,
+            img_fmt=args.img_fmt,
+            progress=not args.quiet,
+        )
     except (OSError, ValueError, RecordIOError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

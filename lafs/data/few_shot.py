@@ -1,4 +1,5 @@
 """Few-shot subsets as the LAFS paper uses them: k images per identity for a fraction of the identities."""
+
 import math
 
 import numpy as np

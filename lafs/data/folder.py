@@ -1,4 +1,5 @@
 """Aligned face crops stored as ``root/<identity>/<image>``."""
+
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ def list_identity_images(root) -> tuple[list[str], list[tuple[Path, int]]]:
             samples.extend((path, len(identities)) for path in images)
             identities.append(folder.name)
     if not samples:
-        raise FileNotFoundError(f"no images under {root}: expected {root}/<identity>/<image> "
-                                f"with extensions {', '.join(IMAGE_EXTENSIONS)}")
+        raise FileNotFoundError(
+            f"no images under {root}: expected {root}/<identity>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
     return identities, samples
 
 

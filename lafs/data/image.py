@@ -4,6 +4,7 @@ Datasets hand their optional ``transform`` a uint8 ``[112,112,3]`` RGB numpy
 array (HWC, what cv2 and numpy augmentations work on) and expect the same kind
 of array back; :func:`to_model_tensor` then makes the float input.
 """
+
 import os
 
 import cv2

@@ -1,4 +1,5 @@
 """Pack ``SRC/<identity>/<image>`` into an insightface RecordIO folder (``train.rec``, ``train.idx``, ``property``)."""
+
 import os
 from pathlib import Path
 
@@ -25,8 +26,10 @@ def read_landmarks(path) -> dict:
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) != 11:
-                raise ValueError(f"{path} line {number}: expected an image path and 10 numbers (5 x,y points), "
-                                 f"got {len(fields) - 1} values")
+                raise ValueError(
+                    f"{path} line {number}: expected an image path and 10 numbers (5 x,y points), "
+                    f"got {len(fields) - 1} values"
+                )
             try:
                 points = np.array([float(v) for v in fields[1:]], dtype=np.float32).reshape(5, 2)
             except ValueError:
@@ -37,8 +40,9 @@ def read_landmarks(path) -> dict:
     return landmarks
 
 
-def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality=None,
-                img_fmt: str = ".jpg", progress: bool = True) -> dict:
+def pack_folder(
+    src, out, landmarks_file=None, layout: str = "header", quality=None, img_fmt: str = ".jpg", progress: bool = True
+) -> dict:
     """Write ``out/train.rec``, ``train.idx`` and ``property`` from the face folder ``src``.
 
     Without ``landmarks_file`` every image must already be an aligned 112x112
@@ -63,8 +67,10 @@ def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality=N
     if landmarks is not None:
         missing = [path for path, _ in samples if path.relative_to(src).as_posix() not in landmarks]
         if missing:
-            raise ValueError(f"{landmarks_file} has no landmarks for {len(missing)} image(s), "
-                             f"e.g. {missing[0].relative_to(src).as_posix()}")
+            raise ValueError(
+                f"{landmarks_file} has no landmarks for {len(missing)} image(s), "
+                f"e.g. {missing[0].relative_to(src).as_posix()}"
+            )
         from insightface.utils.face_align import norm_crop
 
     out.mkdir(parents=True, exist_ok=True)
@@ -77,15 +83,18 @@ def pack_folder(src, out, landmarks_file=None, layout: str = "header", quality=N
             if layout == "header":
                 record.write_idx(0, pack(IRHeader(0, [num_images + 1, num_images + 1 + num_ids], 0, 0), b""))
             ranges = [[None, None] for _ in identities]
-            for offset, (path, label) in enumerate(tqdm(samples, desc=f"packing {src}", unit="img",
-                                                        disable=not progress)):
+            for offset, (path, label) in enumerate(
+                tqdm(samples, desc=f"packing {src}", unit="img", disable=not progress)
+            ):
                 key = first_key + offset
                 image = read_image_bgr(path)
                 if landmarks is not None:
                     image = norm_crop(image, landmarks[path.relative_to(src).as_posix()], image_size=IMAGE_SIZE)
                 elif image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-                    raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, not an aligned "
-                                     f"{IMAGE_SIZE}x{IMAGE_SIZE} crop: pass --align LANDMARKS_FILE to align it")
+                    raise ValueError(
+                        f"{path} is {image.shape[1]}x{image.shape[0]}, not an aligned "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE} crop: pass --align LANDMARKS_FILE to align it"
+                    )
                 record_label = [float(label), 1.0] if layout == "header" else float(label)
                 record.write_idx(key, pack_img(IRHeader(0, record_label, key, 0), image, quality, img_fmt))
                 ranges[label][0] = key if ranges[label][0] is None else ranges[label][0]

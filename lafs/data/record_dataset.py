@@ -1,4 +1,5 @@
 """insightface RecordIO face data sets (``train.rec``, ``train.idx``, optional ``property``)."""
+
 import os
 from pathlib import Path
 
@@ -66,8 +67,10 @@ class FaceRecordDataset(torch.utils.data.Dataset):
             raise RecordIOError(f"{source}: {error}") from None
         label = int(_class_of(header.label))
         if label != self.labels[index]:
-            raise RecordIOError(f"{source}: the record's label {label} differs from the identity ranges "
-                                f"of the header records ({self.labels[index]})")
+            raise RecordIOError(
+                f"{source}: the record's label {label} differs from the identity ranges "
+                f"of the header records ({self.labels[index]})"
+            )
         if self.color == "rgb":
             image = image[:, :, ::-1]  # cv2 decodes to BGR
         return apply_transform(np.ascontiguousarray(image), self.transform, source), label
@@ -104,17 +107,21 @@ def _read_layout(record: MXIndexedRecordIO):
     keys = np.arange(1, image_end, dtype=np.int64)
     absent = [key for key in range(1, max(image_end, identity_end)) if key not in record.idx]
     if absent:
-        raise RecordIOError(f"{record.idx_path}: the header record announces image keys 1..{image_end - 1} and "
-                            f"identity keys {image_end}..{identity_end - 1}, but {len(absent)} are missing "
-                            f"(first: {absent[0]})")
+        raise RecordIOError(
+            f"{record.idx_path}: the header record announces image keys 1..{image_end - 1} and "
+            f"identity keys {image_end}..{identity_end - 1}, but {len(absent)} are missing "
+            f"(first: {absent[0]})"
+        )
     labels = np.full(len(keys), -1, dtype=np.int64)
     # Each identity record holds [start, end) of its image keys; the class is the label of its first image.
     for identity_key in range(image_end, identity_end):
         start, end = (int(v) for v in _label_array(record, identity_key)[:2])
         if not 1 <= start < end <= image_end:
-            raise RecordIOError(f"{record.uri} (key {identity_key}): identity range [{start}, {end}) is outside "
-                                f"the image keys 1..{image_end - 1}")
-        labels[start - 1:end - 1] = int(_class_of(record.read_header_idx(start).label))
+            raise RecordIOError(
+                f"{record.uri} (key {identity_key}): identity range [{start}, {end}) is outside "
+                f"the image keys 1..{image_end - 1}"
+            )
+        labels[start - 1 : end - 1] = int(_class_of(record.read_header_idx(start).label))
     missing = np.flatnonzero(labels < 0)
     for position in missing:  # no identity records (or incomplete ones): read the labels one by one
         labels[position] = int(_class_of(record.read_header_idx(int(keys[position])).label))
@@ -125,8 +132,10 @@ def _read_layout(record: MXIndexedRecordIO):
 def _label_array(record: MXIndexedRecordIO, key: int) -> np.ndarray:
     header = record.read_header_idx(key)
     if header.flag < 2:
-        raise RecordIOError(f"{record.uri} (key {key}): an identity record needs two float labels "
-                            f"[start, end), found flag {header.flag}")
+        raise RecordIOError(
+            f"{record.uri} (key {key}): an identity record needs two float labels "
+            f"[start, end), found flag {header.flag}"
+        )
     return header.label
 
 
@@ -143,9 +152,12 @@ def _num_classes(property_path: Path, labels: np.ndarray) -> int:
     try:
         declared = int(first_line[0].split(",")[0])
     except (IndexError, ValueError):
-        raise ValueError(f"malformed {property_path}: expected 'num_classes,height,width' on the first line, "
-                         f"got {first_line[0] if first_line else 'an empty file'!r}") from None
+        raise ValueError(
+            f"malformed {property_path}: expected 'num_classes,height,width' on the first line, "
+            f"got {first_line[0] if first_line else 'an empty file'!r}"
+        ) from None
     if declared < from_labels:
-        raise ValueError(f"{property_path} declares {declared} classes but the records use labels up to "
-                         f"{from_labels - 1}")
+        raise ValueError(
+            f"{property_path} declares {declared} classes but the records use labels up to {from_labels - 1}"
+        )
     return declared

@@ -17,6 +17,7 @@ Code written for ``mxnet.recordio`` ports by changing the import::
     record = recordio.MXIndexedRecordIO("train.idx", "train.rec", "r")
     header, image = recordio.unpack_img(record.read_idx(1))   # BGR, as in MXNet
 """
+
 import numbers
 import os
 import struct
@@ -61,8 +62,9 @@ class MXRecordIO:
         try:
             self.handle = open(self.uri, "rb" if self.flag == "r" else "wb")
         except OSError as error:
-            raise FileNotFoundError(f"cannot open RecordIO file {self.uri} for "
-                                    f"{'reading' if self.flag == 'r' else 'writing'}: {error}") from error
+            raise FileNotFoundError(
+                f"cannot open RecordIO file {self.uri} for {'reading' if self.flag == 'r' else 'writing'}: {error}"
+            ) from error
         self.writable = self.flag == "w"
         self.is_open = True
         self.pid = os.getpid()
@@ -141,22 +143,29 @@ class MXRecordIO:
             if not head and not parts:
                 return None
             if len(head) < _PART_HEADER.size:
-                raise RecordIOError(f"truncated RecordIO file {where}: the part header at byte {position} "
-                                    f"has {len(head)} of 8 bytes")
+                raise RecordIOError(
+                    f"truncated RecordIO file {where}: the part header at byte {position} has {len(head)} of 8 bytes"
+                )
             magic, lrec = _PART_HEADER.unpack(head)
             if magic != MAGIC:
-                raise RecordIOError(f"corrupt RecordIO file {where}: expected the magic 0x{MAGIC:08x} at byte "
-                                    f"{position}, found 0x{magic:08x} (wrong offset in the .idx, or a damaged file)")
+                raise RecordIOError(
+                    f"corrupt RecordIO file {where}: expected the magic 0x{MAGIC:08x} at byte "
+                    f"{position}, found 0x{magic:08x} (wrong offset in the .idx, or a damaged file)"
+                )
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
             if (cflag in (0, 1)) != (not parts):
-                raise RecordIOError(f"corrupt RecordIO file {where}: part at byte {position} has continuation "
-                                    f"flag {cflag}, which cannot {'start' if not parts else 'continue'} a record")
+                raise RecordIOError(
+                    f"corrupt RecordIO file {where}: part at byte {position} has continuation "
+                    f"flag {cflag}, which cannot {'start' if not parts else 'continue'} a record"
+                )
             enough = limit is not None and size + length >= limit
             wanted = limit - size if enough else (length + 3) & ~3
             data = self.handle.read(wanted)
             if len(data) < wanted:
-                raise RecordIOError(f"truncated RecordIO file {where}: the part at byte {position} declares "
-                                    f"{length} bytes but the file ends after {len(data)}")
+                raise RecordIOError(
+                    f"truncated RecordIO file {where}: the part at byte {position} declares "
+                    f"{length} bytes but the file ends after {len(data)}"
+                )
             parts.append(data[:length])
             size += length + 4
             if enough or cflag in (0, 3):
@@ -196,8 +205,9 @@ class MXIndexedRecordIO(MXRecordIO):
             try:
                 key, offset = self.key_type(fields[0]), int(fields[1])
             except (IndexError, ValueError) as error:
-                raise RecordIOError(f"malformed index line {number} in {self.idx_path}: {line.strip()!r} "
-                                    f"(expected key<TAB>offset)") from error
+                raise RecordIOError(
+                    f"malformed index line {number} in {self.idx_path}: {line.strip()!r} (expected key<TAB>offset)"
+                ) from error
             self.idx[key] = offset
             self.keys.append(key)
 
@@ -224,8 +234,10 @@ class MXIndexedRecordIO(MXRecordIO):
         self.handle.seek(offset)
         record = self._read_record(offset, f" (key {idx!r})")
         if record is None:
-            raise RecordIOError(f"truncated RecordIO file {self.uri} (key {idx!r}): the index points at byte "
-                                f"{offset}, at or past the end of the file")
+            raise RecordIOError(
+                f"truncated RecordIO file {self.uri} (key {idx!r}): the index points at byte "
+                f"{offset}, at or past the end of the file"
+            )
         return record
 
     def read_header_idx(self, idx) -> IRHeader:
@@ -241,8 +253,10 @@ class MXIndexedRecordIO(MXRecordIO):
             self.handle.seek(offset)
             prefix = self._read_record(offset, what, limit=_IR_SIZE + 4 * flag)
         if prefix is None:
-            raise RecordIOError(f"truncated RecordIO file {self.uri}{what}: the index points at byte "
-                                f"{offset}, at or past the end of the file")
+            raise RecordIOError(
+                f"truncated RecordIO file {self.uri}{what}: the index points at byte "
+                f"{offset}, at or past the end of the file"
+            )
         try:
             return unpack(prefix)[0]
         except RecordIOError as error:
@@ -309,10 +323,9 @@ def unpack(s: bytes):
     s = s[_IR_SIZE:]
     if header.flag > 0:
         if len(s) < 4 * header.flag:
-            raise RecordIOError(f"record header announces {header.flag} float labels but only "
-                                f"{len(s)} bytes follow it")
+            raise RecordIOError(f"record header announces {header.flag} float labels but only {len(s)} bytes follow it")
         header = header._replace(label=np.frombuffer(s, np.float32, header.flag))
-        s = s[4 * header.flag:]
+        s = s[4 * header.flag :]
     return header, s
 
 

@@ -18,6 +18,7 @@ insightface's aligned crops, and every image comes with its five landmarks.
 Drawing is a few dozen anti-aliased, sub-pixel cv2 calls per face (about 2 ms
 on one free CPU core); ``cache=True`` keeps rendered faces for later epochs.
 """
+
 import math
 
 import cv2
@@ -75,13 +76,24 @@ class SyntheticFaces(torch.utils.data.Dataset):
     ``render(i) -> (rgb uint8 [112,112,3], label, five_points float32 [5,2])``.
     """
 
-    def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, identity_offset: int = 0,
-                 difficulty: float = 1.0, transform=None, cache: bool = False,
-                 difficulty_warmup_epochs: float = 0.0, colours: str = "per_image",
-                 pose_difficulty: float | None = None):
+    def __init__(
+        self,
+        num_identities: int,
+        images_per_identity: int,
+        seed: int = 0,
+        identity_offset: int = 0,
+        difficulty: float = 1.0,
+        transform=None,
+        cache: bool = False,
+        difficulty_warmup_epochs: float = 0.0,
+        colours: str = "per_image",
+        pose_difficulty: float | None = None,
+    ):
         if num_identities < 1 or images_per_identity < 1:
-            raise ValueError(f"need at least one identity and one image per identity, got "
-                             f"num_identities={num_identities}, images_per_identity={images_per_identity}")
+            raise ValueError(
+                f"need at least one identity and one image per identity, got "
+                f"num_identities={num_identities}, images_per_identity={images_per_identity}"
+            )
         if seed < 0 or identity_offset < 0:
             raise ValueError(f"seed and identity_offset must be non-negative, got {seed}, {identity_offset}")
         if not 0.0 <= difficulty <= 3.0:
@@ -224,7 +236,7 @@ def _sample_identity(rng: np.random.Generator) -> dict:
         "face_center_y": u(57.0, 63.0),
         "face_half_width": u(33.0, 43.0),
         "face_half_height": u(45.0, 54.0),
-        "forehead_power": u(2.0, 3.4),   # superellipse exponents: larger = squarer
+        "forehead_power": u(2.0, 3.4),  # superellipse exponents: larger = squarer
         "chin_power": u(1.5, 3.0),
         "jaw_taper": u(0.0, 0.3),
         "hairline_y": u(12.0, 30.0),
@@ -238,8 +250,8 @@ def _sample_identity(rng: np.random.Generator) -> dict:
         "eye_height_up": u(2.2, 4.6),
         "eye_height_down": u(1.2, 3.4),
         "eye_tilt": u(-0.28, 0.28),
-        "iris_radius": u(0.45, 0.75),   # fraction of the eye opening
-        "iris_tone": u(0.15, 0.7),      # darkness relative to the sclera
+        "iris_radius": u(0.45, 0.75),  # fraction of the eye opening
+        "iris_tone": u(0.15, 0.7),  # darkness relative to the sclera
         "lid_thickness": int(rng.integers(1, 3)),
         "brow_gap": u(5.0, 11.0),
         "brow_length": u(11.0, 20.0),
@@ -278,8 +290,10 @@ def _skin(level: float, noise: np.ndarray) -> np.ndarray:
 def _identity_colours(identity: dict, rng: np.random.Generator) -> dict:
     """Skin and hair RGB of one image of an identity with its own tone: the identity's levels, a
     small per-image variation (a third of the per-image mode's channel noise)."""
-    return {"skin": _skin(identity["skin_level"], rng.standard_normal(3) * 4.0),
-            "hair": identity["hair_level"] * _HAIR_TINT + rng.standard_normal(3) * 3.0}
+    return {
+        "skin": _skin(identity["skin_level"], rng.standard_normal(3) * 4.0),
+        "hair": identity["hair_level"] * _HAIR_TINT + rng.standard_normal(3) * 3.0,
+    }
 
 
 def _sample_nuisance(rng: np.random.Generator, difficulty: float, pose: float | None = None) -> dict:
@@ -390,8 +404,9 @@ class _DrawList:
             if kind == "fill":
                 cv2.fillPoly(canvas, [fixed[a:b] for a, b in spans], color, cv2.LINE_AA, _SHIFT)
             elif kind == "line":
-                cv2.polylines(canvas, [fixed[a:b] for a, b in spans], False, color, self.thickness[k],
-                              cv2.LINE_AA, _SHIFT)
+                cv2.polylines(
+                    canvas, [fixed[a:b] for a, b in spans], False, color, self.thickness[k], cv2.LINE_AA, _SHIFT
+                )
             elif kind == "disc":
                 start = spans[0][0]
                 radius = int(self.points[start + 1, 0] * _SCALE)
@@ -434,7 +449,7 @@ def _outline(p: dict, count: int = 64) -> np.ndarray:
 
 def _hairline(p: dict, x: np.ndarray) -> np.ndarray:
     u = (x - _CENTER_X) / p["face_half_width"]
-    return p["hairline_y"] + p["hairline_curve"] * u ** 2 + p["hairline_tilt"] * u
+    return p["hairline_y"] + p["hairline_curve"] * u**2 + p["hairline_tilt"] * u
 
 
 def _ribbon(center, thickness):
@@ -476,9 +491,14 @@ def _build_identity_parts(p: dict) -> dict:
     for mole in p["moles"]:
         back.add("disc", [[mole, (p["mole_radius"], 0.0)]], _DEPTH_CHEEK, skin=0.35)
     if p["nasolabial_depth"] > 0:
-        folds = [[[_CENTER_X + side * (p["nose_half_width"] + 2.0), p["nose_tip_y"] - 1.0],
-                  [_CENTER_X + side * (p["mouth_half_width"] + 3.0), p["mouth_y"] - 1.0],
-                  [_CENTER_X + side * (p["mouth_half_width"] + 3.5), p["mouth_y"] + 4.0]] for side in (-1, 1)]
+        folds = [
+            [
+                [_CENTER_X + side * (p["nose_half_width"] + 2.0), p["nose_tip_y"] - 1.0],
+                [_CENTER_X + side * (p["mouth_half_width"] + 3.0), p["mouth_y"] - 1.0],
+                [_CENTER_X + side * (p["mouth_half_width"] + 3.5), p["mouth_y"] + 4.0],
+            ]
+            for side in (-1, 1)
+        ]
         back.add("line", folds, _DEPTH_CHEEK, skin=1.0 - 0.3 * p["nasolabial_depth"])
 
     brows = _DrawList()
@@ -486,24 +506,42 @@ def _build_identity_parts(p: dict) -> dict:
     for side in (-1, 1):
         line, thickness = _brow_line(p, side)
         if p["brow_hatched"]:
-            shapes += [[[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]]
-                       for (x, y), t in zip(line, thickness)]
+            shapes += [
+                [[x - side * 0.8, y + t * 0.6], [x + side * 0.8, y - t * 0.6]] for (x, y), t in zip(line, thickness)
+            ]
         else:
             shapes.append(_ribbon(line, thickness))
     brows.add("line" if p["brow_hatched"] else "fill", shapes, _DEPTH_EYES, skin=0.15, hair=0.8)
 
     nose = _DrawList()
     tip_y = p["nose_tip_y"]
-    bridges = [[[_CENTER_X + side * p["nose_bridge_half_width"], tip_y - p["nose_length"]],
-                [_CENTER_X + side * p["nose_bridge_half_width"] * 1.3, tip_y - p["nose_length"] * 0.5],
-                [_CENTER_X + side * p["nose_half_width"], tip_y - 1.0]] for side in (-1, 1)]
+    bridges = [
+        [
+            [_CENTER_X + side * p["nose_bridge_half_width"], tip_y - p["nose_length"]],
+            [_CENTER_X + side * p["nose_bridge_half_width"] * 1.3, tip_y - p["nose_length"] * 0.5],
+            [_CENTER_X + side * p["nose_half_width"], tip_y - 1.0],
+        ]
+        for side in (-1, 1)
+    ]
     nose.add("line", bridges, 0.8, skin=0.78)
-    nostrils = [_ellipse(_CENTER_X + side * p["nose_half_width"] * 0.5, tip_y + 1.0,
-                         p["nostril_radius"], p["nostril_radius"] * 0.6, 10) for side in (-1, 1)]
+    nostrils = [
+        _ellipse(
+            _CENTER_X + side * p["nose_half_width"] * 0.5,
+            tip_y + 1.0,
+            p["nostril_radius"],
+            p["nostril_radius"] * 0.6,
+            10,
+        )
+        for side in (-1, 1)
+    ]
     nose.add("fill", nostrils, _DEPTH_NOSE, skin=0.35)
     x = np.linspace(-1.0, 1.0, 9)
-    nose.add("line", [np.stack([_CENTER_X + x * p["nose_half_width"] * 0.8,
-                                tip_y + p["nose_tip_drop"] * (1.0 - x ** 2) - 1.0], 1)], _DEPTH_NOSE, skin=0.7)
+    nose.add(
+        "line",
+        [np.stack([_CENTER_X + x * p["nose_half_width"] * 0.8, tip_y + p["nose_tip_drop"] * (1.0 - x**2) - 1.0], 1)],
+        _DEPTH_NOSE,
+        skin=0.7,
+    )
     return {"back": back.freeze(), "brows": brows.freeze(), "nose": nose.freeze(), "eyes": _eye_shapes(p)}
 
 
@@ -539,8 +577,12 @@ def _brow_line(p: dict, side: int):
     eye_x = _CENTER_X + side * p["eye_half_spacing"]
     inner_x = eye_x - side * (p["brow_length"] * 0.5 - p["brow_offset"])
     x = inner_x + side * p["brow_length"] * u
-    y = (p["eye_y"] - p["brow_gap"] - p["brow_arch"] * 4.0 * u * (1.0 - u)
-         + p["brow_slope"] * p["brow_length"] * (u - 0.5))
+    y = (
+        p["eye_y"]
+        - p["brow_gap"]
+        - p["brow_arch"] * 4.0 * u * (1.0 - u)
+        + p["brow_slope"] * p["brow_length"] * (u - 0.5)
+    )
     thickness = p["brow_thickness"] * (1.0 - p["brow_taper"] * 0.6 * u)
     return np.stack([x, y], axis=1), thickness
 
@@ -562,10 +604,10 @@ def _expression_parts(p: dict, parts: dict, nuisance: dict):
     half_width = p["mouth_half_width"] * (1.0 + 0.04 * nuisance["smile"])
     u = np.linspace(-1.0, 1.0, 15)
     x = _CENTER_X + u * half_width
-    meet = p["mouth_y"] - (p["mouth_curve"] + nuisance["smile"]) * u ** 2  # where the lips meet
-    gap = nuisance["mouth_open"] * (1.0 - u ** 2)
-    upper_top = meet - p["upper_lip"] * (1.0 - u ** 2) ** 0.7 + p["cupid_bow"] * np.exp(-(u / 0.18) ** 2)
-    lower_bottom = meet + gap + p["lower_lip"] * (1.0 - u ** 2) ** 0.8
+    meet = p["mouth_y"] - (p["mouth_curve"] + nuisance["smile"]) * u**2  # where the lips meet
+    gap = nuisance["mouth_open"] * (1.0 - u**2)
+    upper_top = meet - p["upper_lip"] * (1.0 - u**2) ** 0.7 + p["cupid_bow"] * np.exp(-((u / 0.18) ** 2))
+    lower_bottom = meet + gap + p["lower_lip"] * (1.0 - u**2) ** 0.8
     upper_edge, lower_edge = np.stack([x, meet - 0.5 * gap], 1), np.stack([x, meet + 0.5 * gap], 1)
     lip = np.array([0.95, 0.62, 0.62]) * p["lip_tone"]
     mouth.add("fill", [np.concatenate([upper_edge, lower_edge[::-1]])], _DEPTH_MOUTH, constant=(40.0, 20.0, 20.0))
@@ -584,12 +626,18 @@ def _render_face(p: dict, nuisance: dict, rng: np.random.Generator):
     canvas = _background(nuisance, rng)
     skin, hair = nuisance["skin"], nuisance["hair"]
     eyes, mouth, eye_centers, corners = _expression_parts(p, parts, nuisance)
-    layers = [(parts["back"], 0.0), (eyes, 0.0), (parts["brows"], -nuisance["brow_raise"]), (parts["nose"], 0.0),
-              (mouth, 0.0)]
+    layers = [
+        (parts["back"], 0.0),
+        (eyes, 0.0),
+        (parts["brows"], -nuisance["brow_raise"]),
+        (parts["nose"], 0.0),
+        (mouth, 0.0),
+    ]
     _draw_in_order(canvas, pose, skin, hair, layers)
     image = _photometric(canvas, nuisance, rng)
-    points = np.concatenate([pose(eye_centers, _DEPTH_EYES), pose([[_CENTER_X, p["nose_tip_y"]]], _DEPTH_NOSE),
-                             pose(corners, _DEPTH_MOUTH)])
+    points = np.concatenate(
+        [pose(eye_centers, _DEPTH_EYES), pose([[_CENTER_X, p["nose_tip_y"]]], _DEPTH_NOSE), pose(corners, _DEPTH_MOUTH)]
+    )
     return image, points.astype(np.float32)
 
 
@@ -599,8 +647,18 @@ def _background(nuisance: dict, rng: np.random.Generator) -> np.ndarray:
     canvas = cv2.resize(corners.reshape(2, 2, 3), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
     for _ in range(nuisance["clutter"]):
         center, axes = rng.uniform(0, IMAGE_SIZE, 2) * _SCALE, rng.uniform(3, 25, 2) * _SCALE
-        cv2.ellipse(canvas, tuple(center.astype(int).tolist()), tuple(axes.astype(int).tolist()), 0.0, 0.0, 360.0,
-                    rng.uniform(0, 255, 3).tolist(), -1, cv2.LINE_AA, _SHIFT)
+        cv2.ellipse(
+            canvas,
+            tuple(center.astype(int).tolist()),
+            tuple(axes.astype(int).tolist()),
+            0.0,
+            0.0,
+            360.0,
+            rng.uniform(0, 255, 3).tolist(),
+            -1,
+            cv2.LINE_AA,
+            _SHIFT,
+        )
     return canvas
 
 
@@ -623,5 +681,5 @@ def _photometric(canvas: np.ndarray, nuisance: dict, rng: np.random.Generator) -
     if nuisance["noise_std"] > 0:
         top, left = rng.integers(0, IMAGE_SIZE, 2)
         sign = 1.0 if rng.random() < 0.5 else -1.0
-        image += _NOISE[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE] * np.float32(sign * nuisance["noise_std"])
+        image += _NOISE[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE] * np.float32(sign * nuisance["noise_std"])
     return np.clip(image, 0.0, 255.0).astype(np.uint8)

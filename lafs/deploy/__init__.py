@@ -2,6 +2,7 @@
 
 Export with ``python -m lafs.export`` (:mod:`lafs.export`).
 """
+
 from .embedder import FaceEmbedder, is_onnx_path, load_face_model
 from .onnx_model import OnnxModel
 

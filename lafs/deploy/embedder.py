@@ -9,6 +9,7 @@ Each face is embedded with its horizontal mirror image; the embedding is the
 L2-normalised sum of the two (``lafs.eval.verification.embed_with_flip``, the
 protocol of the verification sets), so scores match ``python -m lafs.eval``'s.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ def is_onnx_path(path: Union[str, os.PathLike]) -> bool:
     return os.fspath(path).lower().endswith(".onnx")
 
 
-def load_face_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                    threads: Optional[int] = None, **load_options) -> nn.Module:
+def load_face_model(
+    path: Union[str, os.PathLike],
+    device: Union[str, torch.device] = "cpu",
+    threads: Optional[int] = None,
+    **load_options,
+) -> nn.Module:
     """A face model in eval mode from a run folder, one of our checkpoints, official weights
     (``lafs.models.load_model``, which also gets ``load_options``) or an ``.onnx`` file
     (:class:`OnnxModel`, run by onnxruntime with ``threads`` intra-op threads)."""
@@ -52,8 +57,13 @@ class FaceEmbedder:
     faces go through the model at once (with their mirror images: twice as many).
     """
 
-    def __init__(self, model: Union[nn.Module, str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                 batch_size: int = 64, threads: Optional[int] = None):
+    def __init__(
+        self,
+        model: Union[nn.Module, str, os.PathLike],
+        device: Union[str, torch.device] = "cpu",
+        batch_size: int = 64,
+        threads: Optional[int] = None,
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.model = model if isinstance(model, nn.Module) else load_face_model(model, device, threads)
@@ -80,8 +90,9 @@ class FaceEmbedder:
         batch = _as_batch(faces, color)
         if len(batch) == 0:
             return np.zeros((0, self.embedding_dim or 0), np.float32)
-        embeddings, _ = embed_with_flip(self.model, batch, batch_size=self.batch_size,
-                                        device=self.device if self.backend == "torch" else None)
+        embeddings, _ = embed_with_flip(
+            self.model, batch, batch_size=self.batch_size, device=self.device if self.backend == "torch" else None
+        )
         return embeddings
 
     def embed_images(self, images: Sequence[np.ndarray], five_points, color: str = "rgb") -> np.ndarray:

@@ -6,6 +6,7 @@
 :class:`lafs.deploy.FaceEmbedder`) runs an exported file unchanged.  It has no
 parameters: the evaluation code then feeds it float32 CPU tensors.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ class OnnxModel(nn.Module):
     not a readable ONNX model of that shape.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
-                 threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        device: Union[str, torch.device, None] = None,
+        threads: Optional[int] = None,
+        providers: Optional[Sequence[str]] = None,
+    ):
         super().__init__()
         import onnxruntime
 
@@ -47,19 +53,24 @@ class OnnxModel(nn.Module):
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
-            self.session = onnxruntime.InferenceSession(path, sess_options=options,
-                                                        providers=list(providers or _providers(device)))
+            self.session = onnxruntime.InferenceSession(
+                path, sess_options=options, providers=list(providers or _providers(device))
+            )
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
             raise ValueError(f"{path}: not a readable ONNX model ({str(err).strip().splitlines()[0]})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else None
         if shape is None or len(shape) != 4 or shape[1] != 3 or not isinstance(shape[2], int) or shape[2] != shape[3]:
             found = [(i.name, i.shape) for i in inputs]
-            raise ValueError(f"{path}: a face model has one input [batch, 3, S, S] with a fixed square S; "
-                             f"this file's inputs are {found}")
+            raise ValueError(
+                f"{path}: a face model has one input [batch, 3, S, S] with a fixed square S; "
+                f"this file's inputs are {found}"
+            )
         if len(outputs) != 1 or len(outputs[0].shape) != 2:
-            raise ValueError(f"{path}: a face model has one output [batch, D]; this file's outputs are "
-                             f"{[(o.name, o.shape) for o in outputs]}")
+            raise ValueError(
+                f"{path}: a face model has one output [batch, D]; this file's outputs are "
+                f"{[(o.name, o.shape) for o in outputs]}"
+            )
         self.path = path
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
@@ -71,8 +82,9 @@ class OnnxModel(nn.Module):
         """images [B, 3, S, S] float in [-1, 1] -> embeddings float32 [B, D] on the images' device."""
         size = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"{self.path} expects images [B, 3, {size}, {size}] in [-1, 1]; "
-                             f"got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"{self.path} expects images [B, 3, {size}, {size}] in [-1, 1]; got shape {tuple(images.shape)}"
+            )
         feed = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=self.input_dtype)
         embeddings = self.session.run([self.output_name], {self.input_name: feed})[0]
         return torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(images.device)

@@ -7,6 +7,7 @@
 A mistake in the input (a missing or unreadable file, a path that holds no
 model) is reported in one line on stderr, with exit status 1.
 """
+
 import argparse
 import json
 import os
@@ -91,8 +92,14 @@ def run_ijb(args) -> dict:
     model = load_model(args.model, device, args.unsafe_pickle)
     try:
         result = evaluate_ijb(
-            model, args.root, args.target, batch_size=args.batch_size, device=device,
-            num_workers=args.num_workers, block_elements=args.block_elements, progress=not args.no_progress,
+            model,
+            args.root,
+            args.target,
+            batch_size=args.batch_size,
+            device=device,
+            num_workers=args.num_workers,
+            block_elements=args.block_elements,
+            progress=not args.no_progress,
         )
     except _BAD_INPUT as err:  # ijb's readers name the file and line of a missing or malformed input
         raise UsageError(str(err)) from err
@@ -106,8 +113,13 @@ def run_ijb(args) -> dict:
     print(f"{target} 1:1 verification, {len(result.scores)} pairs, TAR (%) at FAR:")
     print("  ".join(f"{far:>7}" for far in table))
     print("  ".join(f"{tar:7.2f}" for tar in table.values()))
-    report = {"model": args.model, "root": args.root, "target": target, "num_pairs": len(result.scores),
-              "tar_at_far_percent": table}
+    report = {
+        "model": args.model,
+        "root": args.root,
+        "target": target,
+        "num_pairs": len(result.scores),
+        "tar_at_far_percent": table,
+    }
     _write_json(report, table_path)
     plot_roc(result.fpr, result.tpr, result.tar, plot_path, f"{target} 1:1 ROC")
     print(f"wrote {scores_path}, {table_path}, {plot_path}")
@@ -115,49 +127,79 @@ def run_ijb(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lafs.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lafs.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    model_help = ("a lafs.train run folder, one of our checkpoint files, an official Part fViT state dict, or an "
-                  "exported .onnx file (python -m lafs.export; run by onnxruntime)")
-    unsafe_help = ("UNSAFE: load a --model file with full pickle even when it names globals outside the allow-list "
-                   "(lafs.models.safe_load); such a file can run any code on this machine. Only for files you trust")
+    model_help = (
+        "a lafs.train run folder, one of our checkpoint files, an official Part fViT state dict, or an "
+        "exported .onnx file (python -m lafs.export; run by onnxruntime)"
+    )
+    unsafe_help = (
+        "UNSAFE: load a --model file with full pickle even when it names globals outside the allow-list "
+        "(lafs.models.safe_load); such a file can run any code on this machine. Only for files you trust"
+    )
     device_help = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... (default: auto)"
 
-    verify = commands.add_parser("verify", help="accuracy with flip (10-fold) on the .bin verification sets",
-                                 description="Accuracy with flip test, mean ± std over 10 folds, best threshold "
-                                             "and XNorm on insightface's .bin verification sets.")
+    verify = commands.add_parser(
+        "verify",
+        help="accuracy with flip (10-fold) on the .bin verification sets",
+        description="Accuracy with flip test, mean ± std over 10 folds, best threshold "
+        "and XNorm on insightface's .bin verification sets.",
+    )
     verify.add_argument("--model", required=True, help=model_help)
     verify.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     verify.add_argument("--data", required=True, help="folder holding <name>.bin for every target")
-    verify.add_argument("--targets", default=DEFAULT_TARGETS,
-                        help="comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw "
-                             f"(default: {DEFAULT_TARGETS})")
-    verify.add_argument("--batch-size", type=int, default=64,
-                        help="images per batch; each forward pass also embeds their flips (default: 64)")
+    verify.add_argument(
+        "--targets",
+        default=DEFAULT_TARGETS,
+        help=f"comma-separated set names, e.g. lfw,cfp_fp,agedb_30,calfw,cplfw (default: {DEFAULT_TARGETS})",
+    )
+    verify.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per batch; each forward pass also embeds their flips (default: 64)",
+    )
     verify.add_argument("--device", default="auto", help=device_help)
-    verify.add_argument("--out", default="verification.json",
-                        help="JSON file for the results (default: verification.json)")
+    verify.add_argument(
+        "--out", default="verification.json", help="JSON file for the results (default: verification.json)"
+    )
     verify.set_defaults(run=run_verify)
 
-    ijb = commands.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification: TAR at FAR 1e-6 .. 1e-1",
-                              description="IJB-B / IJB-C 1:1 verification: TAR at FAR "
-                                          + ", ".join(f"{far:.0e}" for far in FARS)
-                                          + "; writes the pair scores (.npy), the table (JSON) and the ROC (PNG).")
+    ijb = commands.add_parser(
+        "ijb",
+        help="IJB-B / IJB-C 1:1 verification: TAR at FAR 1e-6 .. 1e-1",
+        description="IJB-B / IJB-C 1:1 verification: TAR at FAR "
+        + ", ".join(f"{far:.0e}" for far in FARS)
+        + "; writes the pair scores (.npy), the table (JSON) and the ROC (PNG).",
+    )
     ijb.add_argument("--model", required=True, help=model_help)
     ijb.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
     ijb.add_argument("--root", required=True, help="dataset root holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijb.add_argument("--target", required=True, type=str.upper, choices=TARGETS, help="IJBB or IJBC")
     ijb.add_argument("--out", default="ijb_eval", help="output folder (default: ijb_eval)")
-    ijb.add_argument("--batch-size", type=int, default=128,
-                     help="images per batch; each forward pass also embeds their flips (default: 128)")
+    ijb.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="images per batch; each forward pass also embeds their flips (default: 128)",
+    )
     ijb.add_argument("--device", default="auto", help=device_help)
-    ijb.add_argument("--num-workers", type=int, default=4,
-                     help="image decoding / alignment worker processes (0: in the main process; default: 4)")
-    ijb.add_argument("--block-elements", type=int, default=1 << 26,
-                     help="pair scoring computes template similarities in blocks of at most this many entries "
-                          "(4 bytes each), bounding memory (default: 67108864, 256 MiB)")
+    ijb.add_argument(
+        "--num-workers",
+        type=int,
+        default=4,
+        help="image decoding / alignment worker processes (0: in the main process; default: 4)",
+    )
+    ijb.add_argument(
+        "--block-elements",
+        type=int,
+        default=1 << 26,
+        help="pair scoring computes template similarities in blocks of at most this many entries "
+        "(4 bytes each), bounding memory (default: 67108864, 256 MiB)",
+    )
     ijb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ijb.set_defaults(run=run_ijb)
     return parser

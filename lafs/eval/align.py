@@ -1,4 +1,5 @@
 """Face alignment to the ArcFace 112x112 template from five landmarks (insightface's ``norm_crop``)."""
+
 import warnings
 
 import numpy as np

@@ -4,6 +4,7 @@ Both protocols embed every image and its mirror image; they differ only in what
 they do with the two embeddings (``verification`` normalises their sum,
 ``ijb`` weights the raw sum), so the forward pass lives here once.
 """
+
 import contextlib
 
 import numpy as np

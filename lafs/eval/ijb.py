@@ -14,6 +14,7 @@ every listed image: a missing meta file, a malformed line, an image that cannot
 be decoded, a name mismatch between the two image lists, or a pair naming a
 template without images raises an error naming the file and line.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -203,8 +204,9 @@ class TemplateAccumulator:
     def add(self, image_indices, features: torch.Tensor) -> None:
         """features ``[B, D]`` of the images ``image_indices`` ``[B]`` (indices into the image list)."""
         if self._sums is None:
-            self._sums = torch.zeros(len(self.template_ids), features.shape[1], dtype=torch.float64,
-                                     device=features.device)
+            self._sums = torch.zeros(
+                len(self.template_ids), features.shape[1], dtype=torch.float64, device=features.device
+            )
         image_indices = torch.as_tensor(image_indices)
         weights = self._weights[image_indices].to(features.device)
         self._sums.index_add_(0, self._rows[image_indices].to(features.device), features.double() * weights[:, None])
@@ -238,8 +240,13 @@ def template_rows(template_ids: np.ndarray, pairs: np.ndarray, pair_file: str = 
     return rows
 
 
-def score_pairs(template_ids: np.ndarray, template_features: torch.Tensor, pairs: np.ndarray,
-                pair_file: str = "pairs", block_elements: int = 1 << 26) -> np.ndarray:
+def score_pairs(
+    template_ids: np.ndarray,
+    template_features: torch.Tensor,
+    pairs: np.ndarray,
+    pair_file: str = "pairs",
+    block_elements: int = 1 << 26,
+) -> np.ndarray:
     """Dot-product scores float32 ``[P]`` of template id pairs ``[P, 2]``.
 
     template_ids: sorted ``[T]`` with normalised features ``[T, D]`` (on any device).
@@ -260,7 +267,7 @@ def score_pairs(template_ids: np.ndarray, template_features: torch.Tensor, pairs
         if low == high:
             continue
         selected = order[low:high]
-        similarities = template_features[start:start + block] @ template_features.T
+        similarities = template_features[start : start + block] @ template_features.T
         first = torch.from_numpy(rows[selected, 0] - start).to(device)
         second = torch.from_numpy(rows[selected, 1]).to(device)
         scores[selected] = similarities[first, second].cpu().numpy()
@@ -290,8 +297,14 @@ class AlignedIJBFaces(torch.utils.data.Dataset):
         return torch.from_numpy(aligned), index
 
 
-def template_features(model: nn.Module, protocol: IJBProtocol, batch_size: int = 128, device=None,
-                      num_workers: int = 4, progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+def template_features(
+    model: nn.Module,
+    protocol: IJBProtocol,
+    batch_size: int = 128,
+    device=None,
+    num_workers: int = 4,
+    progress: bool = True,
+) -> tuple[np.ndarray, torch.Tensor]:
     """Embed every image (+ flip, times faceness) and aggregate per template.
 
     Returns (sorted template ids [T], normalised template features float32 [T, D] on ``device``).
@@ -299,7 +312,9 @@ def template_features(model: nn.Module, protocol: IJBProtocol, batch_size: int =
     model_device, dtype = model_device_and_dtype(model)
     device = torch.device(device) if device is not None else model_device
     loader = torch.utils.data.DataLoader(
-        AlignedIJBFaces(protocol), batch_size=batch_size, num_workers=num_workers,
+        AlignedIJBFaces(protocol),
+        batch_size=batch_size,
+        num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )  # no cv2.setNumThreads in the workers: in a forked child it waits forever on the parent's pool
     accumulator = TemplateAccumulator(protocol.template_ids, protocol.media_ids)
@@ -323,8 +338,17 @@ class IJBResult:
     tpr: np.ndarray
 
 
-def evaluate_ijb(model: nn.Module, root, target: str, batch_size: int = 128, device=None, num_workers: int = 4,
-                 block_elements: int = 1 << 26, fars=FARS, progress: bool = True) -> IJBResult:
+def evaluate_ijb(
+    model: nn.Module,
+    root,
+    target: str,
+    batch_size: int = 128,
+    device=None,
+    num_workers: int = 4,
+    block_elements: int = 1 << 26,
+    fars=FARS,
+    progress: bool = True,
+) -> IJBResult:
     """The whole IJB-B / IJB-C 1:1 protocol for one model."""
     protocol = read_protocol(root, target)
     template_ids, features = template_features(model, protocol, batch_size, device, num_workers, progress)

@@ -16,6 +16,7 @@ landmarks with a ridge regression, cross-validated over the faces:
 
 Real data has no five points, so runs on it leave the score out.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,14 +28,26 @@ TRACKING_FACES = 400
 RIDGE_ALPHAS = tuple(np.logspace(-3, 4, 15))
 
 
-def tracking_faces(difficulty: float, colours: str = "per_image", count: int = TRACKING_FACES,
-                   pose_difficulty: float | None = None, seed: int = TRACKING_SEED,
-                   identity_offset: int = TRACKING_IDENTITY_OFFSET):
+def tracking_faces(
+    difficulty: float,
+    colours: str = "per_image",
+    count: int = TRACKING_FACES,
+    pose_difficulty: float | None = None,
+    seed: int = TRACKING_SEED,
+    identity_offset: int = TRACKING_IDENTITY_OFFSET,
+):
     """``count`` held-out synthetic faces, one per identity: (images uint8 [N,112,112,3], points float32 [N,5,2])."""
     from lafs.data import SyntheticFaces
 
-    faces = SyntheticFaces(count, 1, seed=seed, identity_offset=identity_offset, difficulty=difficulty,
-                           colours=colours, pose_difficulty=pose_difficulty)
+    faces = SyntheticFaces(
+        count,
+        1,
+        seed=seed,
+        identity_offset=identity_offset,
+        difficulty=difficulty,
+        colours=colours,
+        pose_difficulty=pose_difficulty,
+    )
     rendered = [faces.render(i) for i in range(count)]
     return np.stack([r[0] for r in rendered]), np.stack([r[2] for r in rendered]).astype(np.float32)
 
@@ -49,7 +62,7 @@ def predict_landmarks(landmark_cnn: torch.nn.Module, images, device=None, batch_
     out = []
     with evaluation_mode(landmark_cnn):
         for start in range(0, len(images), batch_size):
-            batch = to_model_input(images[start:start + batch_size], device)
+            batch = to_model_input(images[start : start + batch_size], device)
             out.append(landmark_cnn(batch).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -76,8 +89,9 @@ def tracking_score(landmarks: np.ndarray, points: np.ndarray, folds: int = 5, se
     landmarks = np.asarray(landmarks, dtype=np.float64)
     points = np.asarray(points, dtype=np.float64)
     if landmarks.ndim != 3 or points.ndim != 3 or len(landmarks) != len(points):
-        raise ValueError(f"expected landmarks [N, L, 2] and points [N, K, 2] of the same N; got "
-                         f"{landmarks.shape} and {points.shape}")
+        raise ValueError(
+            f"expected landmarks [N, L, 2] and points [N, K, 2] of the same N; got {landmarks.shape} and {points.shape}"
+        )
     if len(points) < 2 * folds:
         raise ValueError(f"{len(points)} faces are too few for {folds}-fold cross-validation")
     features = landmarks.reshape(len(landmarks), -1)
@@ -94,8 +108,14 @@ def _setting(item) -> tuple[float, float | None]:
     return difficulty, pose
 
 
-def measure(landmark_cnn: torch.nn.Module, settings, colours: str = "per_image", device=None,
-            count: int = TRACKING_FACES, keep: bool = False) -> dict:
+def measure(
+    landmark_cnn: torch.nn.Module,
+    settings,
+    colours: str = "per_image",
+    device=None,
+    count: int = TRACKING_FACES,
+    keep: bool = False,
+) -> dict:
     """Tracking score and spreads for each setting (a difficulty, or a pair (difficulty, pose_difficulty)):
     ``{"difficulty_<d>[_pose_<p>]": {"difficulty", "pose_difficulty", "score", "spread_px", "true_spread_px",
     "faces"}}``; with ``keep`` each entry also holds ``images``, ``points`` and ``landmarks`` (for the picture)."""
@@ -103,9 +123,14 @@ def measure(landmark_cnn: torch.nn.Module, settings, colours: str = "per_image",
     for difficulty, pose in dict.fromkeys(_setting(item) for item in settings):
         images, points = tracking_faces(difficulty, colours, count, pose_difficulty=pose)
         landmarks = predict_landmarks(landmark_cnn, images, device)
-        entry = {"difficulty": difficulty, "pose_difficulty": difficulty if pose is None else pose,
-                 "score": tracking_score(landmarks, points), "spread_px": spread(landmarks),
-                 "true_spread_px": spread(points), "faces": int(count)}
+        entry = {
+            "difficulty": difficulty,
+            "pose_difficulty": difficulty if pose is None else pose,
+            "score": tracking_score(landmarks, points),
+            "spread_px": spread(landmarks),
+            "true_spread_px": spread(points),
+            "faces": int(count),
+        }
         if keep:
             entry.update(images=images, points=points, landmarks=landmarks)
         results[f"difficulty_{difficulty:g}" + ("" if pose is None else f"_pose_{pose:g}")] = entry
@@ -122,6 +147,9 @@ def setting_name(entry: dict) -> str:
 
 def summary_line(results: dict) -> str:
     """One log line: ``landmark tracking R^2 0.93 (difficulty 0.2), ...; spread 3.1 px (true 2.1 px), ...``."""
-    parts = [f"R^2 {r['score']:.3f} at {setting_name(r)} (landmark spread {r['spread_px']:.2f} px, "
-             f"true five points {r['true_spread_px']:.2f} px)" for r in results.values()]
+    parts = [
+        f"R^2 {r['score']:.3f} at {setting_name(r)} (landmark spread {r['spread_px']:.2f} px, "
+        f"true five points {r['true_spread_px']:.2f} px)"
+        for r in results.values()
+    ]
     return "landmark tracking: " + "; ".join(parts)

@@ -1,4 +1,5 @@
 """ROC plot of an IJB evaluation (matplotlib's Agg canvas, no display needed)."""
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -12,8 +13,9 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, tar: dict, path, title: str) -> N
     fars = np.array(sorted(tar))
     axes.plot(fars, [tar[far] * 100 for far in fars], "o", color="tab:red", markersize=4, label="TAR @ FAR")
     for far in fars:
-        axes.annotate(f"{tar[far] * 100:.2f}", (far, tar[far] * 100), textcoords="offset points", xytext=(4, -10),
-                      fontsize=7)
+        axes.annotate(
+            f"{tar[far] * 100:.2f}", (far, tar[far] * 100), textcoords="offset points", xytext=(4, -10), fontsize=7
+        )
     axes.set_xlim(min(fars.min(), 1e-6) / 2, 1)
     axes.set_ylim(0, 100.5)
     axes.set_xlabel("False accept rate")

@@ -9,6 +9,7 @@ the distance is below the threshold (strictly, as insightface does). Thresholds
 shuffling); for each fold the first threshold of highest accuracy on the other
 nine folds is applied to it. The result is the mean and std of the fold accuracies.
 """
+
 import io
 import os
 import pickle
@@ -194,8 +195,9 @@ def embed_with_flip(model: nn.Module, images, batch_size: int = 64, device=None)
     return torch.cat(chunks).numpy(), xnorm
 
 
-def verify_model(model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = 10,
-                 pair_index=None) -> dict:
+def verify_model(
+    model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = 10, pair_index=None
+) -> dict:
     """Run the whole verification protocol for one set.
 
     images: ``[2N,3,112,112]`` float in [-1, 1] or uint8 (``[2N,112,112,3]`` as ``load_bin`` returns);
@@ -210,11 +212,13 @@ def verify_model(model: nn.Module, images, issame, batch_size: int = 64, device=
     else:
         pair_index = np.asarray(pair_index, dtype=np.int64)
         if pair_index.shape != (2 * len(issame),):
-            raise ValueError(f"pair_index has shape {pair_index.shape} for {len(issame)} pairs; "
-                             f"expected ({2 * len(issame)},)")
+            raise ValueError(
+                f"pair_index has shape {pair_index.shape} for {len(issame)} pairs; expected ({2 * len(issame)},)"
+            )
         if len(pair_index) and not 0 <= pair_index.min() <= pair_index.max() < len(images):
-            raise ValueError(f"pair_index holds values outside [0, {len(images)}): "
-                             f"{pair_index.min()}..{pair_index.max()}")
+            raise ValueError(
+                f"pair_index holds values outside [0, {len(images)}): {pair_index.min()}..{pair_index.max()}"
+            )
     embeddings, xnorm = embed_with_flip(model, images, batch_size=batch_size, device=device)
     if pair_index is not None:
         embeddings = embeddings[pair_index]

@@ -5,9 +5,18 @@
 
 ``python -m lafs.export RUN_OR_CHECKPOINT OUT.onnx`` (or ``OUT.pt2``) does the same from the shell.
 """
+
 from .form import PartFViTExportForm, export_form_gather
 from .program import export_program
 from .to_onnx import DEFAULT_OPSET, MIN_COSINE, ExportCheckError, OnnxExport, export_onnx
 
-__all__ = ["DEFAULT_OPSET", "MIN_COSINE", "ExportCheckError", "OnnxExport", "PartFViTExportForm", "export_form_gather",
-           "export_onnx", "export_program"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "MIN_COSINE",
+    "ExportCheckError",
+    "OnnxExport",
+    "PartFViTExportForm",
+    "export_form_gather",
+    "export_onnx",
+    "export_program",
+]

@@ -7,6 +7,7 @@
 The ONNX file runs unchanged in insightface (``insightface.model_zoo.get_model(OUT.onnx).get_feat(aligned_bgr_faces)``),
 in onnxruntime, and in ``lafs.FaceEmbedder`` / ``python -m lafs.eval verify --model OUT.onnx``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,21 +20,35 @@ FORMATS = (".onnx", ".pt2")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lafs.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a lafs.train run folder, one of our checkpoint files, or an official "
-                                      "Part fViT state dict")
+    parser = argparse.ArgumentParser(
+        prog="python -m lafs.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "model", help="a lafs.train run folder, one of our checkpoint files, or an official Part fViT state dict"
+    )
     parser.add_argument("out", help="output file: .onnx (ONNX graph) or .pt2 (torch.export program)")
-    parser.add_argument("--fp16", action="store_true",
-                        help="ONNX only: the transformer in float16 (input, landmark CNN, landmark coordinates, "
-                             "gather and output stay float32)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset, >= {MIN_OPSET} for GridSample (default: {DEFAULT_OPSET})")
-    parser.add_argument("--no-check", action="store_true",
-                        help="ONNX only: skip running the written file through onnxruntime against the PyTorch model")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device to trace on (default: cpu); a .pt2 program runs on the device it was "
-                             "exported on")
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="ONNX only: the transformer in float16 (input, landmark CNN, landmark coordinates, "
+        "gather and output stay float32)",
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, >= {MIN_OPSET} for GridSample (default: {DEFAULT_OPSET})",
+    )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="ONNX only: skip running the written file through onnxruntime against the PyTorch model",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to trace on (default: cpu); a .pt2 program runs on the device it was exported on",
+    )
     return parser
 
 
@@ -64,9 +79,12 @@ def run(args) -> str:
         from .to_onnx import export_onnx
 
         result = export_onnx(model, args.out, half=args.fp16, opset=args.opset, check=not args.no_check)
-        check = ("" if result.min_cosine is None else
-                 f"; onnxruntime vs PyTorch: per-face cosine >= {result.min_cosine:.7f}, "
-                 f"max abs difference {result.max_abs_error:.2e}")
+        check = (
+            ""
+            if result.min_cosine is None
+            else f"; onnxruntime vs PyTorch: per-face cosine >= {result.min_cosine:.7f}, "
+            f"max abs difference {result.max_abs_error:.2e}"
+        )
         return f"wrote {result.path} (ONNX opset {result.opset}, {result.precision}, dynamic batch{check})"
     import torch
 

@@ -18,6 +18,7 @@ The training code is not touched: the exporters wrap the model in
 :class:`PartFViTExportForm`, which calls the model's own landmark CNN and
 transformer around the standard-operator gather.
 """
+
 from __future__ import annotations
 
 import copy

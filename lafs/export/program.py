@@ -7,6 +7,7 @@ tracing (``cpu``, ``cuda``, ``triton``) is an argument of that node: export on
 the kind of device you serve on.  Loading the saved program needs
 ``lafs_kernels`` imported (it registers the op).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,10 @@ from lafs.eval.embed import evaluation_mode
 from .to_onnx import example_images, resolve_model
 
 
-def export_program(model: Union[nn.Module, str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                   ) -> torch.export.ExportedProgram:
+def export_program(
+    model: Union[nn.Module, str, os.PathLike],
+    device: Union[str, torch.device] = "cpu",
+) -> torch.export.ExportedProgram:
     """The eval-mode model (a PartFViT, or anything ``load_model`` reads) as an ExportedProgram.
 
     Input images ``[batch, 3, S, S]`` in [-1, 1] with a dynamic batch (>= 1);
@@ -31,5 +34,4 @@ def export_program(model: Union[nn.Module, str, os.PathLike], device: Union[str,
     device = next(model.parameters()).device
     batch = torch.export.Dim("batch", min=1)
     with evaluation_mode(model), torch.no_grad():
-        return torch.export.export(model, (example_images(2, model.image_size, device),),
-                                   dynamic_shapes=({0: batch},))
+        return torch.export.export(model, (example_images(2, model.image_size, device),), dynamic_shapes=({0: batch},))

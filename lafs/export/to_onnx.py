@@ -18,6 +18,7 @@ graph is the eval-mode :class:`~lafs.export.form.PartFViTExportForm`, whose
 Python shape checks are constant for a fixed image size (hence the tracer's
 warnings about them are silenced).
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,14 @@ def example_images(batch: int, size: int, device: Union[str, torch.device] = "cp
     return images.clamp(-1, 1).to(device)
 
 
-def export_onnx(model: Union[nn.Module, str, os.PathLike], path: Union[str, os.PathLike], *, half: bool = False,
-                opset: int = DEFAULT_OPSET, check: bool = True) -> OnnxExport:
+def export_onnx(
+    model: Union[nn.Module, str, os.PathLike],
+    path: Union[str, os.PathLike],
+    *,
+    half: bool = False,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> OnnxExport:
     """Write the eval-mode Part fViT ``model`` (a module, or anything ``load_model`` reads) to ``path`` as ONNX.
 
     Dynamic batch, float32 input and output; ``half=True`` stores and runs the
@@ -114,9 +121,16 @@ def _export(model: PartFViT, path: Path, half: bool, opset: int, check: bool) ->
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
             warnings.filterwarnings("ignore", message="The feature will be removed")
             torch.onnx.export(
-                form, (example_images(2, size, device),), traced, dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True)
+                form,
+                (example_images(2, size, device),),
+                traced,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
         proto = onnx.load(traced)
         _keep_insightface_normalisation(proto)
         precision = "float16" if half else "float32"
@@ -140,11 +154,16 @@ def _keep_insightface_normalisation(proto) -> None:
 
 def _describe(proto, model: PartFViT, precision: str) -> None:
     proto.producer_name = "lafs"
-    proto.doc_string = (f"Part fViT face embedding ({precision}). Input {INPUT_NAME}: float32 [batch, 3, "
-                        f"{model.image_size}, {model.image_size}] RGB aligned face, (pixel - 127.5) / 127.5. "
-                        f"Output {OUTPUT_NAME}: float32 [batch, {model.embedding_dim}], not normalised.")
-    metadata = {"lafs.arch": json.dumps(model.arch_config()), "lafs.precision": precision,
-                "lafs.input": "rgb, (pixel - 127.5) / 127.5, nchw"}
+    proto.doc_string = (
+        f"Part fViT face embedding ({precision}). Input {INPUT_NAME}: float32 [batch, 3, "
+        f"{model.image_size}, {model.image_size}] RGB aligned face, (pixel - 127.5) / 127.5. "
+        f"Output {OUTPUT_NAME}: float32 [batch, {model.embedding_dim}], not normalised."
+    )
+    metadata = {
+        "lafs.arch": json.dumps(model.arch_config()),
+        "lafs.precision": precision,
+        "lafs.input": "rgb, (pixel - 127.5) / 127.5, nchw",
+    }
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -162,7 +181,9 @@ def _check(file: str, model: PartFViT, result: OnnxExport) -> OnnxExport:
     error = float((actual - expected).abs().max())
     limit = MIN_COSINE[result.precision]
     if not (np.isfinite(cosine) and cosine >= limit):
-        raise ExportCheckError(f"the exported {result.precision} graph does not reproduce the PyTorch model: "
-                               f"per-face cosine down to {cosine:.6f} (need >= {limit}), "
-                               f"max abs difference {error:.3g}")
+        raise ExportCheckError(
+            f"the exported {result.precision} graph does not reproduce the PyTorch model: "
+            f"per-face cosine down to {cosine:.6f} (need >= {limit}), "
+            f"max abs difference {error:.3g}"
+        )
     return OnnxExport(result.path, result.precision, result.opset, cosine, error)

@@ -4,6 +4,7 @@ Format ``lafs/v1``: ``{"format": "lafs/v1", "kind": "PartFViT" | "PartTransforme
 "arch": <flat config, see lafs.models.presets>, "state_dict": {...}}``.  A
 training checkpoint written by ``lafs.train`` stores this dict under ``"model"``.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,8 @@ def model_from_dict(d: Mapping) -> nn.Module:
     if result.missing_keys or result.unexpected_keys:
         raise IncompatibleCheckpointError(
             f"{FORMAT} state dict does not match its own arch: missing {result.missing_keys[:12]}, "
-            f"unexpected {result.unexpected_keys[:12]}")
+            f"unexpected {result.unexpected_keys[:12]}"
+        )
     return model
 
 
@@ -94,8 +96,9 @@ def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
     raise FileNotFoundError(f"{path} has no checkpoints/best.pt or checkpoints/last.pt{hint}")
 
 
-def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", *,
-               unsafe_pickle: bool = False) -> PartFViT:
+def load_model(
+    path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", *, unsafe_pickle: bool = False
+) -> PartFViT:
     """A :class:`PartFViT` in eval mode from a run folder, one of our files, or an official Part fViT state dict.
 
     Run folder: ``checkpoints/best.pt``, else ``last.pt``.  Training checkpoint:
@@ -122,8 +125,10 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
     if is_model_dict(obj):
         model = model_from_dict(obj)
         if not isinstance(model, PartFViT):
-            raise ValueError(f"{file} holds a {type(model).__name__} without a landmark CNN; rebuild it with "
-                             "lafs.models.model_from_dict and combine it with a landmark CNN")
+            raise ValueError(
+                f"{file} holds a {type(model).__name__} without a landmark CNN; rebuild it with "
+                "lafs.models.model_from_dict and combine it with a landmark CNN"
+            )
     else:
         model = _official_model(obj, file)
     return model.to(device).eval()
@@ -133,8 +138,10 @@ def _official_model(obj: Mapping, file: Path) -> PartFViT:
     try:
         state = unwrap_official(obj)
     except IncompatibleCheckpointError as err:
-        raise ValueError(f"{file}: unknown checkpoint format (neither {FORMAT} nor an official Part fViT state dict; "
-                         f"top-level keys {sorted(map(str, obj))[:12]}): {err}") from None
+        raise ValueError(
+            f"{file}: unknown checkpoint format (neither {FORMAT} nor an official Part fViT state dict; "
+            f"top-level keys {sorted(map(str, obj))[:12]}): {err}"
+        ) from None
     try:
         model = build_model(infer_official_config(state))
         result = load_official_state_dict(model, state)
@@ -144,5 +151,6 @@ def _official_model(obj: Mapping, file: Path) -> PartFViT:
         raise IncompatibleCheckpointError(
             f"{file} holds no landmark CNN (an official LAFS pretraining checkpoint?): load_model builds a whole "
             "Part fViT; load the student and teacher with lafs.ssl.load_official_pretraining, or the teacher "
-            "transformer alone with lafs.models.load_official_state_dict(create_transformer(...), checkpoint)")
+            "transformer alone with lafs.models.load_official_state_dict(create_transformer(...), checkpoint)"
+        )
     return model

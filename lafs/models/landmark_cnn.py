@@ -7,6 +7,7 @@ Module and parameter names follow the original code (``features.<i>.conv.<j>``,
 layers differently (``conv_pw``, ``se.conv_reduce``, ...), hence the small
 modules here.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,16 @@ class InvertedResidual(nn.Module):
     Residual connection when stride is 1 and input and output widths agree.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expanded: int,
-                 squeeze_excite: bool, activation: str):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        expanded: int,
+        squeeze_excite: bool,
+        activation: str,
+    ):
         super().__init__()
         self.use_residual = stride == 1 and in_channels == out_channels
         self.conv = nn.Sequential(
@@ -108,8 +117,10 @@ class InvertedResidual(nn.Module):
 def _resolve_blocks(blocks: Union[str, Sequence[BlockSpec]]) -> list[list]:
     if isinstance(blocks, str):
         if blocks not in TRUNKS:
-            raise ValueError(f"unknown landmark CNN trunk {blocks!r}; known: {sorted(TRUNKS)} or a list of "
-                             "[kernel, expanded, out, se, act, stride] blocks")
+            raise ValueError(
+                f"unknown landmark CNN trunk {blocks!r}; known: {sorted(TRUNKS)} or a list of "
+                "[kernel, expanded, out, se, act, stride] blocks"
+            )
         blocks = TRUNKS[blocks]
     resolved = []
     for i, spec in enumerate(blocks):
@@ -146,8 +157,13 @@ class LandmarkCNN(nn.Module):
     image_size - 1.
     """
 
-    def __init__(self, num_landmarks: int = 196, image_size: int = 112,
-                 blocks: Union[str, Sequence[BlockSpec]] = "mobilenet_v3_large", stem_channels: int = 16):
+    def __init__(
+        self,
+        num_landmarks: int = 196,
+        image_size: int = 112,
+        blocks: Union[str, Sequence[BlockSpec]] = "mobilenet_v3_large",
+        stem_channels: int = 16,
+    ):
         super().__init__()
         self.num_landmarks = num_landmarks
         self.image_size = image_size
@@ -185,8 +201,12 @@ class LandmarkCNN(nn.Module):
 
     def arch_config(self) -> dict:
         """Constructor arguments that rebuild this module (blocks spelled out, so a renamed trunk cannot change it)."""
-        return {"num_landmarks": self.num_landmarks, "image_size": self.image_size,
-                "blocks": [list(b) for b in self.block_specs], "stem_channels": self.stem_channels}
+        return {
+            "num_landmarks": self.num_landmarks,
+            "image_size": self.image_size,
+            "blocks": [list(b) for b in self.block_specs],
+            "stem_channels": self.stem_channels,
+        }
 
     def raw_outputs(self, images: torch.Tensor) -> torch.Tensor:
         """The 2L unscaled head outputs: images [B, 3, H, W] -> [B, 2L]."""

@@ -9,6 +9,7 @@ is the whole translation.  LAFS pretraining checkpoints hold ``student`` and
 ``teacher`` dicts whose keys carry ``module.`` (DDP) and ``backbone.``
 (DINO's wrapper) prefixes next to the DINO ``head.*``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,11 @@ _TRANSFORMER_TENSORS = ("cls_token", "pos_embedding")
 CLASSIFIER_KEY = "loss.weight"
 # Keys the original models carry that Part fViT does not use: the masked-token and
 # global-token parameters of LAFS variants, and the DINO projection head.
-_UNUSED_PREFIXES = {"mask_token": "LAFS mask token (unused by Part fViT)",
-                    "global_token.": "LAFS global-token projection (unused by Part fViT)",
-                    "head.": "DINO projection head (pretraining only)"}
+_UNUSED_PREFIXES = {
+    "mask_token": "LAFS mask token (unused by Part fViT)",
+    "global_token.": "LAFS global-token projection (unused by Part fViT)",
+    "head.": "DINO projection head (pretraining only)",
+}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -54,7 +57,7 @@ def to_our_key(key: str) -> Optional[str]:
     """Official key (prefixes already removed) -> our ``PartFViT`` key, or None if it belongs to neither part."""
     for prefix, ours in _LANDMARK_PREFIXES.items():
         if key.startswith(prefix):
-            return ours + key[len(prefix):]
+            return ours + key[len(prefix) :]
     if key.startswith("transformer.layers."):
         return key
     if key in _TRANSFORMER_TENSORS or key.startswith(_TRANSFORMER_PREFIXES):
@@ -85,10 +88,11 @@ def unwrap_official(checkpoint: Mapping, which: str = "teacher") -> dict[str, to
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise IncompatibleCheckpointError(
-                f"not a state dict: entry {key!r} is a {type(value).__name__}; top-level keys: {sorted(state)[:20]}")
+                f"not a state dict: entry {key!r} is a {type(value).__name__}; top-level keys: {sorted(state)[:20]}"
+            )
         for prefix in ("module.", "backbone."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         flat[key] = value
     return flat
 
@@ -114,8 +118,11 @@ def _problems(module: nn.Module, state: dict[str, torch.Tensor], part: str) -> t
     expected = module.state_dict()
     missing = [_official_name(part, k) for k in expected if k not in state]
     unexpected = [_official_name(part, k) for k in state if k not in expected]
-    mismatched = [f"{_official_name(part, k)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in state if k in expected and state[k].shape != expected[k].shape]
+    mismatched = [
+        f"{_official_name(part, k)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
     return missing, unexpected, mismatched
 
 
@@ -143,7 +150,8 @@ def split_official(state: dict[str, torch.Tensor]) -> tuple[dict, dict, Optional
     if unknown:
         raise IncompatibleCheckpointError(
             "keys that belong to no part of Part fViT (not an official Part fViT / LAFS state dict?):"
-            + _key_report([], unknown, []))
+            + _key_report([], unknown, [])
+        )
     if transformer and not any(k.startswith("layers.") for k in transformer):
         # The landmark network that LAFS pretraining loads keeps embeddings but no transformer blocks.
         ignored.update({k: "transformer embeddings without transformer blocks" for k in transformer})
@@ -173,15 +181,18 @@ def load_official_state_dict(model: nn.Module, checkpoint: Mapping, which: str =
         targets = {"landmark_cnn": (model.landmark_cnn, landmark), "transformer": (model.transformer, transformer)}
     elif isinstance(model, PartTransformer):
         targets = {"transformer": (model, transformer)}
-        ignored.update({_official_name("landmark_cnn", k): "landmark CNN (the model is a transformer alone)"
-                        for k in landmark})
+        ignored.update(
+            {_official_name("landmark_cnn", k): "landmark CNN (the model is a transformer alone)" for k in landmark}
+        )
     elif isinstance(model, LandmarkCNN):
         targets = {"landmark_cnn": (model, landmark)}
-        ignored.update({_official_name("transformer", k): "transformer (the model is a landmark CNN alone)"
-                        for k in transformer})
+        ignored.update(
+            {_official_name("transformer", k): "transformer (the model is a landmark CNN alone)" for k in transformer}
+        )
     else:
-        raise TypeError(f"load_official_state_dict loads into PartFViT, PartTransformer or LandmarkCNN; "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"load_official_state_dict loads into PartFViT, PartTransformer or LandmarkCNN; got {type(model).__name__}"
+        )
     targets = {name: target for name, target in targets.items() if target[1]}
     missing, unexpected, mismatched = [], [], []
     for name, (module, state) in targets.items():
@@ -190,13 +201,15 @@ def load_official_state_dict(model: nn.Module, checkpoint: Mapping, which: str =
     if missing or unexpected or mismatched:
         raise IncompatibleCheckpointError(
             f"the checkpoint does not fit this {type(model).__name__} (another architecture?); checkpoint "
-            f"vs model:{_key_report(missing, unexpected, mismatched)}")
+            f"vs model:{_key_report(missing, unexpected, mismatched)}"
+        )
     for module, state in targets.values():
         module.load_state_dict(state, strict=True)
     loaded = list(targets)
     if not loaded:
         raise IncompatibleCheckpointError(
-            f"the checkpoint holds no part of a {type(model).__name__} (found only: {sorted(ignored)[:12]})")
+            f"the checkpoint holds no part of a {type(model).__name__} (found only: {sorted(ignored)[:12]})"
+        )
     return OfficialLoadResult(loaded=loaded, classifier_weight=classifier, ignored=ignored)
 
 
@@ -220,8 +233,18 @@ def infer_official_config(state: Mapping[str, torch.Tensor]) -> dict:
     patch = round((token_dim / 3) ** 0.5)
     if 3 * patch * patch != token_dim or inner % 64:
         raise IncompatibleCheckpointError(
-            f"unexpected shapes: token width {token_dim} is not 3*P*P, or attention width {inner} is not heads*64")
-    return dict(num_landmarks=pos.shape[1] - 1, patch_size=patch, dim=pos.shape[2], depth=depth, heads=inner // 64,
-                dim_head=64, mlp_dim=mlp_dim, image_size=112, landmark_blocks="mobilenet_v3_large",
-                landmark_stem_channels=16,
-                **{k: PRESETS["part_fvit_b"][k] for k in ("dropout", "emb_dropout", "drop_path")})
+            f"unexpected shapes: token width {token_dim} is not 3*P*P, or attention width {inner} is not heads*64"
+        )
+    return dict(
+        num_landmarks=pos.shape[1] - 1,
+        patch_size=patch,
+        dim=pos.shape[2],
+        depth=depth,
+        heads=inner // 64,
+        dim_head=64,
+        mlp_dim=mlp_dim,
+        image_size=112,
+        landmark_blocks="mobilenet_v3_large",
+        landmark_stem_channels=16,
+        **{k: PRESETS["part_fvit_b"][k] for k in ("dropout", "emb_dropout", "drop_path")},
+    )

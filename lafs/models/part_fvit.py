@@ -1,4 +1,5 @@
 """Part fViT: landmark CNN -> landmark-centred patches -> transformer -> embedding."""
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,10 @@ class PartFViT(nn.Module):
         if patch_size != transformer.patch_size:
             raise ValueError(f"patch_size {patch_size} differs from the transformer's {transformer.patch_size}")
         if landmark_cnn.num_landmarks != transformer.num_landmarks:
-            raise ValueError(f"the landmark CNN predicts {landmark_cnn.num_landmarks} landmarks but the transformer "
-                             f"has {transformer.num_landmarks} positions")
+            raise ValueError(
+                f"the landmark CNN predicts {landmark_cnn.num_landmarks} landmarks but the transformer "
+                f"has {transformer.num_landmarks} positions"
+            )
         if transformer.channels != 3:
             raise ValueError(f"PartFViT feeds RGB patches; the transformer expects {transformer.channels} channels")
         self.landmark_cnn = landmark_cnn
@@ -61,8 +64,9 @@ class PartFViT(nn.Module):
         """images [B, 3, S, S] -> (embeddings [B, dim], landmarks [B, L, 2] pixel (x, y))."""
         size = self.image_size
         if images.dim() != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"PartFViT expects images [B, 3, {size}, {size}] in [-1, 1]; "
-                             f"got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"PartFViT expects images [B, 3, {size}, {size}] in [-1, 1]; got shape {tuple(images.shape)}"
+            )
         landmarks = self.landmark_cnn(images)
         tokens = landmark_patch_gather(images, landmarks, self.patch_size)
         return self.transformer(tokens), landmarks

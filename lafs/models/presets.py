@@ -6,6 +6,7 @@ A config is a flat dict: the :class:`PartTransformer` arguments plus
 ``model.arch_config()`` returns the same form, so ``build_model(model.arch_config())``
 rebuilds any model.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,17 +18,53 @@ from .transformer import PartTransformer
 PRESETS: dict[str, dict] = {
     # The architecture of the paper and of the released checkpoints, with the original's training dropout
     # (ViT_face_landmark_patch8(dropout=0.1, emb_dropout=0.1) in its training scripts; eval mode ignores it).
-    "part_fvit_b": dict(num_landmarks=196, patch_size=8, dim=768, depth=12, heads=11, dim_head=64, mlp_dim=2048,
-                        dropout=0.1, emb_dropout=0.1, drop_path=0.1, image_size=112,
-                        landmark_blocks="mobilenet_v3_large", landmark_stem_channels=16),
+    "part_fvit_b": dict(
+        num_landmarks=196,
+        patch_size=8,
+        dim=768,
+        depth=12,
+        heads=11,
+        dim_head=64,
+        mlp_dim=2048,
+        dropout=0.1,
+        emb_dropout=0.1,
+        drop_path=0.1,
+        image_size=112,
+        landmark_blocks="mobilenet_v3_large",
+        landmark_stem_channels=16,
+    ),
     # CPU demos: same token layout (196 landmarks, 8x8 patches), narrow and shallow.
-    "part_fvit_tiny": dict(num_landmarks=196, patch_size=8, dim=96, depth=4, heads=4, dim_head=24, mlp_dim=192,
-                           dropout=0.0, emb_dropout=0.0, drop_path=0.0, image_size=112,
-                           landmark_blocks="tiny", landmark_stem_channels=16),
+    "part_fvit_tiny": dict(
+        num_landmarks=196,
+        patch_size=8,
+        dim=96,
+        depth=4,
+        heads=4,
+        dim_head=24,
+        mlp_dim=192,
+        dropout=0.0,
+        emb_dropout=0.0,
+        drop_path=0.0,
+        image_size=112,
+        landmark_blocks="tiny",
+        landmark_stem_channels=16,
+    ),
     # Quicker still: 49 landmarks (7 x 7 tokens).
-    "part_fvit_nano": dict(num_landmarks=49, patch_size=8, dim=64, depth=3, heads=4, dim_head=16, mlp_dim=128,
-                           dropout=0.0, emb_dropout=0.0, drop_path=0.0, image_size=112,
-                           landmark_blocks="tiny", landmark_stem_channels=16),
+    "part_fvit_nano": dict(
+        num_landmarks=49,
+        patch_size=8,
+        dim=64,
+        depth=3,
+        heads=4,
+        dim_head=16,
+        mlp_dim=128,
+        dropout=0.0,
+        emb_dropout=0.0,
+        drop_path=0.0,
+        image_size=112,
+        landmark_blocks="tiny",
+        landmark_stem_channels=16,
+    ),
 }
 
 _TRANSFORMER_KEYS = tuple(inspect.signature(PartTransformer.__init__).parameters)[1:]
@@ -54,8 +91,9 @@ def build_transformer(config: dict) -> PartTransformer:
     ``part_fvit_b`` values, drop path 0.1 included)."""
     _check_keys(config, CONFIG_KEYS, "model")
     defaults = PRESETS["part_fvit_b"]
-    return PartTransformer(**{k: config[k] if k in config else defaults[k] for k in _TRANSFORMER_KEYS
-                              if k in config or k in defaults})
+    return PartTransformer(
+        **{k: config[k] if k in config else defaults[k] for k in _TRANSFORMER_KEYS if k in config or k in defaults}
+    )
 
 
 def build_landmark_cnn(config: dict) -> LandmarkCNN:

@@ -19,6 +19,7 @@ pickle machinery instead: the file can then run any code, so only do that for a 
 Needs torch >= 2.6 (``safe_globals`` with named entries; earlier weights-only loading had a known
 code-execution hole, CVE-2025-32434), which ``pyproject.toml`` requires.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ ALLOWED_GLOBALS: dict[str, Any] = {
 
 _OPT_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("lafs_unsafe_pickle", default=False)
 
-UNSAFE_HINT = ("If you trust the file, load it with unsafe_pickle=True (python -m lafs.train / python -m lafs.eval: "
-               "--unsafe-pickle): it can then run any code.")
+UNSAFE_HINT = (
+    "If you trust the file, load it with unsafe_pickle=True (python -m lafs.train / python -m lafs.eval: "
+    "--unsafe-pickle): it can then run any code."
+)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -68,9 +71,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
     def __init__(self, path: PathLike, wanted: list[str]):
         self.path, self.globals = Path(path), list(wanted)
-        super().__init__(f"{path}: refusing to load: its pickle names the global(s) {', '.join(wanted)}, which "
-                         f"loading would call or build. Checkpoints load tensors, plain Python values, NumPy arrays "
-                         f"and argparse.Namespace only. {UNSAFE_HINT}")
+        super().__init__(
+            f"{path}: refusing to load: its pickle names the global(s) {', '.join(wanted)}, which "
+            f"loading would call or build. Checkpoints load tensors, plain Python values, NumPy arrays "
+            f"and argparse.Namespace only. {UNSAFE_HINT}"
+        )
 
 
 @contextlib.contextmanager

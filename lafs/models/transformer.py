@@ -7,6 +7,7 @@ Parameter names follow the original code (``patch_to_embedding``,
 and scale scores by ``dim_head ** -0.5``, so only timm's ``DropPath`` and
 ``trunc_normal_`` are reused.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,7 +30,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
-        self.scale = dim ** -0.5
+        self.scale = dim**-0.5
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
@@ -88,9 +89,20 @@ class PartTransformer(nn.Module):
     from a truncated normal with std 0.02 (the original draws them from N(0, 1)).
     """
 
-    def __init__(self, num_landmarks: int = 196, patch_size: int = 8, channels: int = 3, dim: int = 768,
-                 depth: int = 12, heads: int = 11, dim_head: int = 64, mlp_dim: int = 2048, dropout: float = 0.0,
-                 emb_dropout: float = 0.0, drop_path: float = 0.0):
+    def __init__(
+        self,
+        num_landmarks: int = 196,
+        patch_size: int = 8,
+        channels: int = 3,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 11,
+        dim_head: int = 64,
+        mlp_dim: int = 2048,
+        dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.num_landmarks = num_landmarks
         self.patch_size = patch_size
@@ -109,10 +121,12 @@ class PartTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(1, num_landmarks + 1, dim))
         self.dropout = nn.Dropout(emb_dropout)
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                ResidualDropPath(PreNorm(dim, Attention(dim, heads, dim_head, dropout)), drop_path),
-                ResidualDropPath(PreNorm(dim, FeedForward(dim, mlp_dim, dropout)), drop_path),
-            ])
+            nn.ModuleList(
+                [
+                    ResidualDropPath(PreNorm(dim, Attention(dim, heads, dim_head, dropout)), drop_path),
+                    ResidualDropPath(PreNorm(dim, FeedForward(dim, mlp_dim, dropout)), drop_path),
+                ]
+            )
             for _ in range(depth)
         )
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim))
@@ -134,10 +148,19 @@ class PartTransformer(nn.Module):
 
     def arch_config(self) -> dict:
         """Constructor arguments that rebuild this module."""
-        return {"num_landmarks": self.num_landmarks, "patch_size": self.patch_size, "channels": self.channels,
-                "dim": self.dim, "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head,
-                "mlp_dim": self.mlp_dim, "dropout": self.dropout_rate, "emb_dropout": self.emb_dropout_rate,
-                "drop_path": self.drop_path_rate}
+        return {
+            "num_landmarks": self.num_landmarks,
+            "patch_size": self.patch_size,
+            "channels": self.channels,
+            "dim": self.dim,
+            "depth": self.depth,
+            "heads": self.heads,
+            "dim_head": self.dim_head,
+            "mlp_dim": self.mlp_dim,
+            "dropout": self.dropout_rate,
+            "emb_dropout": self.emb_dropout_rate,
+            "drop_path": self.drop_path_rate,
+        }
 
     def positional_embedding(self, batch: int, num_tokens: int, index: Optional[torch.Tensor]) -> torch.Tensor:
         """Positions for [cls, tokens]: [1 or B, 1 + K, dim].
@@ -152,17 +175,22 @@ class PartTransformer(nn.Module):
         """
         if index is None:
             if num_tokens > self.num_landmarks:
-                raise ValueError(f"{num_tokens} tokens but only {self.num_landmarks} positions; pass index "
-                                 "to say which landmark each token belongs to")
+                raise ValueError(
+                    f"{num_tokens} tokens but only {self.num_landmarks} positions; pass index "
+                    "to say which landmark each token belongs to"
+                )
             return self.pos_embedding[:, : num_tokens + 1]
         if index.shape != (batch, num_tokens):
-            raise ValueError(f"index must be [B, K] = [{batch}, {num_tokens}] like the tokens; "
-                             f"got {tuple(index.shape)}")
+            raise ValueError(
+                f"index must be [B, K] = [{batch}, {num_tokens}] like the tokens; got {tuple(index.shape)}"
+            )
         if index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"index must be int64 (or int32); got {index.dtype}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_landmarks):
-            raise ValueError(f"index values must lie in [0, {self.num_landmarks}); got range "
-                             f"[{int(index.min())}, {int(index.max())}]")
+            raise ValueError(
+                f"index values must lie in [0, {self.num_landmarks}); got range "
+                f"[{int(index.min())}, {int(index.max())}]"
+            )
         table = self.pos_embedding[0]
         cls_pos = table[:1].expand(batch, 1, self.dim)
         return torch.cat([cls_pos, table[1:][index]], dim=1)
@@ -170,8 +198,10 @@ class PartTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, K, P*P*C] (from ``landmark_patch_gather``), index [B, K] or None -> embeddings [B, dim]."""
         if tokens.dim() != 3 or tokens.shape[2] != self.token_dim:
-            raise ValueError(f"PartTransformer expects tokens [B, K, {self.token_dim}] (P={self.patch_size}, "
-                             f"C={self.channels}); got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"PartTransformer expects tokens [B, K, {self.token_dim}] (P={self.patch_size}, "
+                f"C={self.channels}); got shape {tuple(tokens.shape)}"
+            )
         b, k, _ = tokens.shape
         x = self.patch_to_embedding(tokens)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)

@@ -12,6 +12,7 @@ augmentation (augment.py), the builder's frozen landmark CNN with batch norms fo
 (token_colour.py), ``MultiViewBuilder`` (views.py), ``MultiCropModel``
 (multicrop.py), ``DINOTrainer`` (step.py), original LAFS checkpoints (official.py).
 """
+
 from .ema import ema_update
 from .head import DINOHead, WeightNormLinear
 from .loss import DINOLoss
@@ -23,8 +24,21 @@ from .step import DINOSettings, DINOTrainer
 from .views import MultiViewBuilder, ViewGroup
 
 __all__ = [
-    "DINOHead", "DINOLoss", "DINOSettings", "DINOTrainer", "MultiCropModel", "MultiViewBuilder",
-    "OfficialDINOLoad", "ViewGroup", "WeightNormLinear", "cancel_last_layer_gradients",
-    "clip_gradients_per_parameter", "cosine_schedule", "ema_update", "load_official_pretraining",
-    "official_head_state", "param_groups_for_weight_decay", "teacher_temp_schedule",
+    "DINOHead",
+    "DINOLoss",
+    "DINOSettings",
+    "DINOTrainer",
+    "MultiCropModel",
+    "MultiViewBuilder",
+    "OfficialDINOLoad",
+    "ViewGroup",
+    "WeightNormLinear",
+    "cancel_last_layer_gradients",
+    "clip_gradients_per_parameter",
+    "cosine_schedule",
+    "ema_update",
+    "load_official_pretraining",
+    "official_head_state",
+    "param_groups_for_weight_decay",
+    "teacher_temp_schedule",
 ]

@@ -19,6 +19,7 @@ any device; the work itself runs on the images' device with torch ops.
   ``solarize_`` apply the steps, so the token path (``lafs.ssl.token_colour``) runs
   the same functions on the same draws.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,11 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator, *shape
 
 
 def random_crop_boxes(
-    n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator,
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    generator: torch.Generator,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
     """Crop boxes ``[n, 4]`` float64 ``(x0, y0, w, h)`` in pixels, as torchvision's RandomResizedCrop draws them."""
@@ -140,7 +145,10 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend_(
-    x: torch.Tensor, factor: torch.Tensor, gray_weight: torch.Tensor, mean_weight: torch.Tensor,
+    x: torch.Tensor,
+    factor: torch.Tensor,
+    gray_weight: torch.Tensor,
+    mean_weight: torch.Tensor,
     mean_start: int = 0,
 ) -> torch.Tensor:
     """In place: ``x <- clamp(f * x + (1 - f) * (a * gray + b * mean(gray)), 0, 1)``, one f, a, b [N] per image.
@@ -172,8 +180,9 @@ def _shift_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     chroma = value - x.amin(dim=1, keepdim=True)
     flat_value, flat_chroma = value.squeeze(1), chroma.squeeze(1)
     # 6 * hue (before the mod), as colorsys: the sector of the largest channel plus the offset within it
-    sixths = torch.where(flat_value == r, g - b,
-                         torch.where(flat_value == g, b - r + 2.0 * flat_chroma, r - g + 4.0 * flat_chroma))
+    sixths = torch.where(
+        flat_value == r, g - b, torch.where(flat_value == g, b - r + 2.0 * flat_chroma, r - g + 4.0 * flat_chroma)
+    )
     sixths.div_(flat_chroma.clamp_min(torch.finfo(x.dtype).tiny))  # a gray pixel: 0 / tiny = 0
     sixths.add_(6.0 * shift.view(-1, 1, 1))
     offsets = torch.tensor(_HUE_CHANNEL_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -192,7 +201,11 @@ def _change_rows_(x: torch.Tensor, chosen: torch.Tensor, change) -> torch.Tensor
 
 
 def _colour_jitter_(
-    x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, mean_start: int = 0,
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    mean_start: int = 0,
     dense: bool = False,
 ) -> torch.Tensor:
     """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
@@ -214,14 +227,26 @@ def _colour_jitter_(
         if dense and blend.any():
             op = stage.clamp(max=hue - 1)
             factor = torch.where(blend, blend_factors.gather(1, op[:, None]).squeeze(1), 1.0)
-            _blend_(x, factor.to(x.device), torch.where(blend, gray_weight[op], 0.0).to(x.device),
-                    torch.where(blend, mean_weight[op], 0.0).to(x.device), mean_start)
+            _blend_(
+                x,
+                factor.to(x.device),
+                torch.where(blend, gray_weight[op], 0.0).to(x.device),
+                torch.where(blend, mean_weight[op], 0.0).to(x.device),
+                mean_start,
+            )
         elif not dense:
-            _change_rows_(x, blend, lambda images, rows, stage=stage: _blend_(
-                images, blend_factors[rows, stage[rows]].to(x.device), gray_weight[stage[rows]].to(x.device),
-                mean_weight[stage[rows]].to(x.device), mean_start))
-        _change_rows_(x, apply & (stage == hue),
-                      lambda images, rows: _shift_hue_(images, hue_shift[rows].to(x.device)))
+            _change_rows_(
+                x,
+                blend,
+                lambda images, rows, stage=stage: _blend_(
+                    images,
+                    blend_factors[rows, stage[rows]].to(x.device),
+                    gray_weight[stage[rows]].to(x.device),
+                    mean_weight[stage[rows]].to(x.device),
+                    mean_start,
+                ),
+            )
+        _change_rows_(x, apply & (stage == hue), lambda images, rows: _shift_hue_(images, hue_shift[rows].to(x.device)))
     return x
 
 
@@ -232,14 +257,18 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_y: Optional[torch.Tensor] = None,
-                   radius: int = _BLUR_RADIUS) -> torch.Tensor:
+def _gaussian_blur(
+    x: torch.Tensor, sigma: torch.Tensor, sigma_y: Optional[torch.Tensor] = None, radius: int = _BLUR_RADIUS
+) -> torch.Tensor:
     """Separable Gaussian blur, one sigma per image (``sigma [N]``; ``sigma_y [N]`` along H if it differs),
     ``radius`` taps each side, reflect padding."""
     n, c, h, w = x.shape
     kernel_x = _gaussian_kernels(sigma, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)
-    kernel_y = kernel_x if sigma_y is None else (
-        _gaussian_kernels(sigma_y, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0))
+    kernel_y = (
+        kernel_x
+        if sigma_y is None
+        else (_gaussian_kernels(sigma_y, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0))
+    )
     flat = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
     flat = F.conv2d(flat, kernel_x[:, None, None, :], groups=n * c)
     flat = F.conv2d(flat, kernel_y[:, None, :, None], groups=n * c)
@@ -264,8 +293,12 @@ class ColourParameters(NamedTuple):
 
 
 def draw_colour_parameters(
-    n: int, blur_p: torch.Tensor, solarize_p: torch.Tensor, generator: torch.Generator,
-    jitter_p: float = 0.8, grayscale_p: float = 0.2,
+    n: int,
+    blur_p: torch.Tensor,
+    solarize_p: torch.Tensor,
+    generator: torch.Generator,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
 ) -> ColourParameters:
     """Draw :class:`ColourParameters` from ``generator`` in a fixed order: which images are jittered,
     grayed, blurred, the sigmas, which are solarised, the four jitter factors (each [N]), the op order.
@@ -283,14 +316,20 @@ def draw_colour_parameters(
     blur = torch.rand(n, generator=generator) < blur_p.cpu()
     sigma = _uniform(n, _BLUR_SIGMA[0], _BLUR_SIGMA[1], generator)
     solarize = torch.rand(n, generator=generator) < solarize_p.cpu()
-    factors = torch.stack([_uniform(n, -s, s, generator) if op == "hue" else _uniform(n, 1 - s, 1 + s, generator)
-                           for op, s in _JITTER.items()], dim=1)
+    factors = torch.stack(
+        [
+            _uniform(n, -s, s, generator) if op == "hue" else _uniform(n, 1 - s, 1 + s, generator)
+            for op, s in _JITTER.items()
+        ],
+        dim=1,
+    )
     order = torch.rand(n, len(_JITTER), generator=generator).argsort(dim=1)  # a random permutation per image
     return ColourParameters(jitter, gray, blur, sigma, solarize, factors, order)
 
 
-def jitter_and_gray_(x: torch.Tensor, params: ColourParameters, mean_start: int = 0,
-                     dense: bool = False) -> torch.Tensor:
+def jitter_and_gray_(
+    x: torch.Tensor, params: ColourParameters, mean_start: int = 0, dense: bool = False
+) -> torch.Tensor:
     """In place on ``x [N, 3, H, W]`` in [0, 1]: the colour jitter, then grayscale (``mean_start``, ``dense``:
     see ``_blend_`` and ``_colour_jitter_``)."""
     _colour_jitter_(x, params.jitter, params.factors, params.order, mean_start, dense)

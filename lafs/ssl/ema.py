@@ -1,4 +1,5 @@
 """Exponential moving average of the student's parameters into the teacher."""
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     teacher_params = list(teacher.parameters())
     student_params = list(student.parameters())
     if len(teacher_params) != len(student_params):
-        raise ValueError(
-            f"ema_update: teacher has {len(teacher_params)} parameters, student {len(student_params)}"
-        )
+        raise ValueError(f"ema_update: teacher has {len(teacher_params)} parameters, student {len(student_params)}")
     for i, (t, s) in enumerate(zip(teacher_params, student_params)):
         if t.shape != s.shape:
             raise ValueError(

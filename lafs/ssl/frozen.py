@@ -12,6 +12,7 @@ cheaper to run, with the same function up to float rounding:
   cuDNN convolutions run faster; feed it channels_last images
   (``images.contiguous(memory_format=torch.channels_last)``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,12 @@ def fold_batch_norms(module: nn.Module) -> int:
     for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         children = list(sequential.named_children())
         for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
-            if (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
-                    and norm.running_mean is not None and norm.running_var is not None):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(norm, nn.BatchNorm2d)
+                and norm.running_mean is not None
+                and norm.running_var is not None
+            ):
                 setattr(sequential, conv_name, fuse_conv_bn_eval(conv, norm))
                 setattr(sequential, norm_name, nn.Identity().eval())
                 folded += 1

@@ -15,6 +15,7 @@ landmark ``l`` samples around position ``l - 0.5``.
 - :func:`mean_sample_layout`: a coarse ``G x G`` grid of samples that stands for the whole
   view in the colour jitter's contrast (the mean gray of the view).
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,9 @@ def view_edge_weights(centres: torch.Tensor, patch_size: int, size: int) -> torc
     return (weight_x[..., :, None] * weight_y[..., None, :])[..., None]
 
 
-def mean_sample_layout(view_affine: torch.Tensor, size: int, patch_size: int,
-                       grid: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_sample_layout(
+    view_affine: torch.Tensor, size: int, patch_size: int, grid: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(affine ``[N, 4]``, centres ``[N, M, 2]``): gathering ``M = (G / P)^2`` patches of ``P x P`` at
     ``centres`` through ``affine`` samples each view on a ``G x G`` grid of cell centres, G = ``grid``
     rounded up to a multiple of P (view pixel ``(u + 0.5) * S / G - 0.5`` for u = 0..G-1)."""

@@ -8,6 +8,7 @@ DINO / LAFS checkpoints use (``last_layer.weight_g`` ``[out_dim, 1]`` and
 ``last_layer.weight_v`` ``[out_dim, bottleneck]``, from ``torch.nn.utils.weight_norm``),
 so those checkpoints load without renaming.
 """
+
 from __future__ import annotations
 
 import torch

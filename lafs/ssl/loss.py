@@ -1,4 +1,5 @@
 """The DINO self-distillation loss with teacher centring and sharpening."""
+
 from __future__ import annotations
 
 from typing import Optional

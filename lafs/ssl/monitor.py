@@ -6,6 +6,7 @@ to its first?  A backbone that learns nothing augmentation-invariant stays near 
 starting value; one that learns instance features climbs toward 1 even when those
 features say nothing about identity (which the held-out verification tells).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,12 @@ def view_retrieval_accuracy(backbone: nn.Module, group: ViewGroup, batch_size: i
     if rows < 4 or rows % 2:
         raise ValueError(f"view retrieval needs two views of at least two images, got {rows} rows")
     with evaluation_mode(backbone):
-        features = torch.cat([backbone(tokens, index) for tokens, index in
-                              zip(group.tokens.split(batch_size), group.index.split(batch_size))])
+        features = torch.cat(
+            [
+                backbone(tokens, index)
+                for tokens, index in zip(group.tokens.split(batch_size), group.index.split(batch_size))
+            ]
+        )
     first, second = F.normalize(features.float(), dim=1).chunk(2)
     nearest = (first @ second.T).argmax(dim=1)
     return (nearest == torch.arange(len(first), device=nearest.device)).float().mean().item()

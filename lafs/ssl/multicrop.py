@@ -1,4 +1,5 @@
 """Backbone + DINO head over view groups, running the backbone once per group."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

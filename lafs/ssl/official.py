@@ -9,6 +9,7 @@ the teacher's lack ``module.``.  The backbone keys are the original ViT's
 ``last_layer.weight_g`` / ``weight_v`` from ``torch.nn.utils.weight_norm``) are ours as they are.
 The optimizer state is not loaded (its parameter order differs); the loss centre is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,14 +48,18 @@ def official_head_state(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     head = {}
     for key, value in flat.items():
         if key.startswith("head."):
-            name = key[len("head."):]
+            name = key[len("head.") :]
             head[_PARAMETRIZED_WEIGHT_NORM.get(name, name)] = value
     return head
 
 
 def load_official_pretraining(
-    student: MultiCropModel, teacher: MultiCropModel, checkpoint: Union[Mapping, str, os.PathLike],
-    loss: Optional[DINOLoss] = None, *, unsafe_pickle: bool = False,
+    student: MultiCropModel,
+    teacher: MultiCropModel,
+    checkpoint: Union[Mapping, str, os.PathLike],
+    loss: Optional[DINOLoss] = None,
+    *,
+    unsafe_pickle: bool = False,
 ) -> OfficialDINOLoad:
     """Load an original LAFS pretraining checkpoint into our student and teacher (and loss centre).
 

@@ -1,4 +1,5 @@
 """Optimisation details of DINO: weight-decay groups, per-parameter clipping, last-layer freeze."""
+
 from __future__ import annotations
 
 import torch

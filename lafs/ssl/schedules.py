@@ -5,6 +5,7 @@ The learning rate, weight decay and teacher momentum change every iteration:
 linear warmup.  The teacher temperature changes once per epoch: a linear warmup
 over the first epochs, then constant (``teacher_temp_schedule``).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -11,6 +11,7 @@
 The caller owns the epoch loop, data and checkpoint files; the trainer owns the
 models, optimizer, schedules (arrays indexed by global step) and the DINO loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,14 +92,28 @@ class DINOSettings:
         ``lafs.train.config.schema.PRETRAIN`` declares them) for a run of ``iters_per_epoch`` steps per epoch."""
         o, d = cfg.optim, cfg.dino
         return cls(
-            epochs=int(o.epochs), iters_per_epoch=iters_per_epoch, batch_size=o.batch_size,
-            out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-            norm_last_layer=d.norm_last_layer, lr=o.lr, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
-            weight_decay=o.weight_decay, weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
-            warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
-            warmup_teacher_temp_epochs=int(d.warmup_teacher_temp_epochs), student_temp=d.student_temp,
-            center_momentum=d.center_momentum, clip_grad=o.clip_grad,
-            freeze_last_layer=int(d.freeze_last_layer_epochs), amp_dtype=amp_dtype)
+            epochs=int(o.epochs),
+            iters_per_epoch=iters_per_epoch,
+            batch_size=o.batch_size,
+            out_dim=d.out_dim,
+            hidden_dim=d.hidden_dim,
+            bottleneck_dim=d.bottleneck_dim,
+            norm_last_layer=d.norm_last_layer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            weight_decay=o.weight_decay,
+            weight_decay_end=d.weight_decay_end,
+            momentum_teacher=d.momentum_teacher,
+            warmup_teacher_temp=d.warmup_teacher_temp,
+            teacher_temp=d.teacher_temp,
+            warmup_teacher_temp_epochs=int(d.warmup_teacher_temp_epochs),
+            student_temp=d.student_temp,
+            center_momentum=d.center_momentum,
+            clip_grad=o.clip_grad,
+            freeze_last_layer=int(d.freeze_last_layer_epochs),
+            amp_dtype=amp_dtype,
+        )
 
 
 def _world_size() -> int:
@@ -138,8 +153,14 @@ class DINOTrainer:
         self.teacher = MultiCropModel(teacher_backbone, head()).to(device)
         self.views = views.to(device)
         self.loss = DINOLoss(
-            s.out_dim, views.crops_per_image, s.warmup_teacher_temp, s.teacher_temp,
-            s.warmup_teacher_temp_epochs, s.epochs, s.student_temp, s.center_momentum,
+            s.out_dim,
+            views.crops_per_image,
+            s.warmup_teacher_temp,
+            s.teacher_temp,
+            s.warmup_teacher_temp_epochs,
+            s.epochs,
+            s.student_temp,
+            s.center_momentum,
         ).to(device)
         self.student_forward: nn.Module = self.student
         if _world_size() > 1:
@@ -203,8 +224,13 @@ class DINOTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         ema_update(self.teacher, self.student, momentum)
-        return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum,
-                "teacher_temp": self.loss.teacher_temperature(epoch)}
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "wd": wd,
+            "momentum": momentum,
+            "teacher_temp": self.loss.teacher_temperature(epoch),
+        }
 
     @staticmethod
     def _mean_over_ranks(value: torch.Tensor) -> float:

@@ -17,6 +17,7 @@ The random draws are :func:`lafs.ssl.augment.draw_colour_parameters`, the same a
 path's, and the per-pixel functions are ``lafs.ssl.augment``'s: tokens are laid out as an
 ``[N, 3, T, 1]`` image of their pixels for them.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,8 +27,9 @@ import torch
 from .augment import ColourParameters, jitter_and_gray_, solarize_
 
 
-def colour_tokens(tokens: torch.Tensor, params: ColourParameters,
-                  view_samples: Optional[torch.Tensor] = None) -> torch.Tensor:
+def colour_tokens(
+    tokens: torch.Tensor, params: ColourParameters, view_samples: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Colour-augmented copy of ``tokens [N, K, P*P*3]`` in [-1, 1] (pixel-major, channel last).
 
     ``params``: the N views' draws (blur is left out: see the module docstring).

@@ -41,6 +41,7 @@ Position embeddings (``local_positions``): ``"landmark"`` gives each local token
 In eval mode (``builder.eval()``) there is one view per image: the image itself,
 all landmarks in order, no crop, colour change, jitter or subsampling.
 """
+
 from __future__ import annotations
 
 import math
@@ -192,11 +193,14 @@ class MultiViewBuilder(nn.Module):
         global_colour = [GLOBAL_VIEW_COLOUR[v % len(GLOBAL_VIEW_COLOUR)] for v in range(self.global_views)]
         specs = [(self.global_views, self.global_scale, global_colour, None)]
         if self.local_views:
-            specs.append((self.local_views, self.local_scale, [LOCAL_VIEW_COLOUR] * self.local_views,
-                          self.local_tokens))
+            specs.append(
+                (self.local_views, self.local_scale, [LOCAL_VIEW_COLOUR] * self.local_views, self.local_tokens)
+            )
         group = self._original_group if self.original_path else self._fused_group
-        return [group(images, views, scale, colour, num_tokens, generator, source_landmarks)
-                for views, scale, colour, num_tokens in specs]
+        return [
+            group(images, views, scale, colour, num_tokens, generator, source_landmarks)
+            for views, scale, colour, num_tokens in specs
+        ]
 
     def _original_group(self, images, views, scale, colour, num_tokens, generator, _) -> ViewGroup:
         """One view group as the original script makes it: ``views`` crops of every image, ``num_tokens``
@@ -210,8 +214,9 @@ class MultiViewBuilder(nn.Module):
         with record_function("views.landmark_cnn"):
             landmarks = self._landmarks(crops, call_rows)
         probabilities = torch.tensor(colour, dtype=torch.float64).repeat_interleave(batch, dim=0)  # [V*B, 2]
-        params = draw_colour_parameters(crops.shape[0], probabilities[:, 0], probabilities[:, 1], generator,
-                                        grayscale_p=self.grayscale_p)
+        params = draw_colour_parameters(
+            crops.shape[0], probabilities[:, 0], probabilities[:, 1], generator, grayscale_p=self.grayscale_p
+        )
         with record_function("views.colour"):
             coloured = jitter_and_gray_(crops.add_(1).mul_(0.5), params)
         with record_function("views.blur"):
@@ -221,8 +226,12 @@ class MultiViewBuilder(nn.Module):
         index = None  # all landmarks in order
         if num_tokens is not None:
             index = draw_index(
-                landmarks.shape[0], landmarks.shape[1], num_tokens, replacement=self.replacement,
-                generator=generator, device=landmarks.device,
+                landmarks.shape[0],
+                landmarks.shape[1],
+                num_tokens,
+                replacement=self.replacement,
+                generator=generator,
+                device=landmarks.device,
             )
         with record_function("views.gather"):
             tokens = self._gather(coloured, landmarks, index, self.jitter_std, generator, call_rows)
@@ -243,21 +252,29 @@ class MultiViewBuilder(nn.Module):
         else:
             landmarks = landmarks_into_views(source_landmarks, affine)
         probabilities = torch.tensor(colour, dtype=torch.float64).repeat_interleave(batch, dim=0)  # [V*B, 2]
-        params = draw_colour_parameters(rows, probabilities[:, 0], probabilities[:, 1], generator,
-                                        grayscale_p=self.grayscale_p)
+        params = draw_colour_parameters(
+            rows, probabilities[:, 0], probabilities[:, 1], generator, grayscale_p=self.grayscale_p
+        )
         index = None
         if num_tokens is not None:
-            index = draw_index(rows, landmarks.shape[1], num_tokens, replacement=self.replacement,
-                               generator=generator, device=device)
-        centres = select_centres(landmarks, index=index, jitter_std=self.jitter_std, generator=generator,
-                                 dtype=torch.promote_types(images.dtype, torch.float32))
+            index = draw_index(
+                rows, landmarks.shape[1], num_tokens, replacement=self.replacement, generator=generator, device=device
+            )
+        centres = select_centres(
+            landmarks,
+            index=index,
+            jitter_std=self.jitter_std,
+            generator=generator,
+            dtype=torch.promote_types(images.dtype, torch.float32),
+        )
         with record_function("views.gather"):
             tokens = landmark_patch_gather(images, centres, self.patch_size, view_affine=affine)
             samples = None
             if params.jitter.any():
                 coarse_affine, coarse_centres = mean_sample_layout(affine, size, self.patch_size, MEAN_GRID)
-                samples = landmark_patch_gather(images, coarse_centres.to(centres.dtype), self.patch_size,
-                                                view_affine=coarse_affine)
+                samples = landmark_patch_gather(
+                    images, coarse_centres.to(centres.dtype), self.patch_size, view_affine=coarse_affine
+                )
         if params.blur.any():
             with record_function("views.blur"):
                 tokens = self._blurred_tokens(images, tokens, centres, affine, params)
@@ -277,8 +294,7 @@ class MultiViewBuilder(nn.Module):
         scale = affine[rows.to(affine.device), :2].abs().double().cpu()
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
-        radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))),
-                     min(images.shape[-2:]) - 1)
+        radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)
         sources = _gaussian_blur(images[rows.to(images.device) % images.shape[0]], sigma_x, sigma_y, radius=radius)
         rows_dev = rows.to(images.device)
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
@@ -320,13 +336,18 @@ class MultiViewBuilder(nn.Module):
             )
         # The fused op places centres in float32 (float64 for float64 images); so does this path.
         centres = select_centres(
-            landmarks, index=index, jitter_std=jitter_std, generator=generator,
+            landmarks,
+            index=index,
+            jitter_std=jitter_std,
+            generator=generator,
             dtype=torch.promote_types(image.dtype, torch.float32),
         )
-        return torch.cat([
-            gather_patches_loop(image_chunk, centre_chunk, self.patch_size)
-            for image_chunk, centre_chunk in zip(image.split(call_rows), centres.split(call_rows))
-        ])
+        return torch.cat(
+            [
+                gather_patches_loop(image_chunk, centre_chunk, self.patch_size)
+                for image_chunk, centre_chunk in zip(image.split(call_rows), centres.split(call_rows))
+            ]
+        )
 
     @staticmethod
     def _all_landmarks(landmarks: torch.Tensor) -> torch.Tensor:

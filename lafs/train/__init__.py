@@ -11,6 +11,7 @@
 * ``demo``        the default run and its comparison table
 * ``runner``      command + recipe + overrides -> run folder (``run_command``)
 """
+
 from .config import ConfigError
 from .loop import NonFiniteLossError, ResumeError
 from .runner import run_command

@@ -4,6 +4,7 @@
 
 Several processes or machines: ``torchrun --nproc_per_node=N -m lafs.train supervised --config ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,26 +52,40 @@ options (key=value; values are YAML; [stages] where an option exists only there)
 def build_parser() -> argparse.ArgumentParser:
     recipes = ", ".join(sorted(p.stem for p in config_mod.RECIPE_DIR.glob("*.yaml")))
     parser = argparse.ArgumentParser(
-        prog="python -m lafs.train", description=DESCRIPTION.format(recipes=recipes),
-        epilog=EPILOG.format(options=config_mod.options_help()), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="demo", choices=COMMANDS,
-                        help="what to run (default: demo)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="change any recipe value, e.g. optim.lr=5e-4 data.root=/data/ms1mv3")
-    parser.add_argument("--config", metavar="RECIPE",
-                        help="recipe name or YAML file (default: demo)")
+        prog="python -m lafs.train",
+        description=DESCRIPTION.format(recipes=recipes),
+        epilog=EPILOG.format(options=config_mod.options_help()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", nargs="?", default="demo", choices=COMMANDS, help="what to run (default: demo)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="change any recipe value, e.g. optim.lr=5e-4 data.root=/data/ms1mv3",
+    )
+    parser.add_argument("--config", metavar="RECIPE", help="recipe name or YAML file (default: demo)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<command>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from checkpoints/last.pt, with the same result as an "
-                             "uninterrupted run; the recipe must be the one saved in its config.yaml")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="UNSAFE: load checkpoints (init.landmark, init.pretrained, --resume) with full pickle "
-                             "even when they name globals outside the allow-list (lafs.models.safe_load); such a "
-                             "file can run any code on this machine. Only for files you trust")
-    parser.add_argument("--original-path", action="store_true",
-                        help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
-                             "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
-                             "runs it) for comparisons; same as train.original_path=true")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from checkpoints/last.pt, with the same result as an "
+        "uninterrupted run; the recipe must be the one saved in its config.yaml",
+    )
+    parser.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="UNSAFE: load checkpoints (init.landmark, init.pretrained, --resume) with full pickle "
+        "even when they name globals outside the allow-list (lafs.models.safe_load); such a "
+        "file can run any code on this machine. Only for files you trust",
+    )
+    parser.add_argument(
+        "--original-path",
+        action="store_true",
+        help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
+        "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
+        "runs it) for comparisons; same as train.original_path=true",
+    )
     return parser
 
 
@@ -97,8 +112,7 @@ def main(argv=None) -> int:
 
     try:
         with allow_unsafe_pickle(args.unsafe_pickle):
-            run_command(args.command, recipe=args.config or "demo", overrides=overrides,
-                        out=out, resume=args.resume)
+            run_command(args.command, recipe=args.config or "demo", overrides=overrides, out=out, resume=args.resume)
     except UnsafeCheckpointError as exc:
         print(f"lafs.train: {exc}", file=sys.stderr)
         return 1

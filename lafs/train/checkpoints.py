@@ -7,6 +7,7 @@ random-stream state. With several processes each process first writes its class-
 last, so it only ever names complete files. A run may resume on another number of processes when
 the global batch stays the same: the class centres are then resharded.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -46,14 +47,17 @@ def resume(stage: Stage) -> tuple[int, dict]:
         raise ResumeError(f"--resume: {run.last} does not exist (nothing to continue)")
     state = load_checkpoint(run.last)  # no code runs (see lafs.models.safe_load)
     if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage.name:
-        raise ResumeError(f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train "
-                          f"(format {state.get('format')!r}, this version writes {CHECKPOINT_FORMAT!r})")
+        raise ResumeError(
+            f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train "
+            f"(format {state.get('format')!r}, this version writes {CHECKPOINT_FORMAT!r})"
+        )
     if state["global_batch"] != global_batch(stage):
         raise ResumeError(
             f"--resume: {run.last} was trained with a global batch of {state['global_batch']} images "
             f"({state['world_size']} processes); this run has {global_batch(stage)} ({dist.world_size} processes x "
             f"optim.batch_size {cfg.optim.batch_size} x optim.accum_steps {cfg.optim.accum_steps}). Set "
-            f"optim.batch_size so that the global batch stays the same")
+            f"optim.batch_size so that the global batch stays the same"
+        )
     try:
         shard = own_shard(stage, state)
     except (OSError, ValueError, KeyError) as exc:
@@ -102,9 +106,18 @@ def save(stage: Stage, step: int, best: dict, is_best: bool) -> None:
         torch.distributed.all_gather_object(rng, own)
     if not dist.is_main:
         return
-    state = {"format": CHECKPOINT_FORMAT, "stage": stage.name, "step": step, "epoch": step / stage.steps_per_epoch,
-             "best": best, "rng": rng, "world_size": dist.world_size, "global_batch": global_batch(stage),
-             "config": stage.cfg.to_plain(), **stage.state_dict()}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "stage": stage.name,
+        "step": step,
+        "epoch": step / stage.steps_per_epoch,
+        "best": best,
+        "rng": rng,
+        "world_size": dist.world_size,
+        "global_batch": global_batch(stage),
+        "config": stage.cfg.to_plain(),
+        **stage.state_dict(),
+    }
     if head is not None:
         state["head"] = head
     atomic_save(state, stage.run.last)

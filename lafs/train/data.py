@@ -1,4 +1,5 @@
 """Training and verification data of a stage, built from its config (errors before training starts)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
     if data.source == "synthetic":
         from lafs.data import SyntheticFaces
 
-        dataset = SyntheticFaces(data.synthetic.identities, data.synthetic.images_per_identity, seed=cfg.seed,
-                                 difficulty=data.synthetic.difficulty, cache=True,
-                                 difficulty_warmup_epochs=data.synthetic.difficulty_warmup_epochs,
-                                 colours=data.synthetic.colours, pose_difficulty=data.synthetic.pose_difficulty)
+        dataset = SyntheticFaces(
+            data.synthetic.identities,
+            data.synthetic.images_per_identity,
+            seed=cfg.seed,
+            difficulty=data.synthetic.difficulty,
+            cache=True,
+            difficulty_warmup_epochs=data.synthetic.difficulty_warmup_epochs,
+            colours=data.synthetic.colours,
+            pose_difficulty=data.synthetic.pose_difficulty,
+        )
     elif data.source == "rec":
         from lafs.data import FaceRecordDataset
 
@@ -43,8 +50,12 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
 
         keep_all = int(np.bincount(np.asarray(dataset.labels)).max())
         try:
-            dataset = few_shot_subset(dataset, images_per_identity=shots or keep_all,
-                                      identity_fraction=data.few_shot.identity_fraction, seed=cfg.seed)
+            dataset = few_shot_subset(
+                dataset,
+                images_per_identity=shots or keep_all,
+                identity_fraction=data.few_shot.identity_fraction,
+                seed=cfg.seed,
+            )
         except ValueError as exc:
             raise ConfigError(f"data.few_shot: {exc}") from exc
         if len(dataset) == 0:
@@ -89,9 +100,15 @@ def build_val_sets(cfg: Config) -> list[ValSet]:
         return sets
     from lafs.data import SyntheticFaces, verification_pair_index
 
-    held_out = SyntheticFaces(val.synthetic_identities, val.synthetic_images_per_identity, seed=cfg.seed,
-                              identity_offset=_held_out_offset(cfg), difficulty=cfg.data.synthetic.difficulty,
-                              colours=cfg.data.synthetic.colours, pose_difficulty=cfg.data.synthetic.pose_difficulty)
+    held_out = SyntheticFaces(
+        val.synthetic_identities,
+        val.synthetic_images_per_identity,
+        seed=cfg.seed,
+        identity_offset=_held_out_offset(cfg),
+        difficulty=cfg.data.synthetic.difficulty,
+        colours=cfg.data.synthetic.colours,
+        pose_difficulty=cfg.data.synthetic.pose_difficulty,
+    )
     index, issame = verification_pair_index(held_out, val.pairs, seed=cfg.seed)
     used = np.unique(index)
     images = torch.stack([held_out[int(i)][0] for i in used])

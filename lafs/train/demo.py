@@ -6,6 +6,7 @@ each stage's verification accuracy and throughput and the few-shot comparison.
 All four configurations are validated before the first step. With ``--resume``
 finished stages are kept and an interrupted one continues from its last.pt.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,10 +56,15 @@ def demo_summary(results: dict, configs: dict, wall_seconds: float) -> dict:
     stages = {}
     for folder, _, label in DEMO_RUNS:
         r = results[folder]
-        stages[folder] = {"description": label, "verification_accuracy": r.get("verification", {}).get("accuracy"),
-                          "best_accuracy": r.get("best", {}).get("accuracy"), "images_per_s": r["images_per_s"],
-                          "train_seconds": r["train_seconds"], "steps": r["steps"],
-                          "train_images": r.get("train_images")}
+        stages[folder] = {
+            "description": label,
+            "verification_accuracy": r.get("verification", {}).get("accuracy"),
+            "best_accuracy": r.get("best", {}).get("accuracy"),
+            "images_per_s": r["images_per_s"],
+            "train_seconds": r["train_seconds"],
+            "steps": r["steps"],
+            "train_images": r.get("train_images"),
+        }
         if "landmark_tracking" in r:  # supervised and fine-tuning stages (None on real data)
             stages[folder]["landmark_tracking"] = r["landmark_tracking"]
     # Pretraining's label-free check (lafs.ssl.monitor): absent when val.view_probe is 0.
@@ -102,8 +108,11 @@ def _difference_noise(lafs, scratch, cfg):
 def _comparison_note(margin, noise, beyond_noise) -> str:
     if margin is None:
         return "no comparison: a few-shot stage reported no verification accuracy"
-    verdict = ("LAFS-pretrained fine-tuning is ahead of training from scratch on the same few-shot subset"
-               if margin > 0 else "LAFS-pretrained fine-tuning is NOT ahead of training from scratch in this run")
+    verdict = (
+        "LAFS-pretrained fine-tuning is ahead of training from scratch on the same few-shot subset"
+        if margin > 0
+        else "LAFS-pretrained fine-tuning is NOT ahead of training from scratch in this run"
+    )
     if beyond_noise is False:
         verdict += f", but by less than the noise of this comparison (+-{noise:.3f}): not evidence either way"
     return verdict
@@ -113,21 +122,28 @@ def format_table(summary: dict) -> str:
     lines = [f"{'stage':<34}{'verification':>13}{'images/s':>10}{'seconds':>9}"]
     for row in summary["stages"].values():
         acc = row["verification_accuracy"]
-        lines.append(f"{row['description']:<34}{'-' if acc is None else f'{acc:.4f}':>13}"
-                     f"{row['images_per_s']:>10.1f}{row['train_seconds']:>9.0f}")
+        lines.append(
+            f"{row['description']:<34}{'-' if acc is None else f'{acc:.4f}':>13}"
+            f"{row['images_per_s']:>10.1f}{row['train_seconds']:>9.0f}"
+        )
     retrieval = summary["stages"]["pretrain"].get("view_retrieval")
     if retrieval is not None:
-        lines.append(f"pretraining view retrieval (teacher; second view of an image nearest to its first): "
-                     f"{retrieval:.3f}")
+        lines.append(
+            f"pretraining view retrieval (teacher; second view of an image nearest to its first): {retrieval:.3f}"
+        )
     tracking = summary["stages"]["supervised"].get("landmark_tracking")
     if tracking:
         from lafs.eval.landmark_tracking import setting_name
 
-        lines.append("supervised landmark tracking R^2 (held-out faces): " + ", ".join(
-            f"{t['score']:.3f} at {setting_name(t)}" for t in tracking.values()))
+        lines.append(
+            "supervised landmark tracking R^2 (held-out faces): "
+            + ", ".join(f"{t['score']:.3f} at {setting_name(t)}" for t in tracking.values())
+        )
     fs = summary["few_shot"]
     if fs["lafs_minus_scratch"] is not None:
-        lines.append(f"few-shot ({fs['images_per_identity']} images per identity): LAFS - scratch = "
-                     f"{fs['lafs_minus_scratch']:+.4f} (seed {summary['seed']}); {fs['note']}")
+        lines.append(
+            f"few-shot ({fs['images_per_identity']} images per identity): LAFS - scratch = "
+            f"{fs['lafs_minus_scratch']:+.4f} (seed {summary['seed']}); {fs['note']}"
+        )
     lines.append(f"total {summary['wall_seconds']:.0f} s")
     return "\n".join(lines)

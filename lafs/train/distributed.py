@@ -1,4 +1,5 @@
 """Process group set-up for ``torchrun`` (gloo on CPU, nccl on GPU) and small collectives."""
+
 from __future__ import annotations
 
 import os

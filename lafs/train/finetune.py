@@ -7,6 +7,7 @@ applied to a batch with probability ``aug.mixup_prob`` through the two-label
 soft-target path of the margin loss (labels [B, 2], weights [B, 2]; one Partial FC
 call under torchrun).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,7 @@ class FinetuneStage(SupervisedStage):
         aug = self.cfg.aug
         steps = []
         if aug.randaugment:
-            steps.append(UInt8Augment(v2.RandAugment(num_ops=aug.randaugment_ops,
-                                                     magnitude=aug.randaugment_magnitude)))
+            steps.append(UInt8Augment(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude)))
         flip = super().transform()
         if flip is not None:
             steps.append(flip)

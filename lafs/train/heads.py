@@ -12,6 +12,7 @@ to ``(loss scalar, argmax [B] or None)``:
   ``[B, C]`` logits (whose argmax is the accuracy), and the per-landmark ``grid_sample``
   loop for the tokens.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,8 +97,15 @@ def build_margin_head(cfg: Config, embedding_dim: int, num_classes: int, dist: D
         if cfg.train.original_path:
             head = OriginalHead(embedding_dim, num_classes, margin)
         elif dist.enabled:
-            head = ShardedHead(PartialFC((margin["m1"], margin["m2"], margin["m3"]), embedding_dim, num_classes,
-                                         sample_rate=cfg.loss.partial_fc_sample_rate, s=margin["s"]))
+            head = ShardedHead(
+                PartialFC(
+                    (margin["m1"], margin["m2"], margin["m3"]),
+                    embedding_dim,
+                    num_classes,
+                    sample_rate=cfg.loss.partial_fc_sample_rate,
+                    s=margin["s"],
+                )
+            )
         elif cfg.loss.type == "cosface":
             head = FusedHead(CosFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m))
         else:
@@ -132,7 +140,7 @@ def init_class_centres(num_classes: int, dim: int, start: int, count: int, seed:
         seed_words = np.random.SeedSequence([seed, block]).generate_state(2, dtype=np.uint32)
         generator = torch.Generator().manual_seed(int(seed_words[0]) << 32 | int(seed_words[1]))
         values = torch.rand(size, dim, generator=generator, dtype=torch.float32).mul_(2 * bound).sub_(bound)
-        rows.append(values[max(start - first, 0):min(start + count - first, size)])
+        rows.append(values[max(start - first, 0) : min(start + count - first, size)])
     return torch.cat(rows) if rows else torch.empty(0, dim)
 
 

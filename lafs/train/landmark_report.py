@@ -6,6 +6,7 @@ recipe's difficulty and at difficulty 1.0, writes it to ``log.jsonl`` and prints
 and draws ``landmarks.png`` (mean layout and faces of different pose); on real data,
 which has no five points, it says so and draws the landmarks on held-out images.
 """
+
 from __future__ import annotations
 
 from lafs.eval import landmark_tracking
@@ -29,12 +30,20 @@ def report(model, cfg, run, sample_images, *, step: int, device=None) -> dict | 
         return None
     synthetic = cfg.data.synthetic
     settings = [(synthetic.difficulty, synthetic.pose_difficulty), REPORTED_DIFFICULTY]
-    results = landmark_tracking.measure(model.landmark_cnn, settings, synthetic.colours, device=device,
-                                        count=cfg.val.landmark_faces, keep=cfg.train.plots)
+    results = landmark_tracking.measure(
+        model.landmark_cnn,
+        settings,
+        synthetic.colours,
+        device=device,
+        count=cfg.val.landmark_faces,
+        keep=cfg.train.plots,
+    )
     print(landmark_tracking.summary_line(results), flush=True)
     if cfg.train.plots:
         plots.landmark_tracking(results, run.path / "landmarks.png", patch=model.patch_size)
-    numbers = {name: {k: v for k, v in entry.items() if k not in ("images", "points", "landmarks")}
-               for name, entry in results.items()}
+    numbers = {
+        name: {k: v for k, v in entry.items() if k not in ("images", "points", "landmarks")}
+        for name, entry in results.items()
+    }
     run.log({"step": step, "landmark_tracking": numbers})
     return numbers

@@ -20,6 +20,7 @@ A run may resume on another number of processes when the global batch
 centres are resharded, data order and schedule continue (per-process random
 streams of processes that did not exist start afresh).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,20 @@ from .sampling import ResumableBatchSampler, SeededItems, micro_batches
 from .stage import Stage
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "NonFiniteLossError", "Progress", "ResumableBatchSampler", "ResumeError", "RunFolder",
-    "SeededItems", "Stage", "autocast", "autocast_dtype", "capture_rng", "restore_rng", "run_stage", "seed_everything",
+    "CHECKPOINT_FORMAT",
+    "NonFiniteLossError",
+    "Progress",
+    "ResumableBatchSampler",
+    "ResumeError",
+    "RunFolder",
+    "SeededItems",
+    "Stage",
+    "autocast",
+    "autocast_dtype",
+    "capture_rng",
+    "restore_rng",
+    "run_stage",
+    "seed_everything",
 ]
 
 
@@ -98,13 +111,17 @@ def _train_step(stage: Stage, batches: Iterator, step: int) -> dict:
     metrics = stage.train_step([next(batches) for _ in range(stage.cfg.optim.accum_steps)], step)
     loss, grad_norm = metrics["loss"], metrics.get("grad_norm", 0.0)
     if broadcast_flag(not (math.isfinite(loss) and math.isfinite(grad_norm)), stage.dist):
-        what = (f"the loss became {loss}" if not math.isfinite(loss) else
-                f"the gradient norm became {grad_norm} (loss {loss:.4g})")
+        what = (
+            f"the loss became {loss}"
+            if not math.isfinite(loss)
+            else f"the gradient norm became {grad_norm} (loss {loss:.4g})"
+        )
         last = stage.run.last
         raise NonFiniteLossError(
             f"{stage.name}: {what} at step {step + 1}; stopped without updating the weights. The last good "
             f"checkpoint is {last if last.exists() else '(none written yet)'}. Lower optim.lr, "
-            f"raise optim.warmup_epochs or set train.amp=bf16/off.")
+            f"raise optim.warmup_epochs or set train.amp=bf16/off."
+        )
     return metrics
 
 
@@ -128,10 +145,15 @@ def _checkpoint(stage: Stage, step: int, best: dict, fresh: dict) -> dict:
 
 def _summarise(stage: Stage, step: int, best: dict, last_val: dict, progress: Progress) -> dict:
     """The run's summary (the main process adds the stage's entries and writes summary.json)."""
-    summary = {"stage": stage.name, "steps": step, "total_steps": stage.total_steps,
-               "finished": step >= stage.total_steps, "world_size": stage.dist.world_size,
-               "images_per_s": progress.trained_images / max(progress.train_seconds, 1e-9),
-               "train_seconds": progress.train_seconds}
+    summary = {
+        "stage": stage.name,
+        "steps": step,
+        "total_steps": stage.total_steps,
+        "finished": step >= stage.total_steps,
+        "world_size": stage.dist.world_size,
+        "images_per_s": progress.trained_images / max(progress.train_seconds, 1e-9),
+        "train_seconds": progress.train_seconds,
+    }
     if last_val:
         summary["verification"] = last_val
         summary["best"] = best
@@ -151,8 +173,14 @@ class Progress:
 
     def __init__(self, stage: Stage, step: int):
         self.stage = stage
-        self.bar = tqdm(total=stage.total_steps, initial=step, desc=stage.name, disable=not stage.dist.is_main,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=stage.total_steps,
+            initial=step,
+            desc=stage.name,
+            disable=not stage.dist.is_main,
+            dynamic_ncols=True,
+            leave=True,
+        )
         self.images_per_step = global_batch(stage)
         self.train_seconds, self.trained_images = 0.0, 0
         self.restart_window()
@@ -169,11 +197,17 @@ class Progress:
             return
         stage = self.stage
         elapsed = time.perf_counter() - self.window_start
-        record = {"step": step, "epoch": round(step / stage.steps_per_epoch, 4), "lr": stage.current_lr(step - 1),
-                  **metrics, "images_per_s": self.window_images / max(elapsed, 1e-9)}
+        record = {
+            "step": step,
+            "epoch": round(step / stage.steps_per_epoch, 4),
+            "lr": stage.current_lr(step - 1),
+            **metrics,
+            "images_per_s": self.window_images / max(elapsed, 1e-9),
+        }
         stage.run.log(record)
-        self.bar.set_postfix({k: f"{record[k]:.3g}" for k in (*stage.progress_keys, "images_per_s", "lr")
-                              if k in record})
+        self.bar.set_postfix(
+            {k: f"{record[k]:.3g}" for k in (*stage.progress_keys, "images_per_s", "lr") if k in record}
+        )
         self.restart_window()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 Schedules are numpy arrays indexed by the global optimizer step (as DINO does),
 so resuming at step k reads exactly the value an uninterrupted run would use.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,9 @@ from lafs.ssl.schedules import cosine_schedule
 
 def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0) -> np.ndarray:
     """[total_steps] values: linear warmup from 0 to ``base``, then cosine to ``final`` (lafs.ssl's schedule)."""
-    return cosine_schedule(base, final, epochs=1, iters_per_epoch=total_steps,
-                           warmup_epochs=min(warmup_steps, total_steps) / total_steps)
+    return cosine_schedule(
+        base, final, epochs=1, iters_per_epoch=total_steps, warmup_epochs=min(warmup_steps, total_steps) / total_steps
+    )
 
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -22,9 +24,15 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(("cls_token", "pos_embedding", "pos_embed"))
 
 
-def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight_decay: float,
-                 layer_decay: float, head: torch.nn.Module | None = None,
-                 landmark_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module,
+    *,
+    weight_decay: float,
+    landmark_weight_decay: float,
+    layer_decay: float,
+    head: torch.nn.Module | None = None,
+    landmark_lr_scale: float = 1.0,
+) -> list[dict]:
     """AdamW groups for a PartFViT (``model.landmark_cnn``, ``model.transformer``) and its margin head.
 
     Each group carries ``lr_scale`` (multiplied with the scheduled lr each step)
@@ -40,14 +48,19 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, landmark_weight
 
     def add(param, lr_scale, decay, landmark=False):
         key = (lr_scale, decay, landmark)
-        group = groups.setdefault(key, {"params": [], "lr_scale": lr_scale, "weight_decay": decay,
-                                        "landmark": landmark})
+        group = groups.setdefault(
+            key, {"params": [], "lr_scale": lr_scale, "weight_decay": decay, "landmark": landmark}
+        )
         group["params"].append(param)
 
     for name, param in model.landmark_cnn.named_parameters():
         if param.requires_grad:
-            add(param, layer_decay ** top * landmark_lr_scale,
-                0.0 if _no_weight_decay(name, param) else landmark_weight_decay, landmark=True)
+            add(
+                param,
+                layer_decay**top * landmark_lr_scale,
+                0.0 if _no_weight_decay(name, param) else landmark_weight_decay,
+                landmark=True,
+            )
     for name, param in transformer.named_parameters():
         if param.requires_grad:
             scale = layer_decay ** (top - transformer.layer_id(name))

@@ -1,5 +1,6 @@
 """Pictures of a run: ``curves.png`` (loss and accuracy vs step) and ``landmarks.png`` (the landmarks on
 held-out faces; on synthetic faces their mean layout and how they move with the pose)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,15 +25,17 @@ def curves(log: list[dict], path: Path, title: str = "") -> None:
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
     if train and "acc" in train[0]:
-        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label="training batches",
-                    color="tab:orange")
+        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label="training batches", color="tab:orange")
     if val:
-        ax_acc.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", label="verification",
-                    color="tab:green")
+        ax_acc.plot(
+            [r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", label="verification", color="tab:green"
+        )
     # Pretraining also logs the student's verification and the label-free view retrieval.
-    for key, label, style in (("val_student_accuracy", "verification (student)", ("o--", "tab:olive")),
-                              ("val_view_retrieval", "view retrieval", ("s-", "tab:purple")),
-                              ("val_student_view_retrieval", "view retrieval (student)", ("s--", "tab:pink"))):
+    for key, label, style in (
+        ("val_student_accuracy", "verification (student)", ("o--", "tab:olive")),
+        ("val_view_retrieval", "view retrieval", ("s-", "tab:purple")),
+        ("val_student_view_retrieval", "view retrieval (student)", ("s--", "tab:pink")),
+    ):
         points = [r for r in val if key in r]
         if points:
             ax_acc.plot([r["step"] for r in points], [r[key] for r in points], style[0], label=label, color=style[1])
@@ -68,8 +71,17 @@ def landmarks(model, images: torch.Tensor, path: Path, device=None, columns: int
         ax.imshow(picture.numpy(), extent=(-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5))
         # SPEC: a patch centred on (x, y) samples x + a_i - 0.5 for a_i = -P/2 .. P/2 - 1.
         for x, y in pts.tolist():
-            ax.add_patch(Rectangle((x - patch / 2 - 1.0, y - patch / 2 - 1.0), patch, patch, fill=False,
-                                   linewidth=0.4, edgecolor="yellow", alpha=0.6))
+            ax.add_patch(
+                Rectangle(
+                    (x - patch / 2 - 1.0, y - patch / 2 - 1.0),
+                    patch,
+                    patch,
+                    fill=False,
+                    linewidth=0.4,
+                    edgecolor="yellow",
+                    alpha=0.6,
+                )
+            )
         ax.scatter(pts[:, 0], pts[:, 1], s=3, c="red")
     fig.suptitle(f"predicted landmarks ({points.shape[1]}) and their {patch}x{patch} patches")
     fig.tight_layout()
@@ -85,9 +97,12 @@ def _pose_examples(points, count: int = 7) -> list[tuple[int, str]]:
     points = np.asarray(points, dtype=np.float64)
     eyes = points[:, 1] - points[:, 0]
     middle = (points[:, 0] + points[:, 1]) / 2
-    measures = (("roll", np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0])), "deg"),
-                ("yaw: nose", points[:, 2, 0] - middle[:, 0], "px"),
-                ("shift x", middle[:, 0], "px"), ("shift y", middle[:, 1], "px"))
+    measures = (
+        ("roll", np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0])), "deg"),
+        ("yaw: nose", points[:, 2, 0] - middle[:, 0], "px"),
+        ("shift x", middle[:, 0], "px"),
+        ("shift y", middle[:, 1], "px"),
+    )
     chosen: list[tuple[int, str]] = []
     for name, values, unit in measures:
         deviation = values - values.mean()
@@ -124,19 +139,25 @@ def landmark_tracking(results: dict, path: Path, patch: int = 8, columns: int = 
         ax.add_patch(Circle((x, y), max(r, 0.3), fill=False, linewidth=0.6, edgecolor="yellow"))
     ax.scatter(mean[:, 0], mean[:, 1], s=4, c="red")
     ax.scatter(points[:, :, 0].mean(0), points[:, :, 1].mean(0), s=30, c="cyan", marker="+", linewidths=0.8)
-    ax.set_title(f"mean layout of {len(images)} faces\n(circles: spread, mean {entry['spread_px']:.1f} px)",
-                 fontsize=8)
+    ax.set_title(f"mean layout of {len(images)} faces\n(circles: spread, mean {entry['spread_px']:.1f} px)", fontsize=8)
     for ax, (index, why) in zip(axes.flat[1:], examples):
         ax.imshow(images[index], extent=extent)
-        ax.plot(np.stack([mean[:, 0], marks[index, :, 0]]), np.stack([mean[:, 1], marks[index, :, 1]]),
-                color="yellow", linewidth=0.7)
+        ax.plot(
+            np.stack([mean[:, 0], marks[index, :, 0]]),
+            np.stack([mean[:, 1], marks[index, :, 1]]),
+            color="yellow",
+            linewidth=0.7,
+        )
         ax.scatter(mean[:, 0], mean[:, 1], s=2, c="0.6")
         ax.scatter(marks[index, :, 0], marks[index, :, 1], s=4, c="red")
         ax.scatter(points[index, :, 0], points[index, :, 1], s=30, c="cyan", marker="+", linewidths=0.8)
         ax.set_title(f"face {index}: {why}", fontsize=8)
     scores = ", ".join(f"{r['score']:.2f} at {setting_name(r)}" for r in results.values())
-    fig.suptitle(f"predicted landmarks ({marks.shape[1]}, {patch}x{patch} patches) on held-out faces: red; "
-                 f"true five points: cyan\nlandmark tracking R^2 {scores}", fontsize=9)
+    fig.suptitle(
+        f"predicted landmarks ({marks.shape[1]}, {patch}x{patch} patches) on held-out faces: red; "
+        f"true five points: cyan\nlandmark tracking R^2 {scores}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

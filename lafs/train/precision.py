@@ -1,4 +1,5 @@
 """Mixed precision: which autocast dtype ``train.amp`` means on a device, and the autocast context."""
+
 from __future__ import annotations
 
 import contextlib

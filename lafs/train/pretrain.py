@@ -10,6 +10,7 @@ the teacher transformer behind the frozen landmark CNN; without labels, ``val.vi
 images' two global views (drawn once, from a fixed seed) tell whether the backbones learn
 anything augmentation-invariant at all (``lafs.ssl.monitor``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,10 +53,14 @@ class PretrainStage(Stage):
         """Pretraining's schedules live in its DINO trainer: the view builder, the settings (built once from the
         configuration and the run's length) and the trainer; then the label-free view probe."""
         views = self._build_views()
-        settings = DINOSettings.from_config(self.cfg, iters_per_epoch=self.steps_per_epoch,
-                                            amp_dtype=_AMP_NAMES[autocast_dtype(self.cfg.train.amp, self.device)])
-        self.trainer = DINOTrainer(self.student.to(self.device), self.teacher.to(self.device), views, settings,
-                                   device=self.device)
+        settings = DINOSettings.from_config(
+            self.cfg,
+            iters_per_epoch=self.steps_per_epoch,
+            amp_dtype=_AMP_NAMES[autocast_dtype(self.cfg.train.amp, self.device)],
+        )
+        self.trainer = DINOTrainer(
+            self.student.to(self.device), self.teacher.to(self.device), views, settings, device=self.device
+        )
         self.view_probe = self._build_view_probe()
 
     def _check_whole_epochs(self) -> None:
@@ -83,11 +88,22 @@ class PretrainStage(Stage):
         """The multi-crop view builder of ``cfg.views`` behind the frozen landmark CNN (own generator per process)."""
         cfg, v = self.cfg, self.cfg.views
         return MultiViewBuilder(
-            self.landmark_cnn, patch_size=self.student.patch_size, global_views=2, local_views=v.local_count,
-            local_tokens=v.local_tokens, jitter_std=v.jitter_std, replacement=v.replacement,
-            global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
-            image_size=self.landmark_cnn.image_size, grayscale_p=v.grayscale_p, seed=cfg.seed + self.dist.rank,
-            original_path=cfg.train.original_path, landmarks=v.landmarks, local_positions=v.local_positions)
+            self.landmark_cnn,
+            patch_size=self.student.patch_size,
+            global_views=2,
+            local_views=v.local_count,
+            local_tokens=v.local_tokens,
+            jitter_std=v.jitter_std,
+            replacement=v.replacement,
+            global_scale=tuple(v.global_scale),
+            local_scale=tuple(v.local_scale),
+            image_size=self.landmark_cnn.image_size,
+            grayscale_p=v.grayscale_p,
+            seed=cfg.seed + self.dist.rank,
+            original_path=cfg.train.original_path,
+            landmarks=v.landmarks,
+            local_positions=v.local_positions,
+        )
 
     def _build_view_probe(self):
         """``val.view_probe`` images' two global views, drawn once from the seed (main process only), or None."""
@@ -143,16 +159,20 @@ class PretrainStage(Stage):
         """Verification of ``backbone`` behind the frozen landmark CNN, and its view retrieval on the probe;
         ``backbone`` goes back to the mode it was in (the landmark CNN stays in eval mode: it is frozen)."""
         with evaluation_mode(backbone):
-            results = verify_sets(self.embedding_model(backbone), self.val_sets, batch_size=self.cfg.val.batch_size,
-                                  device=self.device)
+            results = verify_sets(
+                self.embedding_model(backbone), self.val_sets, batch_size=self.cfg.val.batch_size, device=self.device
+            )
         if self.view_probe is not None:
             results["view_retrieval"] = view_retrieval_accuracy(backbone, self.view_probe)
         return results
 
     def state_dict(self) -> dict:
-        return {"dino": self.trainer.state_dict(), "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
-                "student_transformer": model_to_dict(self.trainer.student.backbone),
-                "landmark_cnn": self.landmark_cnn.state_dict()}
+        return {
+            "dino": self.trainer.state_dict(),
+            "teacher_transformer": model_to_dict(self.trainer.teacher.backbone),
+            "student_transformer": model_to_dict(self.trainer.student.backbone),
+            "landmark_cnn": self.landmark_cnn.state_dict(),
+        }
 
     def load_state_dict(self, state: dict, shard=None) -> None:
         self.trainer.load_state_dict(state["dino"])
@@ -168,7 +188,11 @@ class PretrainStage(Stage):
     def finish(self, summary: dict) -> dict:
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
-            plots.landmarks(self.embedding_model(), self.val_sets[0].sample_images(), self.run.path / "landmarks.png",
-                            device=self.device)
+            plots.landmarks(
+                self.embedding_model(),
+                self.val_sets[0].sample_images(),
+                self.run.path / "landmarks.png",
+                device=self.device,
+            )
         summary["train_images"] = len(self.train_set)
         return summary

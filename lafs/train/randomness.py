@@ -1,4 +1,5 @@
 """The random streams a run seeds, saves and restores: the global torch, numpy and python RNGs."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """``runs/<name>/``: where a stage writes its configuration, log, checkpoints, summary and plots."""
+
 from __future__ import annotations
 
 import json

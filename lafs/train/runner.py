@@ -1,4 +1,5 @@
 """From a command, a recipe and overrides to a finished run folder."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 The data order is a function of (seed, epoch) and each item's augmentation a function of
 (seed, epoch, index), so a run resumed at any step draws the same images, augmented alike.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -34,7 +35,7 @@ class ResumableBatchSampler(Sampler):
     def __iter__(self):
         indices = list(self.sampler)
         for b in range(self.start, len(self)):
-            yield [(i, self.epoch) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+            yield [(i, self.epoch) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
 class SeededItems(Dataset):

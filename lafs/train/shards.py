@@ -19,6 +19,7 @@ checkpoint. Files no checkpoint names any more are removed afterwards.
 Resuming on M != N processes reshards the rows (centres and their optimizer rows) with
 ``lafs_kernels.reshard.reshard_centres``; one process holds all classes.
 """
+
 from __future__ import annotations
 
 import re
@@ -89,10 +90,17 @@ def reshard(shards: Sequence[dict], world_size: int, row_keys: dict) -> list[dic
             raise ValueError(f"the shards hold {rows} class rows, the checkpoint says {num_classes}")
         return reshard_centres(tensors, world_size)
 
-    out = [{"rank": r, "world_size": world_size, "class_start": class_range(num_classes, r, world_size)[0],
-            "num_classes": num_classes, "state": dict(order[0]["state"]),
-            "optimizer": {name: dict(entry) for name, entry in order[0]["optimizer"].items()}}
-           for r in range(world_size)]
+    out = [
+        {
+            "rank": r,
+            "world_size": world_size,
+            "class_start": class_range(num_classes, r, world_size)[0],
+            "num_classes": num_classes,
+            "state": dict(order[0]["state"]),
+            "optimizer": {name: dict(entry) for name, entry in order[0]["optimizer"].items()},
+        }
+        for r in range(world_size)
+    ]
     for key in row_keys["state"]:
         for shard, part in zip(out, split([s["state"][key] for s in order])):
             shard["state"][key] = part

@@ -9,6 +9,7 @@ methods below and nothing else, in this order: ``build``, ``make_loader`` (which
 ``train_step``, and ``current_lr`` / ``progress_keys`` for the log; ``validate``;
 ``shard_state``, ``process_state`` and ``state_dict`` for each checkpoint; ``finish``.
 """
+
 from __future__ import annotations
 
 import abc
@@ -108,18 +109,24 @@ class Stage(abc.ABC):
         """This process's share of ``self.train_set``, in batches of ``optim.batch_size``, resumable by position."""
         cfg = self.cfg
         items = SeededItems(self.train_set, cfg.seed, self.transform())
-        sampler = DistributedSampler(items, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler = DistributedSampler(
+            items, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
         batch_sampler = ResumableBatchSampler(sampler, cfg.optim.batch_size)
         if len(batch_sampler) < cfg.optim.accum_steps:
             raise ConfigError(
                 f"the training set has {len(self.train_set)} images: fewer than one optimizer step of "
-                f"{cfg.optim.batch_size} x {cfg.optim.accum_steps} x {self.dist.world_size} processes")
+                f"{cfg.optim.batch_size} x {cfg.optim.accum_steps} x {self.dist.world_size} processes"
+            )
         # A private generator: creating an iterator must not draw from the global RNG (which drives
         # dropout), or a resumed run would diverge from an uninterrupted one.
-        loader = DataLoader(items, batch_sampler=batch_sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + self.dist.rank))
+        loader = DataLoader(
+            items,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed + self.dist.rank),
+        )
         return loader, batch_sampler
 
     def schedule_lengths(self, micro_per_epoch: int) -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
 """One stage into one run folder: config.yaml, log, checkpoints, summary, plots; works under torchrun."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ The landmark CNN trains end to end through the landmark gradient of the fused
 gather; the loss is ``lafs_kernels.nn.CosFace`` / ``ArcFace`` on one process and
 ``PartialFC`` (class centres sharded over the processes) under torchrun.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,10 +45,14 @@ class SupervisedStage(Stage):
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
-        groups = param_groups(self.model, weight_decay=cfg.optim.weight_decay,
-                              landmark_weight_decay=cfg.optim.landmark_weight_decay,
-                              layer_decay=cfg.optim.layer_decay, head=self.head,
-                              landmark_lr_scale=cfg.optim.landmark_lr_scale)
+        groups = param_groups(
+            self.model,
+            weight_decay=cfg.optim.weight_decay,
+            landmark_weight_decay=cfg.optim.landmark_weight_decay,
+            layer_decay=cfg.optim.layer_decay,
+            head=self.head,
+            landmark_lr_scale=cfg.optim.landmark_lr_scale,
+        )
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.sharded = isinstance(self.head, ShardedHead)
         head_ids = {id(p) for p in self.head.parameters()}
@@ -114,8 +119,7 @@ class SupervisedStage(Stage):
         accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
         # One norm over the whole model, Partial FC shards included, the same on every process.
-        grad_norm = clip_grad_norm_global(self.replicated_params, self.sharded_params, cfg.optim.clip_grad,
-                                          self.dist)
+        grad_norm = clip_grad_norm_global(self.replicated_params, self.sharded_params, cfg.optim.clip_grad, self.dist)
         if not torch.isfinite(grad_norm):
             if not self.scaler.is_enabled():
                 # A finite loss can still carry NaN gradients (e.g. a NaN image whose landmarks the
@@ -140,8 +144,9 @@ class SupervisedStage(Stage):
         if not self.dist.is_main:
             return {}
         model = self.forward_model.module if self.dist.enabled else self.forward_model
-        return verify_sets(model, self.val_sets, batch_size=self.cfg.val.batch_size, device=self.device,
-                           amp_dtype=self.amp_dtype)
+        return verify_sets(
+            model, self.val_sets, batch_size=self.cfg.val.batch_size, device=self.device, amp_dtype=self.amp_dtype
+        )
 
     def _centre_index(self) -> tuple[str, int]:
         """(name of the class-centre parameter in the head, its index in the optimizer's state)."""
@@ -162,11 +167,16 @@ class SupervisedStage(Stage):
         name, index = self._centre_index()
         entry = self.optimizer.state_dict()["state"].get(index)
         start = self.head.loss.class_start if self.sharded else 0
-        return {"rank": self.dist.rank if self.sharded else 0, "world_size": self.dist.world_size if self.sharded
-                else 1, "class_start": start, "num_classes": self.num_classes,
-                "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
-                "optimizer": {} if entry is None else {name: {k: v.cpu().clone() if torch.is_tensor(v) else v
-                                                              for k, v in entry.items()}}}
+        return {
+            "rank": self.dist.rank if self.sharded else 0,
+            "world_size": self.dist.world_size if self.sharded else 1,
+            "class_start": start,
+            "num_classes": self.num_classes,
+            "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+            "optimizer": {}
+            if entry is None
+            else {name: {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in entry.items()}},
+        }
 
     def shard_row_keys(self) -> dict:
         """Which shard entries hold one row per class (:func:`lafs.train.shards.reshard`)."""
@@ -182,12 +192,16 @@ class SupervisedStage(Stage):
         name, index = self._centre_index()
         start = self.head.loss.class_start if self.sharded else 0
         if shard["class_start"] != start or shard["num_classes"] != self.num_classes:
-            raise ResumeError(f"--resume: the class-centre shard holds classes from {shard['class_start']} of "
-                             f"{shard['num_classes']}; this process needs them from {start} of {self.num_classes}")
+            raise ResumeError(
+                f"--resume: the class-centre shard holds classes from {shard['class_start']} of "
+                f"{shard['num_classes']}; this process needs them from {start} of {self.num_classes}"
+            )
         self.head.load_state_dict(shard["state"])
         optimizer = dict(state["optimizer"])
-        optimizer["state"] = {**optimizer["state"], **({index: shard["optimizer"][name]}
-                                                       if name in shard["optimizer"] else {})}
+        optimizer["state"] = {
+            **optimizer["state"],
+            **({index: shard["optimizer"][name]} if name in shard["optimizer"] else {}),
+        }
         self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(state["scaler"])
 
@@ -195,7 +209,8 @@ class SupervisedStage(Stage):
         if self.cfg.train.plots:
             plots.curves(self.run.read_log(), self.run.path / "curves.png", title=self.name)
         summary["landmark_tracking"] = landmark_report.report(
-            self.model, self.cfg, self.run, self.val_sets[0].sample_images(), step=summary["steps"], device=self.device)
+            self.model, self.cfg, self.run, self.val_sets[0].sample_images(), step=summary["steps"], device=self.device
+        )
         summary["num_classes"] = self.num_classes
         summary["train_images"] = len(self.train_set)
         return summary

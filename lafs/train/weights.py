@@ -1,4 +1,5 @@
 """Loading weights into the model of a stage, with a clear error for another architecture."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -17,13 +18,16 @@ class ArchitectureMismatchError(ConfigError):
 def check_same_architecture(model: nn.Module, arch: Mapping, what: str) -> None:
     """Raise when ``arch`` (a lafs/v1 ``arch`` dict) differs from ``model.arch_config()`` where both define a key."""
     ours = model.arch_config()
-    differences = [f"{k}: checkpoint {arch[k]!r} vs configured {ours[k]!r}"
-                   for k in sorted(set(ours) & set(arch)) if _normalise(arch[k]) != _normalise(ours[k])
-                   and k not in ("dropout", "emb_dropout", "drop_path")]
+    differences = [
+        f"{k}: checkpoint {arch[k]!r} vs configured {ours[k]!r}"
+        for k in sorted(set(ours) & set(arch))
+        if _normalise(arch[k]) != _normalise(ours[k]) and k not in ("dropout", "emb_dropout", "drop_path")
+    ]
     if differences:
         raise ArchitectureMismatchError(
             f"{what} was trained with another architecture ({'; '.join(differences)}); set model.name / "
-            f"model.overrides to match it")
+            f"model.overrides to match it"
+        )
 
 
 def _normalise(value):
@@ -42,12 +46,16 @@ def _load_strict(module: nn.Module, state: Mapping, what: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-             if tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or wrong:
         raise ArchitectureMismatchError(
             f"{what} does not fit the configured model: missing {missing[:6]}, unexpected {unexpected[:6]}, "
-            f"shape differences {wrong[:6]}")
+            f"shape differences {wrong[:6]}"
+        )
     module.load_state_dict(state)
 
 
@@ -70,7 +78,8 @@ def load_landmark_cnn(target: nn.Module, source: str, *, unsafe_pickle: bool = F
     ours = target.arch_config()
     if donor_cfg != ours:
         raise ArchitectureMismatchError(
-            f"init.landmark {source!r}: its landmark CNN {donor_cfg} differs from the configured {ours}")
+            f"init.landmark {source!r}: its landmark CNN {donor_cfg} differs from the configured {ours}"
+        )
     _load_strict(target, donor.landmark_cnn.state_dict(), f"init.landmark {source!r}")
 
 
@@ -98,4 +107,5 @@ def load_pretrained_transformer(target: nn.Module, source: str, *, unsafe_pickle
     except Exception as exc:
         raise ArchitectureMismatchError(
             f"init.pretrained {str(path)!r}: neither a lafs.train pretraining checkpoint nor an official LAFS "
-            f"checkpoint that fits the configured transformer: {exc}") from exc
+            f"checkpoint that fits the configured transformer: {exc}"
+        ) from exc

@@ -7,6 +7,7 @@ landmarks ``[B, L, 2]``.  Grid coordinates are normalised by W for x and by H
 for y; the original code divides both by H, which is the same for the square
 faces LAFS uses.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ copy, and a cross-entropy that saves its softmax.  Kept as the baseline of the
 benchmarks and for ``--original-path`` training; the fused op is
 :func:`lafs_kernels.margin_softmax_cross_entropy`.
 """
+
 import math
 
 import torch
@@ -34,8 +35,9 @@ def unfused_margin_loss(
     return F.cross_entropy(margin_logits(cos, labels, s=s, m1=m1, m2=m2, m3=m3), labels, reduction=reduction)
 
 
-def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, s: float, m1: float, m2: float,
-                  m3: float) -> torch.Tensor:
+def margin_logits(
+    cos: torch.Tensor, labels: torch.Tensor, *, s: float, m1: float, m2: float, m3: float
+) -> torch.Tensor:
     """cos [B, C], labels [B] -> scaled logits [B, C]: ``cos(m1*theta + m2) - m3`` at the labels (ArcFace
     fallback ``cos - sin(pi - m2) * m2`` where ``m1*theta + m2 > pi``), plain cosine elsewhere, times s."""
     one_hot = F.one_hot(labels, cos.shape[1]).to(torch.bool)

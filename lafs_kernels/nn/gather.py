@@ -1,4 +1,5 @@
 """Module wrapper of :func:`lafs_kernels.landmark_patch_gather`."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -22,8 +23,9 @@ class LandmarkPatchGather(nn.Module):
       when all landmarks are used in order)
     """
 
-    def __init__(self, patch_size: int = 8, num_samples: Optional[int] = None, replacement: bool = True,
-                 jitter_std: float = 0.0):
+    def __init__(
+        self, patch_size: int = 8, num_samples: Optional[int] = None, replacement: bool = True, jitter_std: float = 0.0
+    ):
         super().__init__()
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
@@ -34,19 +36,33 @@ class LandmarkPatchGather(nn.Module):
         self.replacement = replacement
         self.jitter_std = jitter_std
 
-    def forward(self, image: Tensor, landmarks: Tensor, generator: Union[torch.Generator, int, None] = None,
-                return_index: bool = False):
+    def forward(
+        self,
+        image: Tensor,
+        landmarks: Tensor,
+        generator: Union[torch.Generator, int, None] = None,
+        return_index: bool = False,
+    ):
         index = None
         jitter_std = self.jitter_std if self.training else 0.0
         if self.training and self.num_samples is not None:
             if isinstance(generator, int) and not isinstance(generator, bool):
                 generator = torch.Generator().manual_seed(generator)  # one generator for index and jitter
-            index = draw_index(landmarks.shape[0], landmarks.shape[1], self.num_samples, replacement=self.replacement,
-                               generator=generator, device=landmarks.device)
-        tokens = landmark_patch_gather(image, landmarks, self.patch_size, index=index, jitter_std=jitter_std,
-                                       generator=generator)
+            index = draw_index(
+                landmarks.shape[0],
+                landmarks.shape[1],
+                self.num_samples,
+                replacement=self.replacement,
+                generator=generator,
+                device=landmarks.device,
+            )
+        tokens = landmark_patch_gather(
+            image, landmarks, self.patch_size, index=index, jitter_std=jitter_std, generator=generator
+        )
         return (tokens, index) if return_index else tokens
 
     def extra_repr(self) -> str:
-        return (f"patch_size={self.patch_size}, num_samples={self.num_samples}, replacement={self.replacement}, "
-                f"jitter_std={self.jitter_std}")
+        return (
+            f"patch_size={self.patch_size}, num_samples={self.num_samples}, replacement={self.replacement}, "
+            f"jitter_std={self.jitter_std}"
+        )

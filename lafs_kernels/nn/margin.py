@@ -4,6 +4,7 @@
 return_argmax=False) -> loss`` (or ``(loss, argmax [B])``), computed by
 :func:`lafs_kernels.margin_softmax_cross_entropy` without the ``[B, C]`` logits.
 """
+
 import torch
 from torch import nn
 
@@ -44,10 +45,18 @@ class CombinedMarginSoftmax(nn.Module):
 
     def forward(self, embeddings, labels, label_weights=None, return_argmax=False):
         return margin_softmax_cross_entropy(
-            embeddings.to(self.weight.dtype), self.weight, labels,
-            s=self.s, m1=self.m1, m2=self.m2, m3=self.m3, label_weights=label_weights,
-            label_smoothing=self.label_smoothing, margin_grad=self.margin_grad,
-            return_argmax=return_argmax, easy_margin=self.easy_margin,
+            embeddings.to(self.weight.dtype),
+            self.weight,
+            labels,
+            s=self.s,
+            m1=self.m1,
+            m2=self.m2,
+            m3=self.m3,
+            label_weights=label_weights,
+            label_smoothing=self.label_smoothing,
+            margin_grad=self.margin_grad,
+            return_argmax=return_argmax,
+            easy_margin=self.easy_margin,
         )
 
     def extra_repr(self) -> str:
@@ -69,6 +78,7 @@ class ArcFace(CombinedMarginSoftmax):
     """ArcFace (additive angular margin): target logit ``s * cos(theta + m)``, with the
     usual fallback when ``theta + m > pi`` (or, with ``easy_margin``, no margin where cos <= 0)."""
 
-    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False, **kwargs):
+    def __init__(
+        self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, **kwargs
+    ):
         super().__init__(in_features, out_features, s, 1.0, m, 0.0, easy_margin=easy_margin, **kwargs)

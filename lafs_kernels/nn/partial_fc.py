@@ -7,6 +7,7 @@ and ``forward(local_embeddings [b, D], local_labels [b]) -> loss``, with the fus
 so no rank holds its ``[B, C/world]`` logits.  It also takes two-label (mixup) and soft targets
 in one call.  :func:`lafs_kernels.reshard.reshard_centres` moves the shards to another world size.
 """
+
 from __future__ import annotations
 
 import math
@@ -186,8 +187,16 @@ class PartialFC(nn.Module):
         else:
             backend = BACKENDS.select(call_of(embeddings, requires_grad=True))
             chunk = self.chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"])
-            stats = local_row_stats(embeddings, weight, local_labels, self.margin, chunk_size=chunk, backend=backend,
-                                    check_labels=False, need_logit_sum=False)
+            stats = local_row_stats(
+                embeddings,
+                weight,
+                local_labels,
+                self.margin,
+                chunk_size=chunk,
+                backend=backend,
+                check_labels=False,
+                need_logit_sum=False,
+            )
         if self.process_group is not None:
             stats = combine_shard_stats(stats, self.class_start, self.process_group, need_argmax=False)
         nll = stats.lse[:, None] - stats.target_logit  # [B, T] -log p_t

@@ -29,6 +29,7 @@ with one of the backends below; its backward is the custom op
 ``lafs_kernels::landmark_patch_gather_backward``.  Both take the backend name as
 an argument, so ``torch.compile`` traces each as one node.
 """
+
 from __future__ import annotations
 
 import math
@@ -189,11 +190,13 @@ def _forward(backend, image, centres, patch_size, view_affine=None):
     return torch.ops.lafs_kernels._patch_gather_fwd(image, centres, patch_size, view_affine)
 
 
-def _backward(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic,
-              view_affine=None):
+def _backward(
+    backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic, view_affine=None
+):
     if backend == "torch":
-        return reference_backward(grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad,
-                                  view_affine)
+        return reference_backward(
+            grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, view_affine
+        )
     if backend == "triton":
         return _triton_module().patch_gather_backward(
             grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, view_affine
@@ -208,8 +211,14 @@ def _backward(backend, grad_tokens, image, centres, patch_size, need_image_grad,
 
 
 @torch.library.custom_op("lafs_kernels::landmark_patch_gather", mutates_args=())
-def patch_gather_op(image: Tensor, centres: Tensor, patch_size: int, backend: str, deterministic: bool,
-                    view_affine: Optional[Tensor] = None) -> Tensor:
+def patch_gather_op(
+    image: Tensor,
+    centres: Tensor,
+    patch_size: int,
+    backend: str,
+    deterministic: bool,
+    view_affine: Optional[Tensor] = None,
+) -> Tensor:
     """tokens [N, K, P*P*C] at centres [N, K, 2] (already selected and jittered) of image [B, C, H, W]
     (row n: image n % B), through view_affine [N, 4] when given.
 
@@ -238,14 +247,22 @@ def patch_gather_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(grad_image like image or empty, grad_centres [N, K, 2] or empty)."""
     return _backward(
-        backend, grad_tokens.contiguous(), image, centres, patch_size, need_image_grad, need_centre_grad, deterministic,
+        backend,
+        grad_tokens.contiguous(),
+        image,
+        centres,
+        patch_size,
+        need_image_grad,
+        need_centre_grad,
+        deterministic,
         view_affine,
     )
 
 
 @patch_gather_backward_op.register_fake
-def _(grad_tokens, image, centres, patch_size, backend, need_image_grad, need_centre_grad, deterministic,
-      view_affine=None):
+def _(
+    grad_tokens, image, centres, patch_size, backend, need_image_grad, need_centre_grad, deterministic, view_affine=None
+):
     grad_image = torch.empty_like(image) if need_image_grad else image.new_empty(0)
     grad_centres = centres.new_empty(centres.shape) if need_centre_grad else centres.new_empty(0)
     return grad_image, grad_centres
@@ -263,7 +280,14 @@ def _backward_formula(ctx, grad_tokens):
     if not (need_image_grad or need_centre_grad):
         return None, None, None, None, None, None
     grad_image, grad_centres = patch_gather_backward_op(
-        grad_tokens, image, centres, ctx.patch_size, ctx.backend, need_image_grad, need_centre_grad, ctx.deterministic,
+        grad_tokens,
+        image,
+        centres,
+        ctx.patch_size,
+        ctx.backend,
+        need_image_grad,
+        need_centre_grad,
+        ctx.deterministic,
         view_affine,
     )
     # No gradient to view_affine (the agreed API): a crop box is sampled, not learned.
@@ -456,8 +480,9 @@ def landmark_patch_gather(
         dtype=_accumulation_dtype(image.dtype),
     )
     deterministic = deterministic_requested(deterministic)
-    name = _select_backend(str(image.device), image.dtype, deterministic and image.requires_grad,
-                           image.requires_grad, backend)
+    name = _select_backend(
+        str(image.device), image.dtype, deterministic and image.requires_grad, image.requires_grad, backend
+    )
     if view_affine is not None:
         view_affine = view_affine.detach().to(_accumulation_dtype(image.dtype)).contiguous()
     return patch_gather_op(image, centres, patch_size, name, deterministic, view_affine)
@@ -488,7 +513,8 @@ def crop_affine(boxes: Tensor, size: int, flip: Optional[Tensor] = None) -> Tens
 # torch.compile evaluates the selection once while tracing (it reads files and
 # the environment) and bakes the chosen name into the graph.
 @torch.compiler.assume_constant_result
-def _select_backend(device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool,
-                    backend: Optional[str]) -> str:
+def _select_backend(
+    device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool, backend: Optional[str]
+) -> str:
     call = Call(device=torch.device(device), dtype=dtype, deterministic=deterministic, requires_grad=requires_grad)
     return BACKENDS.select(call, backend)

@@ -13,6 +13,7 @@ are shared):
   ``csrc/cpu/margin_softmax.cpp`` (``torch.ops.lafs_kernels._margin_chunk_fwd/_bwd``);
 * ``triton``: fused GEMM + softmax tiles (``lafs_kernels/triton/margin_softmax.py``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -116,8 +117,18 @@ def _cpp_chunk_backward(prep: Prepared, w, start: int, margin: Margin, lse, grad
     grad_lse, grad_target, grad_logit_sum = (None if g is None else g.contiguous() for g in grads)
     w, norms, inv_w, raw = _chunk_products(prep, w, norms)
     radial = torch.ops.lafs_kernels._margin_chunk_bwd(
-        raw, inv_w, prep.labels, prep.first, start, prep.target_logit, prep.target_derivative.contiguous(),
-        lse, grad_lse, grad_target, grad_logit_sum, margin.s,
+        raw,
+        inv_w,
+        prep.labels,
+        prep.first,
+        start,
+        prep.target_logit,
+        prep.target_derivative.contiguous(),
+        lse,
+        grad_lse,
+        grad_target,
+        grad_logit_sum,
+        margin.s,
     )
     return raw, w, radial.mul_(_radial_scale(inv_w, norms, margin))
 
@@ -155,8 +166,17 @@ def _triton_chunk_backward(prep: Prepared, w, start: int, margin: Margin, lse, g
     if grad_logit_sum is None:
         grad_logit_sum = torch.zeros_like(lse)
     g, radial = kernels.chunk_backward(
-        prep.x, prep.inv_x, w, _chunk_labels(prep, start), prep.target_logit, prep.target_derivative,
-        lse, grad_lse, grad_target, grad_logit_sum, margin.s,
+        prep.x,
+        prep.inv_x,
+        w,
+        _chunk_labels(prep, start),
+        prep.target_logit,
+        prep.target_derivative,
+        lse,
+        grad_lse,
+        grad_target,
+        grad_logit_sum,
+        margin.s,
     )
     return g, w, radial
 

@@ -7,6 +7,7 @@ outside ``[0, C)`` are "not among these classes", as on another rank's shard).
 gets ``cos(m1*theta + m2) - m3`` with ``theta = acos(cos)`` (see :func:`margin_values` for the
 fallbacks), every other class keeps ``cos``; all logits are scaled by ``s``.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ own classes; the softmax max and sum are the log-sum-exp of the ranks' ``lse``, 
 logit comes from the rank that holds its class.  No host synchronisation: the statistics are
 gathered (``[world, B, T + 2]`` numbers) and combined.
 """
+
 from __future__ import annotations
 
 import torch

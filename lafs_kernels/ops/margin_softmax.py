@@ -22,6 +22,7 @@ Backends (``lafs_kernels._dispatch``): ``torch`` (the reference: materialises th
 each chunk in the C++ kernels of csrc/cpu/margin_softmax.cpp; needs the compiled extension),
 ``triton`` (fused GEMM + softmax kernels; GPU, or CPU under ``TRITON_INTERPRET=1``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -201,8 +202,17 @@ def _backward(ctx, grad_lse, grad_target, grad_logit_sum, _grad_best, _grad_argm
     p = ctx.params
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grad_x, grad_weight = _backward_op(
-        grad_lse, grad_target, grad_logit_sum, x, weight, labels, lse, norms,
-        *(p[name] for name in Margin._fields), p["chunk_size"], p["backend"],
+        grad_lse,
+        grad_target,
+        grad_logit_sum,
+        x,
+        weight,
+        labels,
+        lse,
+        norms,
+        *(p[name] for name in Margin._fields),
+        p["chunk_size"],
+        p["backend"],
     )
     return (grad_x, grad_weight) + (None,) * (1 + len(_PARAMS))
 
@@ -346,8 +356,14 @@ def margin_softmax_cross_entropy(
         raise ValueError(f"margin_softmax_cross_entropy: chunk_size must be positive; got {chunk_size}")
     if process_group is None:
         stats = local_row_stats(
-            embeddings, weight, labels, margin,
-            chunk_size=chunk, backend=name, check_labels=check_labels, need_logit_sum=bool(label_smoothing),
+            embeddings,
+            weight,
+            labels,
+            margin,
+            chunk_size=chunk,
+            backend=name,
+            check_labels=check_labels,
+            need_logit_sum=bool(label_smoothing),
         )
         num_classes = weight.shape[0]
     else:
@@ -355,8 +371,14 @@ def margin_softmax_cross_entropy(
         if check_labels:
             check_label_range(labels, num_classes)
         local = local_row_stats(
-            margin_sharded.SumGradAcrossRanks.apply(embeddings, process_group), weight, labels - class_start, margin,
-            chunk_size=chunk, backend=name, check_labels=False, need_logit_sum=bool(label_smoothing),
+            margin_sharded.SumGradAcrossRanks.apply(embeddings, process_group),
+            weight,
+            labels - class_start,
+            margin,
+            chunk_size=chunk,
+            backend=name,
+            check_labels=False,
+            need_logit_sum=bool(label_smoothing),
         )
         stats = margin_sharded.combine_shard_stats(local, class_start, process_group, need_argmax=return_argmax)
     loss = soft_target_loss(stats, label_weights, label_smoothing, num_classes, reduction)

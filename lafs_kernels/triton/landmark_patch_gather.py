@@ -14,6 +14,7 @@ float32 buffer whatever the image dtype (so it is not bitwise repeatable); the
 centre gradient is a reduction over the features of each patch within one
 program, so it needs no atomics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,19 @@ def _source_position(centre, scale, offset, offsets, size):
 
 
 @triton.jit
-def _patch_tile(centres_ptr, affine_ptr, num_patches, K, C, H, W, P: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_F: tl.constexpr, AFFINE: tl.constexpr):
+def _patch_tile(
+    centres_ptr,
+    affine_ptr,
+    num_patches,
+    K,
+    C,
+    H,
+    W,
+    P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    AFFINE: tl.constexpr,
+):
     """This program's tile of BLOCK_K patches x BLOCK_F features (feature f = (x_offset * P + y_offset) * C + c).
 
     Returns patch ids [BLOCK_K] and their validity, the channel of each feature [BLOCK_F], the tile's
@@ -80,8 +92,14 @@ def _patch_tile(centres_ptr, affine_ptr, num_patches, K, C, H, W, P: tl.constexp
         oy = tl.load(affine_ptr + 4 * row + 3, mask=patch_ok, other=float("nan"))
         inf = float("inf")
         # Non-finite centre or affine: a zero patch with zero gradients.
-        finite = ((tl.abs(cx) < inf) & (tl.abs(cy) < inf) & (tl.abs(sx) < inf) & (tl.abs(sy) < inf)
-                  & (tl.abs(ox) < inf) & (tl.abs(oy) < inf))
+        finite = (
+            (tl.abs(cx) < inf)
+            & (tl.abs(cy) < inf)
+            & (tl.abs(sx) < inf)
+            & (tl.abs(sy) < inf)
+            & (tl.abs(ox) < inf)
+            & (tl.abs(oy) < inf)
+        )
         cx = tl.where(finite, cx, -1e9)
         cy = tl.where(finite, cy, -1e9)
         sx = tl.where(finite, sx, 0.0)
@@ -92,8 +110,18 @@ def _patch_tile(centres_ptr, affine_ptr, num_patches, K, C, H, W, P: tl.constexp
         y = _source_position(cy, sy, oy, j - (P / 2 + 0.5), H)
         x_floor = tl.floor(x)
         y_floor = tl.floor(y)
-        return (patch, patch_ok, f % C, tile_ok, x_floor.to(tl.int32), y_floor.to(tl.int32), x - x_floor,
-                y - y_floor, sx, sy)
+        return (
+            patch,
+            patch_ok,
+            f % C,
+            tile_ok,
+            x_floor.to(tl.int32),
+            y_floor.to(tl.int32),
+            x - x_floor,
+            y - y_floor,
+            sx,
+            sy,
+        )
     else:
         x0, y0, fx, fy = _patch_geometry(centres_ptr, patch, patch_ok, H, W, P)
         one = tl.full((BLOCK_K,), 1.0, tl.float32)
@@ -102,13 +130,28 @@ def _patch_tile(centres_ptr, affine_ptr, num_patches, K, C, H, W, P: tl.constexp
 
 @triton.jit
 def _forward_kernel(
-    image_ptr, centres_ptr, affine_ptr, tokens_ptr,
-    num_patches, K, B, C, H, W,
-    stride_b, stride_c, stride_h, stride_w,
-    P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, AFFINE: tl.constexpr,
+    image_ptr,
+    centres_ptr,
+    affine_ptr,
+    tokens_ptr,
+    num_patches,
+    K,
+    B,
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    AFFINE: tl.constexpr,
 ):
     patch, patch_ok, c, tile_ok, xs, ys, fx, fy, _, _ = _patch_tile(
-        centres_ptr, affine_ptr, num_patches, K, C, H, W, P, BLOCK_K, BLOCK_F, AFFINE)
+        centres_ptr, affine_ptr, num_patches, K, C, H, W, P, BLOCK_K, BLOCK_F, AFFINE
+    )
     base = image_ptr + (patch // K % B).to(tl.int64)[:, None] * stride_b + c[None, :] * stride_c
     acc = tl.zeros((BLOCK_K, BLOCK_F), dtype=tl.float32)
     for dy in tl.static_range(2):
@@ -127,14 +170,32 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    grad_tokens_ptr, image_ptr, centres_ptr, affine_ptr, grad_image_ptr, grad_centres_ptr,
-    num_patches, K, B, C, H, W,
-    stride_b, stride_c, stride_h, stride_w,
-    P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-    NEED_IMAGE_GRAD: tl.constexpr, NEED_CENTRE_GRAD: tl.constexpr, AFFINE: tl.constexpr,
+    grad_tokens_ptr,
+    image_ptr,
+    centres_ptr,
+    affine_ptr,
+    grad_image_ptr,
+    grad_centres_ptr,
+    num_patches,
+    K,
+    B,
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    NEED_IMAGE_GRAD: tl.constexpr,
+    NEED_CENTRE_GRAD: tl.constexpr,
+    AFFINE: tl.constexpr,
 ):
     patch, patch_ok, c, tile_ok, xs, ys, fx, fy, scale_x, scale_y = _patch_tile(
-        centres_ptr, affine_ptr, num_patches, K, C, H, W, P, BLOCK_K, BLOCK_F, AFFINE)
+        centres_ptr, affine_ptr, num_patches, K, C, H, W, P, BLOCK_K, BLOCK_F, AFFINE
+    )
     features = patch.to(tl.int64)[:, None] * (P * P * C) + tl.arange(0, BLOCK_F)[None, :]
     grad = tl.load(grad_tokens_ptr + features, mask=tile_ok, other=0.0)
     grad = grad.to(tl.float32)
@@ -183,8 +244,9 @@ def _affine_arg(view_affine, like):
     return view_affine.to(torch.float32).contiguous(), True
 
 
-def patch_gather_forward(image: torch.Tensor, centres: torch.Tensor, patch_size: int,
-                         view_affine: torch.Tensor | None = None) -> torch.Tensor:
+def patch_gather_forward(
+    image: torch.Tensor, centres: torch.Tensor, patch_size: int, view_affine: torch.Tensor | None = None
+) -> torch.Tensor:
     """tokens [N, K, P*P*C] (image dtype) from image [B, C, H, W], centres [N, K, 2] (row n: image n % B)
     and view_affine [N, 4] or None."""
     B, C, H, W = image.shape
@@ -197,14 +259,26 @@ def patch_gather_forward(image: torch.Tensor, centres: torch.Tensor, patch_size:
     block_k, block_f, grid = _launch_config(N * K, P * P * C)
     with _on_device(image):
         _forward_kernel[grid](
-            image, centres, affine, tokens, N * K, K, B, C, H, W, *image.stride(),
-            P=P, BLOCK_K=block_k, BLOCK_F=block_f, AFFINE=has_affine,
+            image,
+            centres,
+            affine,
+            tokens,
+            N * K,
+            K,
+            B,
+            C,
+            H,
+            W,
+            *image.stride(),
+            P=P,
+            BLOCK_K=block_k,
+            BLOCK_F=block_f,
+            AFFINE=has_affine,
         )
     return tokens
 
 
-def patch_gather_backward(grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad,
-                          view_affine=None):
+def patch_gather_backward(grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, view_affine=None):
     """(grad_image like image or empty, grad_centres [N, K, 2] in centres' dtype or empty)."""
     B, C, H, W = image.shape
     N, K, P = centres.shape[0], centres.shape[1], patch_size
@@ -216,11 +290,25 @@ def patch_gather_backward(grad_tokens, image, centres, patch_size, need_image_gr
         affine, has_affine = _affine_arg(view_affine, image)
         with _on_device(image):
             _backward_kernel[grid](
-                grad_tokens.contiguous(), image, centres.to(torch.float32).contiguous(), affine,
-                grad_buffer if need_image_grad else unused, grad_centres if need_centre_grad else unused,
-                N * K, K, B, C, H, W, *image.stride(),
-                P=P, BLOCK_K=block_k, BLOCK_F=block_f,
-                NEED_IMAGE_GRAD=need_image_grad, NEED_CENTRE_GRAD=need_centre_grad, AFFINE=has_affine,
+                grad_tokens.contiguous(),
+                image,
+                centres.to(torch.float32).contiguous(),
+                affine,
+                grad_buffer if need_image_grad else unused,
+                grad_centres if need_centre_grad else unused,
+                N * K,
+                K,
+                B,
+                C,
+                H,
+                W,
+                *image.stride(),
+                P=P,
+                BLOCK_K=block_k,
+                BLOCK_F=block_f,
+                NEED_IMAGE_GRAD=need_image_grad,
+                NEED_CENTRE_GRAD=need_centre_grad,
+                AFFINE=has_affine,
                 num_warps=BACKWARD_NUM_WARPS,
             )
     grad_image = image.new_empty(0)

@@ -12,6 +12,7 @@ The margined target logits and their derivatives are computed by the caller from
 the ``B*T`` gathered centres, so no kernel needs ``acos``.  Launchers take tensors
 and return tensors; they know nothing of backend selection.
 """
+
 import contextlib
 
 import torch
@@ -35,9 +36,23 @@ def _blocks(device: torch.device, dtype: torch.dtype):
 
 @triton.jit
 def _tile_logits(
-    X, W, INV_X, LABELS, TARGET, B, C, D, s,
-    stride_x, stride_w, T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    X,
+    W,
+    INV_X,
+    LABELS,
+    TARGET,
+    B,
+    C,
+    D,
+    s,
+    stride_x,
+    stride_w,
+    T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """This program's tile (rows from program id 0, classes from program id 1): returns rows [BLOCK_B],
     cols [BLOCK_C], their validity, cos and logits [BLOCK_B, BLOCK_C] (targets margined) and inv_w [BLOCK_C]."""
@@ -74,13 +89,48 @@ def _tile_logits(
 
 @triton.jit
 def _forward_kernel(
-    X, W, INV_X, LABELS, TARGET, OUT_MAX, OUT_SUM, OUT_LOGIT_SUM, OUT_BEST, OUT_ARG,
-    B, C, D, s, stride_x, stride_w, num_col_blocks,
-    T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    X,
+    W,
+    INV_X,
+    LABELS,
+    TARGET,
+    OUT_MAX,
+    OUT_SUM,
+    OUT_LOGIT_SUM,
+    OUT_BEST,
+    OUT_ARG,
+    B,
+    C,
+    D,
+    s,
+    stride_x,
+    stride_w,
+    num_col_blocks,
+    T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, cos, logits, inv_w = _tile_logits(
-        X, W, INV_X, LABELS, TARGET, B, C, D, s, stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+        X,
+        W,
+        INV_X,
+        LABELS,
+        TARGET,
+        B,
+        C,
+        D,
+        s,
+        stride_x,
+        stride_w,
+        T,
+        BLOCK_B,
+        BLOCK_C,
+        BLOCK_D,
+        IEEE,
+        UPCAST,
     )
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     tile_max = tl.max(logits, 1)
@@ -99,13 +149,49 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    X, W, INV_X, LABELS, TARGET, DERIV, LSE, GRAD_LSE, GRAD_TARGET, GRAD_LOGIT_SUM, G, RADIAL,
-    B, C, D, s, stride_x, stride_w,
-    T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    X,
+    W,
+    INV_X,
+    LABELS,
+    TARGET,
+    DERIV,
+    LSE,
+    GRAD_LSE,
+    GRAD_TARGET,
+    GRAD_LOGIT_SUM,
+    G,
+    RADIAL,
+    B,
+    C,
+    D,
+    s,
+    stride_x,
+    stride_w,
+    T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, cos, logits, inv_w = _tile_logits(
-        X, W, INV_X, LABELS, TARGET, B, C, D, s, stride_x, stride_w, T, BLOCK_B, BLOCK_C, BLOCK_D, IEEE, UPCAST,
+        X,
+        W,
+        INV_X,
+        LABELS,
+        TARGET,
+        B,
+        C,
+        D,
+        s,
+        stride_x,
+        stride_w,
+        T,
+        BLOCK_B,
+        BLOCK_C,
+        BLOCK_D,
+        IEEE,
+        UPCAST,
     )
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     grad_lse = tl.load(GRAD_LSE + rows, mask=row_ok, other=0.0)
@@ -140,7 +226,11 @@ def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch
     block_b, block_c, block_d, num_warps = _blocks(w.device, w.dtype)
     grid = (triton.cdiv(x.shape[0], block_b), triton.cdiv(w.shape[0], block_c))
     meta = dict(
-        T=labels.shape[1], BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+        T=labels.shape[1],
+        BLOCK_B=block_b,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
         IEEE=w.dtype == torch.float32,
         # The interpreter's tl.dot mis-multiplies bfloat16 (triton 3.8): it gets float32 tiles there.
         UPCAST=w.device.type == "cpu" and w.dtype == torch.bfloat16,
@@ -161,9 +251,24 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
     arg = torch.empty(rows, cols, dtype=torch.int32, device=x.device)
     with _on_device_of(x):
         _forward_kernel[grid](
-            x, w, inv_x, labels.contiguous(), target_logit.float().contiguous(),
-            stats[0], stats[1], stats[2], stats[3], arg,
-            rows, w.shape[0], x.shape[1], float(s), x.stride(0), w.stride(0), cols, **meta,
+            x,
+            w,
+            inv_x,
+            labels.contiguous(),
+            target_logit.float().contiguous(),
+            stats[0],
+            stats[1],
+            stats[2],
+            stats[3],
+            arg,
+            rows,
+            w.shape[0],
+            x.shape[1],
+            float(s),
+            x.stride(0),
+            w.stride(0),
+            cols,
+            **meta,
         )
     tile_max, tile_sum, tile_logit_sum, tile_best = stats
     chunk_max = tile_max.max(1).values
@@ -191,8 +296,24 @@ def chunk_backward(
 
     with _on_device_of(x):
         _backward_kernel[grid](
-            x, w, inv_x, labels.contiguous(), f32(target_logit), f32(target_derivative), f32(lse),
-            f32(grad_lse), f32(grad_target), f32(grad_logit_sum), g, radial,
-            rows, classes, x.shape[1], float(s), x.stride(0), w.stride(0), **meta,
+            x,
+            w,
+            inv_x,
+            labels.contiguous(),
+            f32(target_logit),
+            f32(target_derivative),
+            f32(lse),
+            f32(grad_lse),
+            f32(grad_target),
+            f32(grad_logit_sum),
+            g,
+            radial,
+            rows,
+            classes,
+            x.shape[1],
+            float(s),
+            x.stride(0),
+            w.stride(0),
+            **meta,
         )
     return g, radial.sum(0)

@@ -1,4 +1,5 @@
 """Test data of the evaluation code: verification .bin files, loose face crops, a tiny IJB folder, a tiny model."""
+
 import copy
 import io
 import math
@@ -128,12 +129,16 @@ class IJBFolder:
     pairs: list  # (template 1, template 2, label)
 
 
-def write_ijb_folder(root, rng: torch.Generator, target="ijbc", num_identities=3, templates_per_identity=2,
-                     images_per_template=3) -> IJBFolder:
+def write_ijb_folder(
+    root, rng: torch.Generator, target="ijbc", num_identities=3, templates_per_identity=2, images_per_template=3
+) -> IJBFolder:
     """Loose crops of synthetic faces (each moved into a larger canvas by a random similarity),
     with their five points, faceness scores, templates of two media, and every template pair."""
-    faces = SyntheticFaces(num_identities, templates_per_identity * images_per_template,
-                           seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    faces = SyntheticFaces(
+        num_identities,
+        templates_per_identity * images_per_template,
+        seed=int(torch.randint(0, 1000, (1,), generator=rng)),
+    )
     os.makedirs(os.path.join(root, "meta"))
     os.makedirs(os.path.join(root, "loose_crop"))
     template_pool = torch.randperm(9000, generator=rng)[: num_identities * templates_per_identity] + 1000
@@ -151,7 +156,7 @@ def write_ijb_folder(root, rng: torch.Generator, target="ijbc", num_identities=3
         points.append(moved)
     faceness = (0.3 + 0.7 * torch.rand(len(names), generator=rng)).numpy().astype(np.float32)
     templates = sorted(identities)
-    pairs = [(a, b, int(identities[a] == identities[b])) for i, a in enumerate(templates) for b in templates[i + 1:]]
+    pairs = [(a, b, int(identities[a] == identities[b])) for i, a in enumerate(templates) for b in templates[i + 1 :]]
     with open(os.path.join(root, "meta", f"{target}_face_tid_mid.txt"), "w") as file:
         file.writelines(f"{n} {t} {m}\n" for n, t, m in zip(names, template_ids, media_ids))
     with open(os.path.join(root, "meta", f"{target}_name_5pts_score.txt"), "w") as file:

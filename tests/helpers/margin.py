@@ -1,4 +1,5 @@
 """The margin-softmax cross-entropy written out densely in float64: the reference every margin test compares to."""
+
 import math
 
 import torch
@@ -31,8 +32,22 @@ def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=Fals
     return value + (c - c.detach()) * slope
 
 
-def reference_loss(x, w, labels, label_weights=None, *, s=64.0, m1=1.0, m2=0.0, m3=0.0, label_smoothing=0.0,
-                   reduction="mean", easy_margin=False, straight_through=False, dtype=torch.float64):
+def reference_loss(
+    x,
+    w,
+    labels,
+    label_weights=None,
+    *,
+    s=64.0,
+    m1=1.0,
+    m2=0.0,
+    m3=0.0,
+    label_smoothing=0.0,
+    reduction="mean",
+    easy_margin=False,
+    straight_through=False,
+    dtype=torch.float64,
+):
     """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
     (float64: the reference; a half dtype: what plain PyTorch gets in that dtype)."""
     x, w = x.to(dtype), w.to(dtype)

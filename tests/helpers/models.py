@@ -1,4 +1,5 @@
 """Model helpers: the original repository's key names, synthetic photos, random weights that move the landmarks."""
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,10 +12,10 @@ from lafs.models.part_fvit import PartFViT
 def official_key(ours: str) -> str:
     """Our PartFViT key -> the original's, written out from the original class layout."""
     if ours.startswith("landmark_cnn.features."):
-        return "stn." + ours[len("landmark_cnn."):]
+        return "stn." + ours[len("landmark_cnn.") :]
     if ours.startswith("landmark_cnn.output_layer."):
-        return ours[len("landmark_cnn."):]
-    rest = ours[len("transformer."):]
+        return ours[len("landmark_cnn.") :]
+    rest = ours[len("transformer.") :]
     return "transformer." + rest if rest.startswith("layers.") else rest
 
 

@@ -4,6 +4,7 @@ Every rank builds the same global inputs from ``seed`` (:func:`make_inputs`), ta
 batch and its shard of the class centres, runs each case of :data:`CASES` and saves what it computed
 to ``out_dir/rank{r}.pt`` for the parent to compare with one process.
 """
+
 import os
 
 import torch
@@ -27,8 +28,15 @@ def make_inputs(seed, world=WORLD, local_batch=LOCAL_BATCH, dim=DIM, num_classes
     two = torch.stack([labels, torch.randint(0, num_classes, (batch,), generator=g)], 1)
     soft = torch.randint(0, num_classes, (batch, 3), generator=g)
     soft_weights = torch.softmax(torch.randn(batch, 3, generator=g), 1)
-    return dict(embeddings=embeddings, labels=labels, two=two, two_weights=torch.cat([lam, 1 - lam], 1),
-                soft=soft, soft_weights=soft_weights, weight=weight)
+    return dict(
+        embeddings=embeddings,
+        labels=labels,
+        two=two,
+        two_weights=torch.cat([lam, 1 - lam], 1),
+        soft=soft,
+        soft_weights=soft_weights,
+        weight=weight,
+    )
 
 
 class CombinedMarginLoss:
@@ -49,8 +57,11 @@ INSIGHTFACE = {"cosface": (64.0, 1.0, 0.0, 0.4), "arcface": (32.0, 1.0, 0.5, 0.0
 
 # name -> (margin: insightface kind or (m1, m2, m3) with s=32, sample rate, filtering threshold, targets)
 CASES = {
-    **{f"insightface-{kind}-rate{rate}": (kind, rate, 0.0, "labels")
-       for kind in INSIGHTFACE for rate in (1.0, 0.5, 0.2)},
+    **{
+        f"insightface-{kind}-rate{rate}": (kind, rate, 0.0, "labels")
+        for kind in INSIGHTFACE
+        for rate in (1.0, 0.5, 0.2)
+    },
     "insightface-cosface-rate0.5-filter": ("cosface", 0.5, 0.2, "labels"),
     "insightface-arcface-rate1.0-filter": ("arcface", 1.0, 0.2, "labels"),
     "ours-arcface": ((1.0, 0.5, 0.0), 1.0, 0.0, "labels"),
@@ -95,8 +106,13 @@ def run(rank, world, port, seed, out_dir):
             loss = head(local_x, data[targets][rows], weights)
             loss.backward()
             sampled = None if head.sampled_index is None else head.sampled_index + head.class_start
-            results[name] = dict(loss=loss.detach(), grad_x=local_x.grad, grad_w=head.weight.grad,
-                                 class_start=head.class_start, sampled=sampled)
+            results[name] = dict(
+                loss=loss.detach(),
+                grad_x=local_x.grad,
+                grad_w=head.weight.grad,
+                class_start=head.class_start,
+                sampled=sampled,
+            )
         # the public function with a process group: whole batch on every rank, this rank's shard of W
         start, count = results[name]["class_start"], head.num_local
         for targets in ("labels", "two"):
@@ -104,12 +120,22 @@ def run(rank, world, port, seed, out_dir):
             w = data["weight"][start : start + count].clone().requires_grad_()
             kwargs = {} if targets == "labels" else {"label_weights": data["two_weights"]}
             loss, argmax = lafs_kernels.margin_softmax_cross_entropy(
-                x, w, data[targets], s=32.0, m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
-                return_argmax=True, process_group=dist.group.WORLD, **kwargs,
+                x,
+                w,
+                data[targets],
+                s=32.0,
+                m1=1.0,
+                m2=0.3,
+                m3=0.1,
+                label_smoothing=0.1,
+                return_argmax=True,
+                process_group=dist.group.WORLD,
+                **kwargs,
             )
             loss.backward()
-            results[f"function-{targets}"] = dict(loss=loss.detach(), argmax=argmax, grad_x=x.grad, grad_w=w.grad,
-                                                  class_start=start)
+            results[f"function-{targets}"] = dict(
+                loss=loss.detach(), argmax=argmax, grad_x=x.grad, grad_w=w.grad, class_start=start
+            )
         # arcface_torch's checkpoint of the head: each rank's state dict in softmax_fc_gpu_{rank}.pt
         head = build_head("insightface-arcface-rate1.0", rank)
         with torch.no_grad():

@@ -1,4 +1,5 @@
 """The backend-selection mechanism shared by every op."""
+
 import pytest
 import torch
 

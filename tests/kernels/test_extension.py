@@ -1,4 +1,5 @@
 """The compiled extension: built as the toolchain allows, loaded or explained."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,9 @@ def test_extension_loads_with_cpu_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lafs_kernels::_patch_gather_fwd", "CPU")
 
 
-@pytest.mark.skipif(os.environ.get("LAFS_KERNELS_SKIP_CUDA", "0") not in ("", "0"),
-                    reason="CUDA build skipped on purpose")
+@pytest.mark.skipif(
+    os.environ.get("LAFS_KERNELS_SKIP_CUDA", "0") not in ("", "0"), reason="CUDA build skipped on purpose"
+)
 def test_cuda_kernels_were_compiled_when_the_toolchain_is_present():
     if not toolchain_present():
         pytest.skip("no nvcc / CUDA build of torch here")

@@ -35,8 +35,9 @@ CPU_BACKENDS = [runnable("torch"), runnable("cpu"), runnable("triton")]
 GRADCHECK_BACKENDS = [runnable("torch", dtype=torch.float64), runnable("cpu", dtype=torch.float64)]
 
 
-def random_case(rng, *, batch=2, channels=3, size=(16, 13), landmarks=6, patch_size=8, dtype=torch.float32,
-                margin=None):
+def random_case(
+    rng, *, batch=2, channels=3, size=(16, 13), landmarks=6, patch_size=8, dtype=torch.float32, margin=None
+):
     """image [B, C, H, W] and landmarks [B, L, 2] spread over the image and up to a patch beyond it."""
     H, W = size
     margin = patch_size if margin is None else margin
@@ -72,8 +73,9 @@ def assert_matches_reference(image, landmarks, patch_size, backend, rng, index=N
     B, C = image.shape[:2]
     K = landmarks.shape[1] if index is None else index.shape[1]
     grad_tokens = torch.randn(B, K, patch_size * patch_size * C, generator=rng, dtype=torch.float64)
-    ref = reference_with_grads(check_image if check_image is not None else image, landmarks, patch_size,
-                               grad_tokens, index)
+    ref = reference_with_grads(
+        check_image if check_image is not None else image, landmarks, patch_size, grad_tokens, index
+    )
     got = backend_with_grads(image, landmarks, patch_size, grad_tokens, backend, index=index)
     assert got[0].shape == (B, K, patch_size * patch_size * C) and got[0].dtype == image.dtype
     assert_close(got[0], ref[0], msg="tokens")
@@ -143,13 +145,15 @@ def test_low_precision_images(backend, dtype, rng):
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 @pytest.mark.parametrize("patch_size", [4, 3])
 def test_gradcheck_float64(backend, patch_size, rng):
-    image, landmarks = random_case(rng, batch=1, channels=2, size=(5, 4), landmarks=2, patch_size=patch_size,
-                                   dtype=torch.float64, margin=2)
+    image, landmarks = random_case(
+        rng, batch=1, channels=2, size=(5, 4), landmarks=2, patch_size=patch_size, dtype=torch.float64, margin=2
+    )
     index = torch.tensor([[0, 1, 1]])
     image.requires_grad_()
     landmarks.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda im, lm: landmark_patch_gather(im, lm, patch_size, index=index, backend=backend), (image, landmarks),
+        lambda im, lm: landmark_patch_gather(im, lm, patch_size, index=index, backend=backend),
+        (image, landmarks),
         fast_mode=True,
     )
 
@@ -179,11 +183,29 @@ def test_gradients_are_computed_only_for_inputs_that_need_them(rng, monkeypatch)
     calls = []
     original = gather_module._backward
 
-    def spy(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad, deterministic,
-            view_affine=None):
+    def spy(
+        backend,
+        grad_tokens,
+        image,
+        centres,
+        patch_size,
+        need_image_grad,
+        need_centre_grad,
+        deterministic,
+        view_affine=None,
+    ):
         calls.append((need_image_grad, need_centre_grad))
-        return original(backend, grad_tokens, image, centres, patch_size, need_image_grad, need_centre_grad,
-                        deterministic, view_affine)
+        return original(
+            backend,
+            grad_tokens,
+            image,
+            centres,
+            patch_size,
+            need_image_grad,
+            need_centre_grad,
+            deterministic,
+            view_affine,
+        )
 
     monkeypatch.setattr(gather_module, "_backward", spy)
     image, landmarks = random_case(rng, landmarks=3)
@@ -209,8 +231,16 @@ def test_same_generator_state_gives_same_tokens_on_every_backend(replacement, rn
         if BACKENDS.why_not(name, call_of(image)):
             continue
         generator = torch.Generator().manual_seed(seed)
-        results[name] = landmark_patch_gather(image, landmarks, 8, num_samples=5, replacement=replacement,
-                                              jitter_std=1.5, generator=generator, backend=name)
+        results[name] = landmark_patch_gather(
+            image,
+            landmarks,
+            8,
+            num_samples=5,
+            replacement=replacement,
+            jitter_std=1.5,
+            generator=generator,
+            backend=name,
+        )
     # The same draws, made by hand: indices first, then the jitter.
     generator = torch.Generator().manual_seed(seed)
     if replacement:
@@ -224,8 +254,9 @@ def test_same_generator_state_gives_same_tokens_on_every_backend(replacement, rn
     for name, tokens in results.items():
         assert_close(tokens, expected, msg=name)
     # An int seed means a fresh CPU generator with that seed.
-    seeded = landmark_patch_gather(image, landmarks, 8, num_samples=5, replacement=replacement, jitter_std=1.5,
-                                   generator=seed, backend="torch")
+    seeded = landmark_patch_gather(
+        image, landmarks, 8, num_samples=5, replacement=replacement, jitter_std=1.5, generator=seed, backend="torch"
+    )
     assert torch.equal(seeded, results["torch"])
 
 
@@ -234,8 +265,9 @@ def test_module_randomness_only_in_training(rng):
     module = LandmarkPatchGather(patch_size=4, num_samples=3, jitter_std=0.7)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     tokens, index = module(image, landmarks, generator=torch.Generator().manual_seed(seed), return_index=True)
-    expected = landmark_patch_gather(image, landmarks, 4, num_samples=3, jitter_std=0.7,
-                                     generator=torch.Generator().manual_seed(seed))
+    expected = landmark_patch_gather(
+        image, landmarks, 4, num_samples=3, jitter_std=0.7, generator=torch.Generator().manual_seed(seed)
+    )
     assert index.shape == (2, 3) and torch.equal(tokens, expected)
     module.eval()
     tokens, index = module(image, landmarks, generator=torch.Generator().manual_seed(seed), return_index=True)
@@ -256,8 +288,9 @@ def test_compat_reproduces_the_original_mosaic(backend, monkeypatch):
     for case in golden_cases():
         P = case["patch_size"]
         for patch_shape in (np.array([P, P]), (P, P), P):
-            mosaic = extract_patches_pytorch_gridsample(case["image"], case["landmarks"], patch_shape,
-                                                        num_landm=case["num_landm"])
+            mosaic = extract_patches_pytorch_gridsample(
+                case["image"], case["landmarks"], patch_shape, num_landm=case["num_landm"]
+            )
             assert_close(mosaic, case["mosaic"], msg=f"P={P} patch_shape={patch_shape!r}")
         tokens = landmark_patch_gather(case["image"], case["landmarks"][:, : case["num_landm"]], P)
         assert_close(tokens, case["tokens"])
@@ -293,8 +326,11 @@ def test_bad_inputs_raise_clear_errors(rng):
         (ValueError, "landmarks must be a \\[N, L, 2\\]", dict(landmarks=landmarks[..., :1])),
         (TypeError, "landmarks must be a floating-point", dict(landmarks=landmarks.long())),
         (ValueError, "landmarks batch 1 does not match image batch 2", dict(landmarks=landmarks[:1])),
-        (ValueError, "landmarks batch 3 does not match image batch 2",
-         dict(landmarks=torch.cat([landmarks, landmarks[:1]]))),
+        (
+            ValueError,
+            "landmarks batch 3 does not match image batch 2",
+            dict(landmarks=torch.cat([landmarks, landmarks[:1]])),
+        ),
         (ValueError, "landmarks are on meta", dict(landmarks=landmarks.to("meta"))),
         (ValueError, "patch_size must be an int >= 1", dict(patch_size=0)),
         (ValueError, "patch_size must be an int >= 1", dict(patch_size=2.0)),
@@ -403,8 +439,7 @@ def test_cuda_float64_channels_last_and_odd_patch(rng):
     grad_tokens = torch.randn(3, 9, 7 * 7 * 3, generator=rng, dtype=torch.float64)
     ref = reference_with_grads(image, landmarks, 7, grad_tokens)
     for deterministic in (False, True):
-        got = backend_with_grads(image_cl, landmarks.cuda(), 7, grad_tokens.cuda(), "cuda",
-                                 deterministic=deterministic)
+        got = backend_with_grads(image_cl, landmarks.cuda(), 7, grad_tokens.cuda(), "cuda", deterministic=deterministic)
         assert_close(got[0], ref[0])
         assert_close(got[1], ref[1], scale=4)
         assert_close(got[2], ref[2], scale=7 * 7 * 3)
@@ -451,8 +486,9 @@ def test_cuda_non_finite_landmarks_and_generator_on_device(rng):
     tokens = {}
     for backend in ("cuda", "triton", "torch"):
         generator.manual_seed(1234)
-        tokens[backend] = landmark_patch_gather(image, landmarks, 8, num_samples=40, jitter_std=2.0,
-                                                generator=generator, backend=backend)
+        tokens[backend] = landmark_patch_gather(
+            image, landmarks, 8, num_samples=40, jitter_std=2.0, generator=generator, backend=backend
+        )
     assert_close(tokens["cuda"], tokens["torch"])
     assert_close(tokens["triton"], tokens["torch"])
     im, lm = image.clone().requires_grad_(), landmarks.clone().requires_grad_()

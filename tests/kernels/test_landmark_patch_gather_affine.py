@@ -59,8 +59,10 @@ def random_views(rng, *, batch=2, views=3, channels=3, size=(16, 13), landmarks=
 def steepest_slope(image):
     """Largest difference between neighbouring pixels (the token error per pixel of position error)."""
     image = image.double()
-    return max((image[..., 1:, :] - image[..., :-1, :]).abs().max().item(),
-               (image[..., :, 1:] - image[..., :, :-1]).abs().max().item())
+    return max(
+        (image[..., 1:, :] - image[..., :-1, :]).abs().max().item(),
+        (image[..., :, 1:] - image[..., :, :-1]).abs().max().item(),
+    )
 
 
 def run_backend(image, landmarks, affine, patch_size, grad_tokens, backend, **kwargs):
@@ -87,8 +89,12 @@ def assert_matches_affine_reference(image, landmarks, affine, patch_size, backen
     # Up to 4 taps per sample, and every view of an image adds to its gradient.
     assert_close(got[1], ref[1], scale=4 * views * position, msg=f"{backend} image gradient")
     # P*P*C products per patch, times the scale of the map.
-    assert_close(got[2], ref[2], scale=patch_size * patch_size * C * max(1.0, largest_scale) * position,
-                 msg=f"{backend} landmark gradient")
+    assert_close(
+        got[2],
+        ref[2],
+        scale=patch_size * patch_size * C * max(1.0, largest_scale) * position,
+        msg=f"{backend} landmark gradient",
+    )
 
 
 # --------------------------------------------------------------------------- against the float64 reference
@@ -116,8 +122,9 @@ def test_affine_channels_last_single_channel_and_one_view(backend, rng):
 def test_affine_float64_odd_patch(backend, rng):
     if backend == "triton":
         pytest.skip("triton computes in float32 and takes no float64 input")
-    image, landmarks, affine = random_views(rng, batch=1, views=4, channels=2, size=(11, 14), patch_size=7,
-                                            dtype=torch.float64)
+    image, landmarks, affine = random_views(
+        rng, batch=1, views=4, channels=2, size=(11, 14), patch_size=7, dtype=torch.float64
+    )
     assert_matches_affine_reference(image, landmarks, affine, 7, backend, rng)
 
 
@@ -129,8 +136,9 @@ def test_identity_affine_and_view_rows_equal_the_plain_gather(backend, rng):
     without = landmark_patch_gather(image, landmarks, 8, backend=backend)
     assert_close(with_identity, without)
     # N = V*B rows without an affine: row n gathers from image n % B.
-    per_view = torch.cat([landmark_patch_gather(image, landmarks[v * 2:(v + 1) * 2], 8, backend=backend)
-                          for v in range(2)])
+    per_view = torch.cat(
+        [landmark_patch_gather(image, landmarks[v * 2 : (v + 1) * 2], 8, backend=backend) for v in range(2)]
+    )
     assert_close(without, per_view)
 
 
@@ -160,14 +168,16 @@ def test_patches_entirely_off_the_image_and_non_finite_affines(backend, rng):
 
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_affine_gradcheck_float64(backend, rng):
-    image, landmarks, affine = random_views(rng, batch=1, views=2, channels=2, size=(6, 5), landmarks=2,
-                                            patch_size=3, dtype=torch.float64)
+    image, landmarks, affine = random_views(
+        rng, batch=1, views=2, channels=2, size=(6, 5), landmarks=2, patch_size=3, dtype=torch.float64
+    )
     index = torch.tensor([[0, 1, 1], [1, 0, 0]])
     image.requires_grad_()
     landmarks.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda im, lm: landmark_patch_gather(im, lm, 3, index=index, view_affine=affine, backend=backend),
-        (image, landmarks), fast_mode=True,
+        (image, landmarks),
+        fast_mode=True,
     )
 
 
@@ -182,8 +192,7 @@ def test_cpu_image_gradient_with_views_is_bitwise_repeatable(rng):
     for view_affine in (affine, None):
         first = run_backend(image, landmarks, view_affine, 8, grad_tokens, "cpu", index=index, deterministic=True)
         for _ in range(3):
-            again = run_backend(image, landmarks, view_affine, 8, grad_tokens, "cpu", index=index,
-                                deterministic=True)
+            again = run_backend(image, landmarks, view_affine, 8, grad_tokens, "cpu", index=index, deterministic=True)
             assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
 
 
@@ -205,7 +214,7 @@ def crop_then_gather(image, boxes, flips, size, landmarks, patch_size):
     views = []
     for n, (box, flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
         x0, y0, w, h = (int(v) for v in box)
-        crop = image[n % B:n % B + 1, :, y0:y0 + h, x0:x0 + w]
+        crop = image[n % B : n % B + 1, :, y0 : y0 + h, x0 : x0 + w]
         view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         views.append(view.flip(-1) if flip else view)
     views = torch.cat(views)
@@ -287,8 +296,9 @@ def test_bad_view_affine_raises_clear_errors(rng):
 @pytest.mark.parametrize("backend", [runnable("torch"), runnable("cpu")])
 def test_opcheck_custom_op_with_affine(backend, rng):
     image, landmarks, affine = random_views(rng, views=2, landmarks=3, size=(9, 8))
-    torch.library.opcheck(patch_gather_op, (image.requires_grad_(), landmarks.requires_grad_(), 4, backend, False,
-                                            affine))
+    torch.library.opcheck(
+        patch_gather_op, (image.requires_grad_(), landmarks.requires_grad_(), 4, backend, False, affine)
+    )
 
 
 def test_torch_compile_fullgraph_with_affine(rng):
@@ -323,8 +333,16 @@ def test_gpu_affine_matches_reference(backend, deterministic, rng):
     index = torch.randint(0, 30, (12, 50), generator=rng)
     grad_tokens = torch.randn(12, 50, 192, generator=rng, dtype=torch.float64)
     ref = affine_reference(image, landmarks, affine, 8, grad_tokens, index)
-    got = run_backend(image.cuda(), landmarks.cuda(), affine.cuda(), 8, grad_tokens.cuda(), backend,
-                      index=index.cuda(), deterministic=deterministic)
+    got = run_backend(
+        image.cuda(),
+        landmarks.cuda(),
+        affine.cuda(),
+        8,
+        grad_tokens.cuda(),
+        backend,
+        index=index.cuda(),
+        deterministic=deterministic,
+    )
     position = 1.0 if backend != "triton" else 1.0 + steepest_slope(image)
     assert_close(got[0], ref[0], scale=position)
     assert_close(got[1], ref[1], scale=4 * 3 * position)
@@ -354,8 +372,9 @@ def test_launches_on_the_input_device_not_the_current_one(backend, rng):
     grad_tokens = torch.randn(4, 5, 192, generator=rng)
     expected = run_backend(image, landmarks, affine, 8, grad_tokens, "cpu")
     with torch.cuda.device(0):
-        got = run_backend(image.to("cuda:1"), landmarks.to("cuda:1"), affine.to("cuda:1"), 8,
-                          grad_tokens.to("cuda:1"), backend)
+        got = run_backend(
+            image.to("cuda:1"), landmarks.to("cuda:1"), affine.to("cuda:1"), 8, grad_tokens.to("cuda:1"), backend
+        )
     for ours, theirs in zip(got, expected):
         assert ours.device == torch.device("cuda:1")
         assert_close(ours, theirs, scale=8 * 8 * 3)

@@ -17,8 +17,9 @@ from tests.kernels.test_landmark_patch_gather import backend_with_grads, random_
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(bool(BACKENDS.why_not("cpu", call_of(torch.empty(0)))),
-                                reason="the CPU kernels are not built")
+pytestmark = pytest.mark.skipif(
+    bool(BACKENDS.why_not("cpu", call_of(torch.empty(0)))), reason="the CPU kernels are not built"
+)
 
 SCRIPT = """
 import sys, torch

@@ -1,6 +1,7 @@
 """The two blockwise CPU backends: ``cpu`` (the C++ chunk kernels of csrc/cpu/margin_softmax.cpp) and
 ``chunked`` (PyTorch ops, what CPU tensors get when the extension is not built).  Both against the
 float64 reference of test_margin_softmax on the cases where their code paths differ."""
+
 import math
 
 import pytest
@@ -29,7 +30,8 @@ def engine(request):
 def test_kernels_are_registered_when_the_extension_is_built():
     if _extension.missing_reason("cpu") is None:
         assert margin_chunks.cpp_kernels_missing_reason() is None, (
-            "the extension lacks _margin_chunk_fwd/_bwd: rebuild it")
+            "the extension lacks _margin_chunk_fwd/_bwd: rebuild it"
+        )
 
 
 def soft_targets(rng, b, c, dtype):
@@ -52,8 +54,9 @@ def test_soft_targets_smoothing_signed_upstream(rng, engine, dtype, kind):
     upstream = torch.randn(9, generator=rng, dtype=dtype)
     upstream[3] = 0
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction="none", **MARGINS[kind])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=16,
-                          upstream=upstream, **kwargs)
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=16, upstream=upstream, **kwargs
+    )
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream.double(), **kwargs)
     # A zero centre's gradient is (a sum of signed terms over the rows) / EPS, ~1e9-1e12 after cancellation:
     # there only its direction is meaningful in float32 (both rows checked finite and parallel to the
@@ -73,8 +76,9 @@ def test_targets_far_above_the_log_sum_exp(rng, engine):
     x, w, labels = make_inputs(rng, 6, 32, 300)
     with torch.no_grad():
         x[:] = 2.0 * w[labels] + 0.05 * torch.randn(6, 32, generator=rng, dtype=torch.float64).float()
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=128,
-                          **MARGINS["arcface"])
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy, x, w, labels, backend=engine, chunk_size=128, **MARGINS["arcface"]
+    )
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **MARGINS["arcface"])
     for name, a, b in zip(("loss", "grad x", "grad w"), ours, ref):
         assert_close(a, b, dtype=torch.float32, scale=GRAD_SCALE, msg=f"{engine}: {name}")
@@ -85,9 +89,18 @@ def test_labels_of_other_shards_and_argmax(rng, engine):
     x, w, _ = make_inputs(rng, 5, 8, 37)
     labels = torch.tensor([[3, -1], [40, 36], [0, 0], [-5, 17], [36, 100]])
     label_weights = torch.full((5, 2), 0.5)
-    loss, argmax = margin_softmax_cross_entropy(x, w, labels, label_weights=label_weights, backend=engine,
-                                                chunk_size=10, check_labels=False, return_argmax=True, reduction="none",
-                                                **MARGINS["cosface"])
+    loss, argmax = margin_softmax_cross_entropy(
+        x,
+        w,
+        labels,
+        label_weights=label_weights,
+        backend=engine,
+        chunk_size=10,
+        check_labels=False,
+        return_argmax=True,
+        reduction="none",
+        **MARGINS["cosface"],
+    )
     with torch.no_grad():
         cos = torch.nn.functional.normalize(x.double()) @ torch.nn.functional.normalize(w.double()).T
         inside = (labels >= 0) & (labels < 37)
@@ -132,15 +145,31 @@ def test_kernels_name_bad_arguments():
     labels, first = torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1, dtype=torch.bool)
     fwd = torch.ops.lafs_kernels._margin_chunk_fwd
     with pytest.raises(RuntimeError, match="raw must be a contiguous"):
-        fwd(raw.T, torch.ones(3), labels[:1].expand(8, 1).contiguous(), first[:1].expand(8, 1).contiguous(), 0,
-            torch.zeros(8, 1))
+        fwd(
+            raw.T,
+            torch.ones(3),
+            labels[:1].expand(8, 1).contiguous(),
+            first[:1].expand(8, 1).contiguous(),
+            0,
+            torch.zeros(8, 1),
+        )
     with pytest.raises(RuntimeError, match="inv_w must be"):
         fwd(raw, torch.ones(7), labels, first, 0, torch.zeros(3, 1))
     with pytest.raises(RuntimeError, match="first must be"):
         fwd(raw, inv_w, labels, first.long(), 0, torch.zeros(3, 1))
     with pytest.raises(RuntimeError, match="grad_lse must be"):
         torch.ops.lafs_kernels._margin_chunk_bwd(
-            raw, inv_w, labels, first, 0, torch.zeros(3, 1), torch.ones(3, 1), torch.zeros(3), torch.zeros(4),
-            None, None, 64.0,
+            raw,
+            inv_w,
+            labels,
+            first,
+            0,
+            torch.zeros(3, 1),
+            torch.ones(3, 1),
+            torch.zeros(3),
+            torch.zeros(4),
+            None,
+            None,
+            64.0,
         )
     assert math.isfinite(fwd(raw, inv_w, labels, first, 0, torch.zeros(3, 1))[0].sum().item())

@@ -1,4 +1,5 @@
 """margin_softmax_cross_entropy: every backend against a dense float64 reference written here."""
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from tests.tolerances import assert_close, assert_close_low_precision
 from helpers.margin import GRAD_SCALE, MARGINS, loss_and_grads, make_inputs, reference_loss
 
 # "cpu" (the C++ chunk kernels) runs where the extension is built; "chunked" is the same blockwise path in PyTorch ops.
-NEEDS_CPP = pytest.mark.skipif(cpp_kernels_missing_reason() is not None,
-                               reason=f"C++ margin kernels: {cpp_kernels_missing_reason()}")
+NEEDS_CPP = pytest.mark.skipif(
+    cpp_kernels_missing_reason() is not None, reason=f"C++ margin kernels: {cpp_kernels_missing_reason()}"
+)
 CPP = pytest.param("cpu", marks=NEEDS_CPP)
 BACKENDS = ["torch", "chunked", CPP, "triton"]
 
@@ -59,8 +61,9 @@ def test_two_target_soft_labels_smoothing_and_reductions(rng, backend, reduction
     label_weights = torch.cat([lam, 1 - lam], 1).float()
     upstream = torch.rand(7, generator=rng) if reduction == "none" else None
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, reduction=reduction, **MARGINS["arcface"])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream,
-                          **kwargs)
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, upstream=upstream, **kwargs
+    )
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, upstream=upstream, **kwargs)
     assert ours[0].shape == ref[0].shape
     assert_close(ours[0], ref[0], dtype=torch.float32, msg="loss")
@@ -73,8 +76,10 @@ ODD_SIZES = [(1, 3, 5, 2), (3, 3, 11, 4), (2, 5, 9, 100)]
 
 @pytest.mark.parametrize(
     "backend, b, d, c, chunk",
-    cases([(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES]
-          + [("triton", *ODD_SIZES[1])]),
+    cases(
+        [(backend, *size) for backend in ("torch", "chunked", "cpu") for size in ODD_SIZES]
+        + [("triton", *ODD_SIZES[1])]
+    ),
 )
 def test_odd_sizes(rng, backend, b, d, c, chunk):
     x, w, labels = make_inputs(rng, b, d, c)
@@ -109,8 +114,14 @@ def test_theta_near_zero_is_finite_and_exact(rng, backend, kind):
 
 @pytest.mark.parametrize(
     "backend, dtype, kind",
-    cases([(b, dtype, kind) for b in ("chunked", "cpu") for dtype in (torch.float16, torch.bfloat16)
-           for kind in ("cosface", "arcface")])
+    cases(
+        [
+            (b, dtype, kind)
+            for b in ("chunked", "cpu")
+            for dtype in (torch.float16, torch.bfloat16)
+            for kind in ("cosface", "arcface")
+        ]
+    )
     + [("triton", torch.float16, "cosface"), ("triton", torch.bfloat16, "arcface")],
 )
 def test_low_precision(rng, backend, dtype, kind):
@@ -136,8 +147,16 @@ def test_low_precision_soft_labels(rng, backend, dtype):
     label_weights = torch.cat([lam, 1 - lam], 1)
     x, w = x64.to(dtype), w64.to(dtype)
     kwargs = dict(label_smoothing=0.1, **MARGINS["arcface"])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=16,
-                          label_weights=label_weights.to(dtype), **kwargs)
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy,
+        x,
+        w,
+        labels,
+        backend=backend,
+        chunk_size=16,
+        label_weights=label_weights.to(dtype),
+        **kwargs,
+    )
     same_dtype = loss_and_grads(reference_loss, x, w, labels, label_weights.to(dtype), dtype=dtype, **kwargs)
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, label_weights, **kwargs)
     for name, a, b, r in zip(("loss", "grad x", "grad w"), ours, same_dtype, ref):
@@ -147,8 +166,11 @@ def test_low_precision_soft_labels(rng, backend, dtype):
 def test_defaults_add_no_margin(rng):
     """Giving one margin never adds another: m2 alone is ArcFace, no margin at all is a plain softmax of s*cos."""
     x, w, labels = make_inputs(rng, 6, 16, 20)
-    assert_close(margin_softmax_cross_entropy(x, w, labels, m2=0.5), reference_loss(x, w, labels, **MARGINS["arcface"]),
-                 dtype=torch.float32)
+    assert_close(
+        margin_softmax_cross_entropy(x, w, labels, m2=0.5),
+        reference_loss(x, w, labels, **MARGINS["arcface"]),
+        dtype=torch.float32,
+    )
     plain = F.cross_entropy(64.0 * F.normalize(x.double()) @ F.normalize(w.double()).T, labels)
     assert_close(margin_softmax_cross_entropy(x, w, labels), plain, dtype=torch.float32)
     head = CombinedMarginSoftmax(16, 20, m2=0.5)
@@ -162,8 +184,16 @@ def test_gradcheck_float64(rng):
 
     def fn(x, w, label_weights):
         return margin_softmax_cross_entropy(
-            x, w, labels, label_weights=label_weights, s=8.0, label_smoothing=0.1, reduction="none",
-            backend="chunked", chunk_size=3, **MARGINS["combined"],
+            x,
+            w,
+            labels,
+            label_weights=label_weights,
+            s=8.0,
+            label_smoothing=0.1,
+            reduction="none",
+            backend="chunked",
+            chunk_size=3,
+            **MARGINS["combined"],
         )
 
     assert torch.autograd.gradcheck(fn, (x, w, label_weights))
@@ -222,13 +252,18 @@ def insightface_style_loss(x, w, labels, s, m2, m3):
     return F.cross_entropy(logits * s, labels)
 
 
-@pytest.mark.parametrize("backend, kind", cases([("torch", "arcface"), ("chunked", "arcface"), ("cpu", "arcface"),
-                                                 ("cpu", "cosface"), ("triton", "arcface")]))
+@pytest.mark.parametrize(
+    "backend, kind",
+    cases(
+        [("torch", "arcface"), ("chunked", "arcface"), ("cpu", "arcface"), ("cpu", "cosface"), ("triton", "arcface")]
+    ),
+)
 def test_straight_through_matches_insightface(rng, backend, kind):
     x, w, labels = make_inputs(rng, 6, 16, 25)
     m = MARGINS[kind]
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8,
-                          margin_grad="straight_through", **m)
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy, x, w, labels, backend=backend, chunk_size=8, margin_grad="straight_through", **m
+    )
     theirs = loss_and_grads(insightface_style_loss, x.double(), w.double(), labels, 64.0, m["m2"], m["m3"])
     for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, theirs, (1.0, GRAD_SCALE, GRAD_SCALE)):
         assert_close(a, b, dtype=torch.float32, scale=scale, msg=name)
@@ -237,8 +272,9 @@ def test_straight_through_matches_insightface(rng, backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_is_the_nearest_centre(rng, backend):
     x, w, labels = make_inputs(rng, 9, 16, 45)
-    loss, argmax = margin_softmax_cross_entropy(x, w, labels, backend=backend, chunk_size=16, return_argmax=True,
-                                                **MARGINS["cosface"])
+    loss, argmax = margin_softmax_cross_entropy(
+        x, w, labels, backend=backend, chunk_size=16, return_argmax=True, **MARGINS["cosface"]
+    )
     expected = (F.normalize(x.double()) @ F.normalize(w.double()).T).argmax(1)
     assert argmax.dtype == torch.int64
     assert torch.equal(argmax, expected)
@@ -269,8 +305,15 @@ def test_torch_compile_fullgraph(rng):
 
     def step(x, w):
         loss, argmax = margin_softmax_cross_entropy(
-            x, w, labels, label_weights=label_weights, label_smoothing=0.1, chunk_size=16,
-            return_argmax=True, backend="chunked", **MARGINS["arcface"],
+            x,
+            w,
+            labels,
+            label_weights=label_weights,
+            label_smoothing=0.1,
+            chunk_size=16,
+            return_argmax=True,
+            backend="chunked",
+            **MARGINS["arcface"],
         )
         return loss, argmax
 
@@ -317,8 +360,9 @@ def test_module_soft_labels(rng):
     labels = torch.randint(0, 20, (4, 2), generator=rng)
     label_weights = torch.tensor([[0.7, 0.3]]).expand(4, 2)
     loss = head(x, labels, label_weights)
-    assert_close(loss, reference_loss(x, head.weight.detach(), labels, label_weights, **MARGINS["cosface"]),
-                 dtype=torch.float32)
+    assert_close(
+        loss, reference_loss(x, head.weight.detach(), labels, label_weights, **MARGINS["cosface"]), dtype=torch.float32
+    )
 
 
 def test_backend_registered_and_cpu_prefers_the_cpp_kernels_then_chunked():
@@ -338,21 +382,35 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
     label_weights = torch.full((96, 2), 0.5, dtype=torch.float64)
     x, w = x64.to(dtype).cuda(), w64.to(dtype).cuda()
     kwargs = dict(label_weights=label_weights, label_smoothing=0.1, **MARGINS["arcface"])
-    ours = loss_and_grads(margin_softmax_cross_entropy, x, w, labels.cuda(), backend="triton", chunk_size=2048,
-                          **{**kwargs, "label_weights": label_weights.cuda()})
+    ours = loss_and_grads(
+        margin_softmax_cross_entropy,
+        x,
+        w,
+        labels.cuda(),
+        backend="triton",
+        chunk_size=2048,
+        **{**kwargs, "label_weights": label_weights.cuda()},
+    )
     ref = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels, **kwargs)
     if dtype == torch.float32:
         for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
             assert_close(a, b, dtype=dtype, scale=scale, msg=name)
     else:
-        same = loss_and_grads(reference_loss, x, w, labels.cuda(), dtype=dtype,
-                              **{**kwargs, "label_weights": label_weights.to(dtype).cuda()})
+        same = loss_and_grads(
+            reference_loss,
+            x,
+            w,
+            labels.cuda(),
+            dtype=dtype,
+            **{**kwargs, "label_weights": label_weights.to(dtype).cuda()},
+        )
         for name, a, b, r in zip(("soft loss", "soft grad x", "soft grad w"), ours, same, ref):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
         same = loss_and_grads(unfused_margin_loss, x, w, labels[:, 0].cuda(), **MARGINS["arcface"])
         ref1 = loss_and_grads(reference_loss, x.double().cpu(), w.double().cpu(), labels[:, 0], **MARGINS["arcface"])
-        ours1 = loss_and_grads(margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton",
-                               **MARGINS["arcface"])
+        ours1 = loss_and_grads(
+            margin_softmax_cross_entropy, x, w, labels[:, 0].cuda(), backend="triton", **MARGINS["arcface"]
+        )
         for name, a, b, r in zip(("loss", "grad x", "grad w"), ours1, same, ref1):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
 
@@ -375,8 +433,9 @@ def test_triton_runs_on_the_inputs_device_not_the_current_one(rng):
     """A process holding its tensors on cuda:1 while cuda:0 is current (one process per GPU without set_device)."""
     x, w, labels = make_inputs(rng, 32, 64, 500)
     with torch.cuda.device(0):
-        ours = loss_and_grads(margin_softmax_cross_entropy, x.cuda(1), w.cuda(1), labels.cuda(1), backend="triton",
-                              **MARGINS["arcface"])
+        ours = loss_and_grads(
+            margin_softmax_cross_entropy, x.cuda(1), w.cuda(1), labels.cuda(1), backend="triton", **MARGINS["arcface"]
+        )
     ref = loss_and_grads(reference_loss, x.double(), w.double(), labels, **MARGINS["arcface"])
     for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
         assert a.device == torch.device("cuda", 1)

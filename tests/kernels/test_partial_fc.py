@@ -1,4 +1,5 @@
 """PartialFC: one process against the fused op and against PartialFC_V2's maths; two gloo ranks against one process."""
+
 import math
 import socket
 
@@ -101,8 +102,17 @@ def test_insightface_margin_object_trains_as_partial_fc_v2_in_one_process(kind, 
     x = data["embeddings"].clone().requires_grad_()
     loss = head(x, data["labels"])
     loss.backward()
-    ref = loss_and_grads(partial_fc_v2_statement, data["embeddings"].double(), data["weight"].double(), data["labels"],
-                         s, m1, m2, m3, threshold)
+    ref = loss_and_grads(
+        partial_fc_v2_statement,
+        data["embeddings"].double(),
+        data["weight"].double(),
+        data["labels"],
+        s,
+        m1,
+        m2,
+        m3,
+        threshold,
+    )
     if kind == "cosface":  # rows 1 and 7: target probability below the floor
         cos = F.cosine_similarity(data["embeddings"][[1, 7]], data["weight"][data["labels"][[1, 7]]])
         assert (cos < -0.99).all()
@@ -137,8 +147,7 @@ def test_two_labels_in_one_call_equal_the_fused_soft_target_loss(rng):
     weights = torch.cat([lam, 1 - lam], 1)
     loss = head(x, labels, weights)
     loss.backward()
-    ref = loss_and_grads(margin_softmax_cross_entropy, x, head.weight, labels, label_weights=weights,
-                         s=32.0, m2=0.5)
+    ref = loss_and_grads(margin_softmax_cross_entropy, x, head.weight, labels, label_weights=weights, s=32.0, m2=0.5)
     assert_close(loss, ref[0])
     assert_close(x.grad, ref[1], scale=GRAD_SCALE)
     assert_close(head.weight.grad, ref[2], scale=GRAD_SCALE)
@@ -184,8 +193,13 @@ def check_ranks(ranks, name, loss, grad_x, grad_w, classes):
     for rank, r in enumerate(ranks):
         got = r[name]
         assert_close(got["loss"], loss, dtype=torch.float32, msg=f"{name}: loss, rank {rank}")
-        assert_close(got["grad_x"], worker.WORLD * grad_x[rows_of(rank)], dtype=torch.float32, scale=GRAD_SCALE,
-                     msg=f"{name}: grad x, rank {rank}")
+        assert_close(
+            got["grad_x"],
+            worker.WORLD * grad_x[rows_of(rank)],
+            dtype=torch.float32,
+            scale=GRAD_SCALE,
+            msg=f"{name}: grad x, rank {rank}",
+        )
         start = got["class_start"]
         expected = torch.zeros_like(got["grad_w"], dtype=grad_w.dtype)
         mine = (classes >= start) & (classes < start + expected.shape[0])
@@ -210,8 +224,17 @@ def test_two_ranks_train_as_partial_fc_v2(two_ranks, name):
             drawn = partial_fc_v2_sample(seed, num_local, int(rate * num_local), positives)
             assert torch.equal(r[name]["sampled"], drawn + start), f"{name}: sampled classes, rank {rank}"
     s, m1, m2, m3 = worker.INSIGHTFACE[kind]
-    ref = loss_and_grads(partial_fc_v2_statement, data["embeddings"].double(), data["weight"][classes].double(), rows,
-                         s, m1, m2, m3, threshold)
+    ref = loss_and_grads(
+        partial_fc_v2_statement,
+        data["embeddings"].double(),
+        data["weight"][classes].double(),
+        rows,
+        s,
+        m1,
+        m2,
+        m3,
+        threshold,
+    )
     check_ranks(ranks, name, *ref, classes)
 
 
@@ -226,8 +249,17 @@ def test_two_ranks_equal_the_fused_loss_with_the_whole_head(two_ranks, name):
     classes, rows = kept_classes(ranks, name, labels)
     kwargs = {} if targets == "labels" else {"label_weights": data[f"{targets}_weights"]}
     m1, m2, m3 = margin
-    ref = loss_and_grads(margin_softmax_cross_entropy, data["embeddings"].double(), data["weight"][classes].double(),
-                         rows, s=32.0, m1=m1, m2=m2, m3=m3, **kwargs)
+    ref = loss_and_grads(
+        margin_softmax_cross_entropy,
+        data["embeddings"].double(),
+        data["weight"][classes].double(),
+        rows,
+        s=32.0,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        **kwargs,
+    )
     check_ranks(ranks, name, *ref, classes)
 
 
@@ -271,8 +303,10 @@ def test_resharded_head_gives_the_same_loss(two_ranks, tmp_path, world):
     from lafs_kernels.reshard import main
 
     ranks, files = two_ranks
-    main([str(files / f"softmax_fc_gpu_{r}.pt") for r in range(worker.WORLD)] + ["--world-size", str(world),
-                                                                                "--out", str(tmp_path)])
+    main(
+        [str(files / f"softmax_fc_gpu_{r}.pt") for r in range(worker.WORLD)]
+        + ["--world-size", str(world), "--out", str(tmp_path)]
+    )
     expected = ranks[0]["insightface-arcface-rate1.0"]["loss"]
     if world == 1:
         data = worker.make_inputs(SEED)

@@ -1,4 +1,5 @@
 """Resharding class centres (and their optimizer state) between world sizes: a pure function on tensors."""
+
 import pytest
 import torch
 

@@ -12,6 +12,7 @@ cubin's registers and spills when ``cuobjdump`` is found. Must run without TRITO
 
 usage: python tests/kernels/triton_gpu_compile.py [--arch 90|80] [--only NAME_SUBSTRING]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def gather_variants():
     """The patch gather as the demo and the paper run it: P=8, C=3 (F=192), with and without a view affine."""
     patch, channels = 8, 3
     block_k, block_f, _ = gather._launch_config(1024, patch * patch * channels)
-    scalars = {n: "i32" for n in ("num_patches", "K", "B", "C", "H", "W", "stride_b", "stride_c", "stride_h",
-                                  "stride_w")}
+    scalars = {
+        n: "i32" for n in ("num_patches", "K", "B", "C", "H", "W", "stride_b", "stride_c", "stride_h", "stride_w")
+    }
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
         for affine in (False, True):
@@ -66,12 +68,30 @@ def gather_variants():
             types = dict(scalars, image_ptr=f"*{t}", centres_ptr="*fp32", affine_ptr="*fp32", tokens_ptr=f"*{t}")
             yield f"gather_forward_{t}{suffix}", gather._forward_kernel, types, const, {}
             for need_image, need_centres in ((True, True), (True, False), (False, True)):
-                const = {"P": patch, "BLOCK_K": block_k, "BLOCK_F": block_f, "AFFINE": affine,
-                         "NEED_IMAGE_GRAD": need_image, "NEED_CENTRE_GRAD": need_centres}
-                types = dict(scalars, grad_tokens_ptr=f"*{t}", image_ptr=f"*{t}", centres_ptr="*fp32",
-                             affine_ptr="*fp32", grad_image_ptr="*fp32", grad_centres_ptr="*fp32")
-                yield (f"gather_backward_{t}_image{int(need_image)}_centres{int(need_centres)}{suffix}",
-                       gather._backward_kernel, types, const, {"num_warps": gather.BACKWARD_NUM_WARPS})
+                const = {
+                    "P": patch,
+                    "BLOCK_K": block_k,
+                    "BLOCK_F": block_f,
+                    "AFFINE": affine,
+                    "NEED_IMAGE_GRAD": need_image,
+                    "NEED_CENTRE_GRAD": need_centres,
+                }
+                types = dict(
+                    scalars,
+                    grad_tokens_ptr=f"*{t}",
+                    image_ptr=f"*{t}",
+                    centres_ptr="*fp32",
+                    affine_ptr="*fp32",
+                    grad_image_ptr="*fp32",
+                    grad_centres_ptr="*fp32",
+                )
+                yield (
+                    f"gather_backward_{t}_image{int(need_image)}_centres{int(need_centres)}{suffix}",
+                    gather._backward_kernel,
+                    types,
+                    const,
+                    {"num_warps": gather.BACKWARD_NUM_WARPS},
+                )
 
 
 def margin_variants():
@@ -82,14 +102,43 @@ def margin_variants():
         t = TRITON_TYPE[dtype]
         block_b, block_c, block_d, num_warps = margin._blocks(CUDA, dtype)
         for labels in (1, 2):
-            const = {"T": labels, "BLOCK_B": block_b, "BLOCK_C": block_c, "BLOCK_D": block_d,
-                     "IEEE": dtype == torch.float32, "UPCAST": False}
-            forward = dict(scalars, X=f"*{t}", W=f"*{t}", INV_X="*fp32", LABELS="*i64", TARGET="*fp32",
-                           OUT_MAX="*fp32", OUT_SUM="*fp32", OUT_LOGIT_SUM="*fp32", OUT_BEST="*fp32", OUT_ARG="*i32")
+            const = {
+                "T": labels,
+                "BLOCK_B": block_b,
+                "BLOCK_C": block_c,
+                "BLOCK_D": block_d,
+                "IEEE": dtype == torch.float32,
+                "UPCAST": False,
+            }
+            forward = dict(
+                scalars,
+                X=f"*{t}",
+                W=f"*{t}",
+                INV_X="*fp32",
+                LABELS="*i64",
+                TARGET="*fp32",
+                OUT_MAX="*fp32",
+                OUT_SUM="*fp32",
+                OUT_LOGIT_SUM="*fp32",
+                OUT_BEST="*fp32",
+                OUT_ARG="*i32",
+            )
             yield f"margin_forward_{t}_T{labels}", margin._forward_kernel, forward, const, {"num_warps": num_warps}
-            backward = dict(scalars, X=f"*{t}", W=f"*{t}", INV_X="*fp32", LABELS="*i64", TARGET="*fp32",
-                            DERIV="*fp32", LSE="*fp32", GRAD_LSE="*fp32", GRAD_TARGET="*fp32",
-                            GRAD_LOGIT_SUM="*fp32", G=f"*{t}", RADIAL="*fp32")
+            backward = dict(
+                scalars,
+                X=f"*{t}",
+                W=f"*{t}",
+                INV_X="*fp32",
+                LABELS="*i64",
+                TARGET="*fp32",
+                DERIV="*fp32",
+                LSE="*fp32",
+                GRAD_LSE="*fp32",
+                GRAD_TARGET="*fp32",
+                GRAD_LOGIT_SUM="*fp32",
+                G=f"*{t}",
+                RADIAL="*fp32",
+            )
             yield f"margin_backward_{t}_T{labels}", margin._backward_kernel, backward, const, {"num_warps": num_warps}
 
 
@@ -97,9 +146,11 @@ def _cuobjdump() -> str | None:
     """Triton's bundled cuobjdump, else the CUDA toolkit's."""
     import triton.backends.nvidia as nvidia_backend
 
-    candidates = (os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump"),
-                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
-                  shutil.which("cuobjdump") or "")
+    candidates = (
+        os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        shutil.which("cuobjdump") or "",
+    )
     return next((p for p in candidates if p and os.access(p, os.X_OK)), None)
 
 
@@ -124,9 +175,15 @@ def compile_variant(name, fn, types, constexprs, options, arch: int = 90) -> dic
         cause = f" (caused by {type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
         return {"name": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[-1200:]}{cause[:1500]}"}
     cubin = kernel.asm.get("cubin", b"")
-    return {"name": name, "ok": bool(cubin), "error": None if cubin else "no cubin", "shared": kernel.metadata.shared,
-            "num_warps": kernel.metadata.num_warps, "ptx_chars": len(kernel.asm.get("ptx", "")),
-            **_resource_usage(cubin)}
+    return {
+        "name": name,
+        "ok": bool(cubin),
+        "error": None if cubin else "no cubin",
+        "shared": kernel.metadata.shared,
+        "num_warps": kernel.metadata.num_warps,
+        "ptx_chars": len(kernel.asm.get("ptx", "")),
+        **_resource_usage(cubin),
+    }
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """FaceRecordDataset (both layouts, colour option, DataLoader workers), ImageFolderFaces,
 ``python -m lafs.data pack`` and few-shot subsets."""
+
 import re
 import struct
 
@@ -15,8 +16,10 @@ from lafs.data.recordio import IRHeader, MXIndexedRecordIO, RecordIOError
 
 def random_faces(rng, counts):
     """{identity: [uint8 RGB 112x112 images]} with ``counts[i]`` random images for identity i."""
-    return {i: [torch.randint(0, 256, (112, 112, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(n)]
-            for i, n in enumerate(counts)}
+    return {
+        i: [torch.randint(0, 256, (112, 112, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(n)]
+        for i, n in enumerate(counts)
+    }
 
 
 def write_folder(root, faces, names=None):
@@ -49,8 +52,9 @@ def write_rec_by_hand(root, faces, layout, store_bgr=False, identity_records=Tru
         if layout == "header" and identity_records:
             start = 1
             for identity, images in faces.items():
-                writer.write_idx(len(order) + 1 + identity,
-                                 recordio.pack(IRHeader(0, [start, start + len(images)], 0, 0), b""))
+                writer.write_idx(
+                    len(order) + 1 + identity, recordio.pack(IRHeader(0, [start, start + len(images)], 0, 0), b"")
+                )
                 start += len(images)
     return [image for _, image in order], np.array([identity for identity, _ in order])
 
@@ -183,8 +187,9 @@ def test_image_folder_faces(tmp_path, rng):
 def test_pack_cli_writes_what_the_dataset_reads(tmp_path, rng, layout, capsys):
     faces = random_faces(rng, [2, 1, 3])
     write_folder(tmp_path / "src", faces)
-    code = data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--layout", layout,
-                      "--format", ".png", "--quiet"])
+    code = data_main(
+        ["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--layout", layout, "--format", ".png", "--quiet"]
+    )
     assert code == 0 and "packed 6 images of 3 identities" in capsys.readouterr().out
     assert (tmp_path / "out" / "property").read_text().splitlines()[0] == "3,112,112"
     reader = MXIndexedRecordIO(tmp_path / "out" / "train.idx", tmp_path / "out" / "train.rec", "r")
@@ -221,8 +226,21 @@ def test_pack_aligns_with_norm_crop(tmp_path):
         cv2.imwrite(str(path), photo[:, :, ::-1])
         lines.append(f"id{label}/{index}.png " + " ".join(f"{v:.3f}" for v in photo_points.ravel()))
     (tmp_path / "marks.txt").write_text("# path x1 y1 ... x5 y5\n" + "\n".join(lines) + "\n")
-    assert data_main(["pack", str(src), str(tmp_path / "out"), "--align", str(tmp_path / "marks.txt"),
-                      "--format", ".png", "--quiet"]) == 0
+    assert (
+        data_main(
+            [
+                "pack",
+                str(src),
+                str(tmp_path / "out"),
+                "--align",
+                str(tmp_path / "marks.txt"),
+                "--format",
+                ".png",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     dataset = FaceRecordDataset(tmp_path / "out")
     photo = cv2.imread(str(src / "id1" / "3.png"))
     points = np.round((faces.render(3)[2] * 2.0 + (50.0, 30.0)) * 8.0) / 8.0
@@ -233,12 +251,20 @@ def test_pack_aligns_with_norm_crop(tmp_path):
 def test_pack_errors(tmp_path, rng, capsys):
     write_folder(tmp_path / "src", random_faces(rng, [1, 1]))
     (tmp_path / "marks.txt").write_text("person_00/000.png 1 2 3\n")
-    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align",
-                      str(tmp_path / "marks.txt"), "--quiet"]) == 2
+    assert (
+        data_main(
+            ["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align", str(tmp_path / "marks.txt"), "--quiet"]
+        )
+        == 2
+    )
     assert "marks.txt line 1: expected an image path and 10 numbers" in capsys.readouterr().err
     (tmp_path / "marks.txt").write_text("person_00/000.png" + " 50" * 10 + "\n")
-    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align",
-                      str(tmp_path / "marks.txt"), "--quiet"]) == 2
+    assert (
+        data_main(
+            ["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--align", str(tmp_path / "marks.txt"), "--quiet"]
+        )
+        == 2
+    )
     assert "no landmarks for 1 image(s), e.g. person_01/000.png" in capsys.readouterr().err
     (tmp_path / "src" / "person_01" / "001.jpg").write_bytes(b"\xff\xd8 broken")
     assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet"]) == 2

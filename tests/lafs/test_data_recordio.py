@@ -1,4 +1,5 @@
 """MXNet RecordIO: byte layout from the format's spec, round trips, and errors on damaged files."""
+
 import pickle
 import struct
 
@@ -35,21 +36,23 @@ def write_records(path, payloads, indexed=True):
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("payload,expected", [
-    (b"abcde", part(0, b"abcde")),
-    (b"abcd", part(0, b"abcd")),
-    (b"", part(0, b"")),
-    # magic at aligned offsets 4 and 16 splits; the one at offset 10 (unaligned) stays inside a part
-    (b"AAAA" + M + b"BB" + M + b"CC" + M + b"xyz",
-     part(1, b"AAAA") + part(2, b"BB" + M + b"CC") + part(3, b"xyz")),
-    (M, part(1, b"") + part(3, b"")),
-    (M + M + b"q", part(1, b"") + part(2, b"") + part(3, b"q")),
-    (b"AAAA" + M, part(1, b"AAAA") + part(3, b"")),
-    # magic at offset 2 only (unaligned): one part
-    (b"ab" + M + b"cd", part(0, b"ab" + M + b"cd")),
-    # aligned magic at offset 4 of a 9-byte record: 4 < floor(9/4)*4 = 8, so it splits
-    (b"1234" + M + b"5", part(1, b"1234") + part(3, b"5")),
-])
+@pytest.mark.parametrize(
+    "payload,expected",
+    [
+        (b"abcde", part(0, b"abcde")),
+        (b"abcd", part(0, b"abcd")),
+        (b"", part(0, b"")),
+        # magic at aligned offsets 4 and 16 splits; the one at offset 10 (unaligned) stays inside a part
+        (b"AAAA" + M + b"BB" + M + b"CC" + M + b"xyz", part(1, b"AAAA") + part(2, b"BB" + M + b"CC") + part(3, b"xyz")),
+        (M, part(1, b"") + part(3, b"")),
+        (M + M + b"q", part(1, b"") + part(2, b"") + part(3, b"q")),
+        (b"AAAA" + M, part(1, b"AAAA") + part(3, b"")),
+        # magic at offset 2 only (unaligned): one part
+        (b"ab" + M + b"cd", part(0, b"ab" + M + b"cd")),
+        # aligned magic at offset 4 of a 9-byte record: 4 < floor(9/4)*4 = 8, so it splits
+        (b"1234" + M + b"5", part(1, b"1234") + part(3, b"5")),
+    ],
+)
 def test_writer_bytes_follow_the_spec(tmp_path, payload, expected):
     assert write_records(tmp_path / "one.rec", [payload], indexed=False) == expected
     with MXRecordIO(tmp_path / "one.rec", "r") as reader:
@@ -77,7 +80,7 @@ def test_round_trip_with_random_magic_words(tmp_path, rng):
         for _ in range(int(torch.randint(0, 4, (1,), generator=rng))):
             if len(data) >= 4:
                 at = int(torch.randint(0, len(data) - 3, (1,), generator=rng))
-                data[at:at + 4] = M
+                data[at : at + 4] = M
         payloads.append(bytes(data))
     write_records(tmp_path / "r.rec", payloads)
     with MXRecordIO(tmp_path / "r.rec", "r") as reader:
@@ -159,7 +162,7 @@ def test_truncated_record_names_file_and_key(tmp_path):
 
 def test_damaged_magic_names_file_key_and_offset(tmp_path):
     offset = len(recordio.encode_record(b"first record.."))
-    reader = corrupt_copy(tmp_path, lambda data: data[:offset] + b"\xff" + data[offset + 1:])
+    reader = corrupt_copy(tmp_path, lambda data: data[:offset] + b"\xff" + data[offset + 1 :])
     with pytest.raises(RecordIOError, match=rf"corrupt.*bad\.rec \(key 1\) at byte {offset}"):
         reader.read_idx(1)
 

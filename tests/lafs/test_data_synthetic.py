@@ -1,4 +1,5 @@
 """SyntheticFaces: contract, determinism, landmarks, and that verification is not trivial."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,10 @@ from torch import nn
 
 from lafs.data import SyntheticFaces, verification_pairs
 
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
 
 
 def seed_from(rng: torch.Generator) -> int:
@@ -73,7 +76,7 @@ def test_five_points_follow_the_arcface_layout_and_the_drawn_eyes(rng):
         rgb, _, marks = faces.render(index)
         gray = rgb.mean(2)
         for x, y in marks[:2]:
-            patch = gray[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2]
+            patch = gray[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2]
             assert patch.min() < gray[20:100, 20:100].mean()
 
 
@@ -99,8 +102,13 @@ def test_held_out_val_set_embeds_each_image_once_in_the_pairs_of_verification_pa
     tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("tiny"), "supervised")
     cfg = cfgmod.resolve_stage("supervised", tree)
     (val_set,) = build_val_sets(cfg)
-    held_out = SyntheticFaces(cfg.val.synthetic_identities, cfg.val.synthetic_images_per_identity, seed=cfg.seed,
-                              identity_offset=cfg.data.synthetic.identities, difficulty=cfg.data.synthetic.difficulty)
+    held_out = SyntheticFaces(
+        cfg.val.synthetic_identities,
+        cfg.val.synthetic_images_per_identity,
+        seed=cfg.seed,
+        identity_offset=cfg.data.synthetic.identities,
+        difficulty=cfg.data.synthetic.difficulty,
+    )
     images, issame = verification_pairs(held_out, cfg.val.pairs, seed=cfg.seed)
     np.testing.assert_array_equal(val_set.issame, issame)
     assert torch.equal(val_set.images[val_set.pair_index], images)
@@ -134,8 +142,16 @@ def test_neither_raw_pixels_nor_an_untrained_network_verify(rng, difficulty):
     pixel_accuracy = best_threshold_accuracy(pair_similarity(centred), issame)
     assert pixel_accuracy < 0.75, f"pixel cosine similarity verifies {pixel_accuracy:.3f} of the pairs"
     network = nn.Sequential(  # default initialisation, seeded by the rng fixture
-        nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 128))
+        nn.Conv2d(3, 16, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, 2, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(1024, 128),
+    )
     with torch.no_grad():
         network_accuracy = best_threshold_accuracy(pair_similarity(network(images)), issame)
     assert network_accuracy < 0.65, f"a random CNN verifies {network_accuracy:.3f} of the pairs"
@@ -180,7 +196,7 @@ def _cheek_colour(faces: SyntheticFaces, index: int) -> np.ndarray:
     """Mean RGB of a patch between the left eye and the left mouth corner (skin in every image)."""
     rgb, _, points = faces.render(index)
     x, y = (points[0] + points[3]) / 2 + np.array([-4.0, 0.0])
-    return rgb[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3].reshape(-1, 3).mean(0)
+    return rgb[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3].reshape(-1, 3).mean(0)
 
 
 def test_per_identity_colours_keep_each_identitys_skin_and_change_nothing_else(rng):

@@ -1,4 +1,5 @@
 """lafs.FaceEmbedder: every kind of model file, the flip protocol, channel orders, five-point alignment, errors."""
+
 import numpy as np
 import pytest
 import torch
@@ -67,8 +68,9 @@ def test_bgr_and_float_inputs_give_the_same_embeddings(files, faces):
     floats = to_model_input(faces, "cpu")
     np.testing.assert_allclose(embedder.embed(floats), rgb, atol=1e-6)
     np.testing.assert_allclose(embedder.embed(floats.flip(1), color="bgr"), rgb, atol=1e-6)
-    assert not np.allclose(embedder.embed(np.ascontiguousarray(faces[..., ::-1])), rgb, atol=1e-3), \
+    assert not np.allclose(embedder.embed(np.ascontiguousarray(faces[..., ::-1])), rgb, atol=1e-3), (
         "swapping the channels must change the embedding, or the colour test above proves nothing"
+    )
 
 
 def test_embed_images_aligns_by_five_points(files):
@@ -78,8 +80,9 @@ def test_embed_images_aligns_by_five_points(files):
     embedder = FaceEmbedder(files["onnx"])
     aligned = np.stack([align_face(image, p) for image, p in zip(shifted, moved_points)])
     np.testing.assert_allclose(embedder.embed_images(shifted, moved_points), embedder.embed(aligned), atol=1e-6)
-    np.testing.assert_allclose(embedder.embed_images(shifted[0], moved_points[0]), embedder.embed(aligned[:1]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        embedder.embed_images(shifted[0], moved_points[0]), embedder.embed(aligned[:1]), atol=1e-6
+    )
 
 
 def test_empty_batch_and_bad_input(files, faces):
@@ -107,9 +110,12 @@ def test_files_that_are_not_face_models_are_refused(tmp_path, files):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+    )
     wrong = tmp_path / "wrong_shape.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(wrong))
     with pytest.raises(ValueError, match=r"one input \[batch, 3, S, S\]"):

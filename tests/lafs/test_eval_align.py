@@ -42,7 +42,7 @@ def eye_offsets(crop: np.ndarray, radius: int = 9) -> np.ndarray:
     gray = cv2.GaussianBlur(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), 1.5)
     offsets = []
     for x, y in np.round(ARCFACE_TEMPLATE[:2]).astype(int):
-        window = gray[y - radius:y + radius + 1, x - radius:x + radius + 1]
+        window = gray[y - radius : y + radius + 1, x - radius : x + radius + 1]
         dy, dx = np.unravel_index(np.argmin(window), window.shape)
         offsets.append((x - radius + dx, y - radius + dy))
     return np.array(offsets) - ARCFACE_TEMPLATE[:2]
@@ -50,12 +50,13 @@ def eye_offsets(crop: np.ndarray, radius: int = 9) -> np.ndarray:
 
 def vertical_offset_to(crop: np.ndarray, reference: np.ndarray, radius: int = 10) -> int:
     """Vertical shift that best matches the reference crop's eye-to-mouth region (normalised correlation)."""
+
     def gray(image):
         return cv2.GaussianBlur(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), 1.0)
 
     top, left = 40, 28
     correlation = cv2.matchTemplate(gray(crop), gray(reference)[top:100, left:84], cv2.TM_CCOEFF_NORMED)
-    column = correlation[top - radius:top + radius + 1, left - radius:left + radius + 1].max(axis=1)
+    column = correlation[top - radius : top + radius + 1, left - radius : left + radius + 1].max(axis=1)
     return int(np.argmax(column)) - radius
 
 

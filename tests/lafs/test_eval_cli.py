@@ -1,4 +1,5 @@
 """python -m lafs.eval verify|ijb end to end with a tiny Part fViT checkpoint."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,26 @@ def test_verify_command(tmp_path, rng, checkpoint, capsys):
     for name in ("lfw", "agedb_30"):
         write_bin(data / f"{name}.bin", *synthetic_pairs(rng, 10))
     out = tmp_path / "report" / "verification.json"
-    assert main(["verify", "--model", checkpoint, "--data", str(data), "--targets", "lfw,agedb_30",
-                 "--batch-size", "20", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                "--model",
+                checkpoint,
+                "--data",
+                str(data),
+                "--targets",
+                "lfw,agedb_30",
+                "--batch-size",
+                "20",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert list(report["sets"]) == ["lfw", "agedb_30"]
@@ -48,8 +67,9 @@ def test_verify_command(tmp_path, rng, checkpoint, capsys):
 
 
 def test_verify_command_names_a_missing_set(tmp_path, checkpoint, capsys):
-    assert main(["verify", "--model", checkpoint, "--data", str(tmp_path), "--targets", "cplfw",
-                 "--device", "cpu"]) == 1
+    assert (
+        main(["verify", "--model", checkpoint, "--data", str(tmp_path), "--targets", "cplfw", "--device", "cpu"]) == 1
+    )
     error = capsys.readouterr().err
     assert error.startswith("lafs.eval: verification set(s) not found:") and "cplfw.bin" in error
     assert error.count("\n") == 1
@@ -57,12 +77,35 @@ def test_verify_command_names_a_missing_set(tmp_path, checkpoint, capsys):
 
 @pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface's norm_crop
 def test_ijb_command(tmp_path, rng, checkpoint, capsys):
-    folder = write_ijb_folder(tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=2,
-                              images_per_template=2)
+    folder = write_ijb_folder(
+        tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=2, images_per_template=2
+    )
     out = tmp_path / "ijb_out"
-    assert main(["ijb", "--model", checkpoint, "--root", folder.root, "--target", "ijbb", "--out", str(out),
-                 "--batch-size", "4", "--device", "cpu", "--num-workers", "2", "--block-elements", "5",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "ijb",
+                "--model",
+                checkpoint,
+                "--root",
+                folder.root,
+                "--target",
+                "ijbb",
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "2",
+                "--block-elements",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     scores = np.load(out / "ijbb_scores.npy")
     expected = expected_pair_scores(load_model(checkpoint), folder, dtype=torch.float32)  # float64 is slow on CPU
@@ -71,8 +114,9 @@ def test_ijb_command(tmp_path, rng, checkpoint, capsys):
     labels = [label for _, _, label in folder.pairs]
     expected_tar = direct_tar_at_far(labels, scores, (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
     assert table["target"] == "IJBB" and table["num_pairs"] == len(folder.pairs)
-    assert table["tar_at_far_percent"] == pytest.approx({f"{far:.0e}": tar * 100 for far, tar in expected_tar.items()},
-                                                        abs=1e-4)
+    assert table["tar_at_far_percent"] == pytest.approx(
+        {f"{far:.0e}": tar * 100 for far, tar in expected_tar.items()}, abs=1e-4
+    )
     assert "TAR (%) at FAR" in printed and "1e-04" in printed
     plot = cv2.imread(str(out / "ijbb_roc.png"))
     assert plot is not None and plot.shape == (540, 720, 3)
@@ -93,7 +137,12 @@ def test_help_documents_every_option(capsys):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "lafs.eval", "--help"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lafs.eval", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "verify" in result.stdout and "ijb" in result.stdout

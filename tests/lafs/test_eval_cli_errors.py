@@ -1,4 +1,5 @@
 """python -m lafs.eval reports a user's mistake in one line (no traceback), and verifies an exported ONNX model."""
+
 import json
 import os
 import pickle
@@ -48,8 +49,19 @@ def test_mistakes_are_reported_in_one_line(tmp_path, rng, model_files, capsys):
     checkpoint = str(model_files / "nano.pt")
 
     def verify(model, targets):
-        return ["verify", "--model", model, "--data", str(data), "--targets", targets, "--device", "cpu",
-                "--out", str(tmp_path / "v.json")]
+        return [
+            "verify",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--targets",
+            targets,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "v.json"),
+        ]
 
     cases = [
         (verify(checkpoint, "lfw,cplfw"), "verification set(s) not found"),
@@ -61,10 +73,25 @@ def test_mistakes_are_reported_in_one_line(tmp_path, rng, model_files, capsys):
         (verify(str(tmp_path), "lfw"), "has no checkpoints/best.pt"),
         (verify(str(bad_onnx), "lfw"), "not a readable ONNX model"),
         (verify(str(tmp_path / "missing.onnx"), "lfw"), "no such ONNX model file"),
-        (["ijb", "--model", checkpoint, "--root", str(tmp_path / "IJBC"), "--target", "IJBC", "--no-progress"],
-         "no such folder"),
-        (["ijb", "--model", checkpoint, "--root", str(tmp_path), "--target", "IJBC", "--no-progress",
-          "--num-workers", "0"], "IJB meta file missing"),
+        (
+            ["ijb", "--model", checkpoint, "--root", str(tmp_path / "IJBC"), "--target", "IJBC", "--no-progress"],
+            "no such folder",
+        ),
+        (
+            [
+                "ijb",
+                "--model",
+                checkpoint,
+                "--root",
+                str(tmp_path),
+                "--target",
+                "IJBC",
+                "--no-progress",
+                "--num-workers",
+                "0",
+            ],
+            "IJB meta file missing",
+        ),
     ]
     for argv, message in cases:
         error = _one_line_error(capsys, argv)
@@ -73,10 +100,27 @@ def test_mistakes_are_reported_in_one_line(tmp_path, rng, model_files, capsys):
 
 
 def test_command_line_process_prints_no_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lafs.eval", "verify", "--model", str(tmp_path / "none.pt"),
-                          "--data", str(tmp_path), "--targets", "lfw", "--device", "cpu"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=REPO))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lafs.eval",
+            "verify",
+            "--model",
+            str(tmp_path / "none.pt"),
+            "--data",
+            str(tmp_path),
+            "--targets",
+            "lfw",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"lafs.eval: verification set(s) not found: {tmp_path / 'lfw.bin'}"]
 
@@ -88,8 +132,26 @@ def test_verify_an_onnx_model_gives_the_pytorch_result(tmp_path, rng, model_file
     reports = {}
     for name in ("nano.pt", "nano.onnx"):
         out = tmp_path / f"{name}.json"
-        assert main(["verify", "--model", str(model_files / name), "--data", str(data), "--targets", "lfw",
-                     "--batch-size", "8", "--device", "cpu", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "verify",
+                    "--model",
+                    str(model_files / name),
+                    "--data",
+                    str(data),
+                    "--targets",
+                    "lfw",
+                    "--batch-size",
+                    "8",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads(out.read_text())["sets"]["lfw"]
     assert "[lfw] Accuracy-Flip" in capsys.readouterr().out
     torch_result, onnx_result = reports["nano.pt"], reports["nano.onnx"]

@@ -1,4 +1,5 @@
 """lafs.eval.ijb: TAR@FAR, template aggregation, pair scores, meta files, the whole protocol on a tiny folder."""
+
 import os
 
 import numpy as np
@@ -38,14 +39,16 @@ def test_tar_at_far_equidistant_points_take_the_higher_tar():
 
 
 def test_template_aggregation_hand_built():
-    features = np.array([
-        [1.0, 0.0, 0.0],  # template 7, media 1
-        [3.0, 0.0, 0.0],  # template 7, media 1
-        [0.0, 1.0, 0.0],  # template 7, media 2
-        [0.0, 0.0, 2.0],  # template 3, media 1
-        [0.0, 4.0, 4.0],  # template 9, media 1 (same media id as in template 7: a different group)
-        [0.0, 0.0, 4.0],  # template 9, media 5
-    ])
+    features = np.array(
+        [
+            [1.0, 0.0, 0.0],  # template 7, media 1
+            [3.0, 0.0, 0.0],  # template 7, media 1
+            [0.0, 1.0, 0.0],  # template 7, media 2
+            [0.0, 0.0, 2.0],  # template 3, media 1
+            [0.0, 4.0, 4.0],  # template 9, media 1 (same media id as in template 7: a different group)
+            [0.0, 0.0, 4.0],  # template 9, media 5
+        ]
+    )
     template_ids, template_features = aggregate_templates(features, [7, 7, 7, 3, 9, 9], [1, 1, 2, 1, 1, 5])
     np.testing.assert_array_equal(template_ids, [3, 7, 9])
     # 7: mean([1,0,0],[3,0,0]) + [0,1,0] = [2,1,0]; 3: [0,0,2]; 9: [0,4,4] + [0,0,4] = [0,4,8]
@@ -71,8 +74,9 @@ def test_score_pairs_in_blocks_and_unknown_templates(block_elements):
 def test_evaluate_ijb_matches_direct_computation(tmp_path, rng):
     folder = write_ijb_folder(tmp_path / "IJBC", rng)
     model = TinyFaceNet(rng)
-    result = evaluate_ijb(model, folder.root, "IJBC", batch_size=4, device="cpu", num_workers=0, block_elements=7,
-                          progress=False)
+    result = evaluate_ijb(
+        model, folder.root, "IJBC", batch_size=4, device="cpu", num_workers=0, block_elements=7, progress=False
+    )
     expected = expected_pair_scores(model, folder)
     assert_close(torch.from_numpy(result.scores), torch.from_numpy(expected).float(), scale=10)
     np.testing.assert_array_equal(result.labels, [label for _, _, label in folder.pairs])
@@ -97,8 +101,9 @@ def _replace_line(path, line_number, text):
 
 @pytest.fixture
 def small_folder(tmp_path, rng):
-    return write_ijb_folder(tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=1,
-                            images_per_template=2)
+    return write_ijb_folder(
+        tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=1, images_per_template=2
+    )
 
 
 def test_missing_meta_file(small_folder):

@@ -1,4 +1,5 @@
 """lafs.eval.verification: safe .bin loading, the 10-fold protocol, the flip-test embedding."""
+
 import datetime
 import os
 import pickle
@@ -20,8 +21,16 @@ from tolerances import assert_close
 
 @pytest.mark.parametrize(
     "py2_style,array_bins,protocol,numpy_flags",
-    [(False, False, 5, False), (False, True, 4, False), (False, True, 5, False), (True, False, 2, False),
-     (True, True, 2, False), (False, False, 2, False), (False, False, 0, True), (False, True, 4, True)],
+    [
+        (False, False, 5, False),
+        (False, True, 4, False),
+        (False, True, 5, False),
+        (True, False, 2, False),
+        (True, True, 2, False),
+        (False, False, 2, False),
+        (False, False, 0, True),
+        (False, True, 4, True),
+    ],
 )
 def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, protocol, numpy_flags):
     """Python 2 byte strings, Python 3 bytes at protocols 0-2 (through _codecs.encode), arrays, and

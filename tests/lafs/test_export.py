@@ -4,6 +4,7 @@ Faces: the sample photos inside the insightface package, aligned with norm_crop 
 five points marked by hand (tests/data/insightface_sample_faces.json), and synthetic
 faces aligned from the five points SyntheticFaces renders.
 """
+
 import json
 import warnings
 from pathlib import Path
@@ -86,8 +87,9 @@ def get_insightface_model(path):
     return insightface.model_zoo.get_model(str(path))
 
 
-def check_against_insightface_and_embedder(model: PartFViT, onnx_path, faces_bgr: np.ndarray,
-                                           min_cosine: float = MIN_COSINE, torch_source=None) -> None:
+def check_against_insightface_and_embedder(
+    model: PartFViT, onnx_path, faces_bgr: np.ndarray, min_cosine: float = MIN_COSINE, torch_source=None
+) -> None:
     """The file in insightface (get_feat) and FaceEmbedder's two backends give the model's embeddings, face by face.
 
     torch_source: what FaceEmbedder's PyTorch backend loads (default: ``model`` itself)."""
@@ -160,13 +162,22 @@ def test_export_form_gather_in_onnxruntime_equals_the_op(tmp_path, rng):
     path = tmp_path / "gather.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Gather(), (images, landmarks), str(path), dynamo=False, opset_version=17,
-                          input_names=["images", "landmarks"], output_names=["tokens"])
+        torch.onnx.export(
+            Gather(),
+            (images, landmarks),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["images", "landmarks"],
+            output_names=["tokens"],
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     tokens = torch.from_numpy(session.run(None, {"images": images.numpy(), "landmarks": landmarks.numpy()})[0])
     ours = landmark_patch_gather(images, landmarks, 8)
-    print(f"export-form gather (onnxruntime GridSample) vs landmark_patch_gather: max abs error "
-          f"{(tokens - ours).abs().max().item():.2e}")
+    print(
+        f"export-form gather (onnxruntime GridSample) vs landmark_patch_gather: max abs error "
+        f"{(tokens - ours).abs().max().item():.2e}"
+    )
     assert_close(tokens, ours, scale=GATHER_SCALE)
 
 
@@ -239,14 +250,21 @@ def test_insightface_keeps_mean_and_std_when_early_nodes_are_named_sub_and_mul(t
     import onnx
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Sub", ["input", "c"], ["a"], name="Sub_0"),
-             helper.make_node("Mul", ["a", "c"], ["b"], name="Mul_1"),
-             helper.make_node("ReduceMean", ["b", "axes"], ["embedding"], name="ReduceMean_2", keepdims=0)]
+    nodes = [
+        helper.make_node("Sub", ["input", "c"], ["a"], name="Sub_0"),
+        helper.make_node("Mul", ["a", "c"], ["b"], name="Mul_1"),
+        helper.make_node("ReduceMean", ["b", "axes"], ["embedding"], name="ReduceMean_2", keepdims=0),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 112, 112])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("c", TensorProto.FLOAT, [], [0.5]),
-         helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])])
+        [
+            helper.make_tensor("c", TensorProto.FLOAT, [], [0.5]),
+            helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+        ],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
     onnx.save(proto, str(before))
@@ -273,10 +291,12 @@ def test_export_check_catches_a_file_that_differs(moving_nano, tmp_path, monkeyp
 def test_export_command_reports_mistakes_in_one_line(tmp_path, trained_run, capsys):
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("not a checkpoint")
-    cases = [([str(tmp_path / "missing"), str(tmp_path / "a.onnx")], "no such checkpoint file or run folder"),
-             ([str(not_a_model), str(tmp_path / "a.onnx")], "cannot read"),
-             ([str(trained_run), str(tmp_path / "a.txt")], "name it .onnx"),
-             ([str(trained_run), str(tmp_path / "a.onnx"), "--opset", "15"], "opset 16 or later")]
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "a.onnx")], "no such checkpoint file or run folder"),
+        ([str(not_a_model), str(tmp_path / "a.onnx")], "cannot read"),
+        ([str(trained_run), str(tmp_path / "a.txt")], "name it .onnx"),
+        ([str(trained_run), str(tmp_path / "a.onnx"), "--opset", "15"], "opset 16 or later"),
+    ]
     for argv, message in cases:
         assert export_main(argv) == 1
         error = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The landmark tracking score: ~1 for landmarks that follow the face, ~0 for a layout that does not."""
+
 import numpy as np
 import pytest
 import torch
@@ -106,8 +107,9 @@ def test_a_supervised_run_reports_the_tracking_score(tmp_path):
     from lafs.train.__main__ import main
 
     out = tmp_path / "run"
-    assert main(["supervised", "--config", "tiny", "train.stop_after_steps=2", "train.plots=true",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["supervised", "--config", "tiny", "train.stop_after_steps=2", "train.plots=true", "--out", str(out)]) == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     tracking = summary["landmark_tracking"]
     assert set(tracking) == {"difficulty_1"}  # the tiny recipe trains at difficulty 1.0

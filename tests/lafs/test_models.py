@@ -1,4 +1,5 @@
 """lafs.models: shapes, the original's numerics, official state dicts, our checkpoint format."""
+
 import json
 import math
 import pickle
@@ -50,8 +51,9 @@ def random_state(shapes: dict, rng) -> dict:
 
 def shapes_b(depth: int) -> dict:
     """The official Part fViT-B shapes with only the first ``depth`` transformer blocks."""
-    return {k: s for k, s in PART_FVIT_B.items()
-            if not k.startswith("transformer.layers.") or int(k.split(".")[2]) < depth}
+    return {
+        k: s for k, s in PART_FVIT_B.items() if not k.startswith("transformer.layers.") or int(k.split(".")[2]) < depth
+    }
 
 
 def tensor_sums(tensors) -> list:
@@ -106,16 +108,16 @@ def test_landmarks_are_the_min_max_scaled_head_outputs_read_as_xy_pairs(rng):
 
 def test_landmark_cnn_default_is_the_official_trunk():
     cnn = LandmarkCNN()
-    keys = {"stn." + k if k.startswith("features.") else k: tuple(v.shape)
-            for k, v in cnn.state_dict().items()}
+    keys = {"stn." + k if k.startswith("features.") else k: tuple(v.shape) for k, v in cnn.state_dict().items()}
     official = {k: tuple(s) for k, s in PART_FVIT_B.items() if k.startswith(("stn.", "output_layer."))}
     assert keys == official
 
 
 def test_attention_scales_scores_by_model_width_not_head_width(rng):
     dim, heads, dim_head = 48, 3, 8
-    transformer = PartTransformer(num_landmarks=5, patch_size=2, dim=dim, depth=1, heads=heads, dim_head=dim_head,
-                                  mlp_dim=32).double()
+    transformer = PartTransformer(
+        num_landmarks=5, patch_size=2, dim=dim, depth=1, heads=heads, dim_head=dim_head, mlp_dim=32
+    ).double()
     attention = transformer.layers[0][0].fn.fn
     with torch.no_grad():  # scores large enough that the scale matters
         attention.to_qkv.weight.normal_(std=0.3, generator=rng)
@@ -130,8 +132,8 @@ def test_attention_scales_scores_by_model_width_not_head_width(rng):
         return attention.to_out((weights @ v).transpose(1, 2).reshape(2, 6, heads * dim_head))
 
     out = attention(x)
-    assert_close(out, direct(dim ** -0.5))
-    assert (out - direct(dim_head ** -0.5)).abs().max() > 0.1 * out.abs().max()
+    assert_close(out, direct(dim**-0.5))
+    assert (out - direct(dim_head**-0.5)).abs().max() > 0.1 * out.abs().max()
 
 
 def direct_transformer(t: PartTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -159,8 +161,10 @@ def original_gather(x: torch.Tensor, landmarks: torch.Tensor, p: int) -> torch.T
     offsets = torch.arange(p, dtype=x.dtype) - p / 2
     grid_i, grid_j = torch.meshgrid(offsets, offsets, indexing="ij")
     grid = torch.stack([grid_i, grid_j], dim=-1)  # [P, P, 2]: (x offset of row i, y offset of column j)
-    patches = [F.grid_sample(x, (grid + landmarks[:, n, None, None, :]) / (size * 0.5) - 1, align_corners=False)
-               for n in range(landmarks.shape[1])]
+    patches = [
+        F.grid_sample(x, (grid + landmarks[:, n, None, None, :]) / (size * 0.5) - 1, align_corners=False)
+        for n in range(landmarks.shape[1])
+    ]
     r = math.isqrt(len(patches))
     mosaic = torch.stack(patches, 2).reshape(b, c, r, r, p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, r * p, r * p)
     return mosaic.view(b, c, r, p, r, p).permute(0, 2, 4, 3, 5, 1).reshape(b, r * r, p * p * c)
@@ -235,7 +239,7 @@ def test_layer_ids_for_layer_wise_lr_decay():
     assert ids["mlp_head.0.weight"] == t.num_layer_groups - 1 == 5
     scales = t.layer_lr_scales(0.5)
     assert scales["mlp_head.0.bias"] == 1.0 and scales["layers.3.0.fn.norm.weight"] == 0.5
-    assert scales["cls_token"] == 0.5 ** 5
+    assert scales["cls_token"] == 0.5**5
     with pytest.raises(KeyError):
         t.layer_id("loss.weight")
 
@@ -307,8 +311,13 @@ def test_official_part_fvit_b_loads_strictly_and_runs(model_b, official_b, rng):
     assert torch.equal(result.classifier_weight, official_b["loss.weight"])
     body = [v for k, v in official_b.items() if k != "loss.weight"]
     assert tensor_sums(model_b.state_dict().values()) == tensor_sums(body)
-    for key in ("stn.features.4.conv.5.fc.0.weight", "output_layer.1.bias", "pos_embedding",
-                "transformer.layers.7.0.fn.fn.to_qkv.weight", "mlp_head.0.weight"):
+    for key in (
+        "stn.features.4.conv.5.fc.0.weight",
+        "output_layer.1.bias",
+        "pos_embedding",
+        "transformer.layers.7.0.fn.fn.to_qkv.weight",
+        "mlp_head.0.weight",
+    ):
         assert torch.equal(_ours_of(model_b, key), official_b[key]), key
 
     with torch.no_grad():
@@ -341,8 +350,10 @@ def test_pretraining_checkpoint_loads_teacher_by_default_and_student_on_request(
     student = {k: v + 1 for k, v in teacher.items()}
     dino_head = {"head.mlp.0.weight": torch.randn(32, 768, generator=rng), "head.last_layer.weight_g": torch.ones(8, 1)}
     checkpoint = {
-        "student": {**{"module.backbone." + k: v for k, v in student.items()},
-                    **{"module." + k: v for k, v in dino_head.items()}},
+        "student": {
+            **{"module.backbone." + k: v for k, v in student.items()},
+            **{"module." + k: v for k, v in dino_head.items()},
+        },
         "teacher": {**{"backbone." + k: v for k, v in teacher.items()}, **dino_head},
         "epoch": 10,
     }
@@ -414,8 +425,11 @@ def test_load_model_from_a_run_folder_prefers_best_then_last(tmp_path, rng):
     best, last = create_model("part_fvit_nano").eval(), create_model("part_fvit_nano").eval()
     run = tmp_path / "runs" / "demo"
     x = images(rng, 1)
-    training_state = {"step": 7, "numpy_rng": np.random.default_rng(0).bit_generator.state,
-                      "legacy_rng": np.random.get_state()}
+    training_state = {
+        "step": 7,
+        "numpy_rng": np.random.default_rng(0).bit_generator.state,
+        "legacy_rng": np.random.get_state(),
+    }
     atomic_save({"model": model_to_dict(last), **training_state}, run / "checkpoints" / "last.pt")
     assert torch.equal(load_model(run)(x), last(x))
     atomic_save({"model": model_to_dict(best), "step": 5}, run / "checkpoints" / "best.pt")

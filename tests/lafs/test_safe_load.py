@@ -5,6 +5,7 @@ the file must not appear, and the error must name the file and the global it wan
 payload does create the file under the explicit opt-in, so the test can fail. Official Part fViT /
 LAFS files (with their ``args`` Namespace and NumPy scalars) still load, strictly, by default.
 """
+
 import argparse
 import pickle
 from pathlib import Path
@@ -61,8 +62,9 @@ def write_hostile(path: Path, marker: Path, fmt: str) -> Path:
 
 
 def tiny_multicrop():
-    return MultiCropModel(create_transformer("part_fvit_nano", depth=1), DINOHead(64, 40, hidden_dim=20,
-                                                                                    bottleneck_dim=6))
+    return MultiCropModel(
+        create_transformer("part_fvit_nano", depth=1), DINOHead(64, 40, hidden_dim=20, bottleneck_dim=6)
+    )
 
 
 def _train(args, capsys):
@@ -96,24 +98,56 @@ LOADERS = {
     "load_model(file)": lambda p, tmp, capsys: _raises(lambda: load_model(p)),
     "load_model(run folder)": lambda p, tmp, capsys: _raises(lambda: load_model(p.parent.parent)),
     "load_official_pretraining": lambda p, tmp, capsys: _raises(
-        lambda: load_official_pretraining(tiny_multicrop(), tiny_multicrop(), p)),
+        lambda: load_official_pretraining(tiny_multicrop(), tiny_multicrop(), p)
+    ),
     "init.landmark (load_landmark_cnn)": lambda p, tmp, capsys: _raises(
-        lambda: load_landmark_cnn(create_model("part_fvit_nano").landmark_cnn, str(p))),
+        lambda: load_landmark_cnn(create_model("part_fvit_nano").landmark_cnn, str(p))
+    ),
     "init.pretrained (load_pretrained_transformer)": lambda p, tmp, capsys: _raises(
-        lambda: load_pretrained_transformer(create_transformer("part_fvit_nano"), str(p))),
+        lambda: load_pretrained_transformer(create_transformer("part_fvit_nano"), str(p))
+    ),
     "python -m lafs.train pretrain init.landmark=": lambda p, tmp, capsys: _cli_train_error(
-        ["pretrain", "--config", "tiny", "--out", str(tmp / "run"), f"init.landmark={p}"], capsys),
+        ["pretrain", "--config", "tiny", "--out", str(tmp / "run"), f"init.landmark={p}"], capsys
+    ),
     "python -m lafs.train finetune init.pretrained=": lambda p, tmp, capsys: _cli_train_error(
         ["finetune", "--config", "tiny", "--out", str(tmp / "run"), "init.landmark=null", f"init.pretrained={p}"],
-        capsys),
+        capsys,
+    ),
     "python -m lafs.train --resume": lambda p, tmp, capsys: _cli_train_error(
-        ["supervised", "--config", "tiny", "--out", str(p.parent.parent), "--resume"], capsys),
+        ["supervised", "--config", "tiny", "--out", str(p.parent.parent), "--resume"], capsys
+    ),
     "python -m lafs.eval verify --model": lambda p, tmp, capsys: _cli_eval_error(
-        ["verify", "--model", str(p), "--data", str(_bin_folder(tmp)), "--targets", "lfw", "--device", "cpu",
-         "--out", str(tmp / "v.json")], capsys),
+        [
+            "verify",
+            "--model",
+            str(p),
+            "--data",
+            str(_bin_folder(tmp)),
+            "--targets",
+            "lfw",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp / "v.json"),
+        ],
+        capsys,
+    ),
     "python -m lafs.eval ijb --model": lambda p, tmp, capsys: _cli_eval_error(
-        ["ijb", "--model", str(p), "--root", str(tmp), "--target", "IJBB", "--device", "cpu",
-         "--out", str(tmp / "ijb")], capsys),
+        [
+            "ijb",
+            "--model",
+            str(p),
+            "--root",
+            str(tmp),
+            "--target",
+            "IJBB",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp / "ijb"),
+        ],
+        capsys,
+    ),
     "load_bin (verification .bin)": lambda p, tmp, capsys: _raises(lambda: load_bin(p)),
 }
 
@@ -125,8 +159,9 @@ def _bin_folder(tmp: Path) -> Path:
     return folder
 
 
-CASES = [(loader, fmt) for loader in LOADERS
-         for fmt in (("bin",) if "load_bin" in loader else ("torch.save", "pickle"))]
+CASES = [
+    (loader, fmt) for loader in LOADERS for fmt in (("bin",) if "load_bin" in loader else ("torch.save", "pickle"))
+]
 
 
 @pytest.mark.parametrize("loader, fmt", CASES)
@@ -154,14 +189,39 @@ def test_the_cli_flags_opt_in(tmp_path, capsys):
     marker = tmp_path / "code_ran"
     path = write_hostile(tmp_path / "evil.pt", marker, "torch.save")
     with pytest.warns(UserWarning):  # the model loads; the IJB folder holds no meta files
-        code = eval_cli.main(["ijb", "--model", str(path), "--root", str(tmp_path), "--target", "IJBB",
-                              "--device", "cpu", "--out", str(tmp_path / "ijb"), "--unsafe-pickle"])
+        code = eval_cli.main(
+            [
+                "ijb",
+                "--model",
+                str(path),
+                "--root",
+                str(tmp_path),
+                "--target",
+                "IJBB",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "ijb"),
+                "--unsafe-pickle",
+            ]
+        )
     assert code == 1 and "meta" in capsys.readouterr().err
     assert marker.exists()
     marker.unlink()
     with pytest.warns(UserWarning, match="can run code"):
-        code, err = _train(["finetune", "--config", "tiny", "--out", str(tmp_path / "run"), "init.landmark=null",
-                            f"init.pretrained={path}", "--unsafe-pickle"], capsys)
+        code, err = _train(
+            [
+                "finetune",
+                "--config",
+                "tiny",
+                "--out",
+                str(tmp_path / "run"),
+                "init.landmark=null",
+                f"init.pretrained={path}",
+                "--unsafe-pickle",
+            ],
+            capsys,
+        )
     assert marker.exists() and code == 2 and "neither a lafs.train pretraining checkpoint" in err  # loaded
     marker.unlink()
     # the opt-in ends with the command
@@ -192,8 +252,16 @@ def test_other_globals_are_refused_by_name(tmp_path):
 
 def dino_args() -> argparse.Namespace:
     """What the original's argparse leaves in a checkpoint, NumPy scalars included."""
-    return argparse.Namespace(arch="vit", out_dim=40, norm_last_layer=True, momentum_teacher=np.float64(0.996),
-                              local_crops_scale=(0.4, 1.0), epochs=np.int64(40), lr=0.0005, output_dir="out")
+    return argparse.Namespace(
+        arch="vit",
+        out_dim=40,
+        norm_last_layer=True,
+        momentum_teacher=np.float64(0.996),
+        local_crops_scale=(0.4, 1.0),
+        epochs=np.int64(40),
+        lr=0.0005,
+        output_dir="out",
+    )
 
 
 def test_official_pretraining_file_loads_strictly_from_its_path(tmp_path, rng):
@@ -201,16 +269,23 @@ def test_official_pretraining_file_loads_strictly_from_its_path(tmp_path, rng):
     with torch.no_grad():
         for p in source.parameters():
             p.normal_(generator=rng)
-    backbone = {("transformer." + k if k.startswith("layers.") else k): v
-                for k, v in source.backbone.state_dict().items()}
+    backbone = {
+        ("transformer." + k if k.startswith("layers.") else k): v for k, v in source.backbone.state_dict().items()
+    }
     head = source.head.state_dict()
     checkpoint = {
-        "student": {**{f"module.backbone.{k}": v for k, v in backbone.items()},
-                    **{f"module.head.{k}": v for k, v in head.items()}},
-        "teacher": {**{f"backbone.{k}": v + 1 for k, v in backbone.items()},
-                    **{f"head.{k}": v + 1 for k, v in head.items()}},
+        "student": {
+            **{f"module.backbone.{k}": v for k, v in backbone.items()},
+            **{f"module.head.{k}": v for k, v in head.items()},
+        },
+        "teacher": {
+            **{f"backbone.{k}": v + 1 for k, v in backbone.items()},
+            **{f"head.{k}": v + 1 for k, v in head.items()},
+        },
         "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-3), "params": [0, 1]}]},
-        "epoch": np.int64(7), "args": dino_args(), "dino_loss": {"center": torch.ones(1, 40)},
+        "epoch": np.int64(7),
+        "args": dino_args(),
+        "dino_loss": {"center": torch.ones(1, 40)},
         "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0},
     }
     path = tmp_path / "checkpoint.pth"
@@ -230,16 +305,24 @@ def test_official_pretraining_file_loads_strictly_from_its_path(tmp_path, rng):
 def test_official_part_fvit_file_with_args_loads_through_load_model(tmp_path, rng):
     source = create_model("part_fvit_b", dim=128, depth=2, heads=2, mlp_dim=256).eval()
     path = tmp_path / "part_fvit.pth"
-    torch.save({"model": {"module." + k: v for k, v in official_state_of(source).items()},
-                "epoch": np.int64(20), "args": dino_args()}, path)
+    torch.save(
+        {
+            "model": {"module." + k: v for k, v in official_state_of(source).items()},
+            "epoch": np.int64(20),
+            "args": dino_args(),
+        },
+        path,
+    )
     x = torch.rand(1, 3, 112, 112, generator=rng) * 2 - 1
     assert torch.equal(load_model(path)(x), source(x))
 
 
 def test_our_training_checkpoints_load_without_the_opt_in(tmp_path):
     """The NumPy random state of a training checkpoint is a plain array: allowed."""
-    state = {"model": model_to_dict(create_model("part_fvit_nano")), "rng": {"numpy": np.random.get_state(),
-                                                                             "torch": torch.get_rng_state()}}
+    state = {
+        "model": model_to_dict(create_model("part_fvit_nano")),
+        "rng": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+    }
     atomic_save(state, tmp_path / "checkpoints" / "last.pt")
     loaded = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert np.array_equal(loaded["rng"]["numpy"][1], state["rng"]["numpy"][1])
@@ -248,8 +331,10 @@ def test_our_training_checkpoints_load_without_the_opt_in(tmp_path):
 
 def test_load_model_points_pretraining_checkpoints_to_load_official_pretraining(tmp_path):
     transformer = create_transformer("part_fvit_b", dim=128, depth=1, heads=2, mlp_dim=256)
-    teacher = {f"backbone.{'transformer.' + k if k.startswith('layers.') else k}": v
-               for k, v in transformer.state_dict().items()}
+    teacher = {
+        f"backbone.{'transformer.' + k if k.startswith('layers.') else k}": v
+        for k, v in transformer.state_dict().items()
+    }
     torch.save({"student": teacher, "teacher": teacher, "args": dino_args()}, tmp_path / "pre.pth")
     with pytest.raises(IncompatibleCheckpointError, match="lafs.ssl.load_official_pretraining"):
         load_model(tmp_path / "pre.pth")

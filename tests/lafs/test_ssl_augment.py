@@ -1,4 +1,5 @@
 """Batched crop and colour augmentations of the LAFS view builder."""
+
 import colorsys
 import math
 
@@ -65,8 +66,9 @@ def test_crop_interior_matches_crop_then_resize(rng):
     crops, boxes, flips = crops_with_their_draws(images, size, (0.2, 0.6), rng)
     for img, crop, box, flip in zip(images, crops, boxes, flips):
         x0, y0, w, h = (int(v) for v in box)
-        expected = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w], size=(size, size), mode="bicubic",
-                                 align_corners=False)[0].clamp(images.min(), images.max())
+        expected = F.interpolate(
+            img[None, :, y0 : y0 + h, x0 : x0 + w], size=(size, size), mode="bicubic", align_corners=False
+        )[0].clamp(images.min(), images.max())
         expected = expected.flip(-1) if flip else expected
         # Bicubic taps near the crop's edge read the neighbouring image pixels here, replicated
         # crop pixels in interpolate: compare away from the edge.
@@ -112,11 +114,13 @@ def test_blend_gives_brightness_contrast_and_saturation(rng):
     f = _uniform(3, 0.2, 1.8, rng)
     f4 = f.view(-1, 1, 1, 1)
     gray = _luma(x)
-    expected = torch.stack([
-        (f4 * x)[0],  # brightness
-        (f4 * x + (1 - f4) * gray.mean(dim=(1, 2, 3), keepdim=True))[1],  # contrast
-        (f4 * x + (1 - f4) * gray)[2],  # saturation
-    ]).clamp(0, 1)
+    expected = torch.stack(
+        [
+            (f4 * x)[0],  # brightness
+            (f4 * x + (1 - f4) * gray.mean(dim=(1, 2, 3), keepdim=True))[1],  # contrast
+            (f4 * x + (1 - f4) * gray)[2],  # saturation
+        ]
+    ).clamp(0, 1)
     gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     assert_close(_blend_(x.clone(), f, gray_weight, mean_weight), expected)
@@ -134,12 +138,13 @@ def test_jitter_applies_each_images_ops_in_its_drawn_order(rng):
         torch.rand(n, generator=rng)
     _uniform(n, 0.1, 2.0, rng)  # sigma
     torch.rand(n, generator=rng)  # solarisation
-    factors = {op: _uniform(n, -s, s, rng) if op == "hue" else _uniform(n, 1 - s, 1 + s, rng)
-               for op, s in _JITTER.items()}
+    factors = {
+        op: _uniform(n, -s, s, rng) if op == "hue" else _uniform(n, 1 - s, 1 + s, rng) for op, s in _JITTER.items()
+    }
     order = torch.rand(n, 4, generator=rng).argsort(dim=1)
     ops = list(_JITTER)
     for i in range(n):
-        image = x[i:i + 1].clone()
+        image = x[i : i + 1].clone()
         for k in order[i].tolist() if apply[i] else []:
             f = factors[ops[k]][i]
             if ops[k] == "brightness":
@@ -160,7 +165,7 @@ def test_blur_of_an_impulse_is_the_normalised_gaussian():
     out = _gaussian_blur(image, sigma)
     taps = torch.arange(21, dtype=torch.float64) - 10
     for n in range(2):
-        g = torch.exp(-taps**2 / (2 * sigma[n] ** 2)) * (taps.abs() <= 6)
+        g = torch.exp(-(taps**2) / (2 * sigma[n] ** 2)) * (taps.abs() <= 6)
         g = g / g.sum()
         assert_close(out[n], (g[:, None] * g[None, :]).expand(3, 21, 21))
     flat = torch.full((1, 3, 9, 9), 0.3, dtype=torch.float64)

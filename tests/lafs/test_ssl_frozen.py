@@ -1,4 +1,5 @@
 """Frozen inference copies of the landmark CNN: batch norms folded into convolutions, channels_last."""
+
 import pytest
 import torch
 from torch import nn
@@ -60,7 +61,8 @@ def test_folding_a_module_in_training_mode_is_refused(rng):
 
 
 def test_only_conv_then_batch_norm_pairs_fold():
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4),
-                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    model = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    ).eval()
     assert fold_batch_norms(model) == 1
     assert [type(m).__name__ for m in model] == ["BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "Identity"]

@@ -1,4 +1,5 @@
 """DINO head, EMA, per-parameter clipping, last-layer freeze, weight-decay groups."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,14 @@ def test_head_keys_match_the_original_and_gain_is_fixed():
     head = DINOHead(16, out_dim=64, hidden_dim=32, bottleneck_dim=8)
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     assert shapes == {
-        "mlp.0.weight": (32, 16), "mlp.0.bias": (32,), "mlp.2.weight": (32, 32), "mlp.2.bias": (32,),
-        "mlp.4.weight": (8, 32), "mlp.4.bias": (8,), "last_layer.weight_g": (64, 1), "last_layer.weight_v": (64, 8),
+        "mlp.0.weight": (32, 16),
+        "mlp.0.bias": (32,),
+        "mlp.2.weight": (32, 32),
+        "mlp.2.bias": (32,),
+        "mlp.4.weight": (8, 32),
+        "mlp.4.bias": (8,),
+        "last_layer.weight_g": (64, 1),
+        "last_layer.weight_v": (64, 8),
     }
     assert not head.last_layer.weight_g.requires_grad
     assert DINOHead(16, 64, 32, 8, norm_last_layer=False).last_layer.weight_g.requires_grad

@@ -1,4 +1,5 @@
 """DINOLoss against a direct float64 computation written out here."""
+
 import math
 
 import pytest
@@ -49,8 +50,9 @@ def test_loss_float32_matches_float64(rng):
     out_dim, batch, ncrops = 64, 4, 5
     student = torch.randn(ncrops * batch, out_dim, generator=rng)
     teacher = torch.randn(2 * batch, out_dim, generator=rng)
-    expected = direct_dino_loss(student.double(), teacher.double(), torch.zeros(out_dim, dtype=torch.float64),
-                                ncrops, 2, 0.1, 0.04)
+    expected = direct_dino_loss(
+        student.double(), teacher.double(), torch.zeros(out_dim, dtype=torch.float64), ncrops, 2, 0.1, 0.04
+    )
     actual = DINOLoss(out_dim, ncrops)(student, teacher, epoch=0)
     assert actual.dtype == torch.float32
     assert_close(actual, torch.tensor(expected), dtype=torch.float32, scale=10)

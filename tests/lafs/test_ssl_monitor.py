@@ -1,4 +1,5 @@
 """View retrieval, the label-free pretraining check: probe views and the retrieval accuracy."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +14,9 @@ L, SIZE, P = 16, 32, 4
 
 def builder(global_views=2) -> MultiViewBuilder:
     cnn = LandmarkCNN(num_landmarks=L, image_size=SIZE, blocks="tiny")
-    return MultiViewBuilder(cnn, patch_size=P, global_views=global_views, local_views=2, local_tokens=5,
-                            image_size=SIZE)
+    return MultiViewBuilder(
+        cnn, patch_size=P, global_views=global_views, local_views=2, local_tokens=5, image_size=SIZE
+    )
 
 
 class MeanToken(nn.Module):

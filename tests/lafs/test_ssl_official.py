@@ -1,4 +1,5 @@
 """Loading pretraining checkpoints written by the original LAFS (DINO-style) code."""
+
 import json
 from pathlib import Path
 
@@ -17,20 +18,34 @@ def official_checkpoint(backbone: dict, head: dict, center: torch.Tensor) -> dic
     student.update({f"module.head.{k}": v for k, v in head.items()})
     teacher = {f"backbone.{k}": v.clone() + 1 for k, v in backbone.items()}
     teacher.update({f"head.{k}": v.clone() + 1 for k, v in head.items()})
-    return {"student": student, "teacher": teacher, "optimizer": {"state": {}, "param_groups": []},
-            "epoch": 7, "args": None, "dino_loss": {"center": center}}
+    return {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 7,
+        "args": None,
+        "dino_loss": {"center": center},
+    }
 
 
 def original_head_shapes(in_dim, out_dim, hidden=2048, bottleneck=256):
-    return {"mlp.0.weight": (hidden, in_dim), "mlp.0.bias": (hidden,), "mlp.2.weight": (hidden, hidden),
-            "mlp.2.bias": (hidden,), "mlp.4.weight": (bottleneck, hidden), "mlp.4.bias": (bottleneck,),
-            "last_layer.weight_g": (out_dim, 1), "last_layer.weight_v": (out_dim, bottleneck)}
+    return {
+        "mlp.0.weight": (hidden, in_dim),
+        "mlp.0.bias": (hidden,),
+        "mlp.2.weight": (hidden, hidden),
+        "mlp.2.bias": (hidden,),
+        "mlp.4.weight": (bottleneck, hidden),
+        "mlp.4.bias": (bottleneck,),
+        "last_layer.weight_g": (out_dim, 1),
+        "last_layer.weight_v": (out_dim, bottleneck),
+    }
 
 
 def test_full_size_lafs_checkpoint_loads_strictly_on_meta():
     """Part fViT-B backbone keys from the reference shapes, DINO head of 65,536 outputs (no memory used)."""
-    backbone_shapes = {k: v for k, v in SHAPES["part_fvit_b_webface"].items()
-                       if not k.startswith(("stn.", "output_layer."))}
+    backbone_shapes = {
+        k: v for k, v in SHAPES["part_fvit_b_webface"].items() if not k.startswith(("stn.", "output_layer."))
+    }
     assert "transformer.layers.11.1.fn.fn.net.3.weight" in backbone_shapes and "loss.weight" in backbone_shapes
     with torch.device("meta"):
         backbone = {k: torch.empty(shape) for k, shape in backbone_shapes.items()}
@@ -45,8 +60,11 @@ def test_full_size_lafs_checkpoint_loads_strictly_on_meta():
 
 def tiny_models():
     def model():
-        return MultiCropModel(PartTransformer(num_landmarks=9, patch_size=2, dim=16, depth=2, heads=2, dim_head=8,
-                                              mlp_dim=24), DINOHead(16, 40, hidden_dim=20, bottleneck_dim=6))
+        return MultiCropModel(
+            PartTransformer(num_landmarks=9, patch_size=2, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=24),
+            DINOHead(16, 40, hidden_dim=20, bottleneck_dim=6),
+        )
+
     return model(), model()
 
 
@@ -101,5 +119,6 @@ def test_mismatches_are_reported(rng):
     with pytest.raises(IncompatibleCheckpointError, match="'teacher'"):
         load_official_pretraining(student, teacher, {"student": {}})
     with pytest.raises(IncompatibleCheckpointError, match="center"):
-        load_official_pretraining(student, teacher, official_checkpoint(backbone, head, torch.zeros(1, 41)),
-                                  DINOLoss(40, ncrops=4))
+        load_official_pretraining(
+            student, teacher, official_checkpoint(backbone, head, torch.zeros(1, 41)), DINOLoss(40, ncrops=4)
+        )

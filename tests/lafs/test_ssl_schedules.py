@@ -1,4 +1,5 @@
 """Cosine / warmup schedules indexed by global step, and the teacher temperature schedule."""
+
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
 """DINOTrainer: one pretraining step, the teacher EMA, the last-layer freeze, exact resume."""
+
 import copy
 
 import pytest
@@ -14,11 +15,21 @@ L, SIZE, P = 16, 32, 4
 
 def make_trainer(cnn, device="cpu", **overrides) -> DINOTrainer:
     def backbone():
-        return PartTransformer(num_landmarks=L, patch_size=P, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64,
-                               drop_path=0.1)
+        return PartTransformer(
+            num_landmarks=L, patch_size=P, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64, drop_path=0.1
+        )
 
-    settings = dict(epochs=2, iters_per_epoch=2, batch_size=2, out_dim=256, hidden_dim=64, bottleneck_dim=16,
-                    warmup_epochs=1, warmup_teacher_temp_epochs=1, lr=0.05)
+    settings = dict(
+        epochs=2,
+        iters_per_epoch=2,
+        batch_size=2,
+        out_dim=256,
+        hidden_dim=64,
+        bottleneck_dim=16,
+        warmup_epochs=1,
+        warmup_teacher_temp_epochs=1,
+        lr=0.05,
+    )
     settings.update(overrides)
     views = MultiViewBuilder(cnn, patch_size=P, global_views=2, local_views=2, local_tokens=6, image_size=SIZE)
     return DINOTrainer(backbone(), backbone(), views, DINOSettings(**settings), device=device)

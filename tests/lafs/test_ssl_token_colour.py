@@ -1,4 +1,5 @@
 """Colour augmentation on tokens (lafs.ssl.token_colour) against the same draws on whole crops (lafs.ssl.augment)."""
+
 import math
 
 import torch
@@ -109,11 +110,12 @@ def test_blurring_the_source_before_the_colour_against_blurring_the_coloured_cro
 def test_blur_with_per_axis_sigma():
     image = torch.zeros(1, 3, 25, 25, dtype=torch.float64)
     image[:, :, 12, 12] = 1.0
-    out = _gaussian_blur(image, torch.tensor([0.8], dtype=torch.float64), torch.tensor([1.7], dtype=torch.float64),
-                         radius=_BLUR_RADIUS)
+    out = _gaussian_blur(
+        image, torch.tensor([0.8], dtype=torch.float64), torch.tensor([1.7], dtype=torch.float64), radius=_BLUR_RADIUS
+    )
     taps = torch.arange(25, dtype=torch.float64) - 12
-    gx = torch.exp(-taps**2 / (2 * 0.8**2)) * (taps.abs() <= _BLUR_RADIUS)
-    gy = torch.exp(-taps**2 / (2 * 1.7**2)) * (taps.abs() <= _BLUR_RADIUS)
+    gx = torch.exp(-(taps**2) / (2 * 0.8**2)) * (taps.abs() <= _BLUR_RADIUS)
+    gy = torch.exp(-(taps**2) / (2 * 1.7**2)) * (taps.abs() <= _BLUR_RADIUS)
     assert_close(out[0], (gy[:, None] * gx[None, :] / gx.sum() / gy.sum()).expand(3, 25, 25))
     same = torch.tensor([1.3], dtype=torch.float64)
     assert torch.equal(_gaussian_blur(image, same), _gaussian_blur(image, same, same))

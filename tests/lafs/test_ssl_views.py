@@ -1,5 +1,6 @@
 """MultiViewBuilder: shapes, token counts, reproducibility, evaluation mode, the fused path's gathers from the
 source, per-image landmarks, local positions, the original (per-landmark grid_sample) path."""
+
 import pytest
 import torch
 from torch import nn
@@ -173,7 +174,7 @@ def test_our_path_samples_every_view_from_the_source_images(rng, monkeypatch):
         assert [c[0] for c in group[:2]] == [source, source]
         assert [c[1] for c in group[:2]] == [(rows, tokens, 2), (rows, 16, 2)]
         assert len(group) <= 3
-    blurred = [c for c in calls[2:local_start] + calls[local_start + 2:]]
+    blurred = [c for c in calls[2:local_start] + calls[local_start + 2 :]]
     assert len(blurred) >= 1
     assert all(c[0][0] == c[1][0] and c[1][1] in (L, 6) for c in blurred)  # one blurred source per blurred view
 
@@ -227,8 +228,10 @@ def test_per_image_mapping_against_a_landmark_finder_on_crops(rng):
     assert distance < 0.3 and flips.any()
 
 
-@pytest.mark.parametrize("original_path,positions,expected", [
-    (False, None, "landmark"), (True, None, "first"), (False, "first", "first"), (True, "landmark", "landmark")])
+@pytest.mark.parametrize(
+    "original_path,positions,expected",
+    [(False, None, "landmark"), (True, None, "first"), (False, "first", "first"), (True, "landmark", "landmark")],
+)
 def test_local_positions(rng, original_path, positions, expected):
     images = torch.rand(2, 3, SIZE, SIZE, generator=rng) * 2 - 1
     b = builder(local_tokens=5, original_path=original_path, local_positions=positions)
@@ -238,7 +241,8 @@ def test_local_positions(rng, original_path, positions, expected):
         assert torch.equal(local_group.index, torch.arange(5).expand(4, 5))
     else:
         drawn = builder(local_tokens=5, original_path=not original_path, local_positions="landmark")(
-            images, generator=torch.Generator().manual_seed(1))[1].index
+            images, generator=torch.Generator().manual_seed(1)
+        )[1].index
         assert torch.equal(local_group.index, drawn) and not torch.equal(drawn, torch.arange(5).expand(4, 5))
     with pytest.raises(ValueError, match="local_positions"):
         builder(local_positions="middle")
@@ -267,7 +271,6 @@ def test_grayscale_probability_reaches_every_view(rng):
     assert all(_is_gray(group.tokens).all() for group in always)
     never = builder(grayscale_p=0.0)(images, generator=rng)
     assert not any(_is_gray(group.tokens).any() for group in never)
-
 
 
 @pytest.mark.parametrize("replacement", [True, False])
@@ -318,6 +321,8 @@ def test_our_tokens_against_the_original_paths_on_faces():
     original = MultiViewBuilder(cnn, original_path=True, **options)(images, generator=torch.Generator().manual_seed(3))
     for name, a, b in zip(("global", "local"), ours, original):
         difference = (a.tokens - b.tokens).abs()
-        print(f"{name} views, ours vs original path: mean |difference| {difference.mean():.4f}, "
-              f"max {difference.max():.3f}")
+        print(
+            f"{name} views, ours vs original path: mean |difference| {difference.mean():.4f}, "
+            f"max {difference.max():.3f}"
+        )
         assert difference.mean() < 0.02

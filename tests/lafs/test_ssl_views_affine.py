@@ -1,5 +1,6 @@
 """The fused view path's geometry (lafs.ssl.geometry): crops as the gather's per-view affine, landmarks
 mapped into views, the crop edge, the contrast's mean samples; the tokens against a materialised crop."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """The views.landmarks / views.local_positions options: their values, errors, and the default run's setting."""
+
 from pathlib import Path
 
 import pytest

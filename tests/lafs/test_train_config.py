@@ -1,4 +1,5 @@
 """Recipes, overrides and the errors a bad configuration gives before any training starts."""
+
 import subprocess
 import sys
 
@@ -13,8 +14,15 @@ from lafs.train.__main__ import main
 def test_every_recipe_resolves_or_asks_for_its_data(tmp_path):
     """Built-in recipes hold only known keys; the real-data ones stop at the missing data.root."""
     recipes = sorted(p.stem for p in cfgmod.RECIPE_DIR.glob("*.yaml"))
-    assert {"demo", "webface4m_supervised", "webface4m_pretrain", "webface4m_finetune", "ms1mv3_supervised",
-            "ms1mv3_pretrain", "ms1mv3_finetune"} <= set(recipes)
+    assert {
+        "demo",
+        "webface4m_supervised",
+        "webface4m_pretrain",
+        "webface4m_finetune",
+        "ms1mv3_supervised",
+        "ms1mv3_pretrain",
+        "ms1mv3_finetune",
+    } <= set(recipes)
     for name in recipes:
         tree = cfgmod.load_recipe(name)
         if cfgmod.is_demo_recipe(tree):
@@ -52,28 +60,39 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.optim.lr == 5e-4 and cfg.optim.epochs == 3.0 and isinstance(cfg.optim.epochs, float)
 
 
-@pytest.mark.parametrize("text, amp", [
-    ("off", "off"), ("'off'", "off"), ("false", "off"), ("no", "off"), ("true", "auto"), ("bf16", "bf16"),
-])
+@pytest.mark.parametrize(
+    "text, amp",
+    [
+        ("off", "off"),
+        ("'off'", "off"),
+        ("false", "off"),
+        ("no", "off"),
+        ("true", "auto"),
+        ("bf16", "bf16"),
+    ],
+)
 def test_amp_reads_yaml_booleans_as_off_and_auto(text, amp):
     tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "supervised")
     overrides = cfgmod.parse_overrides([f"train.amp={text}"])
     assert cfgmod.resolve_stage("supervised", cfgmod.apply_overrides(tree, overrides)).train.amp == amp
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr=-1", "optim.lr must be >= 0"),
-    ("optim.lr=fast", "optim.lr must be float"),
-    ("optim.lrr=1e-3", "did you mean optim.lr"),
-    ("loss.type=softmax", "loss.type must be one of cosface, arcface"),
-    ("optim.warmup_epochs=100", "warmup_epochs .* exceeds optim.epochs"),
-    ("optim.batch_size=0", "optim.batch_size must be >= 1"),
-    ("train.original_path=1", "train.original_path must be bool"),
-    ("train.amp=1", "train.amp must be str"),
-    ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
-    ("data.source=rec", "data.root is required"),
-    ("val.bins=[/no/such/lfw.bin]", "is not a file"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", "optim.lr must be >= 0"),
+        ("optim.lr=fast", "optim.lr must be float"),
+        ("optim.lrr=1e-3", "did you mean optim.lr"),
+        ("loss.type=softmax", "loss.type must be one of cosface, arcface"),
+        ("optim.warmup_epochs=100", "warmup_epochs .* exceeds optim.epochs"),
+        ("optim.batch_size=0", "optim.batch_size must be >= 1"),
+        ("train.original_path=1", "train.original_path must be bool"),
+        ("train.amp=1", "train.amp must be str"),
+        ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
+        ("data.source=rec", "data.root is required"),
+        ("val.bins=[/no/such/lfw.bin]", "is not a file"),
+    ],
+)
 def test_bad_values_name_the_problem(override, message):
     tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "supervised")
     with pytest.raises(cfgmod.ConfigError, match=message):
@@ -106,8 +125,9 @@ def test_missing_recipe_and_malformed_yaml(tmp_path):
 
 
 def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "lafs.train", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lafs.train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for stage_schema in cfgmod.SCHEMAS.values():
         for opt in stage_schema:
             assert f"  {opt.key}=" in out, opt.key

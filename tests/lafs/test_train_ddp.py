@@ -1,6 +1,7 @@
 """``torchrun --standalone --nproc_per_node=2 -m lafs.train --config tiny`` on the CPU (gloo): every stage of
 the default run finishes on two processes. (That two processes compute what one does is
 tests/lafs/test_train_distributed.py.)"""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def test_torchrun_two_processes_run_every_stage_of_the_tiny_demo(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "lafs.train", "--config", "tiny", "--out", str(out), "train.cpu_threads=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lafs.train",
+        "--config",
+        "tiny",
+        "--out",
+        str(out),
+        "train.cpu_threads=1",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("few-shot training from scratch") == 1  # only the main process prints the table

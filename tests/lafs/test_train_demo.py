@@ -3,6 +3,7 @@
 The full goal (held-out verification accuracy >= 0.90 from the supervised demo in
 about five minutes) is checked by ``make train`` (``python -m lafs.train``), not here.
 """
+
 import json
 
 import pytest
@@ -15,8 +16,7 @@ pytestmark = pytest.mark.slow
 # Shortened demo: the demo recipe's data, model and loss with half its steps (480: 5 epochs, the difficulty
 # curriculum over 2), verified on 400 held-out pairs; about 1.5 minutes on 2 idle cores. 0.8 lies well below
 # what it reaches and far above untrained networks (about 0.5): measurements in docs/EXPERIMENTS.md.
-SHORT_SUPERVISED = ["optim.epochs=5", "data.synthetic.difficulty_warmup_epochs=2", "val.pairs=400",
-                    "train.plots=false"]
+SHORT_SUPERVISED = ["optim.epochs=5", "data.synthetic.difficulty_warmup_epochs=2", "val.pairs=400", "train.plots=false"]
 SHORT_SUPERVISED_MIN_ACCURACY = 0.8
 
 
@@ -25,15 +25,21 @@ def test_shortened_supervised_demo_beats_chance_by_far(tmp_path):
     accuracy = summary["verification"]["accuracy"]
     assert accuracy >= SHORT_SUPERVISED_MIN_ACCURACY, (
         f"held-out verification accuracy {accuracy:.3f} after the shortened supervised demo "
-        f"(seed 0, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s)")
+        f"(seed 0, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s)"
+    )
 
 
 def test_shortened_three_stage_run_leaves_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = run_command("demo", recipe="tiny", overrides=["supervised.train.plots=true"], out=out)
     table = capsys.readouterr().out
-    for label in ("supervised, all labels", "LAFS pretraining, no labels", "few-shot fine-tuning from LAFS",
-                  "few-shot training from scratch", "LAFS - scratch"):
+    for label in (
+        "supervised, all labels",
+        "LAFS pretraining, no labels",
+        "few-shot fine-tuning from LAFS",
+        "few-shot training from scratch",
+        "LAFS - scratch",
+    ):
         assert label in table
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -45,8 +51,10 @@ def test_shortened_three_stage_run_leaves_every_output(tmp_path, capsys):
     for picture in ("curves.png", "landmarks.png"):
         assert (out / "supervised" / picture).stat().st_size > 10_000
     pre_log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
-    assert on_disk["stages"]["pretrain"]["view_retrieval"] == [r for r in pre_log if "val_accuracy" in r][-1][
-        "val_view_retrieval"]
+    assert (
+        on_disk["stages"]["pretrain"]["view_retrieval"]
+        == [r for r in pre_log if "val_accuracy" in r][-1]["val_view_retrieval"]
+    )
     assert "pretraining view retrieval" in table
     few_shot = on_disk["few_shot"]
     assert few_shot["images_per_identity"] == 2 and on_disk["seed"] == 0

@@ -12,6 +12,7 @@ process mixes each image with the partner it has under two processes (worker mod
 All two-process jobs run in one pair of processes (``module_runs``), the single-process references
 in the test process.
 """
+
 import json
 import shutil
 
@@ -29,15 +30,38 @@ WORLD, LOCAL_BATCH = 2, 4
 STOP = 3  # the interrupted run stops after this many of its 6 steps
 SEED = 3
 # Every random element that depends on the split off; gradient accumulation and a clip that bites on.
-EXACT = [f"seed={SEED}", "model.landmark_dropout=0", "train.frozen_batch_norm=true", "train.cpu_threads=1",
-         "train.plots=false", "optim.accum_steps=2", "optim.clip_grad=1.0", "optim.epochs=3"]
+EXACT = [
+    f"seed={SEED}",
+    "model.landmark_dropout=0",
+    "train.frozen_batch_norm=true",
+    "train.cpu_threads=1",
+    "train.plots=false",
+    "optim.accum_steps=2",
+    "optim.clip_grad=1.0",
+    "optim.epochs=3",
+]
 SUPERVISED = EXACT + ["optim.warmup_epochs=1"]
-FINETUNE = EXACT + ["init.pretrained=null", "init.landmark=null", "aug.mixup_prob=0.5", "aug.randaugment=true",
-                    "optim.warmup_epochs=0"]
+FINETUNE = EXACT + [
+    "init.pretrained=null",
+    "init.landmark=null",
+    "aug.mixup_prob=0.5",
+    "aug.randaugment=true",
+    "optim.warmup_epochs=0",
+]
 # Every random element on (each process draws its own dropout, drop path, flips of other images, batch statistics).
-RANDOM = [f"seed={SEED}", "train.cpu_threads=1", "train.plots=false", "optim.accum_steps=2", "optim.clip_grad=1.0",
-          "optim.epochs=2", "init.pretrained=null", "init.landmark=null", "aug.mixup_prob=0.5",
-          "model.overrides.drop_path=0.1", "model.overrides.dropout=0.1"]
+RANDOM = [
+    f"seed={SEED}",
+    "train.cpu_threads=1",
+    "train.plots=false",
+    "optim.accum_steps=2",
+    "optim.clip_grad=1.0",
+    "optim.epochs=2",
+    "init.pretrained=null",
+    "init.landmark=null",
+    "aug.mixup_prob=0.5",
+    "model.overrides.drop_path=0.1",
+    "model.overrides.dropout=0.1",
+]
 PRETRAIN = [f"seed={SEED}", "train.cpu_threads=1", "train.plots=false", "optim.epochs=2", "val.view_probe=0"]
 
 
@@ -49,40 +73,87 @@ def batch(size):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     one = worker.run_jobs  # one process, batch 2b, in this process
-    one([("supervised", root / "sup1", SUPERVISED + batch(WORLD * LOCAL_BATCH), False, []),
-         ("supervised", root / "sup1_to2", SUPERVISED + batch(WORLD * LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
-          False, [])])
+    one(
+        [
+            ("supervised", root / "sup1", SUPERVISED + batch(WORLD * LOCAL_BATCH), False, []),
+            (
+                "supervised",
+                root / "sup1_to2",
+                SUPERVISED + batch(WORLD * LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+                False,
+                [],
+            ),
+        ]
+    )
     landmark = [f"init.landmark={root / 'sup1'}"]
     two = [
         ("supervised", root / "sup2", SUPERVISED + batch(LOCAL_BATCH), False, []),
-        ("supervised", root / "sup2_split", SUPERVISED + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
-         False, []),
-        ("supervised", root / "sup2_to1", SUPERVISED + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
-         False, []),
+        (
+            "supervised",
+            root / "sup2_split",
+            SUPERVISED + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+            False,
+            [],
+        ),
+        (
+            "supervised",
+            root / "sup2_to1",
+            SUPERVISED + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+            False,
+            [],
+        ),
         ("supervised", root / "sup2_split", ["train.stop_after_steps=null"], True, []),
         ("supervised", root / "sup1_to2", ["train.stop_after_steps=null"] + batch(LOCAL_BATCH), True, []),
         ("pretrain", root / "pre2", PRETRAIN + landmark + batch(LOCAL_BATCH), False, [("deterministic_views",)]),
         # with the real views (each process draws its own): resume
-        ("pretrain", root / "pre2_views", PRETRAIN + landmark + batch(LOCAL_BATCH), False,
-         [("dump_replicas", root / "pre2_views")]),
-        ("pretrain", root / "pre2_views_split", PRETRAIN + landmark + batch(LOCAL_BATCH)
-         + [f"train.stop_after_steps={STOP}"], False, []),
+        (
+            "pretrain",
+            root / "pre2_views",
+            PRETRAIN + landmark + batch(LOCAL_BATCH),
+            False,
+            [("dump_replicas", root / "pre2_views")],
+        ),
+        (
+            "pretrain",
+            root / "pre2_views_split",
+            PRETRAIN + landmark + batch(LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+            False,
+            [],
+        ),
         ("pretrain", root / "pre2_views_split", ["train.stop_after_steps=null"], True, []),
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
-        ("finetune", root / "fine2_random", RANDOM + batch(LOCAL_BATCH), False,
-         [("dump_replicas", root / "fine2_random")]),
+        (
+            "finetune",
+            root / "fine2_random",
+            RANDOM + batch(LOCAL_BATCH),
+            False,
+            [("dump_replicas", root / "fine2_random")],
+        ),
     ]
     worker.run_processes(WORLD, two, timeout=300)
-    worker.run_processes(4, [("supervised", root / "sup4", SUPERVISED + batch(WORLD * LOCAL_BATCH // 4), False, [])],
-                         timeout=300)
+    worker.run_processes(
+        4, [("supervised", root / "sup4", SUPERVISED + batch(WORLD * LOCAL_BATCH // 4), False, [])], timeout=300
+    )
     shutil.copytree(root / "sup2_to1", root / "sup2_to1_stopped")
-    one([
-        ("supervised", root / "sup2_to1", ["train.stop_after_steps=null"] + batch(WORLD * LOCAL_BATCH), True, []),
-        ("pretrain", root / "pre1", PRETRAIN + landmark + batch(WORLD * LOCAL_BATCH), False,
-         [("deterministic_views",)]),
-        ("finetune", root / "fine1", FINETUNE + batch(WORLD * LOCAL_BATCH), False,
-         [("interleaved_mixup_partner", WORLD)]),
-    ])
+    one(
+        [
+            ("supervised", root / "sup2_to1", ["train.stop_after_steps=null"] + batch(WORLD * LOCAL_BATCH), True, []),
+            (
+                "pretrain",
+                root / "pre1",
+                PRETRAIN + landmark + batch(WORLD * LOCAL_BATCH),
+                False,
+                [("deterministic_views",)],
+            ),
+            (
+                "finetune",
+                root / "fine1",
+                FINETUNE + batch(WORLD * LOCAL_BATCH),
+                False,
+                [("interleaved_mixup_partner", WORLD)],
+            ),
+        ]
+    )
     return root
 
 
@@ -95,14 +166,16 @@ def whole_head(run, state):
     parts = shards_mod.load_shards(run / "checkpoints", state["head"])
     (name,) = parts[0]["optimizer"]
     parts = sorted(parts, key=lambda p: p["class_start"])
-    return {"centres": torch.cat([p["state"][name] for p in parts]),
-            **{f"centres.{k}": torch.cat([p["optimizer"][name][k] for p in parts]) for k in ("exp_avg", "exp_avg_sq")}}
+    return {
+        "centres": torch.cat([p["state"][name] for p in parts]),
+        **{f"centres.{k}": torch.cat([p["optimizer"][name][k] for p in parts]) for k in ("exp_avg", "exp_avg_sq")},
+    }
 
 
 def flat(tree, prefix="", floating=True):
     """Every (floating-point) tensor of a nested checkpoint dict or list, by dotted key."""
     out = {}
-    for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+    for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
         if isinstance(value, (dict, list)):
             out.update(flat(value, f"{prefix}{key}.", floating))
         elif torch.is_tensor(value) and (value.is_floating_point() or not floating):
@@ -121,8 +194,10 @@ def max_differences(a: dict, b: dict) -> dict:
 
 def assert_close_tensors(a: dict, b: dict, atol: float, rtol: float):
     assert a.keys() == b.keys() and a
-    worst = max(((k, float(((a[k] - b[k]).abs() / (atol + rtol * b[k].abs())).max())) for k in a if a[k].numel()),
-                key=lambda kv: kv[1])
+    worst = max(
+        ((k, float(((a[k] - b[k]).abs() / (atol + rtol * b[k].abs())).max())) for k in a if a[k].numel()),
+        key=lambda kv: kv[1],
+    )
     assert worst[1] <= 1.0, f"{worst[0]} differs by {worst[1]:.3g} x (atol {atol} + rtol {rtol} |value|)"
 
 
@@ -141,8 +216,11 @@ def test_supervised_two_processes_equal_one_with_batch_2b(runs):
     assert len(state2["head"]["files"]) == 2
     assert_close_tensors(two, one, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(losses(runs / "sup2"), losses(runs / "sup1"), rtol=1e-5)
-    norms = [r["grad_norm"] for r in map(json.loads, (runs / "sup1" / "log.jsonl").read_text().splitlines())
-             if "grad_norm" in r]
+    norms = [
+        r["grad_norm"]
+        for r in map(json.loads, (runs / "sup1" / "log.jsonl").read_text().splitlines())
+        if "grad_norm" in r
+    ]
     assert max(norms) > 1.0, "the clip never bit: raise the test's clipping"
 
 

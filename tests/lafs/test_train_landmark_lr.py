@@ -1,4 +1,5 @@
 """The landmark CNN's own learning rate: optim.landmark_lr_scale and optim.landmark_warmup_epochs."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,9 @@ from lafs.train.optim import landmark_warmup, param_groups, set_lr
 
 def _groups(scale=1.0, layer_decay=1.0):
     model = create_model("part_fvit_nano", depth=2)
-    return model, param_groups(model, weight_decay=0.05, landmark_weight_decay=0.01, layer_decay=layer_decay,
-                               landmark_lr_scale=scale)
+    return model, param_groups(
+        model, weight_decay=0.05, landmark_weight_decay=0.01, layer_decay=layer_decay, landmark_lr_scale=scale
+    )
 
 
 @pytest.mark.parametrize("layer_decay", [1.0, 0.5])
@@ -21,7 +23,7 @@ def test_landmark_groups_hold_the_landmark_cnn_alone_with_its_scale(layer_decay)
         ids = {id(p) for p in group["params"]}
         if group["landmark"]:
             assert ids <= landmark
-            assert group["lr_scale"] == pytest.approx(7.0 * layer_decay ** 3)
+            assert group["lr_scale"] == pytest.approx(7.0 * layer_decay**3)
         else:
             assert not ids & landmark
     assert sum(len(g["params"]) for g in groups if g["landmark"]) == len(landmark)
@@ -53,9 +55,16 @@ def test_a_landmark_warmup_keeps_the_landmark_cnn_fixed_while_the_transformer_tr
     assert main([*common, "optim.landmark_warmup_epochs=2", "--out", str(tmp_path / "frozen")]) == 0
     assert main([*common, "--out", str(tmp_path / "free")]) == 0
     seed_everything(0)  # the runs' seed: the same initial weights
-    start = create_model("part_fvit_nano", dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64,
-                         landmark_stem_channels=8,
-                         landmark_blocks=[[3, 16, 16, False, "RE", 2], [3, 32, 24, True, "HS", 2]])
+    start = create_model(
+        "part_fvit_nano",
+        dim=32,
+        depth=1,
+        heads=2,
+        dim_head=16,
+        mlp_dim=64,
+        landmark_stem_channels=8,
+        landmark_blocks=[[3, 16, 16, False, "RE", 2], [3, 32, 24, True, "HS", 2]],
+    )
     frozen, free = load_model(tmp_path / "frozen"), load_model(tmp_path / "free")
     # only the run without the warm-up moved its landmark CNN (parameters; batch-norm statistics still update)
     assert torch.equal(frozen.landmark_cnn.output_layer[1].bias, start.landmark_cnn.output_layer[1].bias)

@@ -1,4 +1,5 @@
 """--original-path (per-landmark grid_sample loop + unfused margin loss) trains the same model as the fused path."""
+
 import json
 
 import pytest
@@ -33,8 +34,9 @@ def test_original_path_matches_fused_path(tmp_path, rng):
     assert a["model"]["state_dict"].keys() == b["model"]["state_dict"].keys()
 
 
-@pytest.mark.parametrize("margin", [dict(s=64.0, m1=1.0, m2=0.0, m3=0.4), dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)],
-                         ids=["cosface", "arcface"])
+@pytest.mark.parametrize(
+    "margin", [dict(s=64.0, m1=1.0, m2=0.0, m3=0.4), dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)], ids=["cosface", "arcface"]
+)
 def test_original_head_mixup_has_the_fused_objective(rng, margin):
     """Mixup's two labels margined in one logit matrix (a row whose two labels coincide included)."""
     from lafs.train.heads import OriginalHead
@@ -50,6 +52,6 @@ def test_original_head_mixup_has_the_fused_objective(rng, margin):
     reference = margin_softmax_cross_entropy(x, head.weight, labels, label_weights=weights, **margin)
     atol, rtol = ATOL_RTOL[torch.float32]
     assert loss.item() == pytest.approx(reference.item(), rel=10 * rtol, abs=10 * atol)
-    grad, = torch.autograd.grad(loss, x)
-    grad_ref, = torch.autograd.grad(reference, x)
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad_ref,) = torch.autograd.grad(reference, x)
     torch.testing.assert_close(grad, grad_ref, atol=10 * atol, rtol=10 * rtol)

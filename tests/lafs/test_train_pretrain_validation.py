@@ -1,5 +1,6 @@
 """Pretraining validation verifies the teacher and the student, matches the probe views, and leaves the student
 training."""
+
 import json
 
 from lafs.train.pretrain import PretrainStage
@@ -27,7 +28,11 @@ def test_student_is_verified_and_keeps_training_mode(tmp_path, monkeypatch):
         assert record["val_student_acc_synthetic_held_out"] == record["val_student_accuracy"]
         assert 0.0 <= record["val_view_retrieval"] <= 1.0 and 0.0 <= record["val_student_view_retrieval"] <= 1.0
 
-    run_command("pretrain", recipe="tiny", overrides=[f"init.landmark={supervised}", "val.student=false",
-                                                      "val.view_probe=0"], out=tmp_path / "teacher_only")
+    run_command(
+        "pretrain",
+        recipe="tiny",
+        overrides=[f"init.landmark={supervised}", "val.student=false", "val.view_probe=0"],
+        out=tmp_path / "teacher_only",
+    )
     logged = (tmp_path / "teacher_only" / "log.jsonl").read_text()
     assert "val_accuracy" in logged and "val_student" not in logged and "view_retrieval" not in logged

@@ -1,5 +1,6 @@
 """Faults: --resume gives the uninterrupted result; a non-finite loss stops with the last good checkpoint;
 a checkpoint of another architecture is refused before training."""
+
 import json
 
 import pytest
@@ -125,8 +126,13 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     supervised = tmp_path / "sup"
     _train("supervised", supervised, "optim.epochs=1")
     with pytest.raises(ArchitectureMismatchError, match="landmark CNN"):
-        _train("finetune", tmp_path / "ft", f"init.landmark={supervised}", "init.pretrained=null",
-               "model.overrides.landmark_stem_channels=16")
+        _train(
+            "finetune",
+            tmp_path / "ft",
+            f"init.landmark={supervised}",
+            "init.pretrained=null",
+            "model.overrides.landmark_stem_channels=16",
+        )
     assert not (tmp_path / "ft" / "checkpoints" / "last.pt").exists()
     with pytest.raises(cfgmod.ConfigError, match="does not exist"):
         _train("finetune", tmp_path / "ft2", f"init.landmark={tmp_path / 'missing'}")

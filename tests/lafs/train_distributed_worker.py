@@ -7,6 +7,7 @@ A job is ``(command, out_dir, overrides, resume, patches)``; ``patches`` name fu
 :data:`PATCHES` applied before the job (and undone after it), in the processes or in the
 caller (``run_jobs`` with ``world=1`` runs in the calling process).
 """
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,11 @@ def dump_replicas(out):
     def run_stage(stage, *, resume=False):
         summary = real(stage, resume=resume)
         if hasattr(stage, "trainer"):
-            held = {"student": stage.trainer.student.state_dict(), "teacher": stage.trainer.teacher.state_dict(),
-                    "center": stage.trainer.loss.center}
+            held = {
+                "student": stage.trainer.student.state_dict(),
+                "teacher": stage.trainer.teacher.state_dict(),
+                "center": stage.trainer.loss.center,
+            }
         else:
             held = {"model": stage.model.state_dict()}
         torch.save(held, f"{out}/replica-rank{stage.dist.rank}.pt")
@@ -90,8 +94,11 @@ def dump_replicas(out):
     return _patched(stage_run, "run_stage", run_stage)
 
 
-PATCHES = {"deterministic_views": deterministic_views, "interleaved_mixup_partner": interleaved_mixup_partner,
-           "dump_replicas": dump_replicas}
+PATCHES = {
+    "deterministic_views": deterministic_views,
+    "interleaved_mixup_partner": interleaved_mixup_partner,
+    "dump_replicas": dump_replicas,
+}
 
 
 def run_jobs(jobs) -> list:
@@ -107,8 +114,16 @@ def run_jobs(jobs) -> list:
 
 
 def _process(rank, world, port, jobs):
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     torch.set_num_threads(1)
     from lafs.train.distributed import shutdown
 
@@ -122,8 +137,9 @@ def run_processes(world: int, jobs, timeout: float = 300.0) -> None:
     """Run ``jobs`` in ``world`` gloo processes; raise if one fails or all have not finished in ``timeout`` s."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_process, args=(world, free_port(), jobs), nprocs=world, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _process, args=(world, free_port(), jobs), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -20,6 +20,7 @@ One job per module:
 * ``demo_layout``  the demo recipe's shared and per-stage sections (``resolve_demo``)
 * ``help``         the ``--help`` text
 """
+
 from .demo_layout import SHARED_SECTIONS, demo_stage_tree, is_demo_recipe, resolve_demo
 from .errors import ConfigError
 from .help import options_help
@@ -42,8 +43,33 @@ from .schema import (
 from .tree import Config, flatten, merge, plain, set_path
 
 __all__ = [
-    "COMMON", "FINETUNE", "FLIP", "LANDMARK_TRAINING", "MARGIN", "PRETRAIN", "RECIPE_DIR", "SCHEMAS",
-    "SHARED_SECTIONS", "STAGES", "SUPERVISED", "Config", "ConfigError", "Option", "apply_overrides", "check_value",
-    "demo_stage_tree", "dump", "flatten", "is_demo_recipe", "load_recipe", "merge", "options_help", "parse_overrides",
-    "plain", "recipe_path", "resolve_demo", "resolve_stage", "set_path",
+    "COMMON",
+    "FINETUNE",
+    "FLIP",
+    "LANDMARK_TRAINING",
+    "MARGIN",
+    "PRETRAIN",
+    "RECIPE_DIR",
+    "SCHEMAS",
+    "SHARED_SECTIONS",
+    "STAGES",
+    "SUPERVISED",
+    "Config",
+    "ConfigError",
+    "Option",
+    "apply_overrides",
+    "check_value",
+    "demo_stage_tree",
+    "dump",
+    "flatten",
+    "is_demo_recipe",
+    "load_recipe",
+    "merge",
+    "options_help",
+    "parse_overrides",
+    "plain",
+    "recipe_path",
+    "resolve_demo",
+    "resolve_stage",
+    "set_path",
 ]

@@ -1,6 +1,7 @@
 """The demo layout of a recipe: shared sections (``seed``, ``data``, ``val``, ``model``, ``train``) and one
 section per stage, merged as ``defaults <- shared <- stage``; ``fewshot`` and ``scratch`` sections for the demo's
 few-shot runs."""
+
 from __future__ import annotations
 
 from .errors import ConfigError
@@ -35,8 +36,10 @@ def resolve_demo(tree: dict, refs: dict, *, source: str = "recipe") -> dict[str,
     same few-shot training from random weights), updated by the recipe's
     ``scratch`` section.
     """
-    stages = {stage: resolve_stage(stage, demo_stage_tree(tree, stage), source=f"{source} [{stage}]", refs=refs)
-              for stage in STAGES}
+    stages = {
+        stage: resolve_stage(stage, demo_stage_tree(tree, stage), source=f"{source} [{stage}]", refs=refs)
+        for stage in STAGES
+    }
     scratch = merge(demo_stage_tree(tree, "finetune"), {"init": {"pretrained": None, "landmark": None}})
     scratch = merge(scratch, tree.get("scratch") or {})
     stages["scratch"] = resolve_stage("finetune", scratch, source=f"{source} [scratch]")

@@ -1,4 +1,5 @@
 """``python -m lafs.train --help``: every option with its default, choices and the stages that have it."""
+
 from __future__ import annotations
 
 import yaml

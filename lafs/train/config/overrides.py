@@ -1,4 +1,5 @@
 """Command-line overrides: ``dotted.key=value`` pairs, values parsed as YAML, applied to a recipe's mapping."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -1,4 +1,5 @@
 """Recipes on disk: YAML files under ``lafs/recipes/`` (by name) or anywhere (by path)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """One stage's configuration: defaults updated by a recipe's mapping, every value and relation checked."""
+
 from __future__ import annotations
 
 import difflib
@@ -42,8 +43,10 @@ def _substitute_refs(cfg: Config, refs: dict, source: str) -> None:
             continue
         if isinstance(value, str) and value.startswith("@"):
             if value[1:] not in refs:
-                raise ConfigError(f"{source}: {key} {value!r} names the output of another stage, which only the demo "
-                                  f"provides; give a run folder or checkpoint path")
+                raise ConfigError(
+                    f"{source}: {key} {value!r} names the output of another stage, which only the demo "
+                    f"provides; give a run folder or checkpoint path"
+                )
             set_path(cfg, key, str(refs[value[1:]]))
 
 
@@ -71,8 +74,10 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
                 if not os.path.isfile(os.path.join(root, name)):
                     fail(f"data.root {root!r} has no {name} (data.source 'rec' needs train.rec and train.idx)")
     if 0 < cfg.val.landmark_faces < 10:
-        fail(f"val.landmark_faces must be 0 (skip) or at least 10 (5-fold cross-validation); got "
-             f"{cfg.val.landmark_faces}")
+        fail(
+            f"val.landmark_faces must be 0 (skip) or at least 10 (5-fold cross-validation); got "
+            f"{cfg.val.landmark_faces}"
+        )
     if "loss" in cfg and cfg.loss.partial_fc_sample_rate <= 0:
         fail("loss.partial_fc_sample_rate must be > 0")
     for path in cfg.val.bins:
@@ -84,8 +89,10 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
                 fail(f"{key} must be [low, high] with 0 < low <= high <= 1; got {lo_hi!r}")
         if not cfg.init.landmark:
-            fail("init.landmark is required: pretraining places patches with a frozen landmark CNN from the "
-                 "supervised stage (a run folder or checkpoint) or an official checkpoint")
+            fail(
+                "init.landmark is required: pretraining places patches with a frozen landmark CNN from the "
+                "supervised stage (a run folder or checkpoint) or an official checkpoint"
+            )
     for key in ("init.landmark", "init.pretrained"):
         try:
             path = cfg.get_path(key)

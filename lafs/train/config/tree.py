@@ -1,4 +1,5 @@
 """Nested mappings of settings: attribute access, dotted paths, flattening and merging."""
+
 from __future__ import annotations
 
 from typing import Sequence
