@@ -44,10 +44,11 @@ info: setup
 	$(PY) -m lafs_kernels.info
 
 # Run on an idle machine: every benchmark (ours and its baselines interleaved), then report.py writes
-# benchmarks/RESULTS.md, the charts and the README's table (between its benchmarks:begin/end markers).
+# benchmarks/RESULTS.md, the charts and the README's tables (between its benchmarks:begin/end markers, and the
+# default run's from docs/default_run/summary.json between demo:begin/end).
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
-	$(PY) benchmarks/report.py --readme README.md --summary
+	$(PY) benchmarks/report.py --readme README.md --demo --summary
 
 # The same plumbing in about a minute: tiny shapes, two rounds, report into build/bench-smoke/ (nothing published).
 bench-smoke: setup

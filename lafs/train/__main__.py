@@ -21,7 +21,8 @@ Train Part fViT / LAFS face recognition.
 commands:
   demo        (default) supervised -> LAFS pretraining on the same synthetic images without labels ->
               few-shot fine-tuning from the pretrained weights, and the same few-shot training from
-              scratch; prints a table comparing them and writes runs/demo/summary.json.
+              scratch, for fewshot.repeats seeds (3 in the demo recipe; finetune-seed1, scratch-seed1, ...);
+              prints a table comparing them and writes runs/demo/summary.json.
   supervised  stage 1: Part fViT with a margin softmax (CosFace s=64 m=0.4) trained end to end.
   pretrain    stage 2: LAFS self-distillation (DINO) on landmark-centred patch views, frozen landmark CNN.
   finetune    stage 3: the pretrained transformer + the stage-1 landmark CNN, layer-wise lr decay, mixup.
@@ -42,7 +43,7 @@ examples:
   python -m lafs.train supervised --out runs/quick --resume       # continue runs/quick from last.pt
 
 In the demo recipe, options of one stage are prefixed with its name (supervised.optim.lr=2e-3,
-fewshot.images_per_identity=3); seed, data, val, model and train apply to every stage.
+fewshot.images_per_identity=3, fewshot.repeats=1); seed, data, val, model and train apply to every stage.
 
 options (key=value; values are YAML; [stages] where an option exists only there):
 {options}

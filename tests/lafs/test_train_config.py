@@ -140,7 +140,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     for name, cfg in stages.items():
         path = tmp_path / f"{name}.yaml"
         cfgmod.dump(cfg, path)
-        again = cfgmod.resolve_stage("finetune" if name == "scratch" else name, yaml.safe_load(path.read_text()))
+        stage = name if name in ("supervised", "pretrain") else "finetune"  # scratch, finetune-seed1, ...
+        again = cfgmod.resolve_stage(stage, yaml.safe_load(path.read_text()))
         assert again == cfg
 
 
