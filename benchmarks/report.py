@@ -164,6 +164,7 @@ class Run:
     when: str
     cases: list = field(default_factory=list)
     old_format: int = 0  # records of the first layout (one implementation per record): not shown
+    pooled_from: list = field(default_factory=list)  # result files whose rounds were pooled into this run
 
     @property
     def device(self) -> str:
@@ -227,6 +228,30 @@ def select_runs(paths: list[str]) -> list[Run]:
         if ops:
             selected.append(Run(run.path, run.machine, run.commit, run.when, [c for c in run.cases if c.op in ops]))
     return selected
+
+
+def pool_runs(runs: list[Run]) -> Run:
+    """One run from several of the same environment: each case's rounds concatenated over the runs that
+    measured it (a round's ratio still compares times of the same round), so the printed 10%-90% range
+    covers the differences between runs as well as between rounds. Machine facts: the newest run's, and
+    per case the busiest measurement's."""
+    if len({environment_of(r.path) for r in runs}) != 1:
+        raise SystemExit("--pool: the files come from different environments: " + ", ".join(r.path for r in runs))
+    runs = sorted(runs, key=lambda r: r.when)
+    merged: dict[tuple, Case] = {}
+    for run in runs:
+        for case in run.cases:
+            key = _case_key(case)
+            if key not in merged:
+                merged[key] = Case(**{**case.__dict__, "impls": [Impl(**i.__dict__) for i in case.impls]})
+                continue
+            pooled = merged[key]
+            for impl in pooled.impls:
+                impl.times_s = impl.times_s + case.impl(impl.name).times_s
+            if (case.machine.get("other_cpu_cores") or 0) > (pooled.machine.get("other_cpu_cores") or 0):
+                pooled.machine = case.machine
+    newest = runs[-1]
+    return Run(newest.path, newest.machine, newest.commit, newest.when, list(merged.values()), pooled_from=runs)
 
 
 def load_settings(path: str = TARGETS_FILE) -> dict:
@@ -297,7 +322,13 @@ def env_header(run: Run, limit: float) -> list[str]:
         f"{load or '?'}",
         f"- {run.when[:19].replace('T', ' ')} UTC; torch {lafs.get('torch')} (CUDA {lafs.get('torch_cuda')}), "
         f"Triton {lafs.get('triton')}, Python {lafs.get('python')}, commit {commit}",
-        f"- file: `{os.path.relpath(run.path, HERE)}`",
+        f"- file: `{os.path.relpath(run.path, HERE)}`"
+        + (
+            f"; rounds pooled with {', '.join(f'`{os.path.relpath(r.path, HERE)}`' for r in run.pooled_from[:-1])} "
+            f"({len(run.pooled_from)} runs, `report.py --pool`)"
+            if len(run.pooled_from) > 1
+            else ""
+        ),
     ]
 
 
@@ -463,12 +494,14 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
 
 
 def readme_block(runs: list[Run], settings: dict) -> str:
-    sources = sorted({os.path.relpath(c.run_path, os.path.dirname(HERE)) for run in runs for c in run.cases})
+    measured_runs = [r for run in runs for r in (run.pooled_from or [run])]
+    sources = sorted({os.path.relpath(r.path, os.path.dirname(HERE)) for r in measured_runs})
     devices = sorted({f"{c.device_name}" for run in runs for c in run.cases})
-    when = sorted({run.when[:16].replace("T", " ") for run in runs})
+    when = sorted({r.when[:16].replace("T", " ") for r in measured_runs})
     files = ", ".join(f"`{s}`" for s in sources)
     measured = (
-        f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}."
+        f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}"
+        + (" (their rounds pooled)." if len(sources) > 1 and any(run.pooled_from for run in runs) else ".")
         if sources
         else "No measurements yet: run `make bench` on an idle machine."
     )
@@ -537,7 +570,8 @@ def reproduction(first: Run, rerun: Run) -> list[tuple[str, Spread, Spread, bool
 
 def reproduction_text(first: Run, rerun: Run) -> str:
     rows = reproduction(first, rerun)
-    out = [f"first run {os.path.basename(first.path)}, rerun {os.path.basename(rerun.path)}"]
+    names = ", ".join(os.path.basename(r.path) for r in (first.pooled_from or [first]))
+    out = [f"first: {names}; rerun: {os.path.basename(rerun.path)}"]
     for label, a, b, within in rows:
         out.append(f"  {'within ' if within else 'OUTSIDE'} {label}: {a.text()} then {b.text()}")
     out.append(f"{sum(r[3] for r in rows)} of {len(rows)} rerun medians within the first run's printed range")
@@ -679,9 +713,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--reproduce",
-        nargs=2,
-        metavar=("FIRST", "RERUN"),
-        help="only compare two result files: is each speed-up of the rerun within the first's printed range?",
+        nargs="+",
+        metavar="FILE",
+        help="only compare: FIRST... RERUN: is each speed-up of the last file within the printed range of the "
+        "others (their rounds pooled)?",
+    )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="pool the rounds of all given files (one environment) into one run instead of taking the newest",
     )
     parser.add_argument("--targets", default=TARGETS_FILE, help="targets and headline rows (JSON)")
     parser.add_argument("--preamble", default=None, help="markdown file whose text goes under the title")
@@ -689,13 +729,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.reproduce:
-        print(reproduction_text(load_run(args.reproduce[0]), load_run(args.reproduce[1])))
+        if len(args.reproduce) < 2:
+            parser.error("--reproduce needs at least two result files")
+        first = pool_runs([load_run(p) for p in args.reproduce[:-1]])
+        print(reproduction_text(first, load_run(args.reproduce[-1])))
         return
     settings = load_settings(args.targets)
     paths = args.json or glob.glob(os.path.join(HERE, "results", "*.json"))
     all_runs = [load_run(p) for p in paths]
     ignored = sum(r.old_format for r in all_runs)
-    runs = select_runs(paths) if paths else []
+    runs = ([pool_runs([load_run(p) for p in paths])] if args.pool else select_runs(paths)) if paths else []
     charts = [] if args.charts == "none" else write_charts(runs, args.charts)
     text = render(runs, charts, args.out, settings, ignored)
     if args.preamble:

@@ -264,3 +264,27 @@ def test_results_md_names_ignored_old_records(tmp_path):
     report.main([path, "--out", str(out), "--charts", "none", "--targets", str(targets)])
     text = out.read_text()
     assert "1 records of the earlier layout" in text and "## Targets" in text and "| #8 training_step" in text
+
+
+def test_pooling_concatenates_rounds_and_keeps_the_busiest_machine(tmp_path):
+    first = report.load_run(_result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05))
+    second_path = _result_file(tmp_path / "cpu_20261206T000001Z.json", other_cpu=0.15)
+    data = json.loads(Path(second_path).read_text())
+    data["datetime"] = "2026-12-06T00:00:01"
+    data["benchmarks"][0]["extra_info"]["impls"][0]["times_s"] = [0.70] * 5  # the baseline slower in run 2
+    Path(second_path).write_text(json.dumps(data))
+    pooled = report.pool_runs([report.load_run(second_path), first])
+    [case] = pooled.cases
+    assert case.impl("original").times_s == [0.60, 0.62, 0.61, 0.60, 0.63] + [0.70] * 5
+    assert case.impl("fused").times_s == [0.50] * 10
+    assert case.machine["other_cpu_cores"] == 0.15 and pooled.path == second_path
+    ratios = sorted([t / 0.5 for t in [0.60, 0.62, 0.61, 0.60, 0.63]] + [1.4] * 5)
+    assert case.speedup("fused", "original").median == pytest.approx((ratios[4] + ratios[5]) / 2)
+    # run 2's ratio (1.40) lies outside run 1's range (1.20-1.25): the reproduction check says so
+    rows = report.reproduction(first, report.load_run(second_path))
+    within = {label.split(": ")[1]: ok for label, _, _, ok in rows}
+    assert within == {"fused vs original": False, "fused vs original+non-kernel": True}
+    other = tmp_path / "gpu_20261206T000002Z.json"
+    other.write_text(Path(second_path).read_text())
+    with pytest.raises(SystemExit, match="different environments"):
+        report.pool_runs([first, report.load_run(str(other))])

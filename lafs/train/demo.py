@@ -180,6 +180,8 @@ def _comparison_note(margin, noise, beyond_noise) -> str:
     )
     if beyond_noise is False:
         verdict += f", but by less than the noise of this comparison (+-{noise:.3f}): not evidence either way"
+    elif beyond_noise:
+        verdict += f", by more than the noise of this comparison (+-{noise:.3f})"
     return verdict
 
 
@@ -193,11 +195,12 @@ def _few_shot_text(fs: dict) -> str:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'stage':<34}{'verification':>13}{'images/s':>10}{'seconds':>9}"]
+    width = max(len(row["description"]) for row in summary["stages"].values()) + 2
+    lines = [f"{'stage':<{width}}{'verification':>13}{'images/s':>10}{'seconds':>9}"]
     for row in summary["stages"].values():
         acc = row["verification_accuracy"]
         lines.append(
-            f"{row['description']:<34}{'-' if acc is None else f'{acc:.4f}':>13}"
+            f"{row['description']:<{width}}{'-' if acc is None else f'{acc:.4f}':>13}"
             f"{row['images_per_s']:>10.1f}{row['train_seconds']:>9.0f}"
         )
     retrieval = summary["stages"]["pretrain"].get("view_retrieval")
@@ -226,7 +229,7 @@ def markdown_table(summary: dict) -> str:
     fs = summary["few_shot"]
     lines = [
         f"Seed {summary['seed']}, {summary['wall_seconds'] / 60:.1f} minutes in all on {m.get('device', '?')} "
-        f"({m.get('cpu_cores', '?')} cores, {m.get('torch_threads', '?')} threads, load average "
+        f"({m.get('cpu_cores', '?')} cores, torch threads: {m.get('torch_threads', '?')}, load average "
         f"{m.get('load_average_before', '?')} before / {m.get('load_average_after', '?')} after), "
         f"finished {m.get('finished_utc', '?')} UTC.",
         "",
