@@ -17,6 +17,7 @@ using Splat = __m256;
 inline Splat splat8(float f) { return _mm256_set1_ps(f); }
 inline V8 load8(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline void store8(float* p, const V8& a) { _mm256_storeu_ps(p, a.v); }
+inline void stream8(float* p, const V8& a) { _mm256_stream_ps(p, a.v); }  // p 32-byte aligned
 inline V8 zero8() { return {_mm256_setzero_ps()}; }
 inline V8 add8(const V8& a, const V8& b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline V8 sub8(const V8& a, const V8& b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -70,6 +71,10 @@ inline void store8(float* p, const V8& v) {
   _mm_storeu_ps(p, v.lo);
   _mm_storeu_ps(p + 4, v.hi);
 }
+inline void stream8(float* p, const V8& v) {  // p 16-byte aligned
+  _mm_stream_ps(p, v.lo);
+  _mm_stream_ps(p + 4, v.hi);
+}
 inline V8 zero8() { return {_mm_setzero_ps(), _mm_setzero_ps()}; }
 inline V8 add8(const V8& a, const V8& b) { return {_mm_add_ps(a.lo, b.lo), _mm_add_ps(a.hi, b.hi)}; }
 inline V8 sub8(const V8& a, const V8& b) { return {_mm_sub_ps(a.lo, b.lo), _mm_sub_ps(a.hi, b.hi)}; }
@@ -121,10 +126,26 @@ inline float sum8(const V8& a) {
 
 // Lanes T[c*8 + j] (vector over i) -> token [i][j][c].  Row r = j*C + c of the (8C) x 8 matrix
 // [(j, c)][i] is T[c*8 + j]; its k-th block of 8 rows, transposed, is columns 8k..8k+7 of
-// the token rows i.
-template <int kC>
+// the token rows i.  kStream: non-temporal stores (token 32-byte aligned), for C = 3 in address
+// order so that each cache line is completed by consecutive stores.
+template <int kC, bool kStream = false>
 inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
   const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
+  if constexpr (kStream && kC == 3) {
+    V8 out[3][8];
+    for (int64_t k = 0; k < 3; ++k) {
+      V8 in[8];
+      for (int64_t q = 0; q < 8; ++q) {
+        const int64_t r = 8 * k + q;
+        in[q] = T[(r % 3) * 8 + r / 3];
+      }
+      transpose8(in, out[k]);
+    }
+    for (int64_t i = 0; i < 8; ++i) {
+      for (int64_t k = 0; k < 3; ++k) stream8(token + i * 24 + 8 * k, out[k][i]);
+    }
+    return;
+  }
   for (int64_t k = 0; k < C; ++k) {
     V8 in[8], out[8];
     for (int64_t q = 0; q < 8; ++q) {
@@ -132,7 +153,13 @@ inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
       in[q] = T[(r % C) * 8 + r / C];
     }
     transpose8(in, out);
-    for (int64_t i = 0; i < 8; ++i) store8(token + i * row + 8 * k, out[i]);
+    for (int64_t i = 0; i < 8; ++i) {
+      if constexpr (kStream) {
+        stream8(token + i * row + 8 * k, out[i]);
+      } else {
+        store8(token + i * row + 8 * k, out[i]);
+      }
+    }
   }
 }
 
