@@ -28,6 +28,13 @@ inline V8 shift_up8(const V8& a) {
   const __m256 moved = _mm256_permutevar8x32_ps(a.v, _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6));
   return {_mm256_blend_ps(moved, _mm256_setzero_ps(), 0x01)};
 }
+// Lanes lo <= u < hi of p[u], zero elsewhere (the other lanes are not read).
+inline V8 load8_range(const float* p, int64_t lo, int64_t hi) {
+  const __m256i u = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(u, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), u));
+  return {_mm256_maskload_ps(p, in)};
+}
 inline float last8(const V8& a) {
   const __m128 hi = _mm256_extractf128_ps(a.v, 1);
   return _mm_cvtss_f32(_mm_shuffle_ps(hi, hi, _MM_SHUFFLE(3, 3, 3, 3)));
@@ -178,8 +185,9 @@ inline void token_to_lanes8(const float* token, int64_t C_rt, V8* G) {
 }
 
 // Window row v of channel c: (a, b) = (w[u], w[u+1]), u = 0..7, from the image itself or, for a row
-// that leaves the image (or a strided one), from scalars with zeros outside, assembled in registers
-// (a copy through memory would stall each vector load on the scalar stores it reads).
+// that leaves the image, with zeros outside: masked loads (AVX2, unit stride), else from scalars
+// assembled in registers (a copy through memory would stall each vector load on the scalar stores
+// it reads).
 inline void window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, V8& a,
                         V8& b) {
   if (direct) {
@@ -188,6 +196,14 @@ inline void window_row8(const float* row, const ImageGeometry& g, const PatchWin
     b = load8(p + 1);
     return;
   }
+#if LAFS_SIMD_AVX2
+  if (g.sW == 1) {
+    const float* p = row + w.x0;
+    a = load8_range(p, w.u_lo, w.u_hi);
+    b = load8_range(p + 1, w.u_lo - 1, w.u_hi - 1);
+    return;
+  }
+#endif
   float s[9];
   for (int64_t u = 0; u < 9; ++u) s[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
   from9(s, a, b);
