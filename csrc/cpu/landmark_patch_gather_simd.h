@@ -17,6 +17,7 @@ using Splat = __m256;
 inline Splat splat8(float f) { return _mm256_set1_ps(f); }
 inline V8 load8(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline void store8(float* p, const V8& a) { _mm256_storeu_ps(p, a.v); }
+inline void stream8(float* p, const V8& a) { _mm256_stream_ps(p, a.v); }  // p 32-byte aligned
 inline V8 zero8() { return {_mm256_setzero_ps()}; }
 inline V8 add8(const V8& a, const V8& b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline V8 sub8(const V8& a, const V8& b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -26,6 +27,13 @@ inline V8 scale8(Splat f, const V8& a) { return {_mm256_mul_ps(f, a.v)}; }
 inline V8 shift_up8(const V8& a) {
   const __m256 moved = _mm256_permutevar8x32_ps(a.v, _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6));
   return {_mm256_blend_ps(moved, _mm256_setzero_ps(), 0x01)};
+}
+// Lanes lo <= u < hi of p[u], zero elsewhere (the other lanes are not read).
+inline V8 load8_range(const float* p, int64_t lo, int64_t hi) {
+  const __m256i u = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(u, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), u));
+  return {_mm256_maskload_ps(p, in)};
 }
 inline float last8(const V8& a) {
   const __m128 hi = _mm256_extractf128_ps(a.v, 1);
@@ -69,6 +77,10 @@ inline V8 load8(const float* p) { return {_mm_loadu_ps(p), _mm_loadu_ps(p + 4)};
 inline void store8(float* p, const V8& v) {
   _mm_storeu_ps(p, v.lo);
   _mm_storeu_ps(p + 4, v.hi);
+}
+inline void stream8(float* p, const V8& v) {  // p 16-byte aligned
+  _mm_stream_ps(p, v.lo);
+  _mm_stream_ps(p + 4, v.hi);
 }
 inline V8 zero8() { return {_mm_setzero_ps(), _mm_setzero_ps()}; }
 inline V8 add8(const V8& a, const V8& b) { return {_mm_add_ps(a.lo, b.lo), _mm_add_ps(a.hi, b.hi)}; }
@@ -121,10 +133,26 @@ inline float sum8(const V8& a) {
 
 // Lanes T[c*8 + j] (vector over i) -> token [i][j][c].  Row r = j*C + c of the (8C) x 8 matrix
 // [(j, c)][i] is T[c*8 + j]; its k-th block of 8 rows, transposed, is columns 8k..8k+7 of
-// the token rows i.
-template <int kC>
+// the token rows i.  kStream: non-temporal stores (token 32-byte aligned), for C = 3 in address
+// order so that each cache line is completed by consecutive stores.
+template <int kC, bool kStream = false>
 inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
   const int64_t C = kC > 0 ? kC : C_rt, row = 8 * C;
+  if constexpr (kStream && kC == 3) {
+    V8 out[3][8];
+    for (int64_t k = 0; k < 3; ++k) {
+      V8 in[8];
+      for (int64_t q = 0; q < 8; ++q) {
+        const int64_t r = 8 * k + q;
+        in[q] = T[(r % 3) * 8 + r / 3];
+      }
+      transpose8(in, out[k]);
+    }
+    for (int64_t i = 0; i < 8; ++i) {
+      for (int64_t k = 0; k < 3; ++k) stream8(token + i * 24 + 8 * k, out[k][i]);
+    }
+    return;
+  }
   for (int64_t k = 0; k < C; ++k) {
     V8 in[8], out[8];
     for (int64_t q = 0; q < 8; ++q) {
@@ -132,7 +160,13 @@ inline void lanes_to_token8(const V8* T, int64_t C_rt, float* token) {
       in[q] = T[(r % C) * 8 + r / C];
     }
     transpose8(in, out);
-    for (int64_t i = 0; i < 8; ++i) store8(token + i * row + 8 * k, out[i]);
+    for (int64_t i = 0; i < 8; ++i) {
+      if constexpr (kStream) {
+        stream8(token + i * row + 8 * k, out[i]);
+      } else {
+        store8(token + i * row + 8 * k, out[i]);
+      }
+    }
   }
 }
 
@@ -151,8 +185,9 @@ inline void token_to_lanes8(const float* token, int64_t C_rt, V8* G) {
 }
 
 // Window row v of channel c: (a, b) = (w[u], w[u+1]), u = 0..7, from the image itself or, for a row
-// that leaves the image (or a strided one), from scalars with zeros outside, assembled in registers
-// (a copy through memory would stall each vector load on the scalar stores it reads).
+// that leaves the image, with zeros outside: masked loads (AVX2, unit stride), else from scalars
+// assembled in registers (a copy through memory would stall each vector load on the scalar stores
+// it reads).
 inline void window_row8(const float* row, const ImageGeometry& g, const PatchWindow<float>& w, bool direct, V8& a,
                         V8& b) {
   if (direct) {
@@ -161,6 +196,14 @@ inline void window_row8(const float* row, const ImageGeometry& g, const PatchWin
     b = load8(p + 1);
     return;
   }
+#if LAFS_SIMD_AVX2
+  if (g.sW == 1) {
+    const float* p = row + w.x0;
+    a = load8_range(p, w.u_lo, w.u_hi);
+    b = load8_range(p + 1, w.u_lo - 1, w.u_hi - 1);
+    return;
+  }
+#endif
   float s[9];
   for (int64_t u = 0; u < 9; ++u) s[u] = (u >= w.u_lo && u < w.u_hi) ? row[(w.x0 + u) * g.sW] : 0.f;
   from9(s, a, b);

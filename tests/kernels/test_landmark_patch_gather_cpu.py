@@ -61,3 +61,13 @@ def test_image_gradient_does_not_depend_on_the_thread_count(rng):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_large_outputs_match_the_same_images_in_small_batches(rng):
+    """Token tensors of 8 MiB and more are written with streaming stores (and images are prefetched when
+    the patches cover them): the same values as the regular path, which small batches take."""
+    image, landmarks = random_case(rng, batch=64, size=(112, 112), landmarks=196, margin=6)
+    forward = torch.ops.lafs_kernels._patch_gather_fwd
+    tokens = forward(image, landmarks, 8)
+    assert tokens.numel() * tokens.element_size() >= 8 << 20
+    assert torch.equal(tokens, torch.cat([forward(image[b : b + 4], landmarks[b : b + 4], 8) for b in range(0, 64, 4)]))
