@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._dispatch import call_of
+from ..ops.margin_maths import check_label_range
 from ..ops.margin_sharded import (
     GatherFromRanks,
     SumGradAcrossRanks,
@@ -170,6 +171,8 @@ class PartialFC(nn.Module):
             embeddings = embeddings.flatten(0, 1)
             labels = all_gather_no_grad(labels, self.process_group).flatten(0, 1)
             weights = all_gather_no_grad(weights, self.process_group).flatten(0, 1)
+        # on the gathered labels, so that every rank raises, not one rank while the others wait in a collective
+        check_label_range(labels, self.num_classes, "PartialFC", "num_classes")
         local_labels = labels - self.class_start
         weight = self.weight
         self.sampled_index = None

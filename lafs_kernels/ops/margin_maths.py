@@ -147,14 +147,13 @@ def prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin:
     )
 
 
-def check_label_range(labels: torch.Tensor, num_classes) -> None:
+def check_label_range(
+    labels: torch.Tensor, num_classes, name: str = "margin_softmax_cross_entropy", what: str = "the rows of weight"
+) -> None:
     """Raise ValueError unless every label lies in [0, num_classes) (one host sync)."""
     if labels.numel() == 0:
         return
     low, high = int(labels.min()), int(labels.max())
     num_classes = int(num_classes)
     if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"margin_softmax_cross_entropy: labels must lie in [0, {num_classes}) (the rows of weight); "
-            f"got min {low}, max {high}"
-        )
+        raise ValueError(f"{name}: labels must lie in [0, {num_classes}) ({what}); got min {low}, max {high}")

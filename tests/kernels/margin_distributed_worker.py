@@ -136,6 +136,16 @@ def run(rank, world, port, seed, out_dir):
             results[f"function-{targets}"] = dict(
                 loss=loss.detach(), argmax=argmax, grad_x=x.grad, grad_w=w.grad, class_start=start
             )
+        # a label out of range on rank 1 only: every rank must raise (none may wait in a collective)
+        head = build_head("insightface-arcface-rate1.0", rank)
+        labels = data["labels"][rows].clone()
+        if rank == 1:
+            labels[0] = NUM_CLASSES
+        try:
+            head(data["embeddings"][rows], labels)
+            results["bad-label"] = {"error": None}
+        except ValueError as exc:
+            results["bad-label"] = {"error": str(exc)}
         # arcface_torch's checkpoint of the head: each rank's state dict in softmax_fc_gpu_{rank}.pt
         head = build_head("insightface-arcface-rate1.0", rank)
         with torch.no_grad():

@@ -137,6 +137,10 @@ def test_insightface_margin_mapping_and_errors():
         head(x, torch.zeros(4, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"local_embeddings must be \[b, 8\]"):
         head(x[:, :5], torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"PartialFC: labels must lie in \[0, 20\) \(num_classes\); got min -1"):
+        head(x, torch.tensor([0, 3, -1, 19]))
+    with pytest.raises(ValueError, match="got min 0, max 20"):
+        head(x, torch.tensor([0, 3, 20, 19]))
 
 
 def test_two_labels_in_one_call_equal_the_fused_soft_target_loss(rng):
@@ -205,6 +209,15 @@ def check_ranks(ranks, name, loss, grad_x, grad_w, classes):
         mine = (classes >= start) & (classes < start + expected.shape[0])
         expected[classes[mine] - start] = grad_w[mine]
         assert_close(got["grad_w"], expected, dtype=torch.float32, scale=GRAD_SCALE, msg=f"{name}: grad w, rank {rank}")
+
+
+@pytest.mark.distributed
+def test_a_label_out_of_range_on_one_rank_raises_on_every_rank(two_ranks):
+    ranks, _ = two_ranks
+    for rank, r in enumerate(ranks):
+        error = r["bad-label"]["error"]
+        assert error is not None and "labels must lie in [0, 41)" in error, f"rank {rank}: {error}"
+        assert "max 41" in error, f"rank {rank}: {error}"
 
 
 @pytest.mark.distributed
