@@ -35,6 +35,7 @@ Environment:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -106,6 +107,11 @@ class Impl:
     ours: bool
     build: Callable[[], Callable]
     memory_spec: Optional[dict] = None
+
+    @classmethod
+    def rebuildable(cls, name: str, ours: bool, module: str, build_case: Callable, **kwargs) -> "Impl":
+        """``build_case(**kwargs)`` of bench file ``module``, with the memory spec that rebuilds it elsewhere."""
+        return cls(name, ours, functools.partial(build_case, **kwargs), {"module": module, "kwargs": kwargs})
 
 
 def _cpu_seconds() -> Optional[tuple[float, float]]:

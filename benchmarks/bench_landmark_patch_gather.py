@@ -14,7 +14,6 @@ run: report.py states the gather's bandwidth as a share of it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -125,17 +124,12 @@ def test_gather(benchmark, B, K, dtype, mode):
     if mode == "fwd":
         for impl in OURS:
             _check_matches_baseline(impl, B, K, dtype)
-    impls = []
-    for impl in OURS + BASELINES:
-        kwargs = dict(impl=impl, mode=mode, B=B, K=K, dtype=dtype)
-        impls.append(
-            _harness.Impl(
-                impl,
-                impl in OURS,
-                functools.partial(build_case, **kwargs),
-                {"module": os.path.abspath(__file__), "kwargs": kwargs},
-            )
+    impls = [
+        _harness.Impl.rebuildable(
+            impl, impl in OURS, os.path.abspath(__file__), build_case, impl=impl, mode=mode, B=B, K=K, dtype=dtype
         )
+        for impl in OURS + BASELINES
+    ]
     _harness.compare(
         benchmark,
         op=OP,

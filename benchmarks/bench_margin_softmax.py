@@ -102,17 +102,12 @@ def test_margin(benchmark, B, D, C, dtype, mode):
     if mode == "fwd":
         for impl in OURS:
             _check_matches_baseline(impl, B, D, C, dtype)
-    impls = []
-    for impl in OURS + BASELINES:
-        kwargs = dict(impl=impl, mode=mode, B=B, D=D, C=C, dtype=dtype)
-        impls.append(
-            _harness.Impl(
-                impl,
-                impl in OURS,
-                functools.partial(build_case, **kwargs),
-                {"module": os.path.abspath(__file__), "kwargs": kwargs},
-            )
+    impls = [
+        _harness.Impl.rebuildable(
+            impl, impl in OURS, os.path.abspath(__file__), build_case, impl=impl, mode=mode, B=B, D=D, C=C, dtype=dtype
         )
+        for impl in OURS + BASELINES
+    ]
     _harness.compare(
         benchmark,
         op=OP,

@@ -28,7 +28,7 @@ import json
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +103,11 @@ class Case:
     role: Optional[str]
     machine: dict
     run_path: str = ""
+
+    @property
+    def key(self) -> tuple:
+        """What makes two runs' cases the same measurement."""
+        return self.op, self.title, self.mode, self.dtype, self.device, json.dumps(self.shape, sort_keys=True)
 
     def impl(self, name: str) -> Optional[Impl]:
         return next((i for i in self.impls if i.name == name), None)
@@ -241,9 +246,9 @@ def pool_runs(runs: list[Run]) -> Run:
     merged: dict[tuple, Case] = {}
     for run in runs:
         for case in run.cases:
-            key = _case_key(case)
+            key = case.key
             if key not in merged:
-                merged[key] = Case(**{**case.__dict__, "impls": [Impl(**i.__dict__) for i in case.impls]})
+                merged[key] = replace(case, impls=[replace(i) for i in case.impls])
                 continue
             pooled = merged[key]
             for impl in pooled.impls:
@@ -545,17 +550,13 @@ def demo_block(summary_path: str) -> str:
 # ---------------------------------------------------------------- reproduction
 
 
-def _case_key(case: Case) -> tuple:
-    return case.op, case.title, case.mode, case.dtype, case.device, json.dumps(case.shape, sort_keys=True)
-
-
 def reproduction(first: Run, rerun: Run) -> list[tuple[str, Spread, Spread, bool]]:
     """Every speed-up (ours vs each baseline) of ``first`` that ``rerun`` measured again: (label, first's
     spread, rerun's spread, whether the rerun's median lies within first's printed 10%-90% range)."""
-    again = {_case_key(c): c for c in rerun.cases}
+    again = {c.key: c for c in rerun.cases}
     rows = []
     for case in first.cases:
-        other = again.get(_case_key(case))
+        other = again.get(case.key)
         if other is None:
             continue
         for ours in case.ours:

@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def few_shot_comparison(stages: dict, configs: dict) -> dict:
             scratch = stages[folder.replace("finetune", "scratch", 1)]["verification_accuracy"]
             per_seed.append({"seed": configs[folder].seed, "lafs_accuracy": lafs, "scratch_accuracy": scratch})
     complete = all(r["lafs_accuracy"] is not None and r["scratch_accuracy"] is not None for r in per_seed)
-    lafs = _mean([r["lafs_accuracy"] for r in per_seed]) if complete else None
-    scratch = _mean([r["scratch_accuracy"] for r in per_seed]) if complete else None
+    lafs = statistics.mean([r["lafs_accuracy"] for r in per_seed]) if complete else None
+    scratch = statistics.mean([r["scratch_accuracy"] for r in per_seed]) if complete else None
     margin = None if lafs is None else lafs - scratch
     noise = _difference_noise(per_seed, configs["finetune"]) if complete else None
     beyond_noise = None if margin is None or noise is None else abs(margin) > noise
@@ -127,10 +128,6 @@ def few_shot_comparison(stages: dict, configs: dict) -> dict:
         "beyond_noise": beyond_noise,
         "note": _comparison_note(margin, noise, beyond_noise),
     }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def machine_facts(load_before: float) -> dict:
@@ -156,7 +153,7 @@ def _difference_noise(per_seed: list[dict], cfg):
     """
     if cfg.val.bins:
         return None
-    binomial_var = _mean(
+    binomial_var = statistics.mean(
         [
             (r["lafs_accuracy"] * (1 - r["lafs_accuracy"]) + r["scratch_accuracy"] * (1 - r["scratch_accuracy"]))
             / cfg.val.pairs
@@ -166,7 +163,7 @@ def _difference_noise(per_seed: list[dict], cfg):
     n, var = len(per_seed), binomial_var
     if n > 1:
         diffs = [r["lafs_accuracy"] - r["scratch_accuracy"] for r in per_seed]
-        var = max(sum((d - _mean(diffs)) ** 2 for d in diffs) / (n - 1), binomial_var)
+        var = max(statistics.variance(diffs), binomial_var)
     return 2.0 * math.sqrt(var / n)
 
 

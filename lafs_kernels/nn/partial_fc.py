@@ -104,7 +104,10 @@ class PartialFC(nn.Module):
         process_group=None,
         margin_grad: Optional[str] = None,
         chunk_size: Optional[int] = None,
+        check_labels: bool = True,
     ):
+        """``check_labels``: check the global label range on the host (one device sync per call, as
+        ``margin_softmax_cross_entropy(check_labels=True)``); ``False`` skips it."""
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"PartialFC: sample_rate must be in (0, 1]; got {sample_rate}")
@@ -138,6 +141,7 @@ class PartialFC(nn.Module):
         self.sample_rate, self.fp16 = sample_rate, fp16
         self.num_sample = int(sample_rate * self.num_local)
         self.chunk_size = chunk_size
+        self.check_labels = check_labels
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
         self.sampled_index = None
 
@@ -171,8 +175,8 @@ class PartialFC(nn.Module):
             embeddings = embeddings.flatten(0, 1)
             labels = all_gather_no_grad(labels, self.process_group).flatten(0, 1)
             weights = all_gather_no_grad(weights, self.process_group).flatten(0, 1)
-        # on the gathered labels, so that every rank raises, not one rank while the others wait in a collective
-        check_label_range(labels, self.num_classes, "PartialFC", "num_classes")
+        if self.check_labels:  # on the gathered labels: every rank raises, none is left waiting in a collective
+            check_label_range(labels, self.num_classes, "PartialFC", "num_classes")
         local_labels = labels - self.class_start
         weight = self.weight
         self.sampled_index = None
