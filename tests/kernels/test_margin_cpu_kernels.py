@@ -135,7 +135,10 @@ def test_kernel_log_sum_exp_over_the_whole_float_range(rng):
     )
     expected = torch.logsumexp(raw.double(), 1)
     torch.testing.assert_close(lse.double(), expected, rtol=4 * 2.0**-23, atol=0)
-    assert_close(logit_sum, raw.double().sum(1), scale=10.0)
+    # A float32 sum of n terms is off by about sqrt(n) * ulp * sum|x| (rows of N(0, 30) cancel down to a few
+    # units, so a tolerance relative to the sum itself fails by chance); a lost term of typical size (~24) is ~60x it.
+    summation_bound = 2.0**-24 * math.sqrt(n) * raw.double().abs().sum(1)
+    assert ((logit_sum.double() - raw.double().sum(1)).abs() <= summation_bound).all()
     assert torch.equal(best, raw.max(1).values) and torch.equal(column, raw.max(1).indices)
 
 
