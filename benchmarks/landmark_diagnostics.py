@@ -75,32 +75,6 @@ def _modify(stage, args) -> None:
         torch.nn.init.normal_(linear.weight, std=args.head_init_std)
 
 
-def _spatial_readout(grid: int) -> None:
-    """The landmark head reads the trunk's features average-pooled to ``grid`` x ``grid`` cells (flattened)
-    instead of their global average, so it can see where things are; patched into the class before the
-    stage builds its model and optimizer (an experiment, not an architecture option: official weights keep
-    the global average)."""
-    from lafs.models import landmark_cnn
-
-    build = landmark_cnn.LandmarkCNN.__init__
-
-    def init(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        old = self.output_layer[1]
-        head = torch.nn.Linear(old.in_features * grid * grid, old.out_features)
-        torch.nn.init.zeros_(head.weight)
-        with torch.no_grad():
-            head.bias.copy_(old.bias)
-        self.output_layer[1] = head
-
-    def raw_outputs(self, images):
-        cells = torch.nn.functional.adaptive_avg_pool2d(self.features(images), grid)
-        return self.output_layer(cells.flatten(1))
-
-    landmark_cnn.LandmarkCNN.__init__ = init
-    landmark_cnn.LandmarkCNN.raw_outputs = raw_outputs
-
-
 def probe(cfg, steps: int | None, every: int) -> None:
     """Train the landmark trunk + a linear head directly on the five points (see the module docstring)."""
     from lafs.data import SyntheticFaces
@@ -204,16 +178,7 @@ def main(argv=None) -> None:
         "original's); grid_random: bias = grid, weight random with std --head-init-std",
     )
     parser.add_argument("--head-init-std", type=float, default=0.01)
-    parser.add_argument(
-        "--readout-grid",
-        type=int,
-        default=1,
-        help="the landmark head reads the trunk's features pooled to N x N cells "
-        "(1: the global average, as the original; --save then writes a model load_model cannot rebuild)",
-    )
     args = parser.parse_args(argv)
-    if args.readout_grid > 1:
-        _spatial_readout(args.readout_grid)
     tree = config_mod.load_recipe(args.config)
     if config_mod.is_demo_recipe(tree):
         tree = config_mod.demo_stage_tree(tree, "supervised")

@@ -151,7 +151,9 @@ class LandmarkCNN(nn.Module):
     Stem conv 3x3 stride 2 (``stem_channels``) + BN + h-swish, the bottleneck
     ``blocks`` (default: the MobileNetV3-large trunk of the original, ending at
     160 channels), then ``output_layer`` = Dropout(0.5), Linear(C_last, 2L) on
-    the global average.  The 2L outputs of one image are min-max scaled together
+    the global average (the original), or with ``readout_grid`` G > 1 Linear(C_last * G * G, 2L) on the
+    features average-pooled to G x G cells, flattened channel-major: a head that sees where a feature
+    lies, which the global average hides (docs/EXPERIMENTS.md, issue 20).  The 2L outputs of one image are min-max scaled together
     to [0, image_size - 1] and read as L consecutive (x, y) pairs, exactly as the
     original; so every image has one landmark coordinate at 0 and one at
     image_size - 1.
@@ -163,9 +165,13 @@ class LandmarkCNN(nn.Module):
         image_size: int = 112,
         blocks: Union[str, Sequence[BlockSpec]] = "mobilenet_v3_large",
         stem_channels: int = 16,
+        readout_grid: int = 1,
     ):
         super().__init__()
+        if int(readout_grid) != readout_grid or readout_grid < 1:
+            raise ValueError(f"readout_grid must be a positive integer (1: the global average); got {readout_grid!r}")
         self.num_landmarks = num_landmarks
+        self.readout_grid = int(readout_grid)
         self.image_size = image_size
         self.stem_channels = stem_channels
         self.block_specs = _resolve_blocks(blocks)
@@ -181,7 +187,9 @@ class LandmarkCNN(nn.Module):
             layers.append(InvertedResidual(channels, out, kernel, stride, expanded, se, act))
             channels = out
         self.features = nn.Sequential(*layers)
-        self.output_layer = nn.Sequential(nn.Dropout(p=0.5), nn.Linear(channels, 2 * num_landmarks))
+        self.output_layer = nn.Sequential(
+            nn.Dropout(p=0.5), nn.Linear(channels * self.readout_grid**2, 2 * num_landmarks)
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -206,6 +214,7 @@ class LandmarkCNN(nn.Module):
             "image_size": self.image_size,
             "blocks": [list(b) for b in self.block_specs],
             "stem_channels": self.stem_channels,
+            "readout_grid": self.readout_grid,
         }
 
     def raw_outputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,7 +228,10 @@ class LandmarkCNN(nn.Module):
             # every convolution would convert its input.
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.features(images)
-        return self.output_layer(features.mean(dim=(2, 3)))
+        if self.readout_grid == 1:
+            return self.output_layer(features.mean(dim=(2, 3)))
+        cells = nn.functional.adaptive_avg_pool2d(features, self.readout_grid)
+        return self.output_layer(cells.flatten(1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Scale in float32 even under autocast: bfloat16 would round coordinates near 111 to 0.5 px.

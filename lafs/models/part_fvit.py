@@ -58,6 +58,7 @@ class PartFViT(nn.Module):
             "image_size": cnn["image_size"],
             "landmark_blocks": cnn["blocks"],
             "landmark_stem_channels": cnn["stem_channels"],
+            "landmark_readout_grid": cnn["readout_grid"],
         }
 
     def forward_with_landmarks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

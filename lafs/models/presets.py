@@ -2,7 +2,8 @@
 
 A config is a flat dict: the :class:`PartTransformer` arguments plus
 ``image_size``, ``landmark_blocks`` (a trunk name or a list of
-``[kernel, expanded, out, se, act, stride]``) and ``landmark_stem_channels``.
+``[kernel, expanded, out, se, act, stride]``), ``landmark_stem_channels`` and
+``landmark_readout_grid`` (1, the original's global average, unless set).
 ``model.arch_config()`` returns the same form, so ``build_model(model.arch_config())``
 rebuilds any model.
 """
@@ -68,7 +69,7 @@ PRESETS: dict[str, dict] = {
 }
 
 _TRANSFORMER_KEYS = tuple(inspect.signature(PartTransformer.__init__).parameters)[1:]
-_LANDMARK_KEYS = ("image_size", "landmark_blocks", "landmark_stem_channels")
+_LANDMARK_KEYS = ("image_size", "landmark_blocks", "landmark_stem_channels", "landmark_readout_grid")
 CONFIG_KEYS = _TRANSFORMER_KEYS + _LANDMARK_KEYS
 
 
@@ -105,6 +106,7 @@ def build_landmark_cnn(config: dict) -> LandmarkCNN:
         image_size=config.get("image_size", defaults["image_size"]),
         blocks=config.get("landmark_blocks", defaults["landmark_blocks"]),
         stem_channels=config.get("landmark_stem_channels", defaults["landmark_stem_channels"]),
+        readout_grid=config.get("landmark_readout_grid", 1),
     )
 
 

@@ -338,3 +338,13 @@ def test_checkpoint_file_of_ours_exports(moving_nano, tmp_path):
     atomic_save(model_to_dict(moving_nano), path)
     result = export_onnx(path, tmp_path / "from_file.onnx")
     assert result.min_cosine >= MIN_COSINE
+
+
+def test_spatial_readout_model_exports_and_runs_in_insightface(tmp_path):
+    """The landmark_readout_grid option (adaptive pooling to 2 x 2 cells) survives export."""
+    model = randomize_(create_model("part_fvit_nano", landmark_readout_grid=2), head_std=0.5)
+    faces = all_faces_bgr()
+    assert landmark_spread(model, faces) > 1.0, "the landmarks must differ between faces for this test"
+    result = export_onnx(model, tmp_path / "spatial.onnx")
+    assert result.min_cosine >= MIN_COSINE
+    check_against_insightface_and_embedder(model, result.path, faces)

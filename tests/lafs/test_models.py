@@ -25,7 +25,7 @@ from lafs.models import (
 )
 
 from conftest import RUN_SALT
-from helpers.models import official_key, official_state_of
+from helpers.models import official_key, official_state_of, randomize_
 from tolerances import assert_close
 
 SHAPES = json.loads((Path(__file__).parents[1] / "data" / "lafs_official_state_dict_shapes.json").read_text())
@@ -104,6 +104,45 @@ def test_landmarks_are_the_min_max_scaled_head_outputs_read_as_xy_pairs(rng):
             expected[b, n, 0] = (raw[b, 2 * n] - lo) / (hi - lo) * 111
             expected[b, n, 1] = (raw[b, 2 * n + 1] - lo) / (hi - lo) * 111
     assert_close(cnn(x), expected, scale=10)
+
+
+def test_readout_grid_head_reads_the_quadrant_means_channel_major(rng):
+    """landmark_readout_grid=2: the head is one linear map of the four quadrant means of the trunk's last
+    features (a 4 x 4 map at 112 px), flattened channel by channel, computed here by slicing."""
+    cnn = create_landmark_cnn("part_fvit_nano", landmark_readout_grid=2).eval()
+    head = cnn.output_layer[1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.05, generator=rng)
+    x = images(rng, 2)
+    features = cnn.features(x)
+    assert features.shape[2:] == (4, 4)
+    quadrants = [features[:, :, i : i + 2, j : j + 2].mean(dim=(2, 3)) for i in (0, 2) for j in (0, 2)]
+    cells = torch.stack(quadrants, dim=2).flatten(1)  # [B, C * 4], index c * 4 + cell
+    assert head.in_features == features.shape[1] * 4
+    assert_close(cnn.raw_outputs(x), cells @ head.weight.T + head.bias, scale=10)
+
+
+def test_readout_grid_starts_as_the_same_fixed_grid_and_round_trips(tmp_path, rng):
+    plain = create_model("part_fvit_nano").train()
+    spatial = create_model("part_fvit_nano", landmark_readout_grid=2).train()
+    x = images(rng, 3)
+    assert torch.equal(spatial.landmark_cnn(x), plain.landmark_cnn(x))
+    assert spatial.arch_config()["landmark_readout_grid"] == 2 and plain.arch_config()["landmark_readout_grid"] == 1
+    randomize_(spatial, head_std=0.5)
+    spatial.eval()
+    atomic_save(model_to_dict(spatial), tmp_path / "spatial.pt")
+    loaded = load_model(tmp_path / "spatial.pt")
+    assert loaded.landmark_cnn.readout_grid == 2 and torch.equal(loaded(x), spatial(x))
+    with pytest.raises(ValueError, match="readout_grid"):
+        create_landmark_cnn("part_fvit_nano", landmark_readout_grid=0)
+
+
+def test_a_readout_grid_model_does_not_load_into_the_original_head(tmp_path):
+    from lafs.train.weights import ArchitectureMismatchError, load_landmark_cnn
+
+    atomic_save(model_to_dict(create_model("part_fvit_nano", landmark_readout_grid=2)), tmp_path / "spatial.pt")
+    with pytest.raises(ArchitectureMismatchError, match="readout_grid"):
+        load_landmark_cnn(create_landmark_cnn("part_fvit_nano"), str(tmp_path / "spatial.pt"))
 
 
 def test_landmark_cnn_default_is_the_official_trunk():
