@@ -153,8 +153,8 @@ class LandmarkCNN(nn.Module):
     160 channels), then ``output_layer`` = Dropout(0.5), Linear(C_last, 2L) on
     the global average (the original), or with ``readout_grid`` G > 1 Linear(C_last * G * G, 2L) on the
     features average-pooled to G x G cells, flattened channel-major: a head that sees where a feature
-    lies, which the global average hides (docs/EXPERIMENTS.md, issue 20).  The 2L outputs of one image are min-max scaled together
-    to [0, image_size - 1] and read as L consecutive (x, y) pairs, exactly as the
+    lies, which the global average hides (docs/EXPERIMENTS.md, issue 20).  The 2L outputs of one image
+    are min-max scaled together to [0, image_size - 1] and read as L consecutive (x, y) pairs, exactly as the
     original; so every image has one landmark coordinate at 0 and one at
     image_size - 1.
     """
