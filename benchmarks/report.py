@@ -323,8 +323,8 @@ def env_header(run: Run, limit: float) -> list[str]:
         )
     return lines + [
         f"- **{lafs.get('device_name', run.device)}** ({run.device}); CPU: {cpu}; "
-        f"{lafs.get('torch_threads', '?')} torch threads; load average (1/5/15 min) when the run started: "
-        f"{load or '?'}",
+        f"{lafs.get('torch_threads', '?')} torch threads; malloc: {lafs.get('malloc', 'default')}; load average "
+        f"(1/5/15 min) when the run started: {load or '?'}",
         f"- {run.when[:19].replace('T', ' ')} UTC; torch {lafs.get('torch')} (CUDA {lafs.get('torch_cuda')}), "
         f"Triton {lafs.get('triton')}, Python {lafs.get('python')}, commit {commit}",
         f"- file: `{os.path.relpath(run.path, HERE)}`"
