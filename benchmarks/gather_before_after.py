@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _allocator import fix_malloc_thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "csrc/cpu/landmark_patch_gather.cpp"
@@ -202,6 +203,7 @@ def main():
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    malloc = fix_malloc_thresholds()
     from lafs_kernels import _extension
 
     _extension.load()
@@ -210,7 +212,7 @@ def main():
     results = []
     print(
         f"before = {args.before}:{KERNEL}, after = this checkout; {args.threads} threads, {args.rounds} rounds, "
-        f"{args.clock} clock; ratio = before / after time (>1: after is faster)"
+        f"{args.clock} clock; malloc: {malloc}; ratio = before / after time (>1: after is faster)"
     )
     for K in (196, 36):
         check_same_results(before_ops, K)
@@ -246,7 +248,14 @@ def main():
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"before": args.before, "threads": args.threads, "clock": args.clock, "results": results}, indent=2
+                {
+                    "before": args.before,
+                    "threads": args.threads,
+                    "clock": args.clock,
+                    "malloc": malloc,
+                    "results": results,
+                },
+                indent=2,
             )
         )
 
