@@ -41,6 +41,28 @@ def test_every_recipe_resolves_or_asks_for_its_data(tmp_path):
         assert cfg.loss.s == 64.0 if stage != "pretrain" else cfg.dino.student_temp == 0.1
 
 
+def test_a_recipe_with_a_base_changes_only_what_it_sets(tmp_path):
+    demo = cfgmod.load_recipe("demo")
+    (tmp_path / "wide.yaml").write_text(
+        "base: demo\ndata: {synthetic: {pose_difficulty: 1.0}}\nmodel: {overrides: {landmark_readout_grid: 2}}\n"
+    )
+    (tmp_path / "wider.yaml").write_text("base: wide.yaml\nsupervised: {optim: {epochs: 20}}\n")
+    tree = cfgmod.load_recipe(str(tmp_path / "wider.yaml"))
+    assert tree["data"]["synthetic"] == {**demo["data"]["synthetic"], "pose_difficulty": 1.0}
+    assert tree["model"]["overrides"] == {**demo["model"]["overrides"], "landmark_readout_grid": 2}
+    assert tree["supervised"]["optim"] == {**demo["supervised"]["optim"], "epochs": 20}
+    assert {k: v for k, v in tree.items() if k not in ("data", "model", "supervised")} == {
+        k: v for k, v in demo.items() if k not in ("data", "model", "supervised")
+    }
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(cfgmod.ConfigError, match="loop"):
+        cfgmod.load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "bad.yaml").write_text("base: [demo]\n")
+    with pytest.raises(cfgmod.ConfigError, match="base must be"):
+        cfgmod.load_recipe(str(tmp_path / "bad.yaml"))
+
+
 def test_paper_settings_in_recipes():
     ms1 = cfgmod.load_recipe("ms1mv3_finetune")
     web = cfgmod.load_recipe("webface4m_finetune")
