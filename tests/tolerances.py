@@ -7,6 +7,8 @@ times that error (plus a small floor for the case where the reference happens
 to be exact).
 """
 
+import math
+
 import torch
 
 ATOL_RTOL = {
@@ -48,3 +50,13 @@ def assert_close_low_precision(actual, same_dtype_reference, float64_reference, 
         f"{msg} max error {err_ours:.3e} vs float64 exceeds {LOW_PRECISION_FACTOR} x same-dtype PyTorch error "
         f"{err_torch:.3e} + {floor:.1e}"
     )
+
+
+def assert_float32_sum_close(actual: torch.Tensor, terms: torch.Tensor, *, dim: int = -1, msg=""):
+    """``actual`` is a float32 sum of ``terms`` along ``dim``: judged against the float64 sum by the
+    summation error bound sqrt(n) * 2^-24 * sum|x| (a tolerance relative to the sum itself fails by chance
+    where the terms cancel)."""
+    terms64 = terms.detach().to(torch.float64).cpu()
+    bound = 2.0**-24 * math.sqrt(terms.shape[dim]) * terms64.abs().sum(dim)
+    error = (actual.detach().to(torch.float64).cpu() - terms64.sum(dim)).abs()
+    assert (error <= bound).all(), f"{msg} float32 sum off by {(error / bound).max().item():.2f} x its error bound"

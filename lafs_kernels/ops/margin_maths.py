@@ -153,7 +153,7 @@ def check_label_range(
     """Raise ValueError unless every label lies in [0, num_classes) (one host sync)."""
     if labels.numel() == 0:
         return
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one sync for both
     num_classes = int(num_classes)
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name}: labels must lie in [0, {num_classes}) ({what}); got min {low}, max {high}")
