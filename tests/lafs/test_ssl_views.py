@@ -154,29 +154,35 @@ def test_our_landmark_cnn_has_folded_batch_norms_and_the_originals_does_not(rng)
 
 def test_our_path_samples_every_view_from_the_source_images(rng, monkeypatch):
     """Per view group one gather of all views' tokens from the B source images through their affines, one of the
-    contrast's view samples, and one of the blurred views from their blurred sources; no crop reaches a gather."""
-    calls = []
-    gather = views_module.landmark_patch_gather
+    contrast's view samples when any view of the group is jittered, and one of the blurred views from their
+    blurred sources when any is blurred; no crop reaches a gather."""
+    calls, drawn = [], []
+    gather, draw = views_module.landmark_patch_gather, views_module.draw_colour_parameters
 
     def counting_gather(image, landmarks, patch_size=8, **kw):
         calls.append((tuple(image.shape), tuple(landmarks.shape), kw.get("view_affine")))
         return gather(image, landmarks, patch_size, **kw)
 
+    def recording_draw(*args, **kw):
+        drawn.append(draw(*args, **kw))
+        return drawn[-1]
+
     monkeypatch.setattr(views_module, "landmark_patch_gather", counting_gather)
+    monkeypatch.setattr(views_module, "draw_colour_parameters", recording_draw)
     images = torch.rand(2, 3, 40, 40, generator=rng) * 2 - 1
     builder(global_views=2, local_views=8, local_tokens=6)(images, generator=rng)
-    source = (2, 3, 40, 40)
     assert all(c[2] is not None and c[2].shape == (c[1][0], 4) for c in calls)
-    # per group: the tokens and the 16 x 16 view samples (4 x 4 patches of 4 x 4) from the sources, then
-    # the blurred views (at least the first global view is always blurred)
-    local_start = next(i for i, c in enumerate(calls) if c[1] == (16, 6, 2))
-    for group, rows, tokens in ((calls[:local_start], 4, L), (calls[local_start:], 16, 6)):
-        assert [c[0] for c in group[:2]] == [source, source]
-        assert [c[1] for c in group[:2]] == [(rows, tokens, 2), (rows, 16, 2)]
-        assert len(group) <= 3
-    blurred = [c for c in calls[2:local_start] + calls[local_start + 2 :]]
-    assert len(blurred) >= 1
-    assert all(c[0][0] == c[1][0] and c[1][1] in (L, 6) for c in blurred)  # one blurred source per blurred view
+    source = (2, 3, 40, 40)
+    expected = []
+    for params, rows, tokens in zip(drawn, (4, 16), (L, 6)):
+        expected.append((source, (rows, tokens, 2)))  # the tokens, from the sources
+        if params.jitter.any():  # the 16 x 16 view samples (4 x 4 patches of 4 x 4) for the contrast's mean
+            expected.append((source, (rows, 16, 2)))
+        blurred = int(params.blur.sum())
+        if blurred:  # one blurred source per blurred view
+            expected.append(((blurred, 3, 40, 40), (blurred, tokens, 2)))
+    assert len(drawn) == 2 and drawn[0].blur[:2].all()  # the first global view is always blurred
+    assert [(c[0], c[1]) for c in calls] == expected
 
 
 def test_per_image_landmarks_run_the_cnn_once_and_map_into_each_view(rng, monkeypatch):
