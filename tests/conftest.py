@@ -26,6 +26,11 @@ def pytest_report_header(config):
     return f"lafs test salt: LAFS_TEST_SEED={RUN_SALT}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The salt again at the end, where ``-q`` (make test, CI) still prints it: a failure can be replayed."""
+    terminalreporter.write_line(f"lafs test salt: LAFS_TEST_SEED={RUN_SALT} (set it to replay this run's inputs)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
