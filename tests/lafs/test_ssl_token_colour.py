@@ -42,7 +42,7 @@ def params_without_blur(n, generator, **kw):
 def test_tokens_get_exactly_the_crops_colours_when_the_mean_is_the_crops(rng):
     """Every step is per pixel once the contrast's mean is the crop's own: with all of the crop's pixels as the
     view samples, the tokens are the coloured crop's pixels (float rounding)."""
-    n, s = 24, 16
+    n, s = 48, 16  # 48 views: some grayed (1 - 0.7^48), some solarised, with any salt
     crops = torch.rand(n, 3, s, s, generator=rng)
     params = params_without_blur(n, rng, jitter_p=0.9, grayscale_p=0.3)
     assert params.jitter.any() and params.gray.any() and params.solarize.any()
