@@ -238,8 +238,8 @@ def select_runs(paths: list[str]) -> list[Run]:
 def pool_runs(runs: list[Run]) -> Run:
     """One run from several of the same environment: each case's rounds concatenated over the runs that
     measured it (a round's ratio still compares times of the same round), so the printed 10%-90% range
-    covers the differences between runs as well as between rounds. Machine facts: the newest run's, and
-    per case the busiest measurement's."""
+    holds the differences between the pooled runs as well as between rounds (how well it predicts another
+    run: ``run_to_run``). Machine facts: the newest run's, and per case the busiest measurement's."""
     if len({environment_of(r.path) for r in runs}) != 1:
         raise SystemExit("--pool: the files come from different environments: " + ", ".join(r.path for r in runs))
     runs = sorted(runs, key=lambda r: r.when)
@@ -464,18 +464,39 @@ def targets_section(runs: list[Run], settings: dict) -> list[str]:
 # ---------------------------------------------------------------- headline (README)
 
 
+def headline_cases(runs: list[Run], spec: dict) -> list[tuple[Run, Case]]:
+    """The measured cases a headline of targets.json shows."""
+    return [
+        (run, c)
+        for run in runs
+        if run.device == spec["device"]
+        for c in run.cases
+        if c.op == spec["op"] and c.matches(spec["where"])
+    ]
+
+
+def headline_run_to_run(runs: list[Run], settings: dict) -> str:
+    """One sentence: the leave-one-out check of ``run_to_run`` over the speed-ups the README's table shows."""
+    limit = settings["busy_other_cpu_cores"]
+    shown = {c.key for spec in settings["headlines"] for _, c in headline_cases(runs, spec) if not c.busy(limit)}
+    for run in runs:
+        rows = [r for r in run_to_run(run) if r.case.key in shown]
+        if rows:
+            every, ratios, inside, pairs = run_to_run_counts(rows)
+            return (
+                f" Run to run ({len(run.pooled_from)} runs, each left out in turn against the others pooled): "
+                f"for {every} of {ratios} speed-ups in this table every run's median lies inside the range the "
+                f"others print ({inside} of {pairs} run-speed-up pairs); `benchmarks/RESULTS.md`, 'Run to run'."
+            )
+    return ""
+
+
 def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
     """One row per headline of targets.json and our implementation: the numbers, or why there are none."""
     limit = settings["busy_other_cpu_cores"]
     rows = []
     for spec in settings["headlines"]:
-        cases = [
-            (run, c)
-            for run in runs
-            if run.device == spec["device"]
-            for c in run.cases
-            if c.op == spec["op"] and c.matches(spec["where"])
-        ]
+        cases = headline_cases(runs, spec)
         if not cases:
             rows.append([spec["label"], "not measured yet: run `make bench`", "", "", ""])
             continue
@@ -516,7 +537,7 @@ def readme_block(runs: list[Run], settings: dict) -> str:
         f"{measured} Ours and every baseline ran interleaved, "
         "once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
         f"with the {SPREAD[0]:.0%}-{SPREAD[1]:.0%} range of those ratios in brackets. "
-        "Details, memory and targets: `benchmarks/RESULTS.md`.",
+        "Details, memory and targets: `benchmarks/RESULTS.md`." + headline_run_to_run(runs, settings),
         "",
         "| case | ours | baselines | speed-up | added memory (ours / baseline) |",
         "|---|---|---|---|---|",
@@ -550,9 +571,9 @@ def demo_block(summary_path: str) -> str:
 # ---------------------------------------------------------------- reproduction
 
 
-def reproduction(first: Run, rerun: Run) -> list[tuple[str, Spread, Spread, bool]]:
-    """Every speed-up (ours vs each baseline) of ``first`` that ``rerun`` measured again: (label, first's
-    spread, rerun's spread, whether the rerun's median lies within first's printed 10%-90% range)."""
+def speedup_pairs(first: Run, rerun: Run) -> list[tuple[Case, str, Spread, Spread]]:
+    """Every speed-up (ours vs each baseline) of ``first`` that ``rerun`` measured again: (first's case, label,
+    first's spread, rerun's spread)."""
     again = {c.key: c for c in rerun.cases}
     rows = []
     for case in first.cases:
@@ -565,8 +586,79 @@ def reproduction(first: Run, rerun: Run) -> list[tuple[str, Spread, Spread, bool
                 if a is None or b is None:
                     continue
                 label = f"{case.op} {shape_text(case.shape)} {case.dtype} {case.mode}: {ours.name} vs {base.name}"
-                rows.append((label, a, b, a.low <= b.median <= a.high))
+                rows.append((case, label, a, b))
     return rows
+
+
+def reproduction(first: Run, rerun: Run) -> list[tuple[str, Spread, Spread, bool]]:
+    """Every speed-up of ``first`` that ``rerun`` measured again: (label, first's spread, rerun's spread,
+    whether the rerun's median lies within first's printed 10%-90% range)."""
+    return [(label, a, b, a.low <= b.median <= a.high) for _, label, a, b in speedup_pairs(first, rerun)]
+
+
+@dataclass
+class RunToRun:
+    """One speed-up of a pooled run, each of its runs left out in turn: ``medians`` per run (time order) and
+    whether each lies inside the range printed by the other runs pooled."""
+
+    case: Case
+    label: str
+    pooled: Spread
+    medians: list
+    inside: list
+
+
+def run_to_run(pooled: Run) -> list[RunToRun]:
+    """Leave-one-out over the runs pooled into ``pooled`` (empty for fewer than 3): does each run's median
+    fall inside the 10%-90% range the others print? (the README's claim, tested on the runs themselves)."""
+    runs = pooled.pooled_from
+    if len(runs) < 3:
+        return []
+    rows: dict[str, RunToRun] = {}
+    for case, label, spread, _ in speedup_pairs(pooled, pooled):
+        rows[label] = RunToRun(case, label, spread, [None] * len(runs), [None] * len(runs))
+    for i, run in enumerate(runs):
+        for _, label, others, own in speedup_pairs(pool_runs(runs[:i] + runs[i + 1 :]), run):
+            if label in rows:
+                rows[label].medians[i] = own.median
+                rows[label].inside[i] = others.low <= own.median <= others.high
+    return list(rows.values())
+
+
+def run_to_run_counts(rows: list[RunToRun]) -> tuple[int, int, int, int]:
+    """(ratios whose every run lies inside the others' range, ratios, inside run-ratio pairs, pairs)."""
+    judged = [[x for x in r.inside if x is not None] for r in rows]
+    return (
+        sum(all(j) for j in judged if j),
+        sum(bool(j) for j in judged),
+        sum(sum(j) for j in judged),
+        sum(len(j) for j in judged),
+    )
+
+
+def run_to_run_section(run: Run) -> list[str]:
+    rows = run_to_run(run)
+    if not rows:
+        return []
+    times = ", ".join(r.when[11:16] for r in run.pooled_from)
+    every, ratios, inside, pairs = run_to_run_counts(rows)
+    lines = [
+        "### Run to run: each run left out, against the others pooled",
+        "",
+        f"Each run's median speed-up (runs ending at {times} UTC, in that order), and whether it lies inside the "
+        f"{SPREAD[0]:.0%}-{SPREAD[1]:.0%} range the other runs print when pooled: the check a reviewer's rerun "
+        f"makes. **{every} of {ratios}** ratios have every run inside; {inside} of {pairs} run-ratio pairs.",
+        "",
+        "| speed-up | all runs pooled | each run's median | inside the others' range |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        medians = ", ".join("-" if m is None else f"{m:.2f}x" for m in r.medians)
+        judged = [x for x in r.inside if x is not None]
+        outside = [run.pooled_from[i].when[11:16] for i, x in enumerate(r.inside) if x is False]
+        verdict = f"{sum(judged)} of {len(judged)}" + (f" (outside: {', '.join(outside)})" if outside else "")
+        lines.append(f"| {r.label} | {r.pooled.text()} | {medians} | {verdict} |")
+    return lines + [""]
 
 
 def reproduction_text(first: Run, rerun: Run) -> str:
@@ -685,6 +777,7 @@ def render(runs: list[Run], charts: list[str], out_path: str, settings: dict, ig
             lines += [f"Run of {', '.join(ops)}:", "", *env_header(run, limit), ""]
             for op in ops:
                 lines += op_table(run, op, limit)
+            lines += run_to_run_section(run)
     lines += targets_section(runs, settings)
     if charts:
         lines += ["## Charts", ""]

@@ -288,3 +288,38 @@ def test_pooling_concatenates_rounds_and_keeps_the_busiest_machine(tmp_path):
     other.write_text(Path(second_path).read_text())
     with pytest.raises(SystemExit, match="different environments"):
         report.pool_runs([first, report.load_run(str(other))])
+
+
+def _run_with_original_times(tmp_path: Path, second: int, original: list) -> str:
+    """A result file of run ``second`` (its time of day) whose baseline 'original' took ``original``."""
+    path = _result_file(tmp_path / f"cpu_20261206T0000{second:02d}Z.json", other_cpu=0.05)
+    data = json.loads(Path(path).read_text())
+    data["datetime"] = f"2026-12-06T00:00:{second:02d}"
+    data["benchmarks"][0]["extra_info"]["impls"][0]["times_s"] = original
+    Path(path).write_text(json.dumps(data))
+    return path
+
+
+def test_run_to_run_leaves_each_run_out_against_the_others_pooled(tmp_path):
+    """Three runs; the third's baseline is slower (ratio 1.50 against 1.20-1.26): left out, it lies outside the
+    range the first two print; each of the first two lies inside the range of the other two (which the slow
+    run widens). The README sentence counts the same over the speed-ups its table shows."""
+    paths = [
+        _run_with_original_times(tmp_path, 0, [0.60, 0.62, 0.61, 0.60, 0.63]),
+        _run_with_original_times(tmp_path, 1, [0.61, 0.60, 0.62, 0.63, 0.60]),
+        _run_with_original_times(tmp_path, 2, [0.75] * 5),
+    ]
+    pooled = report.pool_runs([report.load_run(p) for p in paths])
+    rows = {r.label.split(": ")[1]: r for r in report.run_to_run(pooled)}
+    original = rows["fused vs original"]
+    assert original.medians == pytest.approx([1.22, 1.22, 1.50])
+    assert original.inside == [True, True, False]
+    assert rows["fused vs original+non-kernel"].inside == [True, True, True]
+    assert report.run_to_run_counts(list(rows.values())) == (1, 2, 5, 6)
+    section = "\n".join(report.run_to_run_section(pooled))
+    assert "**1 of 2** ratios have every run inside; 5 of 6 run-ratio pairs" in section
+    assert "| 2 of 3 (outside: 00:00) |" in section
+    sentence = report.headline_run_to_run([pooled], SETTINGS)
+    assert "for 1 of 2 speed-ups in this table every run's median lies inside" in sentence
+    # two runs: nothing to leave out
+    assert report.run_to_run(report.pool_runs([report.load_run(p) for p in paths[:2]])) == []
