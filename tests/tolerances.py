@@ -38,6 +38,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, sc
     )
 
 
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, scale=1.0, msg=""):
+    """Row by row, with the relative tolerance taken of the row's largest ``|expected|``: for rows computed from
+    a few large terms, as the gradient of a zero vector's normalisation (~1/eps, where an element that cancels
+    to 1e9 among 1e13s carries the rounding error of the 1e13s)."""
+    dtype = dtype or actual.dtype
+    atol, rtol = ATOL_RTOL[dtype]
+    a = actual.detach().to(torch.float64).cpu().flatten(1)
+    e = expected.detach().to(torch.float64).cpu().flatten(1)
+    bound = scale * (atol + rtol * e.abs().amax(dim=1, keepdim=True))
+    error = (a - e).abs()
+    assert torch.isfinite(a).all() and (error <= bound).all(), (
+        f"{msg} off by {(error / bound).max().item():.2f} x the row-relative tolerance"
+    )
+
+
 def assert_close_low_precision(actual, same_dtype_reference, float64_reference, *, floor=None, msg=""):
     """Low-precision check: |actual - ref64| <= factor * |same_dtype_ref - ref64| + floor (max norms)."""
     ref64 = float64_reference.detach().to(torch.float64).cpu()

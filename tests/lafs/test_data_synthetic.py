@@ -71,13 +71,14 @@ def test_five_points_follow_the_arcface_layout_and_the_drawn_eyes(rng):
     assert np.abs(points.mean(0) - ARCFACE_TEMPLATE).max() < 6.0
     assert (points[:, 0, 0] < points[:, 1, 0]).all() and (points[:, 3, 0] < points[:, 4, 0]).all()
     assert (points[:, :2, 1].max(1) < points[:, 2, 1]).all() and (points[:, 2, 1] < points[:, 3:, 1].min(1)).all()
-    # the eye points sit on dark pupils: darker than the average of the face crop
+    # the eye points sit on dark pupils: darker than the 11 x 11 neighbourhood around them (not than the whole
+    # face, which lighting and skin tone can make darker still: 5 of 300 face sets failed that)
     for index in range(len(faces)):
         rgb, _, marks = faces.render(index)
         gray = rgb.mean(2)
         for x, y in marks[:2]:
-            patch = gray[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2]
-            assert patch.min() < gray[20:100, 20:100].mean()
+            cx, cy = int(round(x)), int(round(y))
+            assert gray[cy - 1 : cy + 2, cx - 1 : cx + 2].min() < gray[cy - 5 : cy + 6, cx - 5 : cx + 6].mean()
 
 
 def test_verification_pairs_are_balanced_and_labelled_correctly(rng):
