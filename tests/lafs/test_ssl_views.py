@@ -270,8 +270,8 @@ def _coloured_and_visible(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     R, G, B not all equal, and whether some pixel is not zero (a view whose tokens all lie outside it is zero,
     and zero is gray: such views say nothing about the grayscale draw)."""
     pixels = tokens.reshape(tokens.shape[0], -1, 3)
-    coloured = ((pixels - pixels[..., :1]).abs() >= 1e-6).any(dim=2).flatten(1).any(dim=1)
-    visible = (pixels != 0).any(dim=2).flatten(1).any(dim=1)
+    coloured = ((pixels - pixels[..., :1]).abs() >= 1e-6).any(dim=2).any(dim=1)
+    visible = (pixels != 0).any(dim=2).any(dim=1)
     return coloured, visible
 
 
