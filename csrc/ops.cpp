@@ -43,6 +43,16 @@ TORCH_LIBRARY(lafs_kernels, m) {
       "_margin_chunk_bwd(Tensor(a!) raw, Tensor inv_w, Tensor labels, Tensor first, int start, "
       "Tensor target_logit, Tensor target_derivative, Tensor lse, Tensor grad_lse, Tensor? grad_target, "
       "Tensor? grad_logit_sum, float s) -> Tensor");
+  // DINO's view augmentation in LAFS pretraining (lafs_kernels/ops/gaussian_blur.py, dino_colour.py).  Separable
+  // Gaussian blur, reflect padding: image [N, C, H, W], kernel_x / kernel_y [N, 2R+1] along W / H
+  // in the image's dtype; returns [N, C, H, W].
+  m.def("_gaussian_blur(Tensor image, Tensor kernel_x, Tensor kernel_y) -> Tensor");
+  // The per-pixel colour chain on token pixels: pixels [N, T, 3] in [-1, 1], mean_pixels [N, M, 3]
+  // (the contrast's mean gray; None: the pixels themselves), factors [N, 4] in the pixels' dtype,
+  // order [N, 4] int64, jitter / gray / solarize [N] bool.  Returns [N, T, 3] in [-1, 1].
+  m.def(
+      "_dino_colour(Tensor pixels, Tensor? mean_pixels, Tensor factors, Tensor order, Tensor jitter, "
+      "Tensor gray, Tensor solarize) -> Tensor");
   // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
   // 0 when they were not compiled; `info` and the import check compare it.
   m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);

@@ -7,6 +7,10 @@ Public operations (each dispatches to the best backend for its inputs;
 * :func:`margin_softmax_cross_entropy` -- CosFace / ArcFace / combined margin
   softmax cross-entropy without materialising the ``[batch, classes]`` logits.
 
+The view augmentation of LAFS pretraining has C++ CPU kernels beside its PyTorch references:
+:mod:`lafs_kernels.ops.gaussian_blur` (one sigma per image) and :mod:`lafs_kernels.ops.dino_colour`
+(DINO's colour chain on the pixels of patch tokens).
+
 Modules live in :mod:`lafs_kernels.nn` (``PartialFC``: class centres sharded across ranks, a
 drop-in for arcface_torch's ``PartialFC_V2``); functions with the original LAFS and insightface
 signatures in :mod:`lafs_kernels.compat`; :mod:`lafs_kernels.reshard` moves Partial FC shards to
@@ -14,6 +18,7 @@ another number of ranks (``python -m lafs_kernels.reshard``).
 """
 
 from ._dispatch import BackendUnavailableError
+from .ops import dino_colour, gaussian_blur  # noqa: F401 (their backends show in lafs_kernels.info)
 from .ops.landmark_patch_gather import landmark_patch_gather
 from .ops.margin_softmax import margin_softmax_cross_entropy
 

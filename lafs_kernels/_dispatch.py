@@ -135,8 +135,12 @@ class OpBackends:
     def why_not(self, name: str, call: Call) -> list[str]:
         return self._by_name[name].why_not(call)
 
-    def select(self, call: Call, backend: Optional[str] = None) -> str:
-        forced, source = (backend, "backend=") if backend else (os.environ.get(ENV_BACKEND) or None, ENV_BACKEND)
+    def select(self, call: Call, backend: Optional[str] = None, env: bool = True) -> str:
+        """The backend for ``call``: ``backend`` if given, else ``LAFS_KERNELS_BACKEND`` (unless ``env`` is
+        False: the view-augmentation ops have only torch and cpu backends, so forcing the kernels' triton
+        or cuda for a run must not stop them), else the first of the device's preference that can run."""
+        from_env = os.environ.get(ENV_BACKEND) if env else None
+        forced, source = (backend, "backend=") if backend else (from_env or None, ENV_BACKEND)
         if forced:
             if forced not in self._by_name:
                 raise BackendUnavailableError(
@@ -158,6 +162,18 @@ class OpBackends:
         """{backend name: list of reasons it cannot run} for a typical call on ``device``."""
         call = Call(device=torch.device(device), dtype=dtype)
         return {name: self.why_not(name, call) for name in self.names}
+
+
+def reference_and_cpu_kernel(op: str, cpu_dtypes: tuple = (torch.float32, torch.float64)) -> OpBackends:
+    """Backends of an op with a PyTorch reference (``torch``, any device) and a C++ kernel (``cpu``) only."""
+    return OpBackends(
+        op=op,
+        backends=(
+            Backend("torch", frozenset({"cpu", "cuda"})),
+            Backend("cpu", frozenset({"cpu"}), dtypes=cpu_dtypes, checks=(requires_extension("cpu"),)),
+        ),
+        preference={"cpu": ["cpu", "torch"], "cuda": ["torch"]},
+    )
 
 
 REGISTRY: dict[str, OpBackends] = {}

@@ -27,13 +27,13 @@
 #include <utility>
 #include <vector>
 
+#include "isa_variants.h"
+
 // Without trapping math GCC turns the selects of exp_f32 into blends and vectorises it for
 // AVX2 too (AVX-512 masks do not need it).  Only the functions below are affected.
 #pragma GCC optimize("no-trapping-math")
 
 namespace {
-
-#define LAFS_INLINE inline __attribute__((always_inline))
 
 // exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
 // polynomial (truncation below 6e-9 relative, so about 1 ulp in all).  Results below the
@@ -100,39 +100,6 @@ LAFS_INLINE void grad_row_body(T* raw, const T* inv_w, const T* col_scale, T* ra
   }
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-enum class Isa { avx512, avx2, base };
-
-Isa detect_isa() {
-  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-  return Isa::base;
-}
-
-const Isa kIsa = detect_isa();
-
-// name(params) calls name_body compiled for the CPU's instruction set.
-#define LAFS_ISA_VARIANTS(ret, name, params, args)                                              \
-  template <typename T>                                                                         \
-  __attribute__((target("avx512f"))) ret name##_avx512 params { return name##_body<T> args; }   \
-  template <typename T>                                                                         \
-  __attribute__((target("avx2,fma"))) ret name##_avx2 params { return name##_body<T> args; }    \
-  template <typename T>                                                                         \
-  ret name##_base params { return name##_body<T> args; }                                        \
-  template <typename T>                                                                         \
-  ret name params {                                                                             \
-    switch (kIsa) {                                                                             \
-      case Isa::avx512: return name##_avx512<T> args;                                           \
-      case Isa::avx2: return name##_avx2<T> args;                                               \
-      default: return name##_base<T> args;                                                      \
-    }                                                                                           \
-  }
-#else
-// Other architectures: the build's own vector flags.
-#define LAFS_ISA_VARIANTS(ret, name, params, args) \
-  template <typename T>                            \
-  ret name params { return name##_body<T> args; }
-#endif
 
 LAFS_ISA_VARIANTS(void, scale_row, (const T* raw, const T* inv_w, T* buf, int64_t n, T* max_out, T* sum_out),
                   (raw, inv_w, buf, n, max_out, sum_out))

@@ -16,8 +16,9 @@ any device; the work itself runs on the images' device with torch ops.
   per-image probabilities.  On the CPU these passes are memory-bound, so each
   works in place on just the images it changes.  ``draw_colour_parameters`` draws
   everything random once (``ColourParameters``); ``jitter_and_gray_``, ``blur_`` and
-  ``solarize_`` apply the steps, so the token path (``lafs.ssl.token_colour``) runs
-  the same functions on the same draws.
+  ``solarize_`` apply the steps with the reference functions of ``lafs_kernels.ops.dino_colour``
+  and ``lafs_kernels.ops.gaussian_blur``, whose token kernels the fused view path
+  (``lafs.ssl.token_colour``) runs on the same draws.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
-_LUMA = (0.299, 0.587, 0.114)
+from lafs_kernels.ops.dino_colour import JITTER_OPS
+from lafs_kernels.ops.dino_colour import change_rows_ as _change_rows_
+from lafs_kernels.ops.dino_colour import colour_jitter_ as _colour_jitter_
+from lafs_kernels.ops.dino_colour import grayscale as _grayscale
+from lafs_kernels.ops.dino_colour import solarize_ as _solarize_images_
+from lafs_kernels.ops.gaussian_blur import gaussian_blur
+
 _BLUR_SIGMA = (0.1, 2.0)
 _BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
 _CROP_TRIES = 10
-_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+_JITTER = dict(zip(JITTER_OPS, (0.4, 0.4, 0.2, 0.1)))  # strengths: brightness, contrast, saturation, hue
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -138,143 +144,6 @@ def random_resized_crops(
     return resized_crops(images, boxes, flips, size)
 
 
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, H, W] -> [N, 1, H, W]`` luma (ITU-R 601)."""
-    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3)
-    return torch.matmul(luma, x.reshape(x.shape[0], 3, -1)).view(x.shape[0], 1, *x.shape[2:])
-
-
-def _blend_(
-    x: torch.Tensor,
-    factor: torch.Tensor,
-    gray_weight: torch.Tensor,
-    mean_weight: torch.Tensor,
-    mean_start: int = 0,
-) -> torch.Tensor:
-    """In place: ``x <- clamp(f * x + (1 - f) * (a * gray + b * mean(gray)), 0, 1)``, one f, a, b [N] per image.
-
-    Brightness is a = b = 0, contrast a = 0, b = 1, saturation a = 1, b = 0 (as torchvision).
-    ``mean(gray)`` is over the pixels from flat position ``mean_start`` on (0: the whole image; the
-    token path puts the samples that stand for its view after its tokens).
-    """
-    gray = _grayscale(x)
-    mean = gray.flatten(1)[:, mean_start:].mean(dim=1).view(-1, 1, 1, 1)
-    other = gray.mul_(gray_weight.view(-1, 1, 1, 1)).add_(mean * mean_weight.view(-1, 1, 1, 1))
-    factor = factor.view(-1, 1, 1, 1)
-    return x.mul_(factor).add_(other.mul_(1.0 - factor)).clamp_(0.0, 1.0)
-
-
-_HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # n of r, g, b in the HSV -> RGB formula
-
-
-def _shift_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """In place: rotate the HSV hue of ``x [N, 3, H, W]`` in [0, 1] by ``shift [N]`` turns.
-
-    Saturation and value stay; hue, value V and chroma C = V - min give each channel
-    back directly: ``V - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 * hue) mod 6``
-    and n = 5, 3, 1 for r, g, b (the standard HSV -> RGB formula), so no HSV image is
-    built.
-    """
-    r, g, b = x.unbind(dim=1)
-    value = x.amax(dim=1, keepdim=True)
-    chroma = value - x.amin(dim=1, keepdim=True)
-    flat_value, flat_chroma = value.squeeze(1), chroma.squeeze(1)
-    # 6 * hue (before the mod), as colorsys: the sector of the largest channel plus the offset within it
-    sixths = torch.where(
-        flat_value == r, g - b, torch.where(flat_value == g, b - r + 2.0 * flat_chroma, r - g + 4.0 * flat_chroma)
-    )
-    sixths.div_(flat_chroma.clamp_min(torch.finfo(x.dtype).tiny))  # a gray pixel: 0 / tiny = 0
-    sixths.add_(6.0 * shift.view(-1, 1, 1))
-    offsets = torch.tensor(_HUE_CHANNEL_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(sixths.unsqueeze(1) + offsets, 6.0)  # [N, 3, H, W]
-    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(chroma)
-    return torch.sub(value, k, out=x)
-
-
-def _change_rows_(x: torch.Tensor, chosen: torch.Tensor, change) -> torch.Tensor:
-    """In place: ``x[rows] <- change(x[rows], rows)`` for the rows where ``chosen [N]`` (bool, CPU) is set."""
-    rows = torch.nonzero(chosen).squeeze(1)
-    if rows.numel():
-        rows_dev = rows.to(x.device)
-        x[rows_dev] = change(x[rows_dev], rows)
-    return x
-
-
-def _colour_jitter_(
-    x: torch.Tensor,
-    apply: torch.Tensor,
-    factors: torch.Tensor,
-    order: torch.Tensor,
-    mean_start: int = 0,
-    dense: bool = False,
-) -> torch.Tensor:
-    """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
-
-    ``factors [N, 4]`` (brightness, contrast, saturation, hue) and ``order [N, 4]`` (a permutation of
-    0..3 per image) come from :func:`draw_colour_parameters`.  Per stage of the random order, the
-    images whose op there is brightness, contrast or saturation take one ``_blend_`` together, those
-    whose op is hue one hue shift.  ``mean_start``: see ``_blend_``.  ``dense``: the blend runs on every
-    image, with factor 1 (exactly the identity on [0, 1]) where an image takes no blend at that stage,
-    instead of copying the images that do out and back (cheaper for small images such as tokens).
-    """
-    hue = list(_JITTER).index("hue")
-    blend_factors = factors[:, :hue].to(x.dtype)  # [N, 3]: brightness, contrast, saturation
-    hue_shift = factors[:, hue].to(x.dtype)
-    gray_weight = torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype)
-    mean_weight = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
-    for stage in order.unbind(dim=1):
-        blend = apply & (stage != hue)
-        if dense and blend.any():
-            op = stage.clamp(max=hue - 1)
-            factor = torch.where(blend, blend_factors.gather(1, op[:, None]).squeeze(1), 1.0)
-            _blend_(
-                x,
-                factor.to(x.device),
-                torch.where(blend, gray_weight[op], 0.0).to(x.device),
-                torch.where(blend, mean_weight[op], 0.0).to(x.device),
-                mean_start,
-            )
-        elif not dense:
-            _change_rows_(
-                x,
-                blend,
-                lambda images, rows, stage=stage: _blend_(
-                    images,
-                    blend_factors[rows, stage[rows]].to(x.device),
-                    gray_weight[stage[rows]].to(x.device),
-                    mean_weight[stage[rows]].to(x.device),
-                    mean_start,
-                ),
-            )
-        _change_rows_(x, apply & (stage == hue), lambda images, rows: _shift_hue_(images, hue_shift[rows].to(x.device)))
-    return x
-
-
-def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """``[N, 2 * radius + 1]`` float64 normalised Gaussian taps, one row per ``sigma [N]``."""
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(torch.float64)[:, None]) ** 2)
-    return kernel / kernel.sum(dim=1, keepdim=True)
-
-
-def _gaussian_blur(
-    x: torch.Tensor, sigma: torch.Tensor, sigma_y: Optional[torch.Tensor] = None, radius: int = _BLUR_RADIUS
-) -> torch.Tensor:
-    """Separable Gaussian blur, one sigma per image (``sigma [N]``; ``sigma_y [N]`` along H if it differs),
-    ``radius`` taps each side, reflect padding."""
-    n, c, h, w = x.shape
-    kernel_x = _gaussian_kernels(sigma, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)
-    kernel_y = (
-        kernel_x
-        if sigma_y is None
-        else (_gaussian_kernels(sigma_y, radius).to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0))
-    )
-    flat = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
-    flat = F.conv2d(flat, kernel_x[:, None, None, :], groups=n * c)
-    flat = F.conv2d(flat, kernel_y[:, None, :, None], groups=n * c)
-    return flat.view(n, c, h, w)
-
-
 class ColourParameters(NamedTuple):
     """The random draws of DINO's colour augmentation for N images (CPU tensors).
 
@@ -336,6 +205,14 @@ def jitter_and_gray_(
     return _change_rows_(x, params.gray, lambda images, rows: _grayscale(images).expand_as(images))
 
 
+def _gaussian_blur(
+    x: torch.Tensor, sigma: torch.Tensor, sigma_y: Optional[torch.Tensor] = None, radius: int = _BLUR_RADIUS
+) -> torch.Tensor:
+    """The reference blur (``lafs_kernels.ops.gaussian_blur``'s torch backend: depthwise conv2d, as
+    torchvision's): the original path's, one sigma per image (``sigma_y`` along H if it differs)."""
+    return gaussian_blur(x, sigma, sigma_y, radius, backend="torch")
+
+
 def blur_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
     """In place: Gaussian blur of the images ``params.blur`` selects, each with its sigma."""
     return _change_rows_(x, params.blur, lambda images, rows: _gaussian_blur(images, params.sigma[rows]))
@@ -343,7 +220,7 @@ def blur_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
 
 def solarize_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:
     """In place: solarisation (values >= 0.5 inverted) of the images ``params.solarize`` selects."""
-    return _change_rows_(x, params.solarize, lambda images, rows: torch.where(images >= 0.5, 1.0 - images, images))
+    return _solarize_images_(x, params.solarize)
 
 
 def apply_colour_(x: torch.Tensor, params: ColourParameters) -> torch.Tensor:

@@ -14,8 +14,9 @@ pixels).  The two that are not:
   that, so here blur is skipped.
 
 The random draws are :func:`lafs.ssl.augment.draw_colour_parameters`, the same as the crop
-path's, and the per-pixel functions are ``lafs.ssl.augment``'s: tokens are laid out as an
-``[N, 3, T, 1]`` image of their pixels for them.
+path's; ``lafs_kernels.ops.dino_colour.dino_colour_tokens`` applies them: its reference lays the
+tokens out as an ``[N, 3, T, 1]`` image of their pixels for the crop path's functions, its C++
+kernel takes each pixel through the whole chain in one pass.
 """
 
 from __future__ import annotations
@@ -24,29 +25,38 @@ from typing import Optional
 
 import torch
 
-from .augment import ColourParameters, jitter_and_gray_, solarize_
+from lafs_kernels.ops.dino_colour import dino_colour_tokens
+
+from .augment import ColourParameters
 
 
 def colour_tokens(
-    tokens: torch.Tensor, params: ColourParameters, view_samples: Optional[torch.Tensor] = None
+    tokens: torch.Tensor,
+    params: ColourParameters,
+    view_samples: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Colour-augmented copy of ``tokens [N, K, P*P*3]`` in [-1, 1] (pixel-major, channel last).
 
     ``params``: the N views' draws (blur is left out: see the module docstring).
     ``view_samples [N, M, F]`` in [-1, 1]: samples of each whole view for the contrast's mean
-    (None: the mean over the tokens themselves).  Returns ``[N, K, P*P*3]`` in [-1, 1].
+    (None: the mean over the tokens themselves).  ``backend``: of ``dino_colour_tokens`` ("torch":
+    the reference; None: the C++ kernel where it can run).  Returns ``[N, K, P*P*3]`` in [-1, 1].
     """
     n, k, features = tokens.shape
     if features % 3:
         raise ValueError(f"colour_tokens needs RGB tokens [N, K, P*P*3], got {tuple(tokens.shape)}")
     if params.jitter.shape != (n,):
         raise ValueError(f"colour parameters are for {params.jitter.shape[0]} views, the tokens for {n}")
-    pixels = tokens.reshape(n, -1, 3)
-    token_pixels = pixels.shape[1]
-    if view_samples is not None:
-        pixels = torch.cat((pixels, view_samples.reshape(n, -1, 3)), dim=1)
-    # [N, 3, T, 1] in [0, 1], channels first as the crop functions expect
-    x = pixels.transpose(1, 2).mul(0.5).add_(0.5).contiguous().unsqueeze(-1)
-    jitter_and_gray_(x, params, mean_start=token_pixels if view_samples is not None else 0, dense=True)
-    out = solarize_(x[:, :, :token_pixels], params)[..., 0].mul_(2.0).sub_(1.0)
-    return out.transpose(1, 2).reshape(n, k, features)
+    samples = None if view_samples is None else view_samples.reshape(n, -1, 3)
+    out = dino_colour_tokens(
+        tokens.reshape(n, -1, 3),
+        samples,
+        params.factors,
+        params.order,
+        params.jitter,
+        params.gray,
+        params.solarize,
+        backend=backend,
+    )
+    return out.view(n, k, features)

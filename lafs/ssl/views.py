@@ -54,10 +54,10 @@ from torch.profiler import record_function
 
 from lafs_kernels import landmark_patch_gather
 from lafs_kernels.baselines.gather import gather_patches_loop
+from lafs_kernels.ops.gaussian_blur import gaussian_blur
 from lafs_kernels.ops.landmark_patch_gather import crop_affine, draw_index, select_centres
 
 from .augment import (
-    _gaussian_blur,
     blur_,
     draw_colour_parameters,
     jitter_and_gray_,
@@ -295,7 +295,7 @@ class MultiViewBuilder(nn.Module):
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
         radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)
-        sources = _gaussian_blur(images[rows.to(images.device) % images.shape[0]], sigma_x, sigma_y, radius=radius)
+        sources = gaussian_blur(images[rows.to(images.device) % images.shape[0]], sigma_x, sigma_y, radius=radius)
         rows_dev = rows.to(images.device)
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)

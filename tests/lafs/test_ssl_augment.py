@@ -9,16 +9,16 @@ import torch.nn.functional as F
 
 from lafs.ssl.augment import (
     _JITTER,
-    _blend_,
-    _colour_jitter_,
     _gaussian_blur,
-    _shift_hue_,
     _uniform,
     colour_augment,
     draw_colour_parameters,
     random_crop_boxes,
     random_resized_crops,
 )
+from lafs_kernels.ops.dino_colour import blend_ as _blend_
+from lafs_kernels.ops.dino_colour import colour_jitter_ as _colour_jitter_
+from lafs_kernels.ops.dino_colour import shift_hue_ as _shift_hue_
 
 from tolerances import assert_close
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lafs.data.synthetic import SyntheticFaces
@@ -18,6 +19,8 @@ from lafs.ssl.token_colour import colour_tokens
 from tolerances import assert_close
 
 P = 4
+# "torch": the reference of lafs_kernels' dino_colour_tokens; None: what the builder picks (the C++ kernel on CPU)
+COLOUR_BACKENDS = pytest.mark.parametrize("backend", ["torch", None], ids=["torch", "default"])
 
 
 def crop_pixels_as_tokens(crops: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,8 @@ def params_without_blur(n, generator, **kw):
     return params
 
 
-def test_tokens_get_exactly_the_crops_colours_when_the_mean_is_the_crops(rng):
+@COLOUR_BACKENDS
+def test_tokens_get_exactly_the_crops_colours_when_the_mean_is_the_crops(rng, backend):
     """Every step is per pixel once the contrast's mean is the crop's own: with all of the crop's pixels as the
     view samples, the tokens are the coloured crop's pixels (float rounding)."""
     n, s = 48, 16  # 48 views: some grayed (1 - 0.7^48), some solarised, with any salt
@@ -48,11 +52,12 @@ def test_tokens_get_exactly_the_crops_colours_when_the_mean_is_the_crops(rng):
     assert params.jitter.any() and params.gray.any() and params.solarize.any()
     expected = crop_pixels_as_tokens(apply_colour_(crops.clone(), params))
     tokens = crop_pixels_as_tokens(crops)
-    got = colour_tokens(tokens, params, view_samples=tokens)
+    got = colour_tokens(tokens, params, view_samples=tokens, backend=backend)
     assert_close(got, expected)
 
 
-def test_subset_of_tokens_with_the_whole_view_as_samples(rng):
+@COLOUR_BACKENDS
+def test_subset_of_tokens_with_the_whole_view_as_samples(rng, backend):
     """Only some patches of the view as tokens (a local view), the whole view as the samples: still exact."""
     n, s = 12, 16
     crops = torch.rand(n, 3, s, s, generator=rng)
@@ -60,16 +65,17 @@ def test_subset_of_tokens_with_the_whole_view_as_samples(rng):
     all_tokens = crop_pixels_as_tokens(crops)
     keep = torch.randint(0, all_tokens.shape[1], (5,), generator=rng)
     expected = crop_pixels_as_tokens(apply_colour_(crops.clone(), params))[:, keep]
-    assert_close(colour_tokens(all_tokens[:, keep], params, view_samples=all_tokens), expected)
+    assert_close(colour_tokens(all_tokens[:, keep], params, view_samples=all_tokens, backend=backend), expected)
 
 
-def test_per_pixel_steps_need_no_samples(rng):
+@COLOUR_BACKENDS
+def test_per_pixel_steps_need_no_samples(rng, backend):
     """Without jitter (brightness / saturation / hue / contrast) the chain is per pixel: no samples needed."""
     n, s = 16, 8
     crops = torch.rand(n, 3, s, s, generator=rng)
     params = params_without_blur(n, rng, jitter_p=0.0, grayscale_p=0.5)
     expected = crop_pixels_as_tokens(apply_colour_(crops.clone(), params))
-    assert_close(colour_tokens(crop_pixels_as_tokens(crops), params), expected)
+    assert_close(colour_tokens(crop_pixels_as_tokens(crops), params, backend=backend), expected)
 
 
 def test_contrast_mean_from_a_16x16_grid_of_samples():

@@ -1,0 +1,67 @@
+"""Separable Gaussian blur with one sigma per image (DINO's blur in LAFS pretraining's views).
+
+Shapes:
+  images   [N, C, H, W]  float, any strides
+  sigma    [N]           blur sigma along W in pixels (float64); ``sigma_y`` [N] along H (None: the same)
+  returns  [N, C, H, W]  the images' dtype
+
+Taps ``-radius..radius`` of ``exp(-t^2 / (2 sigma^2))``, normalised in float64, then cast to the
+images' dtype; reflect padding (the edge pixel is not repeated; ``radius`` must be smaller than H and
+W); the blur runs along W, then along H.  Backends: ``torch`` (two depthwise ``conv2d`` calls on the
+padded image, as torchvision's tensor ``gaussian_blur``) and ``cpu`` (the C++ kernel,
+``csrc/cpu/gaussian_blur.cpp``: float32 / float64 on CPU tensors).  ``LAFS_KERNELS_BACKEND`` does not
+apply here; ``backend=`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._dispatch import Call, reference_and_cpu_kernel, register
+
+BACKENDS = register(reference_and_cpu_kernel("gaussian_blur"))
+
+
+def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """``[N, 2 * radius + 1]`` float64 normalised Gaussian taps, one row per ``sigma [N]``."""
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(torch.float64).cpu()[:, None]) ** 2)
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def _blur_torch(images: Tensor, kernel_x: Tensor, kernel_y: Tensor, radius: int) -> Tensor:
+    n, c, h, w = images.shape
+    kernel_x, kernel_y = kernel_x.repeat_interleave(c, dim=0), kernel_y.repeat_interleave(c, dim=0)
+    flat = F.pad(images.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel_x[:, None, None, :], groups=n * c)
+    flat = F.conv2d(flat, kernel_y[:, None, :, None], groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def gaussian_blur(
+    images: Tensor, sigma: Tensor, sigma_y: Optional[Tensor] = None, radius: int = 6, backend: Optional[str] = None
+) -> Tensor:
+    """Blur ``images [N, C, H, W]``, image n with ``sigma[n]`` along W and ``sigma_y[n]`` along H (see the module
+    docstring); ``backend``: "torch" or "cpu" (None: the best that can run)."""
+    if images.dim() != 4:
+        raise ValueError(f"gaussian_blur needs images [N, C, H, W], got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    for name, s in (("sigma", sigma), ("sigma_y", sigma if sigma_y is None else sigma_y)):
+        if s.shape != (n,):
+            raise ValueError(f"gaussian_blur: {name} must be [N] = [{n}], got {tuple(s.shape)}")
+        if not bool((s > 0).all()):
+            raise ValueError(f"gaussian_blur: {name} must be > 0, got min {float(s.min())}")
+    if not 0 <= radius < min(h, w):
+        raise ValueError(
+            f"gaussian_blur: radius must be in [0, min(H, W)) for reflect padding, got {radius} for {h}x{w}"
+        )
+    kernel_x = gaussian_kernels(sigma, radius).to(device=images.device, dtype=images.dtype)
+    kernel_y = kernel_x if sigma_y is None else gaussian_kernels(sigma_y, radius).to(kernel_x)
+    name = BACKENDS.select(Call(device=images.device, dtype=images.dtype), backend, env=False)
+    if name == "cpu":
+        return torch.ops.lafs_kernels._gaussian_blur(images.contiguous(), kernel_x, kernel_y)
+    return _blur_torch(images, kernel_x, kernel_y, radius)

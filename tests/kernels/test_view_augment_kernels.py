@@ -1,0 +1,177 @@
+"""The view-augmentation kernels of LAFS pretraining: the Gaussian blur (one sigma per image) and DINO's
+per-pixel colour chain on token pixels, each backend against a float64 statement of the same maths."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from lafs.ssl.augment import draw_colour_parameters
+from lafs_kernels import _extension
+from lafs_kernels.ops import dino_colour, gaussian_blur
+
+from tolerances import assert_close
+
+BACKENDS = ["torch", "cpu"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpu" and _extension.missing_reason("cpu"):
+        pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
+    return request.param
+
+
+# --------------------------------------------------------------------------- Gaussian blur
+
+
+def blur_float64(images: np.ndarray, sigma_x: np.ndarray, sigma_y: np.ndarray, radius: int) -> np.ndarray:
+    """Separable Gaussian blur written out: reflect padding, taps exp(-t^2 / 2 sigma^2) normalised."""
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    out = np.empty_like(images, dtype=np.float64)
+    for n in range(images.shape[0]):
+        kx = np.exp(-0.5 * (taps / sigma_x[n]) ** 2)
+        ky = np.exp(-0.5 * (taps / sigma_y[n]) ** 2)
+        kx, ky = kx / kx.sum(), ky / ky.sum()
+        padded = np.pad(images[n].astype(np.float64), ((0, 0), (radius, radius), (radius, radius)), mode="reflect")
+        along_w = sum(kx[i] * padded[:, :, i : i + images.shape[3]] for i in range(2 * radius + 1))
+        out[n] = sum(ky[i] * along_w[:, i : i + images.shape[2], :] for i in range(2 * radius + 1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("radius", [0, 1, 3, 6])
+def test_blur_against_the_written_out_blur(backend, dtype, radius, rng):
+    images = torch.rand(5, 3, 13, 17, generator=rng, dtype=torch.float64).to(dtype) * 2 - 1
+    sigma_x = 0.1 + 1.9 * torch.rand(5, generator=rng, dtype=torch.float64)
+    sigma_y = 0.1 + 1.9 * torch.rand(5, generator=rng, dtype=torch.float64)
+    got = gaussian_blur.gaussian_blur(images, sigma_x, sigma_y, radius, backend=backend)
+    expected = blur_float64(images.double().numpy(), sigma_x.numpy(), sigma_y.numpy(), radius)
+    assert got.dtype == dtype and got.shape == images.shape
+    assert_close(got, torch.from_numpy(expected), dtype=dtype)
+
+
+def test_blur_with_one_sigma_blurs_both_axes_alike(backend, rng):
+    images = torch.rand(3, 2, 9, 9, generator=rng)
+    sigma = 0.5 + torch.rand(3, generator=rng, dtype=torch.float64)
+    assert torch.equal(
+        gaussian_blur.gaussian_blur(images, sigma, None, 4, backend=backend),
+        gaussian_blur.gaussian_blur(images, sigma, sigma, 4, backend=backend),
+    )
+
+
+def test_blur_kernel_equals_the_reference_on_view_sized_images(rng):
+    """The backend the fused view path picks on the CPU against the one the original path uses."""
+    if _extension.missing_reason("cpu"):
+        pytest.skip("C++ kernels not built")
+    images = torch.rand(8, 3, 112, 112, generator=rng) * 2 - 1
+    sigma = 0.1 + 1.9 * torch.rand(8, generator=rng, dtype=torch.float64)
+    assert gaussian_blur.BACKENDS.select(gaussian_blur.Call(images.device, images.dtype), env=False) == "cpu"
+    assert_close(
+        gaussian_blur.gaussian_blur(images, sigma, 0.7 * sigma, 6),
+        gaussian_blur.gaussian_blur(images, sigma, 0.7 * sigma, 6, backend="torch"),
+    )
+
+
+def test_blur_rejects_what_it_cannot_blur(backend):
+    images = torch.rand(2, 3, 5, 8)
+    sigma = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="radius must be in"):
+        gaussian_blur.gaussian_blur(images, sigma, radius=5, backend=backend)
+    with pytest.raises(ValueError, match=r"sigma_y must be \[N\]"):
+        gaussian_blur.gaussian_blur(images, sigma, torch.ones(3, dtype=torch.float64), radius=2, backend=backend)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        gaussian_blur.gaussian_blur(images, torch.tensor([1.0, 0.0]), radius=2, backend=backend)
+    with pytest.raises(ValueError, match=r"images \[N, C, H, W\]"):
+        gaussian_blur.gaussian_blur(images[0], sigma, radius=2, backend=backend)
+
+
+def test_blur_of_bfloat16_falls_back_to_the_reference():
+    images = torch.rand(2, 3, 8, 8).bfloat16()
+    call = gaussian_blur.Call(images.device, images.dtype)
+    assert gaussian_blur.BACKENDS.select(call, env=False) == "torch"
+
+
+# --------------------------------------------------------------------------- colour chain
+
+
+def colour_params(n: int, generator: torch.Generator, jitter_p: float = 0.8):
+    return draw_colour_parameters(
+        n,
+        torch.full((n,), 0.5, dtype=torch.float64),
+        torch.full((n,), 0.5, dtype=torch.float64),
+        generator,
+        jitter_p=jitter_p,
+        grayscale_p=0.3,
+    )
+
+
+def run_colour(pixels, mean_pixels, params, backend):
+    return dino_colour.dino_colour_tokens(
+        pixels, mean_pixels, params.factors, params.order, params.jitter, params.gray, params.solarize, backend=backend
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_mean_pixels", [True, False])
+def test_colour_chain_against_the_float64_reference(backend, dtype, with_mean_pixels, rng):
+    n = 48
+    params = colour_params(n, rng)
+    pixels = torch.rand(n, 300, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    mean_pixels = torch.rand(n, 64, 3, generator=rng, dtype=torch.float64) * 2 - 1 if with_mean_pixels else None
+    expected = run_colour(pixels, mean_pixels, params, "torch")
+    got = run_colour(pixels.to(dtype), None if mean_pixels is None else mean_pixels.to(dtype), params, backend)
+    assert got.dtype == dtype and got.shape == pixels.shape
+    assert_close(got, expected, dtype=dtype)
+
+
+def test_colour_chain_in_every_op_order(backend, rng):
+    """Each of the 24 orders of brightness, contrast, saturation and hue, with the contrast's mean taken
+    after the ops before it: against the reference in float64."""
+    orders = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.int64)
+    n = orders.shape[0]
+    params = colour_params(n, rng, jitter_p=1.0)._replace(
+        order=orders, gray=torch.zeros(n, dtype=torch.bool), solarize=torch.zeros(n, dtype=torch.bool)
+    )
+    pixels = torch.rand(n, 200, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    mean_pixels = torch.rand(n, 50, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    got = run_colour(pixels, mean_pixels, params, backend)
+    assert_close(got, run_colour(pixels, mean_pixels, params, "torch"))
+    # the order matters: the same factors in the reverse order give other pixels
+    reverse = run_colour(pixels, mean_pixels, params._replace(order=orders.flip(1)), backend)
+    assert (got - reverse).abs().amax(dim=(1, 2)).min() > 1e-3
+
+
+def test_colour_chain_without_any_change_is_the_identity(backend, rng):
+    n = 6
+    params = colour_params(n, rng)
+    off = torch.zeros(n, dtype=torch.bool)
+    params = params._replace(jitter=off, gray=off, solarize=off)
+    pixels = torch.rand(n, 40, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    assert_close(run_colour(pixels, None, params, backend), pixels)
+
+
+def test_colour_chain_rejects_bad_arguments(backend, rng):
+    n = 4
+    params = colour_params(n, rng)
+    pixels = torch.rand(n, 10, 3, generator=rng)
+    with pytest.raises(ValueError, match=r"pixels \[N, T, 3\]"):
+        run_colour(pixels[..., :2], None, params, backend)
+    with pytest.raises(ValueError, match="mean_pixels must be"):
+        run_colour(pixels, torch.rand(n - 1, 5, 3), params, backend)
+    with pytest.raises(ValueError, match="factors and order"):
+        run_colour(pixels, None, params._replace(order=params.order[:, :3]), backend)
+    with pytest.raises(ValueError, match="gray must be bool"):
+        run_colour(pixels, None, params._replace(gray=params.gray.float()), backend)
+
+
+def test_colour_kernel_rejects_op_ids_outside_the_chain(rng):
+    if _extension.missing_reason("cpu"):
+        pytest.skip("C++ kernels not built")
+    n = 3
+    params = colour_params(n, rng, jitter_p=1.0)
+    bad = params.order.clone()
+    bad[1, 2] = 4
+    with pytest.raises(RuntimeError, match="op ids 0..3, got 4 for view 1"):
+        run_colour(torch.rand(n, 10, 3), None, params._replace(order=bad), "cpu")
