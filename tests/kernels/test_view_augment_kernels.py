@@ -128,19 +128,24 @@ def test_colour_chain_against_the_float64_reference(backend, dtype, with_mean_pi
 
 def test_colour_chain_in_every_op_order(backend, rng):
     """Each of the 24 orders of brightness, contrast, saturation and hue, with the contrast's mean taken
-    after the ops before it: against the reference in float64."""
+    after the ops before it: against the reference in float64.  With these factors most orders give other
+    pixels than the identity order (contrast and saturation commute, and so do brightness and hue up to
+    clamping), so a kernel that ignored the order would fail."""
     orders = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.int64)
     n = orders.shape[0]
     params = colour_params(n, rng, jitter_p=1.0)._replace(
-        order=orders, gray=torch.zeros(n, dtype=torch.bool), solarize=torch.zeros(n, dtype=torch.bool)
+        order=orders,
+        factors=torch.tensor([[1.3, 0.7, 1.2, 0.08]], dtype=torch.float64).expand(n, 4),
+        gray=torch.zeros(n, dtype=torch.bool),
+        solarize=torch.zeros(n, dtype=torch.bool),
     )
     pixels = torch.rand(n, 200, 3, generator=rng, dtype=torch.float64) * 2 - 1
     mean_pixels = torch.rand(n, 50, 3, generator=rng, dtype=torch.float64) * 2 - 1
-    got = run_colour(pixels, mean_pixels, params, backend)
-    assert_close(got, run_colour(pixels, mean_pixels, params, "torch"))
-    # the order matters: the same factors in the reverse order give other pixels
-    reverse = run_colour(pixels, mean_pixels, params._replace(order=orders.flip(1)), backend)
-    assert (got - reverse).abs().amax(dim=(1, 2)).min() > 1e-3
+    expected = run_colour(pixels, mean_pixels, params, "torch")
+    assert_close(run_colour(pixels, mean_pixels, params, backend), expected)
+    in_identity_order = run_colour(pixels, mean_pixels, params._replace(order=orders[:1].expand(n, 4)), "torch")
+    differs = (expected - in_identity_order).abs().amax(dim=(1, 2)) > 1e-2
+    assert int(differs.sum()) >= 16, f"only {int(differs.sum())} of 24 orders change the pixels"
 
 
 def test_colour_chain_without_any_change_is_the_identity(backend, rng):
