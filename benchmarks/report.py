@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import re
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -103,6 +104,7 @@ class Case:
     role: Optional[str]
     machine: dict
     run_path: str = ""
+    profiles: list = field(default_factory=list)  # per run: {path: {part: seconds}} (pretraining cases)
 
     @property
     def key(self) -> tuple:
@@ -206,6 +208,7 @@ def load_run(path: str) -> Run:
                 role=info.get("role"),
                 machine=info.get("machine", {}),
                 run_path=path,
+                profiles=[info["profile"]] if info.get("profile") else [],
             )
         )
     return run
@@ -253,6 +256,7 @@ def pool_runs(runs: list[Run]) -> Run:
             pooled = merged[key]
             for impl in pooled.impls:
                 impl.times_s = impl.times_s + case.impl(impl.name).times_s
+            pooled.profiles = pooled.profiles + case.profiles
             if (case.machine.get("other_cpu_cores") or 0) > (pooled.machine.get("other_cpu_cores") or 0):
                 pooled.machine = case.machine
     newest = runs[-1]
@@ -661,6 +665,50 @@ def run_to_run_section(run: Run) -> list[str]:
     return lines + [""]
 
 
+def median_profile(case: Case) -> dict:
+    """{path: {part: seconds}}: per part the median over the runs' profiles (each run's from 3 calls)."""
+    paths = case.profiles[0]
+    return {
+        path: {part: statistics.median(p[path][part] for p in case.profiles) for part in parts}
+        for path, parts in paths.items()
+    }
+
+
+def profile_section(run: Run) -> list[str]:
+    """Tables of where each path's time goes, for the cases that record a profile (LAFS pretraining)."""
+    cases = [c for c in run.cases if c.profiles]
+    if not cases:
+        return []
+    lines = [
+        "### Where the time goes, by part",
+        "",
+        "Per call, each path's parts: the builder's `torch.profiler` ranges (`other`: random draws and "
+        "bookkeeping), the step's phases run one after another as the trainer runs them; the median over the "
+        f"runs of each part (3 calls per run, {len(cases[0].profiles)} run(s)). The original path is the "
+        "before, ours the after.",
+        "",
+    ]
+    for case in cases:
+        profile = median_profile(case)
+        paths = list(profile)
+        parts = [p for p in profile[paths[0]] if p != "total"] + ["total"]
+        lines += [
+            f"{case.title}, {case.mode}, {shape_text(case.shape)}:",
+            "",
+            "| part | " + " | ".join(paths) + " |",
+            "|---|" + "---|" * len(paths),
+        ]
+        for part in parts:
+            cells = []
+            for path in paths:
+                seconds, total = profile[path][part], profile[path]["total"]
+                share = "" if part == "total" else f" ({seconds / total:.0%})" if total else ""
+                cells.append(f"{fmt_time(seconds)}{share}")
+            lines.append(f"| {part} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def reproduction_text(first: Run, rerun: Run) -> str:
     rows = reproduction(first, rerun)
     names = ", ".join(os.path.basename(r.path) for r in (first.pooled_from or [first]))
@@ -777,6 +825,7 @@ def render(runs: list[Run], charts: list[str], out_path: str, settings: dict, ig
             lines += [f"Run of {', '.join(ops)}:", "", *env_header(run, limit), ""]
             for op in ops:
                 lines += op_table(run, op, limit)
+            lines += profile_section(run)
             lines += run_to_run_section(run)
     lines += targets_section(runs, settings)
     if charts:

@@ -323,3 +323,28 @@ def test_run_to_run_leaves_each_run_out_against_the_others_pooled(tmp_path):
     assert "for 1 of 2 speed-ups in this table every run's median lies inside" in sentence
     # two runs: nothing to leave out
     assert report.run_to_run(report.pool_runs([report.load_run(p) for p in paths[:2]])) == []
+
+
+def test_profile_section_shows_each_parts_median_over_the_pooled_runs(tmp_path):
+    paths = []
+    for second, colour in ((1, 0.010), (2, 0.030), (3, 0.020)):
+        path = _run_with_original_times(tmp_path, second, [0.6] * 5)
+        data = json.loads(Path(path).read_text())
+        data["benchmarks"][0]["extra_info"]["profile"] = {
+            "fused": {"colour": colour, "blur": 0.005, "total": colour + 0.005},
+            "original": {"colour": 0.050, "blur": 0.010, "total": 0.060},
+        }
+        Path(path).write_text(json.dumps(data))
+        paths.append(path)
+    pooled = report.pool_runs([report.load_run(p) for p in paths])
+    [case] = pooled.cases
+    assert report.median_profile(case)["fused"] == pytest.approx({"colour": 0.020, "blur": 0.005, "total": 0.025})
+    text = "\n".join(report.profile_section(pooled))
+    assert "| part | fused | original |" in text
+    assert "| colour | 20 ms (80%) | 50 ms (83%) |" in text
+    assert "| total | 25 ms | 60 ms |" in text
+    # a run without profiles adds no section
+    assert (
+        report.profile_section(report.load_run(_result_file(tmp_path / "cpu_20261206T000009Z.json", other_cpu=0.05)))
+        == []
+    )
