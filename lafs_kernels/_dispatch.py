@@ -164,15 +164,20 @@ class OpBackends:
         return {name: self.why_not(name, call) for name in self.names}
 
 
-def reference_and_cpu_kernel(op: str, cpu_dtypes: tuple = (torch.float32, torch.float64)) -> OpBackends:
-    """Backends of an op with a PyTorch reference (``torch``, any device) and a C++ kernel (``cpu``) only."""
+def reference_and_kernels(op: str, triton: bool = False) -> OpBackends:
+    """Backends of an op with a PyTorch reference (``torch``, any device), a C++ kernel (``cpu``: float32 /
+    float64) and, with ``triton``, a Triton kernel (``triton``: float32 / bfloat16 / float16), preferred on CUDA."""
+    backends = [
+        Backend("torch", frozenset({"cpu", "cuda"})),
+        Backend("cpu", frozenset({"cpu"}), dtypes=(torch.float32, torch.float64), checks=(requires_extension("cpu"),)),
+    ]
+    if triton:
+        triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        backends.append(Backend("triton", frozenset({"cpu", "cuda"}), dtypes=triton_dtypes, checks=(requires_triton,)))
     return OpBackends(
         op=op,
-        backends=(
-            Backend("torch", frozenset({"cpu", "cuda"})),
-            Backend("cpu", frozenset({"cpu"}), dtypes=cpu_dtypes, checks=(requires_extension("cpu"),)),
-        ),
-        preference={"cpu": ["cpu", "torch"], "cuda": ["torch"]},
+        backends=tuple(backends),
+        preference={"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"] if triton else ["torch"]},
     )
 
 

@@ -5,10 +5,11 @@ Reference (``torch``), on images ``x [N, 3, H, W]`` in [0, 1], each step in plac
 images it changes: :func:`colour_jitter_` (brightness, contrast and saturation blends, hue rotation, in
 each image's own order), :func:`grayscale`, solarisation.  :func:`dino_colour_tokens` runs the chain on
 token pixels ``[N, T, 3]`` in [-1, 1]; its ``cpu`` backend is the C++ kernel
-``csrc/cpu/dino_colour.cpp`` (float32 / float64 on CPU tensors), which takes every pixel through the
-whole chain in one pass.  The contrast blends with the mean gray of ``mean_pixels`` (samples standing for
-the whole view) after the ops before it, or of the pixels themselves.  ``LAFS_KERNELS_BACKEND`` does not
-apply here; ``backend=`` does.
+``csrc/cpu/dino_colour.cpp`` (float32 / float64 on CPU tensors), its ``triton`` backend (preferred on
+CUDA; float32 / bfloat16 / float16, computing in float32) ``lafs_kernels/triton/dino_colour.py``: each
+takes every pixel through the whole chain in one pass, one launch per call.  The contrast blends with
+the mean gray of ``mean_pixels`` (samples standing for the whole view) after the ops before it, or of
+the pixels themselves.  ``LAFS_KERNELS_BACKEND`` does not apply here; ``backend=`` does.
 
 Per-image parameters (``factors [N, 4]``: brightness, contrast, saturation factors and the hue shift in
 turns; ``order [N, 4]`` a permutation of the op ids 0..3 in ``JITTER_OPS``' order; ``jitter``, ``gray``,
@@ -22,12 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._dispatch import Call, reference_and_cpu_kernel, register
+from .._dispatch import Call, reference_and_kernels, register
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _LUMA = (0.299, 0.587, 0.114)
 
-BACKENDS = register(reference_and_cpu_kernel("dino_colour_tokens"))
+BACKENDS = register(reference_and_kernels("dino_colour_tokens", triton=True))
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -193,6 +194,11 @@ def dino_colour_tokens(
             raise ValueError(f"dino_colour_tokens: {name} must be bool [N={n}], got {tuple(flag.shape)} {flag.dtype}")
     jitter, gray, solarize, order = jitter.cpu(), gray.cpu(), solarize.cpu(), order.cpu()
     name = BACKENDS.select(Call(device=pixels.device, dtype=pixels.dtype), backend, env=False)
+    if name == "triton":
+        from ..triton.dino_colour import dino_colour
+
+        mean_pixels = None if mean_pixels is None else mean_pixels.to(pixels.dtype).contiguous()
+        return dino_colour(pixels.contiguous(), mean_pixels, factors, order, jitter, gray, solarize)
     if name == "cpu":
         if mean_pixels is not None:
             mean_pixels = mean_pixels.to(pixels.dtype).contiguous()

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import Call, reference_and_cpu_kernel, register
+from .._dispatch import Call, reference_and_kernels, register
 
-BACKENDS = register(reference_and_cpu_kernel("gaussian_blur"))
+BACKENDS = register(reference_and_kernels("gaussian_blur"))
 
 
 def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:

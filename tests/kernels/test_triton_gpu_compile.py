@@ -2,7 +2,8 @@
 specialise it, and fits the chip.
 
 The interpreter the other kernel tests use accepts code the compiler rejects: a plain-float global read
-inside the margin kernels (``EPS``) passed every interpreted test and failed to compile; this test found it.
+inside the margin kernels (``EPS``) passed every interpreted test and failed to compile; this test found it
+(and the same mistake again in the colour kernel's float32 tiny).
 Runs ``triton_gpu_compile.py`` in a subprocess without TRITON_INTERPRET.
 """
 
@@ -31,6 +32,7 @@ EXPECTED = (
         for a in ("", "_affine")
     }
     | {f"margin_{d}_{t}_T{n}" for d in ("forward", "backward") for t in ("fp32", "bf16", "fp16") for n in (1, 2)}
+    | {f"dino_colour_{t}{m}" for t in ("fp32", "bf16", "fp16") for m in ("", "_own_mean")}
 )
 
 

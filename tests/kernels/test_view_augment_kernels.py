@@ -8,19 +8,30 @@ import pytest
 import torch
 
 from lafs.ssl.augment import draw_colour_parameters
-from lafs_kernels import _extension
+from lafs_kernels import _dispatch, _extension
 from lafs_kernels.ops import dino_colour, gaussian_blur
 
 from tolerances import assert_close
 
-BACKENDS = ["torch", "cpu"]
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpu" and _extension.missing_reason("cpu"):
+def _skip_unless_available(name: str) -> str:
+    if name == "cpu" and _extension.missing_reason("cpu"):
         pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
-    return request.param
+    if name == "triton" and _dispatch.triton_missing_reason():
+        pytest.skip(_dispatch.triton_missing_reason())
+    return name
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def backend(request):
+    """The blur's backends."""
+    return _skip_unless_available(request.param)
+
+
+@pytest.fixture(params=["torch", "cpu", "triton"])
+def colour_backend(request):
+    """The colour chain's backends (Triton through the interpreter on CPU tensors)."""
+    return _skip_unless_available(request.param)
 
 
 # --------------------------------------------------------------------------- Gaussian blur
@@ -107,6 +118,11 @@ def colour_params(n: int, generator: torch.Generator, jitter_p: float = 0.8):
     )
 
 
+def working_dtype(backend: str) -> torch.dtype:
+    """float64 where the backend takes it (the tightest check), else float32 (Triton)."""
+    return torch.float32 if backend == "triton" else torch.float64
+
+
 def run_colour(pixels, mean_pixels, params, backend):
     return dino_colour.dino_colour_tokens(
         pixels, mean_pixels, params.factors, params.order, params.jitter, params.gray, params.solarize, backend=backend
@@ -115,18 +131,20 @@ def run_colour(pixels, mean_pixels, params, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_mean_pixels", [True, False])
-def test_colour_chain_against_the_float64_reference(backend, dtype, with_mean_pixels, rng):
+def test_colour_chain_against_the_float64_reference(colour_backend, dtype, with_mean_pixels, rng):
+    if colour_backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton computes in float32 and takes no float64 input")
     n = 48
     params = colour_params(n, rng)
     pixels = torch.rand(n, 300, 3, generator=rng, dtype=torch.float64) * 2 - 1
     mean_pixels = torch.rand(n, 64, 3, generator=rng, dtype=torch.float64) * 2 - 1 if with_mean_pixels else None
     expected = run_colour(pixels, mean_pixels, params, "torch")
-    got = run_colour(pixels.to(dtype), None if mean_pixels is None else mean_pixels.to(dtype), params, backend)
+    got = run_colour(pixels.to(dtype), None if mean_pixels is None else mean_pixels.to(dtype), params, colour_backend)
     assert got.dtype == dtype and got.shape == pixels.shape
     assert_close(got, expected, dtype=dtype)
 
 
-def test_colour_chain_in_every_op_order(backend, rng):
+def test_colour_chain_in_every_op_order(colour_backend, rng):
     """Each of the 24 orders of brightness, contrast, saturation and hue, with the contrast's mean taken
     after the ops before it: against the reference in float64.  With these factors most orders give other
     pixels than the identity order (contrast and saturation commute, and so do brightness and hue up to
@@ -142,33 +160,49 @@ def test_colour_chain_in_every_op_order(backend, rng):
     pixels = torch.rand(n, 200, 3, generator=rng, dtype=torch.float64) * 2 - 1
     mean_pixels = torch.rand(n, 50, 3, generator=rng, dtype=torch.float64) * 2 - 1
     expected = run_colour(pixels, mean_pixels, params, "torch")
-    assert_close(run_colour(pixels, mean_pixels, params, backend), expected)
+    dtype = working_dtype(colour_backend)
+    assert_close(run_colour(pixels.to(dtype), mean_pixels.to(dtype), params, colour_backend), expected)
     in_identity_order = run_colour(pixels, mean_pixels, params._replace(order=orders[:1].expand(n, 4)), "torch")
     differs = (expected - in_identity_order).abs().amax(dim=(1, 2)) > 1e-2
     assert int(differs.sum()) >= 16, f"only {int(differs.sum())} of 24 orders change the pixels"
 
 
-def test_colour_chain_without_any_change_is_the_identity(backend, rng):
+def test_colour_chain_without_any_change_is_the_identity(colour_backend, rng):
     n = 6
     params = colour_params(n, rng)
     off = torch.zeros(n, dtype=torch.bool)
     params = params._replace(jitter=off, gray=off, solarize=off)
     pixels = torch.rand(n, 40, 3, generator=rng, dtype=torch.float64) * 2 - 1
-    assert_close(run_colour(pixels, None, params, backend), pixels)
+    dtype = working_dtype(colour_backend)
+    assert_close(run_colour(pixels.to(dtype), None, params, colour_backend), pixels)
 
 
-def test_colour_chain_rejects_bad_arguments(backend, rng):
+def test_colour_chain_rejects_bad_arguments(colour_backend, rng):
     n = 4
     params = colour_params(n, rng)
     pixels = torch.rand(n, 10, 3, generator=rng)
     with pytest.raises(ValueError, match=r"pixels \[N, T, 3\]"):
-        run_colour(pixels[..., :2], None, params, backend)
+        run_colour(pixels[..., :2], None, params, colour_backend)
     with pytest.raises(ValueError, match="mean_pixels must be"):
-        run_colour(pixels, torch.rand(n - 1, 5, 3), params, backend)
+        run_colour(pixels, torch.rand(n - 1, 5, 3), params, colour_backend)
     with pytest.raises(ValueError, match="factors and order"):
-        run_colour(pixels, None, params._replace(order=params.order[:, :3]), backend)
+        run_colour(pixels, None, params._replace(order=params.order[:, :3]), colour_backend)
     with pytest.raises(ValueError, match="gray must be bool"):
-        run_colour(pixels, None, params._replace(gray=params.gray.float()), backend)
+        run_colour(pixels, None, params._replace(gray=params.gray.float()), colour_backend)
+
+
+def test_triton_colour_chain_in_bfloat16(rng):
+    """bfloat16 storage, float32 arithmetic: against the float64 reference on the same (rounded) inputs, within
+    bfloat16's rounding of the result."""
+    if _dispatch.triton_missing_reason():
+        pytest.skip(_dispatch.triton_missing_reason())
+    n = 32
+    params = colour_params(n, rng)
+    pixels = (torch.rand(n, 200, 3, generator=rng) * 2 - 1).bfloat16()
+    mean_pixels = (torch.rand(n, 64, 3, generator=rng) * 2 - 1).bfloat16()
+    got = run_colour(pixels, mean_pixels, params, "triton")
+    assert got.dtype == torch.bfloat16
+    assert_close(got, run_colour(pixels.double(), mean_pixels.double(), params, "torch"))
 
 
 def test_colour_kernel_rejects_op_ids_outside_the_chain(rng):

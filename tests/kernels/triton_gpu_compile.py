@@ -33,6 +33,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from lafs_kernels.triton import dino_colour as colour  # noqa: E402
 from lafs_kernels.triton import landmark_patch_gather as gather  # noqa: E402
 from lafs_kernels.triton import margin_softmax as margin  # noqa: E402
 
@@ -142,6 +143,25 @@ def margin_variants():
             yield f"margin_backward_{t}_T{labels}", margin._backward_kernel, backward, const, {"num_warps": num_warps}
 
 
+def colour_variants():
+    """DINO's colour chain on token pixels, with the view samples for the contrast's mean and without."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = TRITON_TYPE[dtype]
+        for own_mean in (False, True):
+            types = dict(
+                pixels_ptr=f"*{t}",
+                mean_pixels_ptr=f"*{t}",
+                out_ptr=f"*{t}",
+                factors_ptr="*fp32",
+                order_ptr="*i32",
+                flags_ptr="*i8",
+                T="i32",
+                M="i32",
+            )
+            const = {"OWN_MEAN": own_mean, "BLOCK": colour.BLOCK}
+            yield f"dino_colour_{t}{'_own_mean' if own_mean else ''}", colour._colour_kernel, types, const, {}
+
+
 def _cuobjdump() -> str | None:
     """Triton's bundled cuobjdump, else the CUDA toolkit's."""
     import triton.backends.nvidia as nvidia_backend
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="compile only variants whose name contains this")
     args = parser.parse_args(argv)
     failed = 0
-    for variant in (*gather_variants(), *margin_variants()):
+    for variant in (*gather_variants(), *margin_variants(), *colour_variants()):
         if args.only not in variant[0]:
             continue
         result = compile_variant(*variant, arch=args.arch)
