@@ -175,7 +175,8 @@ def dino_colour_tokens(
     new ``[N, T, 3]`` in [-1, 1].
 
     ``mean_pixels [N, M, 3]``: pixels whose mean gray the contrast uses (None: ``pixels``); the other
-    arguments: see the module docstring.  ``backend``: "torch" or "cpu" (None: the best that can run).
+    arguments: see the module docstring.  ``backend``: "torch", "cpu" or "triton" (None: the best that can
+    run).
     """
     n = pixels.shape[0]
     if pixels.dim() != 3 or pixels.shape[2] != 3 or not pixels.is_floating_point():
@@ -184,6 +185,8 @@ def dino_colour_tokens(
         )
     if mean_pixels is not None and (mean_pixels.dim() != 3 or mean_pixels.shape[::2] != (n, 3)):
         raise ValueError(f"dino_colour_tokens: mean_pixels must be [N={n}, M, 3], got {tuple(mean_pixels.shape)}")
+    if mean_pixels is not None and mean_pixels.device != pixels.device:
+        raise ValueError(f"dino_colour_tokens: mean_pixels are on {mean_pixels.device}, the pixels on {pixels.device}")
     if factors.shape != (n, 4) or order.shape != (n, 4):
         raise ValueError(
             f"dino_colour_tokens: factors and order must be [N={n}, 4], got {tuple(factors.shape)}, "
@@ -193,6 +196,13 @@ def dino_colour_tokens(
         if flag.shape != (n,) or flag.dtype != torch.bool:
             raise ValueError(f"dino_colour_tokens: {name} must be bool [N={n}], got {tuple(flag.shape)} {flag.dtype}")
     jitter, gray, solarize, order = jitter.cpu(), gray.cpu(), solarize.cpu(), order.cpu()
+    outside = torch.nonzero((order < 0) | (order >= len(JITTER_OPS)))
+    if outside.numel():
+        view, stage = outside[0].tolist()
+        raise ValueError(
+            f"dino_colour_tokens: order must hold the op ids 0..3 {JITTER_OPS}, got {int(order[view, stage])} "
+            f"for view {view}"
+        )
     name = BACKENDS.select(Call(device=pixels.device, dtype=pixels.dtype), backend, env=False)
     if name == "triton":
         from ..triton.dino_colour import dino_colour
@@ -205,7 +215,7 @@ def dino_colour_tokens(
         return torch.ops.lafs_kernels._dino_colour(
             pixels.contiguous(),
             mean_pixels,
-            factors.to(pixels.dtype).contiguous(),
+            factors.to(device=pixels.device, dtype=pixels.dtype).contiguous(),
             order.to(torch.int64).contiguous(),
             jitter.contiguous(),
             gray.contiguous(),

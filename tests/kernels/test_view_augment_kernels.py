@@ -205,12 +205,23 @@ def test_triton_colour_chain_in_bfloat16(rng):
     assert_close(got, run_colour(pixels.double(), mean_pixels.double(), params, "torch"))
 
 
-def test_colour_kernel_rejects_op_ids_outside_the_chain(rng):
+def test_colour_chain_rejects_op_ids_outside_the_chain(colour_backend, rng):
+    n = 3
+    params = colour_params(n, rng, jitter_p=1.0)
+    bad = params.order.clone()
+    bad[1, 2] = 4
+    with pytest.raises(ValueError, match="op ids 0..3 .*, got 4 for view 1"):
+        run_colour(torch.rand(n, 10, 3), None, params._replace(order=bad), colour_backend)
+
+
+def test_cpu_kernel_itself_rejects_op_ids_outside_the_chain(rng):
+    """The raw op checks too, for callers that skip the Python wrapper."""
     if _extension.missing_reason("cpu"):
         pytest.skip("C++ kernels not built")
     n = 3
     params = colour_params(n, rng, jitter_p=1.0)
     bad = params.order.clone()
     bad[1, 2] = 4
+    flags = (params.jitter, params.gray, params.solarize)
     with pytest.raises(RuntimeError, match="op ids 0..3, got 4 for view 1"):
-        run_colour(torch.rand(n, 10, 3), None, params._replace(order=bad), "cpu")
+        torch.ops.lafs_kernels._dino_colour(torch.rand(n, 10, 3), None, params.factors.float(), bad, *flags)
