@@ -225,3 +225,17 @@ def test_cpu_kernel_itself_rejects_op_ids_outside_the_chain(rng):
     flags = (params.jitter, params.gray, params.solarize)
     with pytest.raises(RuntimeError, match="op ids 0..3, got 4 for view 1"):
         torch.ops.lafs_kernels._dino_colour(torch.rand(n, 10, 3), None, params.factors.float(), bad, *flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_colour_chain_on_cuda_picks_triton_and_matches_the_reference(dtype, rng):
+    """On CUDA tensors the builder's default (Triton, one launch) against the float64 reference on the CPU."""
+    n = 64
+    params = colour_params(n, rng)
+    pixels = (torch.rand(n, 2304, 3, generator=rng) * 2 - 1).to(dtype)
+    mean_pixels = (torch.rand(n, 256, 3, generator=rng) * 2 - 1).to(dtype)
+    assert dino_colour.BACKENDS.select(dino_colour.Call(torch.device("cuda"), dtype), env=False) == "triton"
+    got = run_colour(pixels.cuda(), mean_pixels.cuda(), params, None)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert_close(got.cpu(), run_colour(pixels.double(), mean_pixels.double(), params, "torch"))
