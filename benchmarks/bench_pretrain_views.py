@@ -10,7 +10,8 @@ What it measures, each case built from ``lafs.ssl`` directly (random images in [
   student, clipping and optimizer, EMA);
 - the speed-ups, builder and step, ours and the original timed interleaved round by round (``_harness.compare``):
   ours with ``views.landmarks`` per_image and per_view, the original path as the released script runs it;
-- on CUDA, kernel launches per step of each path (``torch.profiler``, CUDA kernel events).
+- on CUDA, kernel launches per step of each path (``torch.profiler``, CUDA kernel events); everywhere, the
+  top-level ATen ops one builder call dispatches (the CPU's stand-in for launches).
 
 Cases: "paper layout" (CPU: ``part_fvit_tiny``, 16 images, 2 + 8 views with 36 tokens per local view, the demo
 recipe's DINO head (4096 outputs), float32; GPU: ``part_fvit_b``, 64 images, bfloat16 autocast, the WebFace4M
@@ -221,6 +222,22 @@ def kernel_launches(case) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def aten_ops(case) -> int:
+    """Top-level ATen ops one call of ``case`` dispatches (torch.profiler, CPU events whose parent is no ATen
+    op): the CPU's stand-in for kernel launches (on a GPU each op on a CUDA tensor launches at least one
+    kernel; the random draws on the CPU generator launch none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        case()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
 def head_and_loss_share(out_dim: int, case: str = "paper layout") -> dict:
     """Seconds of the DINO head + loss, forward and backward, at ``out_dim`` (the fused-loss question)."""
     trainer, images = build_trainer("per_image", case, out_dim=out_dim)
@@ -350,6 +367,7 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     builders = {path: builder_case(*trainers[path]) for path in PATHS}
     report["kernel_launches_per_step"] = {path: kernel_launches(steps[path]) for path in PATHS}
     report["kernel_launches_per_builder_call"] = {path: kernel_launches(builders[path]) for path in PATHS}
+    report["aten_ops_per_builder_call"] = {path: aten_ops(builders[path]) for path in PATHS}
     if launches_only:
         return report
     report["builder_profile"] = {path: builder_profile(*trainers[path]) for path in PATHS}
@@ -378,6 +396,7 @@ def print_case(report: dict) -> None:
             f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
             f"{report['kernel_launches_per_builder_call']}"
         )
+    print(f"top-level ATen ops per builder call: {report['aten_ops_per_builder_call']}")
     if "builder_profile" not in report:
         return
     print(_table("MultiViewBuilder by part (ms per call, share)", report["builder_profile"], VIEW_PARTS + ("other",)))
