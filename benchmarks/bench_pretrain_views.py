@@ -208,32 +208,38 @@ def step_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> d
     return result
 
 
+def _profile_second_call(case, activity):
+    """torch.profiler events of the second call of ``case`` (the first warms up), synchronised on CUDA."""
+    from torch.profiler import profile
+
+    case()
+    _harness.synchronized_timer()
+    with profile(activities=[activity]) as prof:
+        case()
+        _harness.synchronized_timer()
+    return prof.events()
+
+
 def kernel_launches(case) -> int:
     """CUDA kernels launched by one call of ``case`` (torch.profiler); -1 off CUDA."""
     if DEVICE != "cuda":
         return -1
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    case()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        case()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = _profile_second_call(case, ProfilerActivity.CUDA)
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def aten_ops(case) -> int:
-    """Top-level ATen ops one call of ``case`` dispatches (torch.profiler, CPU events whose parent is no ATen
-    op): the CPU's stand-in for kernel launches (on a GPU each op on a CUDA tensor launches at least one
-    kernel; the random draws on the CPU generator launch none)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Top-level ATen ops one call of ``case`` dispatches (CPU events whose parent is no ATen op): the CPU's
+    stand-in for kernel launches (on a GPU each op on a CUDA tensor launches at least one kernel; the random
+    draws on the CPU generator launch none)."""
+    from torch.profiler import ProfilerActivity
 
-    case()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        case()
+    events = _profile_second_call(case, ProfilerActivity.CPU)
     return sum(
         1
-        for e in prof.events()
+        for e in events
         if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     )
 

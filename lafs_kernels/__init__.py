@@ -7,9 +7,9 @@ Public operations (each dispatches to the best backend for its inputs;
 * :func:`margin_softmax_cross_entropy` -- CosFace / ArcFace / combined margin
   softmax cross-entropy without materialising the ``[batch, classes]`` logits.
 
-The view augmentation of LAFS pretraining has C++ CPU kernels beside its PyTorch references:
-:mod:`lafs_kernels.ops.gaussian_blur` (one sigma per image) and :mod:`lafs_kernels.ops.dino_colour`
-(DINO's colour chain on the pixels of patch tokens).
+The view augmentation of LAFS pretraining has kernels beside its PyTorch references:
+:mod:`lafs_kernels.ops.gaussian_blur` (one sigma per image; C++) and :mod:`lafs_kernels.ops.dino_colour`
+(DINO's colour chain on the pixels of patch tokens; C++ and Triton).
 
 Modules live in :mod:`lafs_kernels.nn` (``PartialFC``: class centres sharded across ranks, a
 drop-in for arcface_torch's ``PartialFC_V2``); functions with the original LAFS and insightface

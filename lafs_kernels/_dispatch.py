@@ -137,8 +137,8 @@ class OpBackends:
 
     def select(self, call: Call, backend: Optional[str] = None, env: bool = True) -> str:
         """The backend for ``call``: ``backend`` if given, else ``LAFS_KERNELS_BACKEND`` (unless ``env`` is
-        False: the view-augmentation ops have only torch and cpu backends, so forcing the kernels' triton
-        or cuda for a run must not stop them), else the first of the device's preference that can run."""
+        False: the view-augmentation ops lack some of the other ops' backends, so forcing e.g. the gather's
+        cuda for a run must not stop them), else the first of the device's preference that can run."""
         from_env = os.environ.get(ENV_BACKEND) if env else None
         forced, source = (backend, "backend=") if backend else (from_env or None, ENV_BACKEND)
         if forced:

@@ -84,11 +84,10 @@ LAFS_INLINE void shift_hue(T& r, T& g, T& b, T six_shift) {
   b = b_out;
 }
 
-// The jitter stages [first, last) of the view's order on a block of count pixels (channel rows).
+// The first `stages` jitter ops of the view's order on a block of count pixels (channel rows).
 template <typename T>
-LAFS_INLINE void jitter_block(T* r, T* g, T* b, int64_t count, const ViewColour<T>& view, int64_t first,
-                                   int64_t last, T mean) {
-  for (int64_t s = first; s < last; ++s) {
+LAFS_INLINE void jitter_block(T* r, T* g, T* b, int64_t count, const ViewColour<T>& view, int64_t stages, T mean) {
+  for (int64_t s = 0; s < stages; ++s) {
     const int64_t op = view.order[s];
     if (op == kHue) {
       const T shift = view.six_shift;
@@ -133,7 +132,7 @@ template <typename T>
 LAFS_INLINE double gray_sum_block_body(const T* src, int64_t count, const ViewColour<T>& view, int64_t stages, T* r,
                                        T* g, T* b) {
   split_block(src, count, r, g, b);
-  jitter_block(r, g, b, count, view, 0, stages, T(0));
+  jitter_block(r, g, b, count, view, stages, T(0));
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) sum += static_cast<double>(luma(r[i], g[i], b[i]));
@@ -145,7 +144,7 @@ template <typename T>
 LAFS_INLINE void colour_block_body(const T* src, T* dst, int64_t count, const ViewColour<T>& view, int64_t stages,
                                    T mean, bool gray, bool invert, T* r, T* g, T* b) {
   split_block(src, count, r, g, b);
-  jitter_block(r, g, b, count, view, 0, stages, mean);
+  jitter_block(r, g, b, count, view, stages, mean);
   if (gray) {
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) r[i] = g[i] = b[i] = luma(r[i], g[i], b[i]);

@@ -15,8 +15,8 @@ pixels).  The two that are not:
 
 The random draws are :func:`lafs.ssl.augment.draw_colour_parameters`, the same as the crop
 path's; ``lafs_kernels.ops.dino_colour.dino_colour_tokens`` applies them: its reference lays the
-tokens out as an ``[N, 3, T, 1]`` image of their pixels for the crop path's functions, its C++
-kernel takes each pixel through the whole chain in one pass.
+tokens out as an ``[N, 3, T, 1]`` image of their pixels for the crop path's functions, its kernels
+(C++ on CPUs, Triton on GPUs) take each pixel through the whole chain in one pass.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def colour_tokens(
     ``params``: the N views' draws (blur is left out: see the module docstring).
     ``view_samples [N, M, F]`` in [-1, 1]: samples of each whole view for the contrast's mean
     (None: the mean over the tokens themselves).  ``backend``: of ``dino_colour_tokens`` ("torch":
-    the reference; None: the C++ kernel where it can run).  Returns ``[N, K, P*P*3]`` in [-1, 1].
+    the reference; None: the device's kernel where it can run).  Returns ``[N, K, P*P*3]`` in [-1, 1].
     """
     n, k, features = tokens.shape
     if features % 3:

@@ -295,8 +295,8 @@ class MultiViewBuilder(nn.Module):
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
         radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)
-        sources = gaussian_blur(images[rows.to(images.device) % images.shape[0]], sigma_x, sigma_y, radius=radius)
         rows_dev = rows.to(images.device)
+        sources = gaussian_blur(images[rows_dev % images.shape[0]], sigma_x, sigma_y, radius=radius)
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)
 

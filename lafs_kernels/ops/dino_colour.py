@@ -104,7 +104,7 @@ def colour_jitter_(
     """In place: jitter the images where ``apply [N]`` is set, each with its own factors and op order.
 
     ``factors [N, 4]`` (brightness, contrast, saturation, hue) and ``order [N, 4]`` (a permutation of
-    0..3 per image) come from :func:`draw_colour_parameters`.  Per stage of the random order, the
+    0..3 per image) come from ``lafs.ssl.augment.draw_colour_parameters``.  Per stage of the random order, the
     images whose op there is brightness, contrast or saturation take one ``blend_`` together, those
     whose op is hue one hue shift.  ``mean_start``: see ``blend_``.  ``dense``: the blend runs on every
     image, with factor 1 (exactly the identity on [0, 1]) where an image takes no blend at that stage,

@@ -11,11 +11,11 @@ view group replaces the reference's one or more per op.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import on_device_of
 
 BLOCK = 1024
 _FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32 tiny: a gray pixel gives 0 / tiny = 0
@@ -152,8 +152,7 @@ def dino_colour(pixels, mean_pixels, factors, order, jitter, gray, solarize) -> 
     factors = factors.to(device=device, dtype=torch.float32).contiguous()
     order = order.to(device=device, dtype=torch.int32).contiguous()
     flags = torch.stack((jitter, gray, solarize), dim=1).to(device=device, dtype=torch.int8).contiguous()
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device_of(pixels):
         _colour_kernel[(n,)](
             pixels,
             pixels if own_mean else mean_pixels,

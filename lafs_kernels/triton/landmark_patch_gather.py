@@ -17,11 +17,11 @@ program, so it needs no atomics.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import on_device_of
 
 TILE_ELEMENTS = 2048  # patches x features per program
 # The backward with both gradients keeps more tiles live: with 4 warps its sm_90 build spilled 144 bytes
@@ -231,12 +231,6 @@ def _launch_config(num_patches: int, features: int):
     return block_k, block_f, (triton.cdiv(num_patches, block_k),)
 
 
-def _on_device(tensor: torch.Tensor):
-    """Launch on the tensor's device, not the current one (a process may hold tensors on cuda:1
-    while cuda:0 is current)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _affine_arg(view_affine, like):
     """(pointer argument, AFFINE flag): float32 [N, 4] or a placeholder."""
     if view_affine is None:
@@ -257,7 +251,7 @@ def patch_gather_forward(
     centres = centres.to(torch.float32).contiguous()
     affine, has_affine = _affine_arg(view_affine, image)
     block_k, block_f, grid = _launch_config(N * K, P * P * C)
-    with _on_device(image):
+    with on_device_of(image):
         _forward_kernel[grid](
             image,
             centres,
@@ -288,7 +282,7 @@ def patch_gather_backward(grad_tokens, image, centres, patch_size, need_image_gr
         block_k, block_f, grid = _launch_config(N * K, P * P * C)
         unused = torch.empty(1, dtype=torch.float32, device=image.device)
         affine, has_affine = _affine_arg(view_affine, image)
-        with _on_device(image):
+        with on_device_of(image):
             _backward_kernel[grid](
                 grad_tokens.contiguous(),
                 image,

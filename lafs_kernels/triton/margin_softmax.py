@@ -13,11 +13,11 @@ the ``B*T`` gathered centres, so no kernel needs ``acos``.  Launchers take tenso
 and return tensors; they know nothing of backend selection.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import on_device_of
 
 # A global read inside a kernel must be a constexpr (the interpreter accepts a plain float; compilation does not).
 EPS = tl.constexpr(1e-12)
@@ -214,11 +214,6 @@ def _backward_kernel(
     tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _on_device_of(x: torch.Tensor):
-    """Launch on x's GPU, not the current one (a process may hold tensors on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
@@ -249,7 +244,7 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
     rows, cols = x.shape[0], grid[1]
     stats = torch.empty(4, rows, cols, dtype=torch.float32, device=x.device)
     arg = torch.empty(rows, cols, dtype=torch.int32, device=x.device)
-    with _on_device_of(x):
+    with on_device_of(x):
         _forward_kernel[grid](
             x,
             w,
@@ -294,7 +289,7 @@ def chunk_backward(
     def f32(t):
         return t.float().contiguous()
 
-    with _on_device_of(x):
+    with on_device_of(x):
         _backward_kernel[grid](
             x,
             w,

@@ -18,7 +18,7 @@ def _skip_unless_available(name: str) -> str:
     if name == "cpu" and _extension.missing_reason("cpu"):
         pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
     if name == "triton" and _dispatch.triton_missing_reason():
-        pytest.skip(_dispatch.triton_missing_reason())
+        pytest.skip(f"Triton kernels cannot run here: {_dispatch.triton_missing_reason()}")
     return name
 
 
@@ -28,7 +28,10 @@ def backend(request):
     return _skip_unless_available(request.param)
 
 
-@pytest.fixture(params=["torch", "cpu", "triton"])
+COLOUR_BACKENDS = ("torch", "cpu", "triton")
+
+
+@pytest.fixture(params=COLOUR_BACKENDS)
 def colour_backend(request):
     """The colour chain's backends (Triton through the interpreter on CPU tensors)."""
     return _skip_unless_available(request.param)
@@ -74,8 +77,7 @@ def test_blur_with_one_sigma_blurs_both_axes_alike(backend, rng):
 
 def test_blur_kernel_equals_the_reference_on_view_sized_images(rng):
     """The backend the fused view path picks on the CPU against the one the original path uses."""
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
+    _skip_unless_available("cpu")
     images = torch.rand(8, 3, 112, 112, generator=rng) * 2 - 1
     sigma = 0.1 + 1.9 * torch.rand(8, generator=rng, dtype=torch.float64)
     assert gaussian_blur.BACKENDS.select(gaussian_blur.Call(images.device, images.dtype), env=False) == "cpu"
@@ -129,11 +131,14 @@ def run_colour(pixels, mean_pixels, params, backend):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("colour_backend", "dtype"),
+    # Triton computes in float32 and takes no float64 input
+    [(b, d) for b in COLOUR_BACKENDS for d in (torch.float32, torch.float64) if (b, d) != ("triton", torch.float64)],
+    indirect=["colour_backend"],
+)
 @pytest.mark.parametrize("with_mean_pixels", [True, False])
 def test_colour_chain_against_the_float64_reference(colour_backend, dtype, with_mean_pixels, rng):
-    if colour_backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton computes in float32 and takes no float64 input")
     n = 48
     params = colour_params(n, rng)
     pixels = torch.rand(n, 300, 3, generator=rng, dtype=torch.float64) * 2 - 1
@@ -194,8 +199,7 @@ def test_colour_chain_rejects_bad_arguments(colour_backend, rng):
 def test_triton_colour_chain_in_bfloat16(rng):
     """bfloat16 storage, float32 arithmetic: against the float64 reference on the same (rounded) inputs, within
     bfloat16's rounding of the result."""
-    if _dispatch.triton_missing_reason():
-        pytest.skip(_dispatch.triton_missing_reason())
+    _skip_unless_available("triton")
     n = 32
     params = colour_params(n, rng)
     pixels = (torch.rand(n, 200, 3, generator=rng) * 2 - 1).bfloat16()
@@ -216,8 +220,7 @@ def test_colour_chain_rejects_op_ids_outside_the_chain(colour_backend, rng):
 
 def test_cpu_kernel_itself_rejects_op_ids_outside_the_chain(rng):
     """The raw op checks too, for callers that skip the Python wrapper."""
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
+    _skip_unless_available("cpu")
     n = 3
     params = colour_params(n, rng, jitter_p=1.0)
     bad = params.order.clone()
