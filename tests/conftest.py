@@ -42,9 +42,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng(request) -> torch.Generator:
-    """A torch.Generator seeded freshly per test (seed shown on failure)."""
+    """A torch.Generator seeded freshly per test (seed shown on failure); the global generator (modules'
+    initialisation, dropout) gets another seed: with the same one a module's random init repeats the test's
+    inputs (``PartialFC``'s centres came out parallel to the embeddings drawn after them)."""
     seed = (zlib.crc32(request.node.nodeid.encode()) ^ RUN_SALT) % (2**31)
     request.node.user_properties.append(("seed", seed))
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed ^ 0x5EED)
     return gen

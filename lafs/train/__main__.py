@@ -111,9 +111,11 @@ def main(argv=None) -> int:
     from .loop import NonFiniteLossError, ResumeError
     from .runner import run_command
 
+    finished = False
     try:
         with allow_unsafe_pickle(args.unsafe_pickle):
             run_command(args.command, recipe=args.config or "demo", overrides=overrides, out=out, resume=args.resume)
+        finished = True
     except UnsafeCheckpointError as exc:
         print(f"lafs.train: {exc}", file=sys.stderr)
         return 1
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         print(f"lafs.train: {exc}", file=sys.stderr)
         return 1
     finally:
-        shutdown()
+        shutdown(finished)
     return 0
 
 

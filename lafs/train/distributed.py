@@ -45,9 +45,16 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
-def shutdown() -> None:
-    """End the process group, if one was started (once, after the last stage of the process)."""
+def shutdown(finished: bool = True) -> None:
+    """End the process group, if one was started (once, after the last stage of the process).
+
+    ``finished``: the process ran to its end, as every other one does; all then meet at a barrier before
+    any closes its connections (a gloo process whose peer hangs up inside a collective aborts).  After an
+    error there is no barrier: the others may never reach it.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

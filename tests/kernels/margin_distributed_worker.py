@@ -5,7 +5,10 @@ batch and its shard of the class centres, runs each case of :data:`CASES` and sa
 to ``out_dir/rank{r}.pt`` for the parent to compare with one process.
 """
 
+import faulthandler
+import gc
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -87,85 +90,103 @@ def build_head(name, rank):
     return PartialFC(margin, DIM, NUM_CLASSES, rate, False, s=32.0)
 
 
-def run(rank, world, port, seed, out_dir):
-    import lafs_kernels
-
+@contextmanager
+def gloo_group(rank, world, port):
+    """This process as ``rank`` of a gloo group for the ``with`` body; on a clean exit every rank meets at a
+    barrier before any closes its connections, so none hangs up on a peer still inside a collective.  Python
+    stacks are printed if the process aborts (a crash inside gloo then says where it happened)."""
+    faulthandler.enable()
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        data = make_inputs(seed, world)
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for name, (_, _, _, targets) in CASES.items():
-            head = build_head(name, rank)
-            with torch.no_grad():
-                head.weight.copy_(data["weight"][head.class_start : head.class_start + head.num_local])
-            local_x = data["embeddings"][rows].clone().requires_grad_()
-            weights = None if targets == "labels" else data[f"{targets}_weights"][rows]
-            torch.manual_seed(case_seed(seed, name, rank))
-            loss = head(local_x, data[targets][rows], weights)
-            loss.backward()
-            sampled = None if head.sampled_index is None else head.sampled_index + head.class_start
-            results[name] = dict(
-                loss=loss.detach(),
-                grad_x=local_x.grad,
-                grad_w=head.weight.grad,
-                class_start=head.class_start,
-                sampled=sampled,
-            )
-        # the public function with a process group: whole batch on every rank, this rank's shard of W
-        start, count = results[name]["class_start"], head.num_local
-        for targets in ("labels", "two"):
-            x = data["embeddings"].clone().requires_grad_()
-            w = data["weight"][start : start + count].clone().requires_grad_()
-            kwargs = {} if targets == "labels" else {"label_weights": data["two_weights"]}
-            loss, argmax = lafs_kernels.margin_softmax_cross_entropy(
-                x,
-                w,
-                data[targets],
-                s=32.0,
-                m1=1.0,
-                m2=0.3,
-                m3=0.1,
-                label_smoothing=0.1,
-                return_argmax=True,
-                process_group=dist.group.WORLD,
-                **kwargs,
-            )
-            loss.backward()
-            results[f"function-{targets}"] = dict(
-                loss=loss.detach(), argmax=argmax, grad_x=x.grad, grad_w=w.grad, class_start=start
-            )
-        # a label out of range on rank 1 only: every rank must raise (none may wait in a collective)
-        head = build_head("insightface-arcface-rate1.0", rank)
-        labels = data["labels"][rows].clone()
-        if rank == 1:
-            labels[0] = NUM_CLASSES
-        try:
-            head(data["embeddings"][rows], labels)
-            results["bad-label"] = {"error": None}
-        except ValueError as exc:
-            results["bad-label"] = {"error": str(exc)}
-        # arcface_torch's checkpoint of the head: each rank's state dict in softmax_fc_gpu_{rank}.pt
-        head = build_head("insightface-arcface-rate1.0", rank)
-        with torch.no_grad():
-            head.weight.copy_(data["weight"][head.class_start : head.class_start + head.num_local])
-        torch.save(head.state_dict(), os.path.join(out_dir, f"softmax_fc_gpu_{rank}.pt"))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        yield
+        gc.collect()  # heads and autograd graphs holding the group go before it is destroyed
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run(rank, world, port, seed, out_dir):
+    with gloo_group(rank, world, port):
+        run_cases(rank, world, seed, out_dir)
+
+
+def run_cases(rank, world, seed, out_dir):
+    """Every case of :data:`CASES` on this rank; saves ``rank{r}.pt`` and the head's ``softmax_fc_gpu_{r}.pt``."""
+    import lafs_kernels
+
+    data = make_inputs(seed, world)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results = {}
+    for name, (_, _, _, targets) in CASES.items():
+        head = build_head(name, rank)
+        with torch.no_grad():
+            head.weight.copy_(data["weight"][head.class_start : head.class_start + head.num_local])
+        local_x = data["embeddings"][rows].clone().requires_grad_()
+        weights = None if targets == "labels" else data[f"{targets}_weights"][rows]
+        torch.manual_seed(case_seed(seed, name, rank))
+        loss = head(local_x, data[targets][rows], weights)
+        loss.backward()
+        sampled = None if head.sampled_index is None else head.sampled_index + head.class_start
+        results[name] = dict(
+            loss=loss.detach(),
+            grad_x=local_x.grad,
+            grad_w=head.weight.grad,
+            class_start=head.class_start,
+            sampled=sampled,
+        )
+    # the public function with a process group: whole batch on every rank, this rank's shard of W
+    start, count = results[name]["class_start"], head.num_local
+    for targets in ("labels", "two"):
+        x = data["embeddings"].clone().requires_grad_()
+        w = data["weight"][start : start + count].clone().requires_grad_()
+        kwargs = {} if targets == "labels" else {"label_weights": data["two_weights"]}
+        loss, argmax = lafs_kernels.margin_softmax_cross_entropy(
+            x,
+            w,
+            data[targets],
+            s=32.0,
+            m1=1.0,
+            m2=0.3,
+            m3=0.1,
+            label_smoothing=0.1,
+            return_argmax=True,
+            process_group=dist.group.WORLD,
+            **kwargs,
+        )
+        loss.backward()
+        results[f"function-{targets}"] = dict(
+            loss=loss.detach(), argmax=argmax, grad_x=x.grad, grad_w=w.grad, class_start=start
+        )
+    # a label out of range on rank 1 only: every rank must raise (none may wait in a collective)
+    head = build_head("insightface-arcface-rate1.0", rank)
+    labels = data["labels"][rows].clone()
+    if rank == 1:
+        labels[0] = NUM_CLASSES
+    try:
+        head(data["embeddings"][rows], labels)
+        results["bad-label"] = {"error": None}
+    except ValueError as exc:
+        results["bad-label"] = {"error": str(exc)}
+    # arcface_torch's checkpoint of the head: each rank's state dict in softmax_fc_gpu_{rank}.pt
+    head = build_head("insightface-arcface-rate1.0", rank)
+    with torch.no_grad():
+        head.weight.copy_(data["weight"][head.class_start : head.class_start + head.num_local])
+    torch.save(head.state_dict(), os.path.join(out_dir, f"softmax_fc_gpu_{rank}.pt"))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def run_loss_from_files(rank, world, port, seed, in_dir, out_dir):
     """Load this rank's ``softmax_fc_gpu_{rank}.pt`` into the ArcFace head and save its loss on the global batch."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        data = make_inputs(seed)
-        local_batch = data["labels"].shape[0] // world
-        rows = slice(rank * local_batch, (rank + 1) * local_batch)
-        head = build_head("insightface-arcface-rate1.0", rank)
-        head.load_state_dict(torch.load(os.path.join(in_dir, f"softmax_fc_gpu_{rank}.pt"), weights_only=True))
-        loss = head(data["embeddings"][rows], data["labels"][rows])
-        torch.save(loss.detach(), os.path.join(out_dir, f"loss{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        save_loss_from_file(rank, world, seed, in_dir, out_dir)
+
+
+def save_loss_from_file(rank, world, seed, in_dir, out_dir):
+    data = make_inputs(seed)
+    local_batch = data["labels"].shape[0] // world
+    rows = slice(rank * local_batch, (rank + 1) * local_batch)
+    head = build_head("insightface-arcface-rate1.0", rank)
+    head.load_state_dict(torch.load(os.path.join(in_dir, f"softmax_fc_gpu_{rank}.pt"), weights_only=True))
+    loss = head(data["embeddings"][rows], data["labels"][rows])
+    torch.save(loss.detach(), os.path.join(out_dir, f"loss{rank}.pt"))

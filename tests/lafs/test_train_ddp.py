@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def test_torchrun_two_processes_run_every_stage_of_the_tiny_demo(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # stacks if a process aborts
     command = [
         sys.executable,
         "-m",

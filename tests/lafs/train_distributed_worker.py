@@ -10,6 +10,7 @@ caller (``run_jobs`` with ``world=1`` runs in the calling process).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import time
@@ -114,6 +115,7 @@ def run_jobs(jobs) -> list:
 
 
 def _process(rank, world, port, jobs):
+    faulthandler.enable()  # Python stacks on stderr if gloo aborts the process
     os.environ.update(
         {
             "RANK": str(rank),
@@ -127,10 +129,12 @@ def _process(rank, world, port, jobs):
     torch.set_num_threads(1)
     from lafs.train.distributed import shutdown
 
+    finished = False
     try:
         run_jobs(jobs)
+        finished = True
     finally:
-        shutdown()
+        shutdown(finished)
 
 
 def run_processes(world: int, jobs, timeout: float = 300.0) -> None:
