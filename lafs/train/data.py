@@ -60,7 +60,20 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
             raise ConfigError(f"data.few_shot: {exc}") from exc
         if len(dataset) == 0:
             raise ConfigError("the few-shot subset is empty: raise data.few_shot.identity_fraction")
+    check_label_range(dataset.labels, int(dataset.num_classes), f"the training set ({data.source}, root {data.root!r})")
     return dataset
+
+
+def check_label_range(labels, num_classes: int, name: str) -> None:
+    """Every label in ``[0, num_classes)``, checked once on the host: the margin heads then skip the
+    check of each step (``check_labels=False``, one device sync less per step on GPUs)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise ConfigError(
+            f"{name}: {bad.size} label(s) outside [0, {num_classes}), e.g. {int(bad[0])}: the data set's class count "
+            "and its labels disagree"
+        )
 
 
 @dataclass

@@ -89,7 +89,8 @@ class OriginalHead(nn.Module):
 
 def build_margin_head(cfg: Config, embedding_dim: int, num_classes: int, dist: Distributed) -> nn.Module:
     """The stage's margin head; its class centres start as :func:`init_class_centres` draws them, so
-    the same seed gives the same centres on one process and, split, on N."""
+    the same seed gives the same centres on one process and, split, on N.  The heads skip the label-range
+    check of each call: ``build_train_set`` checked the data set's labels once."""
     margin = margin_parameters(cfg)
     if cfg.train.original_path and dist.enabled:
         raise ConfigError("train.original_path (the unfused baseline) runs on one process only")
@@ -104,12 +105,13 @@ def build_margin_head(cfg: Config, embedding_dim: int, num_classes: int, dist: D
                     num_classes,
                     sample_rate=cfg.loss.partial_fc_sample_rate,
                     s=margin["s"],
+                    check_labels=False,
                 )
             )
         elif cfg.loss.type == "cosface":
-            head = FusedHead(CosFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m))
+            head = FusedHead(CosFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m, check_labels=False))
         else:
-            head = FusedHead(ArcFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m))
+            head = FusedHead(ArcFace(embedding_dim, num_classes, s=cfg.loss.s, m=cfg.loss.m, check_labels=False))
     weight = centre_parameter(head)
     start = head.loss.class_start if isinstance(head, ShardedHead) else 0
     with torch.no_grad():

@@ -19,6 +19,8 @@ class CombinedMarginSoftmax(nn.Module):
 
     weight: ``[out_features, in_features]`` class centres (Xavier-uniform init).
     Embeddings of another dtype (autocast) are cast to the weight's dtype.
+    ``check_labels=False`` skips the per-call label-range check (a host sync on GPUs) for labels
+    already checked, as :func:`lafs_kernels.margin_softmax_cross_entropy`'s argument does.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class CombinedMarginSoftmax(nn.Module):
         easy_margin: bool = False,
         margin_grad: str = "exact",
         label_smoothing: float = 0.0,
+        check_labels: bool = True,
         device=None,
         dtype=None,
     ):
@@ -40,6 +43,7 @@ class CombinedMarginSoftmax(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.easy_margin, self.margin_grad, self.label_smoothing = easy_margin, margin_grad, label_smoothing
+        self.check_labels = check_labels
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
 
@@ -57,6 +61,7 @@ class CombinedMarginSoftmax(nn.Module):
             margin_grad=self.margin_grad,
             return_argmax=return_argmax,
             easy_margin=self.easy_margin,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:

@@ -363,6 +363,18 @@ def test_modules_own_weight_and_match_reference(rng, module, margins):
     assert torch.equal(argmax, (F.normalize(x) @ F.normalize(head.weight.detach()).T).argmax(1))
 
 
+def test_module_label_check_can_be_skipped_as_the_function_s(rng):
+    """``check_labels=False`` reaches the function: a label out of range raises by default, and without the
+    check the module gives the function's unchecked loss (that row has no target)."""
+    x = torch.randn(4, 8, generator=rng)
+    labels = torch.tensor([1, 2, 20, 3])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 20\)"):
+        CosFace(8, 20)(x, labels)
+    head = CosFace(8, 20, check_labels=False)
+    expected = margin_softmax_cross_entropy(x, head.weight, labels, s=64.0, m3=0.4, check_labels=False)
+    assert torch.equal(head(x, labels), expected)
+
+
 def test_module_soft_labels(rng):
     head = CosFace(8, 20)
     x = torch.randn(4, 8, generator=rng)
