@@ -134,12 +134,31 @@ def step_case(trainer, images):
 # --------------------------------------------------------------------------- profiles
 
 
-def builder_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> dict:
+PROFILE_ROUNDS = 1 if _harness.SMOKE else 3
+
+
+def interleaved_profiles(profile, trainers: dict, rounds: int = PROFILE_ROUNDS) -> dict:
+    """``profile`` (:func:`builder_profile` or :func:`step_profile`) of every path, one round at a time, the
+    paths' order reversed each round, so that a drift of the machine falls on every path alike (measured one
+    path after another, every phase of the last path measured looked 3-6% slower): mean per part."""
+    for trainer in trainers.values():
+        profile(*trainer, rounds=1, warmup=False)  # warm-up, discarded
+    totals = {path: collections.defaultdict(float) for path in trainers}
+    for round_ in range(rounds):
+        order = list(trainers) if round_ % 2 == 0 else list(trainers)[::-1]
+        for path in order:
+            for part, seconds in profile(*trainers[path], rounds=1, warmup=False).items():
+                totals[path][part] += seconds / rounds
+    return {path: dict(parts) for path, parts in totals.items()}
+
+
+def builder_profile(trainer, images, rounds: int = PROFILE_ROUNDS, warmup: bool = True) -> dict:
     """Seconds per call of each ``views.*`` range of the builder (``other``: the rest), and the total."""
     from torch.profiler import ProfilerActivity, profile
 
     case = builder_case(trainer, images)
-    case()
+    if warmup:
+        case()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     start = _harness.synchronized_timer()
     with profile(activities=activities) as prof:
@@ -168,7 +187,7 @@ def _timed(times: dict, name: str):
     times[name] += _harness.synchronized_timer() - start
 
 
-def step_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> dict:
+def step_profile(trainer, images, rounds: int = PROFILE_ROUNDS, warmup: bool = True) -> dict:
     """Seconds per step of each phase of ``DINOTrainer.train_step``, run one after another as it runs them."""
     from lafs.ssl.ema import ema_update
     from lafs.ssl.optim import cancel_last_layer_gradients, clip_gradients_per_parameter
@@ -177,8 +196,8 @@ def step_profile(trainer, images, rounds: int = 1 if _harness.SMOKE else 3) -> d
     times = collections.defaultdict(float)
     autocast = dict(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None)
     step = trainer.total_steps // 2
-    for round_ in range(rounds + 1):
-        if round_ == 1:
+    for round_ in range(rounds + int(warmup)):
+        if warmup and round_ == 1:
             times.clear()  # the first round warms up
         trainer.student.train()
         with _timed(times, "views"):
@@ -324,7 +343,7 @@ def test_pretrain_views(benchmark, what, case):
     for run in cases.values():
         run()  # warm-up
     profile = builder_profile if what == "builder" else step_profile
-    benchmark.extra_info["profile"] = {path: profile(*trainers[path]) for path in PATHS}
+    benchmark.extra_info["profile"] = interleaved_profiles(profile, trainers)
     benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
     title = (
         "LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
@@ -376,8 +395,8 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     report["aten_ops_per_builder_call"] = {path: aten_ops(builders[path]) for path in PATHS}
     if launches_only:
         return report
-    report["builder_profile"] = {path: builder_profile(*trainers[path]) for path in PATHS}
-    report["step_profile"] = {path: step_profile(*trainers[path]) for path in PATHS}
+    report["builder_profile"] = interleaved_profiles(builder_profile, trainers)
+    report["step_profile"] = interleaved_profiles(step_profile, trainers)
     for what, cases in (("builder", builders), ("step", steps)):
         times = _harness.interleaved_rounds(cases, pairs, dict.fromkeys(cases, 1))
         report[f"{what}_speedup"] = {
