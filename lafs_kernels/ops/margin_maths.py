@@ -130,9 +130,15 @@ def prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin:
         centres = xn.new_zeros(*labels.shape, x.shape[1])
     else:
         centres = weight[index].to(acc)  # [B, T, D]: B*T rows, never a copy of W
-    inv_w = torch.linalg.vector_norm(centres, dim=-1).clamp_min(EPS).reciprocal()
-    cos_t = (centres * xn[:, None, :]).sum(-1) * inv_w
+    # The B*T target cosines and their margin in float64 for float32 inputs: near theta = 0 the margin
+    # cos(m1*theta + m2) multiplies a cosine's rounding by ~m1*sin(m1*theta + m2)/sin(theta), and s = 64 on top.
+    fine = torch.float64 if acc == torch.float32 else acc
+    centres_f, x_f = centres.to(fine), xa.to(fine)
+    x_f = x_f * torch.linalg.vector_norm(x_f, dim=1).clamp_min(EPS).reciprocal()[:, None]
+    inv_w = torch.linalg.vector_norm(centres_f, dim=-1).clamp_min(EPS).reciprocal()
+    cos_t = (centres_f * x_f[:, None, :]).sum(-1) * inv_w
     value, derivative = margin_values(cos_t, margin)
+    value, derivative = value.to(acc), derivative.to(acc)
     return Prepared(
         x=x,
         xn=xn,

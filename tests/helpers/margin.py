@@ -32,36 +32,40 @@ def reference_target(cos_t, m1, m2, m3, easy_margin=False, straight_through=Fals
     return value + (c - c.detach()) * slope
 
 
-def reference_loss(
-    x,
-    w,
-    labels,
-    label_weights=None,
-    *,
-    s=64.0,
-    m1=1.0,
-    m2=0.0,
-    m3=0.0,
-    label_smoothing=0.0,
-    reduction="mean",
-    easy_margin=False,
-    straight_through=False,
-    dtype=torch.float64,
+def reference_logits(
+    x, w, labels, *, s=64.0, m1=1.0, m2=0.0, m3=0.0, easy_margin=False, straight_through=False, dtype=torch.float64
 ):
-    """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
-    (float64: the reference; a half dtype: what plain PyTorch gets in that dtype)."""
+    """Dense logits [B, C] in ``dtype``: ``s * cos`` with every target of a row (labels [B] or [B, T]) margined."""
     x, w = x.to(dtype), w.to(dtype)
-    if labels.dim() == 1:
-        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=dtype, device=x.device)
+    labels = labels[:, None] if labels.dim() == 1 else labels
     cos = F.normalize(x) @ F.normalize(w).T
     logits = s * cos
     for t in range(labels.shape[1]):
         column = labels[:, t : t + 1]
         target = reference_target(cos.gather(1, column)[:, 0], m1, m2, m3, easy_margin, straight_through)
         logits = logits.scatter(1, column, s * target[:, None])
-    num_classes = w.shape[0]
-    q = torch.zeros_like(cos).scatter_add(1, labels, label_weights.to(dtype))
-    q = (1 - label_smoothing) * q + label_smoothing / num_classes
+    return logits
+
+
+def reference_loss(
+    x,
+    w,
+    labels,
+    label_weights=None,
+    *,
+    label_smoothing=0.0,
+    reduction="mean",
+    dtype=torch.float64,
+    **margins,
+):
+    """Dense soft-target cross-entropy: logits [B, C], target distribution [B, C], all in ``dtype``
+    (float64: the reference; a half dtype: what plain PyTorch gets in that dtype).  ``margins``: s, m1, m2,
+    m3, easy_margin, straight_through of :func:`reference_logits`."""
+    logits = reference_logits(x, w, labels, dtype=dtype, **margins)
+    if labels.dim() == 1:
+        labels, label_weights = labels[:, None], torch.ones(labels.shape[0], 1, dtype=dtype, device=x.device)
+    q = torch.zeros_like(logits).scatter_add(1, labels, label_weights.to(dtype))
+    q = (1 - label_smoothing) * q + label_smoothing / w.shape[0]
     loss = -(q * torch.log_softmax(logits, 1)).sum(1)
     return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
 
@@ -79,6 +83,25 @@ def loss_and_grads(fn, x, w, *args, upstream=None, **kwargs):
     total = loss.sum() if upstream is None else (loss * upstream).sum()
     gx, gw = torch.autograd.grad(total, [x, w])
     return loss, gx, gw
+
+
+def lse_rounding_bounds(x, w, labels, *, ulps=2.0, reduction="mean", **margins):
+    """How far float32 gradients move when each row's log-sum-exp carries ``ulps`` float32 ulps of rounding (the
+    engines keep it as one float32 per row; the loss subtracts the target logit from it): an error delta_b moves
+    the gradient of x_b by delta_b * d lse_b / d x_b and the centres' by delta_b * d lse_b / d W.  Where a target's
+    probability is near 1 (s = 64 and a well-separated row) the true gradient, 1 - p, is itself below that
+    resolution.  -> (bound for grad x [B, D], bound for grad W [C, D]), float64, for ``reduction`` mean / sum /
+    none (summed)."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    lse = torch.logsumexp(reference_logits(x64, w64, labels, **margins), 1)
+    row_scale = 1.0 / lse.shape[0] if reduction == "mean" else 1.0
+    delta = (ulps * 2.0**-23 * row_scale) * lse.detach().abs()
+    bound_x, bound_w = torch.zeros_like(x64), torch.zeros_like(w64)
+    for b in range(lse.shape[0]):
+        gx, gw = torch.autograd.grad(lse[b], [x64, w64], retain_graph=True)
+        bound_x += delta[b] * gx.abs()
+        bound_w += delta[b] * gw.abs()
+    return bound_x, bound_w
 
 
 # Logits are s = 64 times the cosines: float32 gradients carry ~64x the rounding of a cosine.
