@@ -138,11 +138,12 @@ PROFILE_ROUNDS = 1 if _harness.SMOKE else 3
 
 
 def interleaved_profiles(profile, trainers: dict, rounds: int = PROFILE_ROUNDS) -> dict:
-    """``profile`` (:func:`builder_profile` or :func:`step_profile`) of every path, one round at a time, the
-    paths' order reversed each round, so that a drift of the machine falls on every path alike (measured one
-    path after another, every phase of the last path measured looked 3-6% slower): mean per part."""
-    for trainer in trainers.values():
-        profile(*trainer, rounds=1, warmup=False)  # warm-up, discarded
+    """``profile`` (:func:`builder_profile` or :func:`step_profile`) of every path of ``trainers`` (path ->
+    (trainer, images) of :func:`build_trainer`), one round at a time, the paths' order reversed each round, so
+    that a drift of the machine falls on every path alike (measured one path after another, every phase of the
+    last path measured looked 3-6% slower): mean per part."""
+    for trainer_and_images in trainers.values():
+        profile(*trainer_and_images, rounds=1, warmup=False)  # warm-up, discarded
     totals = {path: collections.defaultdict(float) for path in trainers}
     for round_ in range(rounds):
         order = list(trainers) if round_ % 2 == 0 else list(trainers)[::-1]

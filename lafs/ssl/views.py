@@ -243,7 +243,8 @@ class MultiViewBuilder(nn.Module):
         rows, size, device = views * batch, self.image_size, images.device
         with record_function("views.crops"):
             boxes, flips = random_crop_parameters(rows, height, width, scale, generator)
-            affine = crop_affine(boxes, size, flips).to(device)
+            host_affine = crop_affine(boxes, size, flips)  # [rows, 4] on the CPU, for the blur's sigmas
+            affine = host_affine.to(device)
         if source_landmarks is None:  # per_view: the CNN sees each view's (uncoloured) crop
             with record_function("views.crops"):
                 crops = resized_crops(images.repeat(views, 1, 1, 1), boxes, flips, size)
@@ -277,7 +278,7 @@ class MultiViewBuilder(nn.Module):
                 )
         if params.blur.any():
             with record_function("views.blur"):
-                tokens = self._blurred_tokens(images, tokens, centres, affine, params)
+                tokens = self._blurred_tokens(images, tokens, centres, affine, host_affine, params)
         with record_function("views.colour"):
             tokens = colour_tokens(tokens, params, samples)
             p = self.patch_size
@@ -285,13 +286,13 @@ class MultiViewBuilder(nn.Module):
             tokens = tokens.view(rows, -1, p, p, 3).mul_(weights).view_as(tokens)
         return ViewGroup(tokens, self._token_positions(landmarks, index))
 
-    def _blurred_tokens(self, images, tokens, centres, affine, params) -> torch.Tensor:
+    def _blurred_tokens(self, images, tokens, centres, affine, host_affine, params) -> torch.Tensor:
         """``tokens`` with the blurred views' rows gathered again from their source images blurred once with
         the view's sigma in source pixels (sigma * |scale| per axis: a Gaussian of the view is a Gaussian
         of the source under the affine); the blur comes before the colour jitter here, after it in the
         original (the same for the linear steps of the jitter, up to clamping)."""
         rows = torch.nonzero(params.blur).squeeze(1)
-        scale = affine[rows.to(affine.device), :2].abs().double().cpu()
+        scale = host_affine[rows, :2].abs().double()  # from the host copy: no device sync per step
         sigma_x, sigma_y = params.sigma[rows] * scale[:, 0], params.sigma[rows] * scale[:, 1]
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
         radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)

@@ -79,7 +79,6 @@ def _colour_kernel(
     flags_ptr,
     T,
     M,
-    OWN_MEAN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -102,10 +101,7 @@ def _colour_kernel(
     for start in range(0, M, BLOCK):
         idx = start + offsets
         mask = idx < M
-        if OWN_MEAN:
-            r, g, b = _load_rgb(pixels_ptr, n, M, idx, mask)
-        else:
-            r, g, b = _load_rgb(mean_pixels_ptr, n, M, idx, mask)
+        r, g, b = _load_rgb(mean_pixels_ptr, n, M, idx, mask)
         r, g, b = _jitter_stage(
             op0, r, g, b, brightness, contrast, saturation, six_shift, 0.0, jitter & (0 < contrast_stage)
         )
@@ -147,22 +143,20 @@ def dino_colour(pixels, mean_pixels, factors, order, jitter, gray, solarize) -> 
     out = torch.empty_like(pixels)
     if pixels.numel() == 0:
         return out
-    own_mean = mean_pixels is None
-    mean_count = count if own_mean else mean_pixels.shape[1]
+    mean_pixels = pixels if mean_pixels is None else mean_pixels  # the view's own pixels stand for it
     factors = factors.to(device=device, dtype=torch.float32).contiguous()
     order = order.to(device=device, dtype=torch.int32).contiguous()
     flags = torch.stack((jitter, gray, solarize), dim=1).to(device=device, dtype=torch.int8).contiguous()
     with on_device_of(pixels):
         _colour_kernel[(n,)](
             pixels,
-            pixels if own_mean else mean_pixels,
+            mean_pixels,
             out,
             factors,
             order,
             flags,
             count,
-            mean_count,
-            OWN_MEAN=own_mean,
+            mean_pixels.shape[1],
             BLOCK=BLOCK,
         )
     return out

@@ -32,7 +32,7 @@ EXPECTED = (
         for a in ("", "_affine")
     }
     | {f"margin_{d}_{t}_T{n}" for d in ("forward", "backward") for t in ("fp32", "bf16", "fp16") for n in (1, 2)}
-    | {f"dino_colour_{t}{m}" for t in ("fp32", "bf16", "fp16") for m in ("", "_own_mean")}
+    | {f"dino_colour_{t}" for t in ("fp32", "bf16", "fp16")}
 )
 
 

@@ -144,22 +144,20 @@ def margin_variants():
 
 
 def colour_variants():
-    """DINO's colour chain on token pixels, with the view samples for the contrast's mean and without."""
+    """DINO's colour chain on token pixels (the contrast's mean from view samples or the pixels: the same kernel)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
-        for own_mean in (False, True):
-            types = dict(
-                pixels_ptr=f"*{t}",
-                mean_pixels_ptr=f"*{t}",
-                out_ptr=f"*{t}",
-                factors_ptr="*fp32",
-                order_ptr="*i32",
-                flags_ptr="*i8",
-                T="i32",
-                M="i32",
-            )
-            const = {"OWN_MEAN": own_mean, "BLOCK": colour.BLOCK}
-            yield f"dino_colour_{t}{'_own_mean' if own_mean else ''}", colour._colour_kernel, types, const, {}
+        types = dict(
+            pixels_ptr=f"*{t}",
+            mean_pixels_ptr=f"*{t}",
+            out_ptr=f"*{t}",
+            factors_ptr="*fp32",
+            order_ptr="*i32",
+            flags_ptr="*i8",
+            T="i32",
+            M="i32",
+        )
+        yield f"dino_colour_{t}", colour._colour_kernel, types, {"BLOCK": colour.BLOCK}, {}
 
 
 def _cuobjdump() -> str | None:
