@@ -31,14 +31,16 @@ TORCH_LIBRARY(lafs_kernels, m) {
   // chunked backend (csrc/cpu/margin_softmax.cpp).  raw [B, n] = s * <x_b/|x_b|, W_j> (float32 or
   // float64), inv_w [n] = 1/max(|W_j|, eps), labels [B, T] int64 class ids, first [B, T] bool (first
   // occurrence of the class among the row's targets), start: the chunk's first class,
-  // target_logit [B, T] the margined target logits.  Returns lse [B], logit_sum [B], the largest
-  // plain logit [B] and its column in the chunk [B] (int64).
+  // target_logit [B, T] the margined target logits.  Returns lse [B] (float64), logit_sum [B], the
+  // largest plain logit [B] and its column in the chunk [B] (int64).
   m.def(
       "_margin_chunk_fwd(Tensor raw, Tensor inv_w, Tensor labels, Tensor first, int start, "
       "Tensor target_logit) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward of one chunk: overwrites raw with g = dcos / |W_j| [B, n] and returns
-  // sum_b g * raw [n].  lse [B] over all classes; grad_lse [B], grad_target [B, T] and
-  // grad_logit_sum [B] are the gradients of the forward's statistics (None: zero).
+  // sum_b g * raw [n].  d loss / d logit = grad_lse * exp(logit - lse) (+ grad_logit_sum, + grad_target at
+  // the targets): lse [B] and grad_lse [B] in raw's dtype (the caller passes lse rounded and the rounding's
+  // factor exp(lse_rounded - lse) folded into grad_lse); grad_target [B, T] and grad_logit_sum [B] are the
+  // gradients of the forward's statistics (None: zero).
   m.def(
       "_margin_chunk_bwd(Tensor(a!) raw, Tensor inv_w, Tensor labels, Tensor first, int start, "
       "Tensor target_logit, Tensor target_derivative, Tensor lse, Tensor grad_lse, Tensor? grad_target, "

@@ -6,8 +6,9 @@
 // raw * inv_w[j], except at a target's first occurrence in the row, where it is the margined
 // target logit.  A target t of row b lies in the chunk when start <= labels[b, t] < start + n.
 //
-// forward: per row the log-sum-exp, the sum of the logits and the largest plain logit (and its
-//   first column).  The row is scaled into a buffer of n values that stays in L1/L2 for the
+// forward: per row the log-sum-exp (in float64: the row max plus the log of the shifted sum,
+//   so the backward's exp(logit - lse) keeps every bit where a target's probability is near 1),
+//   the sum of the logits and the largest plain logit (and its first column).  The row is scaled into a buffer of n values that stays in L1/L2 for the
 //   exp pass, so raw is read once; PyTorch ops need five passes over [B, n].
 // backward: g = dlogit * s * inv_w = dcos / |W_j| written over raw, with
 //   dlogit = grad_lse * softmax + grad_logit_sum (+ grad_target at the targets, the target
@@ -79,6 +80,14 @@ LAFS_INLINE void scale_row_body(const T* raw, const T* inv_w, T* buf, int64_t n,
 }
 
 template <typename T>
+LAFS_INLINE T max_row_body(const T* buf, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = buf[j] > m ? buf[j] : m;
+  return m;
+}
+
+template <typename T>
 LAFS_INLINE T sum_exp_row_body(const T* buf, int64_t n, T shift) {
   T total = 0;
 #pragma omp simd reduction(+ : total)
@@ -103,10 +112,17 @@ LAFS_INLINE void grad_row_body(T* raw, const T* inv_w, const T* col_scale, T* ra
 
 LAFS_ISA_VARIANTS(void, scale_row, (const T* raw, const T* inv_w, T* buf, int64_t n, T* max_out, T* sum_out),
                   (raw, inv_w, buf, n, max_out, sum_out))
+LAFS_ISA_VARIANTS(T, max_row, (const T* buf, int64_t n), (buf, n))
 LAFS_ISA_VARIANTS(T, sum_exp_row, (const T* buf, int64_t n, T shift), (buf, n, shift))
+// The row pass of the backward must round raw * inv_w as the forward did (scale_row stores it) before
+// subtracting lse: fused into one FMA, the product's rounding (up to half an ulp of s) would reach the
+// exponent of a class that holds the row's probability, and its gradient p - 1.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 LAFS_ISA_VARIANTS(void, grad_row,
                   (T* raw, const T* inv_w, const T* col_scale, T* radial, int64_t n, T lse, T scale, T add),
                   (raw, inv_w, col_scale, radial, n, lse, scale, add))
+#pragma GCC pop_options
 
 // Column of target t of row b in the chunk at its first occurrence among the row's targets, else -1.
 LAFS_INLINE int64_t first_column(const int64_t* labels, const bool* first, int64_t i, int64_t start, int64_t n) {
@@ -138,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_forward_impl(
     const at::Tensor& raw, const at::Tensor& inv_w, const at::Tensor& labels, const at::Tensor& first,
     int64_t start, const at::Tensor& target_logit) {
   const int64_t rows = raw.size(0), n = raw.size(1), targets = labels.size(1);
-  auto lse = at::empty({rows}, raw.options());
+  auto lse = at::empty({rows}, raw.options().dtype(at::kDouble));
   auto logit_sum = at::empty({rows}, raw.options());
   auto best = at::empty({rows}, raw.options());
   auto best_column = at::empty({rows}, raw.options().dtype(at::kLong));
@@ -147,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_forward_impl(
   const int64_t* labels_p = labels.const_data_ptr<int64_t>();
   const bool* first_p = first.const_data_ptr<bool>();
   const T* target_p = target_logit.const_data_ptr<T>();
-  T* lse_p = lse.data_ptr<T>();
+  double* lse_p = lse.data_ptr<double>();
   T* sum_p = logit_sum.data_ptr<T>();
   T* best_p = best.data_ptr<T>();
   int64_t* column_p = best_column.data_ptr<int64_t>();
@@ -160,16 +176,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_forward_impl(
       while (column < n - 1 && !(buf[column] == m)) ++column;  // the first maximum, as torch.max
       best_p[b] = m;
       column_p[b] = column;
-      T shift = m;  // the row max once the targets are in: no exp overflows
+      // The exp shift is the row's max once the targets are in (no exp overflows, and exactly a target
+      // that holds the row's probability): when a target's plain logit was the max, taken again.
+      T shift = m;
+      bool max_replaced = false;
       for (int64_t t = 0; t < targets; ++t) {
         const int64_t col = first_column(labels_p, first_p, b * targets + t, start, n);
         if (col < 0) continue;
         const T value = target_p[b * targets + t];
+        max_replaced = max_replaced || buf[col] == m;
         total += value - buf[col];
         buf[col] = value;
         shift = value > shift ? value : shift;
       }
-      lse_p[b] = shift + std::log(sum_exp_row<T>(buf.data(), n, shift));
+      if (max_replaced) shift = max_row<T>(buf.data(), n);
+      lse_p[b] = static_cast<double>(shift) + std::log(static_cast<double>(sum_exp_row<T>(buf.data(), n, shift)));
       sum_p[b] = total;
     }
   });

@@ -210,7 +210,7 @@ class PartialFC(nn.Module):
         if self.probability_floor > 0:
             cap = -math.log(self.probability_floor)
             nll = nll + (nll.clamp(max=cap) - nll).detach()
-        return (weights.to(nll.dtype) * nll).sum(1).mean()
+        return (weights.to(nll.dtype) * nll).sum(1).mean().to(stats.target_logit.dtype)
 
     def _targets(self, embeddings, labels, label_weights):
         """labels [B, T] int64 and weights [B, T] from the forward's arguments, checked."""

@@ -1,7 +1,11 @@
 """The chunk engines of the margin-softmax loss: one pass over W in class chunks, never the ``[B, C]`` logits.
 
 Forward: per row a running max and sum of exponentials (online log-sum-exp), the sum of the
-logits (label smoothing) and the best cosine (argmax).  The margined target logits come from
+logits (label smoothing) and the best cosine (argmax).  Each chunk's log-sum-exp, the row max
+plus the log of the shifted sum, is formed and combined in float64 (:data:`LSE_DTYPE`): one
+float32 of ~s would carry ~4e-6 of rounding, which is the whole of ``1 - p`` where a target's
+probability is near 1.  The backward gets it back as a rounded lse and a per-row factor
+(:func:`backward_row_terms`), so every kernel works in the accumulation dtype.  The margined target logits come from
 :func:`margin_maths.prepare` (the ``B*T`` labelled centres), so no engine needs ``acos``.
 Backward: each chunk's cosines are recomputed and turned straight into the chunk's gradients.
 
@@ -23,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _extension
-from .margin_maths import EPS, Margin, Prepared, RowStats, prepare
+from .margin_maths import EPS, LSE_DTYPE, Margin, Prepared, RowStats, prepare
 
 
 def _target_columns(prep: Prepared, start: int, size: int):
@@ -34,12 +38,21 @@ def _target_columns(prep: Prepared, start: int, size: int):
 
 
 def _put_targets(logits, prep: Prepared, column, in_chunk, shift=None):
-    """Replace, in place, the logits [B, c] at the targets by the margined ones (minus ``shift`` [B, 1]).
+    """Set, in place, the logits [B, c] at the targets to the margined ones (minus ``shift`` [B, 1]), exactly.
 
-    Added as a difference at the first occurrence only, so a class named twice gets it once."""
+    Two scatter-adds at the first occurrences (a class named twice is set once): the plain logit's
+    negative (a - a = 0), then the target (0 + t = t); one add of the difference would leave the
+    rounding of a + (t - a), up to half an ulp of the plain logit, in a target that may hold all of
+    the row's probability."""
     target = prep.target_logit if shift is None else prep.target_logit - shift
-    delta = target - logits.gather(1, column)
-    logits.scatter_add_(1, column, torch.where(in_chunk & prep.first, delta, 0.0))
+    placed = in_chunk & prep.first
+    logits.scatter_add_(1, column, torch.where(placed, -logits.gather(1, column), 0.0))
+    logits.scatter_add_(1, column, torch.where(placed, target, 0.0))
+
+
+SHIFT_REACH = 60.0
+"""How far below the row's largest plain logit the forward's exp shift may lie: e^60 times a chunk's
+columns stays far inside float32's range."""
 
 
 def _chunk_products(prep: Prepared, w, norms=None):
@@ -64,30 +77,29 @@ def _torch_chunk_forward(prep: Prepared, w, start: int, margin: Margin, need_log
     best, best_column = logits.max(1)
     column, in_chunk = _target_columns(prep, start, w.shape[0])
     _put_targets(logits, prep, column, in_chunk)
-    # Shifted by the row max (the margin may raise a target above it), the exponentials cannot
-    # overflow; in place, this is three passes over [B, c] where torch.logsumexp takes five.
-    shift = torch.maximum(best, torch.where(in_chunk, prep.target_logit, -math.inf).amax(1))
+    # The exponentials are shifted by the largest target of the chunk when it lies within SHIFT_REACH of
+    # the plain maximum (no overflow), else by the plain maximum: the row's maximum without a pass over
+    # [B, c] (best may be a target's plain logit, which the margin replaced), and exactly the target where
+    # the target holds the row's probability.  In place this is three passes where torch.logsumexp takes five.
+    has_target = in_chunk.any(1)
+    shift = torch.maximum(
+        torch.where(has_target, best - SHIFT_REACH, best), torch.where(in_chunk, prep.target_logit, -math.inf).amax(1)
+    )
     logit_sum = logits.sum(1) if need_logit_sum else None
     sum_exp = logits.sub_(shift[:, None]).exp_().sum(1)
-    return shift + sum_exp.log(), logit_sum, best / margin.s, best_column, norms
-
-
-LOG_SCALE_FLOOR = -1e4
-"""log |grad_lse| for rows with grad_lse = 0: finite (so target differences stay finite) and
-small enough that exp underflows to exactly 0 in float32 and float64."""
+    return shift.to(LSE_DTYPE) + sum_exp.to(LSE_DTYPE).log(), logit_sum, best / margin.s, best_column, norms
 
 
 def _torch_chunk_backward(prep: Prepared, w, start: int, margin: Margin, lse, grads, norms):
     grad_lse, grad_target, grad_logit_sum = grads
     w, norms, inv_w, raw = _chunk_products(prep, w, norms)  # raw = s * <xn_b, W_c>  [B, c]
     # d loss / d logit = grad_lse * softmax (+ grad_logit_sum) (+ grad_target at the targets).
-    # |grad_lse| * softmax = exp(logit - lse + log |grad_lse|): the row scale rides in the exp's pass.
-    shift = lse - torch.log(grad_lse.abs()).clamp_min(LOG_SCALE_FLOOR)
-    dlogit = torch.addcmul(-shift[:, None], raw, inv_w)  # s * cos - shift
+    # s * cos rounded as the forward rounded it, then minus lse (addcmul's fused rounding would move the
+    # exponent of a class holding the row's probability by up to half an ulp of s)
+    dlogit = torch.mul(raw, inv_w).sub_(lse[:, None])
     column, in_chunk = _target_columns(prep, start, w.shape[0])
-    _put_targets(dlogit, prep, column, in_chunk, shift=shift[:, None])
-    # The sign of grad_lse (negative upstream gradients) in one multiply; no host sync to skip it.
-    dlogit.exp_().mul_(torch.where(grad_lse < 0, -1.0, 1.0).to(dlogit.dtype)[:, None])
+    _put_targets(dlogit, prep, column, in_chunk, shift=lse[:, None])
+    dlogit.exp_().mul_(grad_lse[:, None])
     if grad_logit_sum is not None:
         dlogit.add_(grad_logit_sum[:, None])
     if grad_target is not None:
@@ -187,12 +199,13 @@ def _triton_chunk_backward(prep: Prepared, w, start: int, margin: Margin, lse, g
 class ChunkEngine(NamedTuple):
     """How one backend handles one class chunk.
 
-    forward(prep, w [c, D], start, margin, need_logit_sum) -> (lse [B], logit sum [B] (or None
+    forward(prep, w [c, D], start, margin, need_logit_sum) -> (lse [B] LSE_DTYPE, logit sum [B] (or None
         when not needed), best cosine [B], its column in the chunk [B], norms [c] = |W_c| or None)
         over the chunk's classes.  ``keeps_norms``: the forward returns the norms and the
         backward gets them back (O(C) floats saved instead of a second pass over W).
     backward(prep, w [c, D], start, margin, lse [B], (grad_lse [B], grad_target [B, T] or None,
         grad_logit_sum [B] or None), norms [c] or None) -> (g [B, c] = dcos / |W_c|, w [c, D] in
+        (lse and grad_lse in the accumulation dtype, from :func:`backward_row_terms`)
         g's dtype or W's, radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre).
     """
 
@@ -214,7 +227,7 @@ def forward_stats(x, weight, labels, margin: Margin, chunk: int, backend: str, n
     engine = ENGINES[backend]
     prep = prepare(x, weight, labels, margin)
     rows = x.shape[0]
-    lse = prep.xn.new_full((rows,), -math.inf)
+    lse = prep.xn.new_full((rows,), -math.inf, dtype=LSE_DTYPE)
     logit_sum = prep.xn.new_zeros(rows)
     best_cos = prep.xn.new_full((rows,), -math.inf)
     argmax = torch.zeros(rows, dtype=torch.int64, device=x.device)
@@ -243,12 +256,27 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def backward_row_terms(lse: torch.Tensor, grad_lse: torch.Tensor, acc: torch.dtype):
+    """lse [B] and grad_lse [B] (LSE_DTYPE) -> (lse rounded to ``acc``, grad_lse * exp(rounded - lse) in ``acc``).
+
+    The engines compute grad_lse * exp(logit - lse) as grad' * exp(logit - rounded): with the logit near
+    the rounded lse (a target whose probability is near 1) the difference is exact, and the rounding
+    of lse moves only the per-row factor, which is formed in float64.  Rows without classes (lse = -inf)
+    keep grad_lse."""
+    rounded = lse.to(acc)
+    factor = torch.where(torch.isfinite(lse), torch.exp(rounded.to(lse.dtype) - lse), 1.0)
+    return rounded, (grad_lse.to(lse.dtype) * factor).to(acc)
+
+
 def backward_grads(grads, x, weight, labels, lse, norms, margin: Margin, chunk: int, backend: str):
     """Gradients of x [B, D] and weight [C, D], recomputed chunk by chunk; grads = (grad_lse [B],
-    grad_target [B, T] or None, grad_logit_sum [B] or None); norms [C] from the forward."""
+    grad_target [B, T] or None, grad_logit_sum [B] or None); lse [B] (LSE_DTYPE) and norms [C] from the
+    forward."""
     engine = ENGINES[backend]
     prep = prepare(x, weight, labels, margin)
     acc = prep.xn.dtype
+    lse, grad_lse = backward_row_terms(lse, grads[0], acc)
+    grads = (grad_lse, *grads[1:])
     grad_xn = torch.zeros_like(prep.xn)
     grad_weight = torch.empty_like(weight)
     for start in range(0, weight.shape[0], chunk):

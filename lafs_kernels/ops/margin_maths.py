@@ -42,11 +42,17 @@ class Margin(NamedTuple):
     fallback: bool = True
 
 
+LSE_DTYPE = torch.float64
+"""dtype of the chunk engines' log-sum-exp: the row's max plus the log of its shifted sum, kept in float64 so that
+lse - target (a loss near 0) and exp(target - lse) (a probability near 1) keep their low bits."""
+
+
 class RowStats(NamedTuple):
     """Per-row statistics over the classes of W (one shard of them when distributed).
 
-    lse [B], target_logit [B, T] (0 where the label is not among these classes),
-    logit_sum [B] (sum of all logits), best_cos [B] and argmax [B] (plain cosine).
+    lse [B] (LSE_DTYPE from the chunk engines, the accumulation dtype from the dense ``torch`` path),
+    target_logit [B, T] (0 where the label is not among these classes), logit_sum [B] (sum of all
+    logits), best_cos [B] and argmax [B] (plain cosine); all but lse in the accumulation dtype.
     """
 
     lse: torch.Tensor

@@ -81,7 +81,9 @@ def combine_shard_stats(stats: RowStats, class_start, group, need_argmax: bool) 
     """RowStats over all ranks' classes from this rank's ``stats`` (computed from embeddings passed
     through :class:`SumGradAcrossRanks`, labels relative to ``class_start``).  The argmax is global
     when ``need_argmax`` (one more gather), else this shard's."""
-    packed = torch.cat([stats.lse[:, None], stats.target_logit, stats.logit_sum[:, None]], 1)
+    # Packed in lse's dtype (float64 from the chunk engines), unpacked into each statistic's own.
+    wide = stats.lse.dtype
+    packed = torch.cat([stats.lse[:, None], stats.target_logit.to(wide), stats.logit_sum.to(wide)[:, None]], 1)
     gathered = GatherFromRanks.apply(packed, group)  # [world, B, T + 2]
     best_cos, argmax = stats.best_cos, stats.argmax
     if need_argmax:
@@ -91,8 +93,8 @@ def combine_shard_stats(stats: RowStats, class_start, group, need_argmax: bool) 
         best_cos, argmax = all_best.gather(0, winner)[0], all_arg.gather(0, winner)[0]
     return RowStats(
         lse=torch.logsumexp(gathered[..., 0], 0),
-        target_logit=gathered[..., 1:-1].sum(0),
-        logit_sum=gathered[..., -1].sum(0),
+        target_logit=gathered[..., 1:-1].sum(0).to(stats.target_logit.dtype),
+        logit_sum=gathered[..., -1].sum(0).to(stats.logit_sum.dtype),
         best_cos=best_cos,
         argmax=argmax,
     )

@@ -35,6 +35,7 @@ from .._dispatch import Backend, OpBackends
 from . import margin_chunks, margin_sharded
 from .margin_maths import (  # noqa: F401  (EPS, THETA_EPS, Margin, RowStats: part of this module's interface)
     EPS,
+    LSE_DTYPE,
     THETA_EPS,
     Margin,
     RowStats,
@@ -134,7 +135,7 @@ def _forward_op(
     chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, D], weight [C, D], labels [B, T] -> lse [B], target_logit [B, T], logit_sum [B]
+    """x [B, D], weight [C, D], labels [B, T] -> lse [B] (LSE_DTYPE), target_logit [B, T], logit_sum [B]
     (zeros unless ``need_logit_sum``), best_cos [B], argmax [B] (see RowStats), and the centres'
     norms [C] for the backward (empty for engines that do not keep them).  Labels outside
     [0, C) have no target here, unless ``check_labels`` makes them an error."""
@@ -153,7 +154,8 @@ def _forward_fake(x, weight, labels, *args):
     vec = x.new_empty(rows, dtype=acc)
     norms = x.new_empty(weight.shape[0] if margin_chunks.ENGINES[backend].keeps_norms else 0, dtype=acc)
     argmax = x.new_empty(rows, dtype=torch.int64)
-    return (vec, x.new_empty(labels.shape, dtype=acc), vec.clone(), vec.clone(), argmax, norms)
+    lse = x.new_empty(rows, dtype=LSE_DTYPE)
+    return (lse, x.new_empty(labels.shape, dtype=acc), vec, vec.clone(), argmax, norms)
 
 
 @torch.library.custom_op("lafs_kernels::margin_softmax_backward", mutates_args=())
@@ -241,9 +243,11 @@ def soft_target_loss(stats: RowStats, label_weights, label_smoothing: float, num
     label_weights [B, T]; num_classes int or 0-d tensor -> loss (scalar, or [B] for "none").
     """
     weights = label_weights.to(stats.lse.dtype)
+    # In lse's dtype (float64 from the chunk engines: a loss near 0 keeps its digits), returned in the others'.
     loss = weights.sum(1) * stats.lse - (weights * stats.target_logit).sum(1)
     if label_smoothing:
         loss = (1 - label_smoothing) * loss + label_smoothing * (stats.lse - stats.logit_sum / num_classes)
+    loss = loss.to(stats.target_logit.dtype)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

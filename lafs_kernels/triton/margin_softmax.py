@@ -214,6 +214,12 @@ def _backward_kernel(
     tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+"""For both kernels: a logit rounded as ``cos * s`` in the forward must be rounded the same in the backward,
+where ``logit - lse`` would otherwise fuse into an FMA (the product's rounding, up to half an ulp of s,
+then reaches the exponent of a class that holds the row's probability, and its gradient p - 1)."""
+
+
 def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
@@ -229,6 +235,7 @@ def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch
         IEEE=w.dtype == torch.float32,
         # The interpreter's tl.dot mis-multiplies bfloat16 (triton 3.8): it gets float32 tiles there.
         UPCAST=w.device.type == "cpu" and w.dtype == torch.bfloat16,
+        **COMPILE_OPTIONS,
     )
     return x, w, inv_x, grid, meta
 
@@ -238,7 +245,8 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
 
     x [B, D] embeddings and inv_x [B] their inverse norms; w [c, D] the chunk of W; labels [B, T] int64 columns
     of the targets in this chunk (-1: none); target_logit [B, T] float32 (s * margined cos).
-    Returns the chunk's log-sum-exp [B], logit sum [B], best cosine [B] and its column [B].
+    Returns the chunk's log-sum-exp [B] (float64: the tiles' max plus the log of their shifted sums), logit
+    sum [B], best cosine [B] and its column [B].
     """
     x, w, inv_x, grid, meta = _common(x, inv_x, w, labels)
     rows, cols = x.shape[0], grid[1]
@@ -266,6 +274,7 @@ def chunk_forward(x, inv_x, w, labels, target_logit, s: float):
             **meta,
         )
     tile_max, tile_sum, tile_logit_sum, tile_best = stats
+    tile_max, tile_sum = tile_max.double(), tile_sum.double()
     chunk_max = tile_max.max(1).values
     chunk_lse = chunk_max + torch.log((tile_sum * torch.exp(tile_max - chunk_max[:, None])).sum(1))
     best, block = tile_best.max(1, keepdim=True)

@@ -124,7 +124,13 @@ def margin_variants():
                 OUT_BEST="*fp32",
                 OUT_ARG="*i32",
             )
-            yield f"margin_forward_{t}_T{labels}", margin._forward_kernel, forward, const, {"num_warps": num_warps}
+            yield (
+                f"margin_forward_{t}_T{labels}",
+                margin._forward_kernel,
+                forward,
+                const,
+                {"num_warps": num_warps, **margin.COMPILE_OPTIONS},
+            )
             backward = dict(
                 scalars,
                 X=f"*{t}",
@@ -140,7 +146,13 @@ def margin_variants():
                 G=f"*{t}",
                 RADIAL="*fp32",
             )
-            yield f"margin_backward_{t}_T{labels}", margin._backward_kernel, backward, const, {"num_warps": num_warps}
+            yield (
+                f"margin_backward_{t}_T{labels}",
+                margin._backward_kernel,
+                backward,
+                const,
+                {"num_warps": num_warps, **margin.COMPILE_OPTIONS},
+            )
 
 
 def colour_variants():
