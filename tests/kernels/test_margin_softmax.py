@@ -118,13 +118,9 @@ def test_arcface_fallback_when_theta_plus_m_exceeds_pi(rng, backend):
     check_against_reference(x, w, labels, backend, chunk_size=8, **MARGINS["arcface"])
 
 
-@pytest.mark.parametrize("backend", ["chunked", CPP, "triton"])
-@pytest.mark.parametrize("kind", ["arcface", "cosface"])
-def test_rows_whose_target_holds_the_probability(rng, backend, kind):
-    """Targets whose plain cosine is the row's largest and whose margined logit still leads by ~10-20
-    (1 - p between 1e-11 and 1e-5: a well-trained row): the engines' log-sum-exp is the target itself
-    plus a small log-sum, so the gradient 1 - p keeps float32 precision (a shift by the replaced plain
-    logit, or one float32 lse of ~s, carries ~4e-6 of rounding: up to all of 1 - p)."""
+def well_trained_rows(rng, kind):
+    """(x [4, 32], W [24, 32], labels [4]) float32: each target's plain cosine is its row's largest and its
+    margined logit still leads by ~10-20 (1 - p between 1e-11 and 1e-5), as in a well-trained model."""
     b, d, c = 4, 32, 24
     labels = torch.tensor([3, 11, 17, 20])
     basis = torch.linalg.qr(torch.randn(d, d, generator=rng, dtype=torch.float64))[0].T  # orthonormal rows
@@ -142,6 +138,16 @@ def test_rows_whose_target_holds_the_probability(rng, backend, kind):
     assert torch.equal(cos.argmax(1), labels) and torch.equal(logits.argmax(1), labels)
     one_minus_p = 1 - torch.softmax(logits, 1).gather(1, labels[:, None])
     assert ((one_minus_p > 1e-12) & (one_minus_p < 1e-4)).all(), one_minus_p
+    return x, w, labels
+
+
+@pytest.mark.parametrize("backend", ["chunked", CPP, "triton"])
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_rows_whose_target_holds_the_probability(rng, backend, kind):
+    """The engines' log-sum-exp of a well-trained row is the target itself plus a small log-sum, so the
+    gradient 1 - p keeps float32 precision (a shift by the replaced plain logit, one float32 lse of ~s, or a
+    logit rounded differently in the backward carries up to ~2e-6 of rounding: up to all of 1 - p)."""
+    x, w, labels = well_trained_rows(rng, kind)
     check_against_reference(x, w, labels, backend, chunk_size=16, reduction="sum", **MARGINS[kind])
 
 
@@ -478,6 +484,15 @@ def test_triton_on_gpu_matches_reference(rng, dtype):
         )
         for name, a, b, r in zip(("loss", "grad x", "grad w"), ours1, same, ref1):
             assert_close_low_precision(a.to(dtype), b, r, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_rows_whose_target_holds_the_probability_on_gpu(rng, backend, kind):
+    """As on the CPU, with the GPU's compilers (FMA contraction would round a logit differently in the backward)."""
+    x, w, labels = well_trained_rows(rng, kind)
+    check_against_reference(x.cuda(), w.cuda(), labels.cuda(), backend, chunk_size=16, reduction="sum", **MARGINS[kind])
 
 
 @pytest.mark.gpu
