@@ -8,8 +8,9 @@
 //
 // forward: per row the log-sum-exp (in float64: the row max plus the log of the shifted sum,
 //   so the backward's exp(logit - lse) keeps every bit where a target's probability is near 1),
-//   the sum of the logits and the largest plain logit (and its first column).  The row is scaled into a buffer of n values that stays in L1/L2 for the
-//   exp pass, so raw is read once; PyTorch ops need five passes over [B, n].
+//   the sum of the logits and the largest plain logit (and its first column).  The row is
+//   scaled into a buffer of n values that stays in L1/L2 for the exp pass, so raw is read
+//   once; PyTorch ops need five passes over [B, n].
 // backward: g = dlogit * s * inv_w = dcos / |W_j| written over raw, with
 //   dlogit = grad_lse * softmax + grad_logit_sum (+ grad_target at the targets, the target
 //   columns then times the margin's derivative), and per class sum_b g * raw (the radial term).

@@ -2,11 +2,12 @@
 
 Forward: per row a running max and sum of exponentials (online log-sum-exp), the sum of the
 logits (label smoothing) and the best cosine (argmax).  Each chunk's log-sum-exp, the row max
-plus the log of the shifted sum, is formed and combined in float64 (:data:`LSE_DTYPE`): one
+plus the log of the shifted sum, is formed and combined in float64 (``LSE_DTYPE``): one
 float32 of ~s would carry ~4e-6 of rounding, which is the whole of ``1 - p`` where a target's
 probability is near 1.  The backward gets it back as a rounded lse and a per-row factor
-(:func:`backward_row_terms`), so every kernel works in the accumulation dtype.  The margined target logits come from
-:func:`margin_maths.prepare` (the ``B*T`` labelled centres), so no engine needs ``acos``.
+(:func:`backward_row_terms`), so every kernel works in the accumulation dtype.  The margined
+target logits come from :func:`margin_maths.prepare` (the ``B*T`` labelled centres), so no
+engine needs ``acos``.
 Backward: each chunk's cosines are recomputed and turned straight into the chunk's gradients.
 
 One engine per backend (the loops over chunks, :func:`forward_stats` and :func:`backward_grads`,
@@ -205,8 +206,8 @@ class ChunkEngine(NamedTuple):
         backward gets them back (O(C) floats saved instead of a second pass over W).
     backward(prep, w [c, D], start, margin, lse [B], (grad_lse [B], grad_target [B, T] or None,
         grad_logit_sum [B] or None), norms [c] or None) -> (g [B, c] = dcos / |W_c|, w [c, D] in
-        (lse and grad_lse in the accumulation dtype, from :func:`backward_row_terms`)
-        g's dtype or W's, radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre).
+        g's dtype or W's, radial [c] = sum_b dcos_bc cos_bc / |W_c|^2, 0 for a zero centre);
+        lse and grad_lse come in the accumulation dtype from :func:`backward_row_terms`.
     """
 
     forward: object
