@@ -38,23 +38,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, sc
     )
 
 
-def assert_close_within(
-    actual: torch.Tensor, expected: torch.Tensor, extra: torch.Tensor, *, dtype=None, scale=1.0, msg=""
-):
-    """:func:`assert_close`'s elementwise test with ``extra`` (a tensor like ``expected``) added to the allowed
-    error: for a rounding error the computation cannot avoid and the test can bound (as the margin loss's
-    float32 log-sum-exp, ``helpers.margin.lse_rounding_bounds``)."""
-    dtype = dtype or actual.dtype
-    atol, rtol = ATOL_RTOL[dtype]
-    a = actual.detach().to(torch.float64).cpu()
-    e = expected.detach().to(torch.float64).cpu()
-    bound = scale * (atol + rtol * e.abs()) + extra.detach().to(torch.float64).cpu()
-    error = (a - e).abs()
-    assert torch.isfinite(a).all() and (error <= bound).all(), (
-        f"{msg} off by {(error / bound).max().item():.2f} x the tolerance (max error {error.max().item():.3e})"
-    )
-
-
 def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, scale=1.0, msg=""):
     """Row by row, with the relative tolerance taken of the row's largest ``|expected|``: for rows computed from
     a few large terms, as the gradient of a zero vector's normalisation (~1/eps, where an element that cancels

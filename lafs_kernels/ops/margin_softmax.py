@@ -94,10 +94,14 @@ def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0
     num_classes = weight.shape[0]
     present = (labels >= 0) & (labels < num_classes)
     index = labels.clamp(0, num_classes - 1)
-    cos_t = cos.gather(1, index)
+    # The B*T target cosines again, in float64 for float32 inputs (as margin_maths.prepare: the margin near
+    # theta = 0 multiplies a cosine's rounding by ~m1*sin(m1*theta + m2)/sin(theta)), gradients through them.
+    fine = torch.float64 if acc == torch.float32 else acc
+    centres = F.normalize(weight[index].to(fine), dim=-1, eps=EPS)  # [B, T, D]
+    cos_t = (F.normalize(x.to(fine), eps=EPS)[:, None, :] * centres).sum(-1)
     value, derivative = margin_values(cos_t.detach(), margin)
     # value with the chosen derivative: value + (cos_t - cos_t.detach()) * derivative
-    margined = value + (cos_t - cos_t.detach()) * derivative
+    margined = (value + (cos_t - cos_t.detach()) * derivative).to(acc)
     first = first_occurrence(labels, present)  # a class named twice is margined once
     one_hot = torch.zeros_like(cos, dtype=torch.int64).scatter_add_(1, index, first.long()) > 0
     margined_dense = torch.zeros_like(cos).scatter_add(1, index, torch.where(first, margined, 0))
@@ -106,8 +110,13 @@ def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0
         plain = torch.where(cos.detach() > filter_threshold, 0.0, cos)
     logits = margin.s * torch.where(one_hot, margined_dense, plain)
     best_cos, argmax = cos.detach().max(1)
+    # The log-sum-exp through the max-shifted sum, the shift held constant: its gradient exp(z - shift) / sum
+    # keeps a probability near 1 to float32 precision, where torch.logsumexp's exp(z - lse) carries the
+    # rounding of lse (~s ulps, all of 1 - p in a well-trained row).
+    shift = logits.detach().amax(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
     return RowStats(
-        lse=torch.logsumexp(logits, 1),
+        lse=shift[:, 0] + (logits - shift).exp().sum(1).log(),
         target_logit=torch.where(present, margin.s * margined, 0.0),
         logit_sum=logits.sum(1),
         best_cos=best_cos,

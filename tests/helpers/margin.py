@@ -85,21 +85,5 @@ def loss_and_grads(fn, x, w, *args, upstream=None, **kwargs):
     return loss, gx, gw
 
 
-def lse_rounding_bounds(x, w, labels, *, ulps=2.0, reduction="mean", **margins):
-    """How far float32 gradients move when each row's log-sum-exp carries ``ulps`` float32 ulps of rounding (the
-    engines keep it as one float32 per row; the loss subtracts the target logit from it): an error delta_b moves
-    the gradient of x_b by delta_b * d lse_b / d x_b and the centres' by delta_b * d lse_b / d W.  Where a target's
-    probability is near 1 (s = 64 and a well-separated row) the true gradient, 1 - p, is itself below that
-    resolution.  -> (bound for grad x [B, D], bound for grad W [C, D]), float64, for ``reduction`` mean / sum /
-    none (summed)."""
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    lse = torch.logsumexp(reference_logits(x64, w64, labels, **margins), 1)
-    row_scale = 1.0 / lse.shape[0] if reduction == "mean" else 1.0
-    delta = (ulps * 2.0**-23 * row_scale) * lse.detach().abs()
-    # one row's lse per batch entry: every row's gradients [B, ...] in one call, their sizes summed
-    gx, gw = torch.autograd.grad(lse, [x64, w64], torch.diag(delta), is_grads_batched=True)
-    return gx.abs().sum(0), gw.abs().sum(0)
-
-
 # Logits are s = 64 times the cosines: float32 gradients carry ~64x the rounding of a cosine.
 GRAD_SCALE = 8.0
