@@ -60,11 +60,13 @@ def build_train_set(cfg: Config, *, few_shot: bool = True):
             raise ConfigError(f"data.few_shot: {exc}") from exc
         if len(dataset) == 0:
             raise ConfigError("the few-shot subset is empty: raise data.few_shot.identity_fraction")
-    check_label_range(dataset.labels, int(dataset.num_classes), f"the training set ({data.source}, root {data.root!r})")
+    check_dataset_labels(
+        dataset.labels, int(dataset.num_classes), f"the training set ({data.source}, root {data.root!r})"
+    )
     return dataset
 
 
-def check_label_range(labels, num_classes: int, name: str) -> None:
+def check_dataset_labels(labels, num_classes: int, name: str) -> None:
     """Every label in ``[0, num_classes)``, checked once on the host: the margin heads then skip the
     check of each step (``check_labels=False``, one device sync less per step on GPUs)."""
     labels = np.asarray(labels)

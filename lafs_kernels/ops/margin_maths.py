@@ -123,27 +123,29 @@ class Prepared(NamedTuple):
     target_derivative: torch.Tensor  # [B, T] d margined value / d cos
 
 
+def target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """cos [B, T] float64 of each embedding x [B, D] with its labelled centres weight[labels] (labels clamped
+    into [0, C); 0 when W has no rows), differentiable.  float64 because near theta = 0 the margin
+    cos(m1*theta + m2) multiplies a cosine's rounding by ~m1*sin(m1*theta + m2)/sin(theta), and s = 64 on top;
+    B*T dot products, never a copy of W."""
+    num_classes = weight.shape[0]
+    if num_classes == 0:
+        return x.new_zeros(labels.shape, dtype=torch.float64)
+    centres = weight[labels.clamp(0, num_classes - 1)].double()  # [B, T, D]
+    x64 = x.double()
+    xn = x64 * torch.linalg.vector_norm(x64, dim=1).clamp_min(EPS).reciprocal()[:, None]
+    inv_w = torch.linalg.vector_norm(centres, dim=-1).clamp_min(EPS).reciprocal()
+    return (centres * xn[:, None, :]).sum(-1) * inv_w
+
+
 def prepare(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: Margin) -> Prepared:
     """The normalised embeddings and the margined target logits, from the ``B*T`` labelled centres."""
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
     inv_x, x_nonzero = inverse_norms(xa)
     xn = xa * inv_x[:, None]
-    num_classes = weight.shape[0]
-    present = (labels >= 0) & (labels < num_classes)
-    index = labels.clamp(0, max(num_classes - 1, 0))
-    if num_classes == 0:
-        centres = xn.new_zeros(*labels.shape, x.shape[1])
-    else:
-        centres = weight[index].to(acc)  # [B, T, D]: B*T rows, never a copy of W
-    # The B*T target cosines and their margin in float64 for float32 inputs: near theta = 0 the margin
-    # cos(m1*theta + m2) multiplies a cosine's rounding by ~m1*sin(m1*theta + m2)/sin(theta), and s = 64 on top.
-    fine = torch.float64 if acc == torch.float32 else acc
-    centres_f, x_f = centres.to(fine), xa.to(fine)
-    x_f = x_f * torch.linalg.vector_norm(x_f, dim=1).clamp_min(EPS).reciprocal()[:, None]
-    inv_w = torch.linalg.vector_norm(centres_f, dim=-1).clamp_min(EPS).reciprocal()
-    cos_t = (centres_f * x_f[:, None, :]).sum(-1) * inv_w
-    value, derivative = margin_values(cos_t, margin)
+    present = (labels >= 0) & (labels < weight.shape[0])
+    value, derivative = margin_values(target_cosines(x, weight, labels), margin)
     value, derivative = value.to(acc), derivative.to(acc)
     return Prepared(
         x=x,

@@ -43,6 +43,7 @@ from .margin_maths import (  # noqa: F401  (EPS, THETA_EPS, Margin, RowStats: pa
     check_label_range,
     first_occurrence,
     margin_values,
+    target_cosines,
 )
 
 DEFAULT_CHUNK = {"cpu": 16384, "cuda": 8192}
@@ -94,11 +95,7 @@ def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0
     num_classes = weight.shape[0]
     present = (labels >= 0) & (labels < num_classes)
     index = labels.clamp(0, num_classes - 1)
-    # The B*T target cosines again, in float64 for float32 inputs (as margin_maths.prepare: the margin near
-    # theta = 0 multiplies a cosine's rounding by ~m1*sin(m1*theta + m2)/sin(theta)), gradients through them.
-    fine = torch.float64 if acc == torch.float32 else acc
-    centres = F.normalize(weight[index].to(fine), dim=-1, eps=EPS)  # [B, T, D]
-    cos_t = (F.normalize(x.to(fine), eps=EPS)[:, None, :] * centres).sum(-1)
+    cos_t = target_cosines(x, weight, labels)  # float64, as the chunk engines' (gradients through them)
     value, derivative = margin_values(cos_t.detach(), margin)
     # value with the chosen derivative: value + (cos_t - cos_t.detach()) * derivative
     margined = (value + (cos_t - cos_t.detach()) * derivative).to(acc)

@@ -102,6 +102,7 @@ def margin_variants():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
         block_b, block_c, block_d, num_warps = margin._blocks(CUDA, dtype)
+        options = {"num_warps": num_warps, **margin.COMPILE_OPTIONS}
         for labels in (1, 2):
             const = {
                 "T": labels,
@@ -124,13 +125,7 @@ def margin_variants():
                 OUT_BEST="*fp32",
                 OUT_ARG="*i32",
             )
-            yield (
-                f"margin_forward_{t}_T{labels}",
-                margin._forward_kernel,
-                forward,
-                const,
-                {"num_warps": num_warps, **margin.COMPILE_OPTIONS},
-            )
+            yield f"margin_forward_{t}_T{labels}", margin._forward_kernel, forward, const, options
             backward = dict(
                 scalars,
                 X=f"*{t}",
@@ -146,13 +141,7 @@ def margin_variants():
                 G=f"*{t}",
                 RADIAL="*fp32",
             )
-            yield (
-                f"margin_backward_{t}_T{labels}",
-                margin._backward_kernel,
-                backward,
-                const,
-                {"num_warps": num_warps, **margin.COMPILE_OPTIONS},
-            )
+            yield f"margin_backward_{t}_T{labels}", margin._backward_kernel, backward, const, options
 
 
 def colour_variants():

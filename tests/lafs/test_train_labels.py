@@ -7,7 +7,7 @@ import torch
 
 from lafs.train import config as cfgmod
 from lafs.train.config import ConfigError
-from lafs.train.data import build_train_set, check_label_range
+from lafs.train.data import build_train_set, check_dataset_labels
 from lafs.train.distributed import Distributed
 from lafs.train.heads import build_margin_head
 
@@ -18,11 +18,11 @@ def tiny_supervised(*overrides):
 
 
 def test_labels_outside_the_class_count_name_the_set_the_count_and_a_label():
-    check_label_range(np.array([0, 4, 2]), 5, "set A")
+    check_dataset_labels(np.array([0, 4, 2]), 5, "set A")
     with pytest.raises(ConfigError, match=r"set B: 2 label\(s\) outside \[0, 5\), e\.g\. 5"):
-        check_label_range(np.array([0, 5, 2, 7]), 5, "set B")
+        check_dataset_labels(np.array([0, 5, 2, 7]), 5, "set B")
     with pytest.raises(ConfigError, match=r"set C: 1 label\(s\) outside \[0, 3\), e\.g\. -1"):
-        check_label_range(np.array([-1, 0]), 3, "set C")
+        check_dataset_labels(np.array([-1, 0]), 3, "set C")
 
 
 def test_training_set_labels_are_checked_when_it_is_built(monkeypatch):
