@@ -26,6 +26,7 @@ def test_pretrain_views_benchmark_runs_in_smoke_mode(tmp_path):
         "Pretraining step by part",
         "builder per_image vs original",
         "step per_view vs original",
+        "ms with the per-pair loop",
     ):
         assert line in out.stdout
     assert (tmp_path / "views.json").stat().st_size > 0

@@ -37,8 +37,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        # unbind, not qkv[0..2]: each select's backward would zero-fill a whole [3, B, H, N, d] gradient.
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 
@@ -193,7 +194,9 @@ class PartTransformer(nn.Module):
             )
         table = self.pos_embedding[0]
         cls_pos = table[:1].expand(batch, 1, self.dim)
-        return torch.cat([cls_pos, table[1:][index]], dim=1)
+        # index_select: its backward (index_add) is ~6x quicker on CPU than advanced indexing's index_put.
+        token_pos = table.index_select(0, index.reshape(-1) + 1).view(batch, num_tokens, self.dim)
+        return torch.cat([cls_pos, token_pos], dim=1)
 
     def forward(self, tokens: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, K, P*P*C] (from ``landmark_patch_gather``), index [B, K] or None -> embeddings [B, dim]."""

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .dino_cross_entropy import dino_cross_entropy, pairwise_dino_cross_entropy
 from .schedules import teacher_temp_schedule
 
 
@@ -29,6 +30,8 @@ class DINOLoss(nn.Module):
     The teacher temperature warms up linearly from ``warmup_teacher_temp`` over
     ``warmup_teacher_temp_epochs`` epochs, then stays at ``teacher_temp``.
     ``nepochs``, when given, bounds the epochs the loss accepts.
+    ``fused=True`` computes the pairs' sum without a ``[B, out_dim]`` copy per pair
+    (``lafs.ssl.dino_cross_entropy``); ``False`` runs the released script's per-pair loop.
     Computed in float32 for float32 and lower-precision inputs (float64 stays float64).
     """
 
@@ -42,6 +45,7 @@ class DINOLoss(nn.Module):
         nepochs: Optional[int] = None,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        fused: bool = True,
     ):
         super().__init__()
         if ncrops < 2:
@@ -54,6 +58,7 @@ class DINOLoss(nn.Module):
         self.nepochs = nepochs
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.fused = fused
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temperature(self, epoch: int) -> float:
@@ -65,22 +70,14 @@ class DINOLoss(nn.Module):
         return float(schedule[epoch])
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        n_teacher = self._check(student_output, teacher_output)
+        self._check(student_output, teacher_output)
         dtype = torch.promote_types(student_output.dtype, torch.float32)
-        student_logp = F.log_softmax(student_output.to(dtype) / self.student_temp, dim=-1).chunk(self.ncrops)
         teacher_raw = teacher_output.detach().to(dtype)
-        targets = F.softmax((teacher_raw - self.center) / self.teacher_temperature(epoch), dim=-1).chunk(n_teacher)
-
-        total = student_output.new_zeros((), dtype=dtype)
-        n_terms = 0
-        for i, q in enumerate(targets):
-            for v, logp in enumerate(student_logp):
-                if v == i:  # a crop is never its own target
-                    continue
-                total = total + torch.sum(-q * logp, dim=-1).mean()
-                n_terms += 1
+        targets = F.softmax((teacher_raw - self.center) / self.teacher_temperature(epoch), dim=-1)
+        cross_entropy = dino_cross_entropy if self.fused else pairwise_dino_cross_entropy
+        loss = cross_entropy(student_output.to(dtype), targets, self.ncrops, self.student_temp)
         self.update_center(teacher_raw)
-        return total / n_terms
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

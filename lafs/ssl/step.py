@@ -56,6 +56,8 @@ class DINOSettings:
     freeze_last_layer: epochs during which the head's last layer is not updated.
     amp_dtype: autocast dtype on CUDA ("bfloat16", "float16" with a GradScaler, or None for
       float32); the CPU always runs float32.
+    fused_loss: the DINO cross-entropy without a [B, out_dim] copy per crop pair
+      (``lafs.ssl.dino_cross_entropy``); False: the released script's per-pair loop.
     """
 
     epochs: int
@@ -79,6 +81,7 @@ class DINOSettings:
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
     amp_dtype: Optional[str] = "bfloat16"
+    fused_loss: bool = True
 
     def __post_init__(self):
         if self.amp_dtype not in _AMP_DTYPES:
@@ -89,7 +92,8 @@ class DINOSettings:
     @classmethod
     def from_config(cls, cfg, *, iters_per_epoch: int, amp_dtype: Optional[str]) -> DINOSettings:
         """The settings of a ``lafs.train`` pretraining configuration (its ``optim`` and ``dino`` sections, as
-        ``lafs.train.config.schema.PRETRAIN`` declares them) for a run of ``iters_per_epoch`` steps per epoch."""
+        ``lafs.train.config.schema.PRETRAIN`` declares them) for a run of ``iters_per_epoch`` steps per epoch;
+        ``train.original_path`` keeps the released script's per-pair loss."""
         o, d = cfg.optim, cfg.dino
         return cls(
             epochs=int(o.epochs),
@@ -113,6 +117,7 @@ class DINOSettings:
             clip_grad=o.clip_grad,
             freeze_last_layer=int(d.freeze_last_layer_epochs),
             amp_dtype=amp_dtype,
+            fused_loss=not cfg.train.original_path,
         )
 
 
@@ -161,6 +166,7 @@ class DINOTrainer:
             s.epochs,
             s.student_temp,
             s.center_momentum,
+            fused=s.fused_loss,
         ).to(device)
         self.student_forward: nn.Module = self.student
         if _world_size() > 1:

@@ -231,7 +231,8 @@ COMMON = [
         False,
         "Use the code paths of the original LAFS repository (per-landmark "
         "grid_sample loop, unfused margin loss from lafs_kernels.baselines; in pretraining the frozen landmark CNN "
-        "run once per global view and once for the locals, batch norms unfolded) for comparisons.",
+        "run once per global view and once for the locals, batch norms unfolded, the DINO loss's per-pair loop) "
+        "for comparisons.",
         bool,
     ),
     _opt("train.log_every", 10, "Write a log line every this many optimizer steps.", minimum=1),
