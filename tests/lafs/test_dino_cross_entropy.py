@@ -135,3 +135,22 @@ def test_bad_shapes_are_named(rng):
         dino_cross_entropy(student, targets, 5, 0.1)
     with pytest.raises(ValueError, match="target rows"):
         dino_cross_entropy(student, targets[:-1], 4, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_fused_on_cuda_under_autocast(rng, amp_dtype):
+    """The trainer's use on GPUs: the head's output in the autocast dtype, the loss computed in float32."""
+    ncrops, out_dim = 10, 4096
+    student, targets = logits_and_targets(rng, ncrops, 2, out_dim=out_dim, spread=1.0)
+    teacher = (torch.log(targets) * 0.04).cuda()
+    results = {}
+    for fused in (True, False):
+        leaf = student.to("cuda", amp_dtype).requires_grad_(True)
+        with torch.autocast("cuda", dtype=amp_dtype):
+            loss = DINOLoss(out_dim, ncrops, fused=fused).cuda()(leaf, teacher, 0)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert loss.dtype == torch.float32 and grad.dtype == amp_dtype
+        results[fused] = (loss, grad)
+    assert_close(results[True][0], results[False][0], dtype=torch.float32)
+    assert_close(results[True][1], results[False][1], dtype=amp_dtype)
