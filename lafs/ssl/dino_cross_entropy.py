@@ -7,8 +7,8 @@ Over ``V`` student crops and ``T`` teacher (global) crops of ``B`` images, rows 
 ``pairwise_dino_cross_entropy`` computes it as the released DINO / LAFS script does: a log-softmax copy
 of every student row, then one ``[B, out_dim]`` product per pair (18 for 2 + 8 crops), each kept for
 the backward pass.  ``dino_cross_entropy`` gives the same value keeping only the student logits and the
-targets: each crop's log-probabilities are made one crop at a time and meet every teacher crop in one
-batched dot product, and the backward pass makes them again.  The gradient for crop ``v`` is
+targets: the crops' log-probabilities are made a chunk of crops at a time and meet every teacher crop in
+one batched dot product, and the backward pass makes them again.  The gradient for crop ``v`` is
 ``(M_v p_v - Q_v) / (P B tau)`` with ``p_v = softmax(s_v / tau)``, ``Q_v = sum_{i != v} q_i`` and
 ``M_v = sum_{i != v} sum_c q_i[c]`` (1 per teacher crop up to rounding).
 
@@ -61,20 +61,32 @@ def _sum_except(rows: Tensor, skip: int) -> Tensor:
     return rows[torch.arange(rows.shape[0], device=rows.device) != skip].sum(0)
 
 
+# Logits per pass: the passes' temporaries stay near 16 MB of float32 whatever the batch and out_dim, and
+# small problems (the default run's 4,096 outputs) take a few passes instead of one per crop.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _crop_chunks(ncrops: int, teachers: int, crop_elements: int) -> list[tuple[int, int]]:
+    """Crop ranges [start, stop) of one pass each: each teacher crop alone (its targets leave itself out),
+    the other crops grouped up to ``CHUNK_ELEMENTS`` logits."""
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, crop_elements))
+    chunks = [(v, v + 1) for v in range(teachers)]
+    return chunks + [(v, min(v + per_chunk, ncrops)) for v in range(teachers, ncrops, per_chunk)]
+
+
 class _DINOCrossEntropy(torch.autograd.Function):
-    # log p_v comes from log_softmax, once per crop in each pass (not kept): through lse - x instead, a row
-    # of large logits (x ~ 300) loses ulp(300) ~ 3e-5 in every probability (50x plain float32's gradient
-    # error in tests).  Pairs are summed per pair, not through the crops' sum, which cost ~2e-7 of the loss.
+    # log p comes from log_softmax, a chunk of crops per pass (not kept): through lse - x instead, a row of
+    # large logits (x ~ 300) loses ulp(300) ~ 3e-5 in every probability (50x plain float32's gradient error
+    # in tests).  Pairs are summed per pair, not through the crops' sum, which cost ~2e-7 of the loss.
     @staticmethod
     def forward(ctx, student: Tensor, targets: Tensor, ncrops: int, student_temp: float) -> Tensor:
         teachers, batch = _shapes(student, targets, ncrops)
         s = student.view(ncrops, batch, -1)
         q = targets.to(student.dtype).view(teachers, batch, -1)
-        q_by_image = q.transpose(0, 1).contiguous()  # [B, T, K]: the batched dot products' operand
         per_pair = s.new_empty(ncrops, batch, teachers)  # q_i . log p_v per image
-        for v in range(ncrops):
-            log_p = F.log_softmax(s[v] / student_temp, dim=-1)  # [B, K]
-            torch.bmm(q_by_image, log_p.unsqueeze(-1), out=per_pair[v].unsqueeze(-1))
+        for start, stop in _crop_chunks(ncrops, teachers, s[0].numel()):
+            log_p = F.log_softmax(s[start:stop] / student_temp, dim=-1)  # [crops, B, K]
+            per_pair[start:stop] = torch.einsum("vbk,tbk->vbt", log_p, q)
         own_crop = torch.arange(teachers, device=s.device)
         per_pair[own_crop, :, own_crop] = 0  # a crop is never its own target
         pairs = teachers * ncrops - teachers
@@ -91,14 +103,14 @@ class _DINOCrossEntropy(torch.autograd.Function):
         s = student.view(ncrops, batch, -1)
         scale = grad_loss / (pairs * batch * student_temp)
         q_mass = q.sum(dim=-1)  # [T, B], 1 up to rounding
-        scaled_all = q.sum(0).mul_(-scale)  # -scale * sum_i q_i: [B, K]
         grad = torch.empty_like(s)
-        for v in range(ncrops):
-            own = v < teachers  # a teacher crop is not its own target
-            scaled_targets = _sum_except(q, v).mul_(-scale) if own else scaled_all
-            mass = _sum_except(q_mass, v) if own else q_mass.sum(0)  # [B]
-            p = torch.exp_(F.log_softmax(s[v] / student_temp, dim=-1))
-            torch.addcmul(scaled_targets, p, (mass * scale)[:, None], out=grad[v])
+        for start, stop in _crop_chunks(ncrops, teachers, s[0].numel()):
+            p = F.log_softmax(s[start:stop] / student_temp, dim=-1).exp_()
+            if start < teachers:  # one teacher crop, which is not its own target
+                targets_v, mass_v = _sum_except(q, start), _sum_except(q_mass, start)
+            else:
+                targets_v, mass_v = q.sum(0), q_mass.sum(0)
+            torch.addcmul(targets_v.mul_(-scale), p, (mass_v * scale)[:, None], out=grad[start:stop])
         return grad.view_as(student), None, None, None
 
 

@@ -49,6 +49,21 @@ def errors_from_float64(student, targets, ncrops):
     return errors, (abs(loss_64.item()), grad_64.abs().max().item())
 
 
+@pytest.mark.parametrize("crops_per_pass", [1, 3])
+def test_crops_split_over_passes(rng, monkeypatch, crops_per_pass):
+    """Large problems take a few crops per pass (CHUNK_ELEMENTS): one crop, and three with a remainder."""
+    from lafs.ssl import dino_cross_entropy as module
+
+    ncrops, teachers, batch, out_dim = 10, 2, 3, 64
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", crops_per_pass * batch * out_dim)
+    assert len(module._crop_chunks(ncrops, teachers, batch * out_dim)) == teachers + -(-8 // crops_per_pass)
+    student, targets = logits_and_targets(rng, ncrops, teachers, batch=batch, out_dim=out_dim, dtype=torch.float64)
+    loss, grad = loss_and_grad(dino_cross_entropy, student, targets, ncrops)
+    loss_ref, grad_ref = loss_and_grad(pairwise_dino_cross_entropy, student, targets, ncrops)
+    assert_close(loss, loss_ref)
+    assert_close(grad, grad_ref)
+
+
 @pytest.mark.parametrize("ncrops,teachers", CROPS)
 def test_float32_fused_within_float32_tolerance(rng, ncrops, teachers):
     """Logits in the head's range (|s| <= 1 from unit vectors; a spread of 1 here)."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from lafs.ssl import (
     DINOHead,
+    WeightNormLinear,
     cancel_last_layer_gradients,
     clip_gradients_per_parameter,
     ema_update,
@@ -30,6 +31,24 @@ def test_head_computes_mlp_normalise_weightnorm_linear(rng):
     v = head.last_layer.weight_v
     expected = z @ (v / v.norm(dim=1, keepdim=True)).T
     assert_close(head(x), expected)
+
+
+@pytest.mark.parametrize("fixed_gain", [True, False])
+def test_weight_norm_gradients_match_the_formula(rng, fixed_gain):
+    layer = WeightNormLinear(8, 40, fixed_gain=fixed_gain).double()
+    with torch.no_grad():
+        layer.weight_v.mul_(torch.rand(40, 1, generator=rng, dtype=torch.float64) + 0.5)
+        layer.weight_g.copy_(torch.rand(40, 1, generator=rng, dtype=torch.float64) + 0.5)
+    x = torch.randn(5, 8, generator=rng, dtype=torch.float64)
+    upstream = torch.randn(5, 40, generator=rng, dtype=torch.float64)
+    layer(x).backward(upstream)
+    v = layer.weight_v.detach().requires_grad_(True)
+    g = layer.weight_g.detach().requires_grad_(not fixed_gain)
+    F.linear(x, g * v / v.norm(dim=1, keepdim=True)).backward(upstream)
+    assert_close(layer.weight_v.grad, v.grad)
+    assert (layer.weight_g.grad is None) == fixed_gain
+    if not fixed_gain:
+        assert_close(layer.weight_g.grad, g.grad)
 
 
 def test_head_keys_match_the_original_and_gain_is_fixed():
