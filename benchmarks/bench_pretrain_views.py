@@ -282,15 +282,12 @@ def head_and_loss_share(out_dim: int, case: str = "paper layout", rounds: int = 
             loss = trainer.loss(trainer.student.head(detached), teacher_out, 1)
         loss.backward()
 
-    seconds = {True: [], False: []}
-    for round_ in range(rounds + 1):
-        for fused in (True, False) if round_ % 2 else (False, True):
-            start = _harness.synchronized_timer()
-            case(fused)
-            if round_:  # the first round warms up
-                seconds[fused].append(_harness.synchronized_timer() - start)
-    median = {fused: sorted(times)[len(times) // 2] for fused, times in seconds.items()}
-    return {"out_dim": out_dim, "seconds": median[True], "seconds_per_pair_loss": median[False]}
+    cases = {"fused": lambda: case(True), "per_pair": lambda: case(False)}
+    for warm_up in cases.values():
+        warm_up()
+    times = _harness.interleaved_rounds(cases, rounds, dict.fromkeys(cases, 1))
+    median = {name: sorted(seconds)[len(seconds) // 2] for name, seconds in times.items()}
+    return {"out_dim": out_dim, "seconds": median["fused"], "seconds_per_pair_loss": median["per_pair"]}
 
 
 @torch.no_grad()

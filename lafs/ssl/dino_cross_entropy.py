@@ -57,8 +57,10 @@ def pairwise_dino_cross_entropy(student: Tensor, targets: Tensor, ncrops: int, s
 
 def _sum_except(rows: Tensor, skip: int) -> Tensor:
     """``sum_{j != skip} rows[j]`` over the first dimension of ``rows``, summed, not the total minus row
-    ``skip``: no cancellation."""
-    return rows[torch.arange(rows.shape[0], device=rows.device) != skip].sum(0)
+    ``skip``: no cancellation.  The kept rows' indices come from the host (a boolean mask would make a
+    GPU wait for its count)."""
+    kept = [j for j in range(rows.shape[0]) if j != skip]
+    return rows.index_select(0, torch.tensor(kept, dtype=torch.long, device=rows.device)).sum(0)
 
 
 # Logits per pass: the passes' temporaries stay near 16 MB of float32 whatever the batch and out_dim, and
@@ -87,8 +89,7 @@ class _DINOCrossEntropy(torch.autograd.Function):
         for start, stop in _crop_chunks(ncrops, teachers, s[0].numel()):
             log_p = F.log_softmax(s[start:stop] / student_temp, dim=-1)  # [crops, B, K]
             per_pair[start:stop] = torch.einsum("vbk,tbk->vbt", log_p, q)
-        own_crop = torch.arange(teachers, device=s.device)
-        per_pair[own_crop, :, own_crop] = 0  # a crop is never its own target
+        per_pair[:teachers].diagonal(dim1=0, dim2=2).zero_()  # a crop is never its own target
         pairs = teachers * ncrops - teachers
         ctx.save_for_backward(student, q)
         ctx.settings = (ncrops, student_temp, pairs)
@@ -103,14 +104,17 @@ class _DINOCrossEntropy(torch.autograd.Function):
         s = student.view(ncrops, batch, -1)
         scale = grad_loss / (pairs * batch * student_temp)
         q_mass = q.sum(dim=-1)  # [T, B], 1 up to rounding
+        # per pass: -scale * (the targets of its crops) [B, K] and scale * (their mass) [B, 1]; a teacher crop
+        # (a pass of its own) is not its own target, the other crops take every teacher crop's
+        all_targets = (q.sum(0).mul_(-scale), q_mass.sum(0).mul_(scale)[:, None])
         grad = torch.empty_like(s)
         for start, stop in _crop_chunks(ncrops, teachers, s[0].numel()):
+            targets_v, mass_v = all_targets
+            if start < teachers:
+                targets_v = _sum_except(q, start).mul_(-scale)
+                mass_v = _sum_except(q_mass, start).mul_(scale)[:, None]
             p = F.log_softmax(s[start:stop] / student_temp, dim=-1).exp_()
-            if start < teachers:  # one teacher crop, which is not its own target
-                targets_v, mass_v = _sum_except(q, start), _sum_except(q_mass, start)
-            else:
-                targets_v, mass_v = q.sum(0), q_mass.sum(0)
-            torch.addcmul(targets_v.mul_(-scale), p, (mass_v * scale)[:, None], out=grad[start:stop])
+            torch.addcmul(targets_v, p, mass_v, out=grad[start:stop])
         return grad.view_as(student), None, None, None
 
 

@@ -89,8 +89,8 @@ class DINOLoss(nn.Module):
             count *= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1.0 - self.center_momentum)
 
-    def _check(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> int:
-        """Validate shapes; return the number of teacher crops."""
+    def _check(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
+        """Validate shapes, in the module's terms (the cross-entropy checks its own arguments too)."""
         for name, t in (("student_output", student_output), ("teacher_output", teacher_output)):
             if t.dim() != 2 or t.shape[1] != self.out_dim:
                 raise ValueError(f"DINOLoss: {name} must be [rows, {self.out_dim}], got {tuple(t.shape)}")
@@ -105,4 +105,3 @@ class DINOLoss(nn.Module):
                 f"DINOLoss: teacher_output has {teacher_output.shape[0]} rows; expected a multiple (1..{self.ncrops}) "
                 f"of the batch size {batch}"
             )
-        return n_teacher
