@@ -199,3 +199,21 @@ def deterministic_requested(deterministic: Optional[bool]) -> bool:
 
 def call_of(tensor: torch.Tensor, *, deterministic: bool = False, requires_grad: bool = False) -> Call:
     return Call(device=tensor.device, dtype=tensor.dtype, deterministic=deterministic, requires_grad=requires_grad)
+
+
+# torch.compile runs the selection once while tracing (it reads files and the environment, which Dynamo
+# cannot trace) and bakes the chosen name into the graph.
+@torch.compiler.assume_constant_result
+def select_for(
+    op: str, device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool, backend: Optional[str]
+) -> str:
+    """``REGISTRY[op].select`` for a call described by plain values, usable inside ``torch.compile``."""
+    call = Call(device=torch.device(device), dtype=dtype, deterministic=deterministic, requires_grad=requires_grad)
+    return REGISTRY[op].select(call, backend)
+
+
+def select_for_tensor(
+    op: str, tensor: torch.Tensor, backend: Optional[str] = None, *, deterministic=False, requires_grad=False
+) -> str:
+    """The backend of ``op`` for a call on ``tensor``'s device and dtype (see :func:`select_for`)."""
+    return select_for(op, str(tensor.device), tensor.dtype, bool(deterministic), bool(requires_grad), backend)

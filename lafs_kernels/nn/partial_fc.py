@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._dispatch import call_of
-from ..ops.margin_maths import check_label_range
+from .._dispatch import select_for_tensor
+from ..ops.margin_maths import checked_labels
 from ..ops.margin_sharded import (
     GatherFromRanks,
     SumGradAcrossRanks,
@@ -26,7 +26,7 @@ from ..ops.margin_sharded import (
     class_range,
     combine_shard_stats,
 )
-from ..ops.margin_softmax import BACKENDS, DEFAULT_CHUNK, MARGIN_GRADS, Margin, local_row_stats, torch_stats
+from ..ops.margin_softmax import BACKENDS, MARGIN_GRADS, Margin, default_chunk, local_row_stats, torch_stats
 
 INSIGHTFACE_PROBABILITY_FLOOR = 1e-30
 """PartialFC_V2's loss is ``-log(max(p_target, 1e-30))`` per sample (the floor leaves the gradient alone)."""
@@ -109,6 +109,8 @@ class PartialFC(nn.Module):
         """``check_labels``: check the global label range on the host (one device sync per call, as
         ``margin_softmax_cross_entropy(check_labels=True)``); ``False`` skips it."""
         super().__init__()
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"PartialFC: chunk_size must be positive; got {chunk_size}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"PartialFC: sample_rate must be in (0, 1]; got {sample_rate}")
         if margin_grad is not None and margin_grad not in MARGIN_GRADS:
@@ -151,10 +153,12 @@ class PartialFC(nn.Module):
         hit = torch.zeros(self.num_local + 1, dtype=torch.bool, device=local_labels.device)
         hit[torch.where(positive, local_labels, self.num_local)] = True  # the spare last slot takes the others
         hit = hit[: self.num_local]
-        k = max(self.num_sample, int(hit.sum()))
-        score = torch.rand(self.num_local).to(local_labels.device)  # PartialFC_V2's draw, on the CPU generator
-        score[hit] = 2.0
-        index = score.topk(k).indices.sort().values
+        if int(hit.sum()) > self.num_sample:
+            index = hit.nonzero()[:, 0]  # every positive class, sorted; PartialFC_V2 draws nothing here
+        else:
+            score = torch.rand(self.num_local).to(local_labels.device)  # PartialFC_V2's draw, on the CPU generator
+            score[hit] = 2.0
+            index = score.topk(self.num_sample).indices.sort().values
         position = torch.searchsorted(index, local_labels.clamp(0, self.num_local - 1))
         return index, torch.where(positive, position, -1)
 
@@ -167,7 +171,8 @@ class PartialFC(nn.Module):
         """local_embeddings [b, D]; local_labels [b] (or [b, 1]) class ids in [0, num_classes), or [b, T]
         with label_weights [b, T] (mixup: two labels and [lam, 1 - lam]; every rank the same b and T)
         -> the loss, a scalar, mean over the global batch of ``sum_t w_t * (-log p_t)``.  The margin
-        applies to every labelled class inside one softmax, as ``margin_softmax_cross_entropy`` does."""
+        applies to every labelled class inside one softmax, as ``margin_softmax_cross_entropy`` does; unlike
+        there, label_weights are constants here (no gradient reaches them)."""
         labels, weights = self._targets(local_embeddings, local_labels, label_weights)
         embeddings = local_embeddings
         if self.process_group is not None:
@@ -176,7 +181,7 @@ class PartialFC(nn.Module):
             labels = all_gather_no_grad(labels, self.process_group).flatten(0, 1)
             weights = all_gather_no_grad(weights, self.process_group).flatten(0, 1)
         if self.check_labels:  # on the gathered labels: every rank raises, none is left waiting in a collective
-            check_label_range(labels, self.num_classes, "PartialFC", "num_classes")
+            labels = checked_labels(labels, self.num_classes, "PartialFC", "num_classes")
         local_labels = labels - self.class_start
         weight = self.weight
         self.sampled_index = None
@@ -192,8 +197,8 @@ class PartialFC(nn.Module):
         if self.filter_threshold > 0:
             stats = torch_stats(embeddings, weight, local_labels, self.margin, self.filter_threshold)
         else:
-            backend = BACKENDS.select(call_of(embeddings, requires_grad=True))
-            chunk = self.chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"])
+            backend = select_for_tensor(BACKENDS.op, embeddings, requires_grad=True)
+            chunk = default_chunk(embeddings.device) if self.chunk_size is None else self.chunk_size
             stats = local_row_stats(
                 embeddings,
                 weight,

@@ -41,12 +41,12 @@ from torch import Tensor
 from .. import _extension
 from .._dispatch import (
     Backend,
-    Call,
     OpBackends,
     deterministic_requested,
     register,
     requires_extension,
     requires_triton,
+    select_for_tensor,
 )
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -124,6 +124,15 @@ def _pixels(image: Tensor, rows: int) -> Tensor:
     return pixels if rows == B else pixels.repeat(rows // B, 1, 1)
 
 
+def _tap_values(pixels: Tensor, flat: Tensor, inside: Tensor) -> Tensor:
+    """pixels [N, H*W, C] at the taps ``flat`` [N, K, P, P] (clamped indices) -> [N, K, P, P, C], zero where the
+    tap is outside the image (``inside`` False): a NaN or Inf pixel at the clamped index must not leak out."""
+    N, C = pixels.shape[0], pixels.shape[2]
+    taps = flat[0].numel() if N else 0
+    values = pixels.gather(1, flat.reshape(N, taps, 1).expand(-1, -1, C)).reshape(*flat.shape, C)
+    return values.masked_fill(~inside[..., None], 0)
+
+
 def reference_forward(image: Tensor, centres: Tensor, patch_size: int, view_affine: Optional[Tensor] = None) -> Tensor:
     """tokens [N, K, P*P*C] from image [B, C, H, W], centres [N, K, 2] and view_affine [N, 4] or None (plain torch)."""
     C = image.shape[1]
@@ -131,7 +140,7 @@ def reference_forward(image: Tensor, centres: Tensor, patch_size: int, view_affi
     pixels = _pixels(image, N)
     tokens = pixels.new_zeros(N, K, P, P, C)
     for _, _, weight_x, weight_y, inside, flat in _bilinear_taps(image, centres.to(pixels.dtype), P, view_affine):
-        values = pixels.gather(1, flat.reshape(N, -1, 1).expand(-1, -1, C)).reshape(N, K, P, P, C)
+        values = _tap_values(pixels, flat, inside)
         weight = weight_x[..., :, None] * weight_y[..., None, :] * inside
         tokens += weight[..., None] * values
     return tokens.reshape(N, K, P * P * C).to(image.dtype)
@@ -151,16 +160,17 @@ def reference_backward(grad_tokens, image, centres, patch_size, need_image_grad,
         if need_image_grad:
             weight = weight_x[..., :, None] * weight_y[..., None, :] * inside
             # index_put_ with accumulate is deterministic on CPU and CUDA.
-            grad_pixels.index_put_((rows, flat.reshape(N, -1)), (weight[..., None] * grad).reshape(N, -1, C), True)
+            taps = K * P * P
+            grad_pixels.index_put_((rows, flat.reshape(N, taps)), (weight[..., None] * grad).reshape(N, taps, C), True)
         if need_centre_grad:
-            values = pixels.gather(1, flat.reshape(N, -1, 1).expand(-1, -1, C)).reshape(N, K, P, P, C)
+            values = _tap_values(pixels, flat, inside)
             grad_value = (grad * values).sum(-1) * inside  # d loss / d (tap value * weight) [N, K, P, P]
             sign_x, sign_y = 2 * dx - 1, 2 * dy - 1  # d weight / d f: -1 for the left/top tap, +1 else
             grad_x += sign_x * (grad_value * weight_y[..., None, :]).sum((-1, -2))
             grad_y += sign_y * (grad_value * weight_x[..., :, None]).sum((-1, -2))
     grad_image = image.new_empty(0)
     if need_image_grad:
-        grad_pixels = grad_pixels.reshape(N // B, B, H * W, C).sum(0)  # the views of each image, in order
+        grad_pixels = grad_pixels.reshape(N // max(B, 1), B, H * W, C).sum(0)  # the views of each image, in order
         grad_image = torch.empty_like(image)
         grad_image.copy_(grad_pixels.reshape(B, H, W, C).permute(0, 3, 1, 2))
     if need_centre_grad and view_affine is not None:
@@ -480,8 +490,12 @@ def landmark_patch_gather(
         dtype=_accumulation_dtype(image.dtype),
     )
     deterministic = deterministic_requested(deterministic)
-    name = _select_backend(
-        str(image.device), image.dtype, deterministic and image.requires_grad, image.requires_grad, backend
+    name = select_for_tensor(
+        BACKENDS.op,
+        image,
+        backend,
+        deterministic=deterministic and image.requires_grad,
+        requires_grad=image.requires_grad,
     )
     if view_affine is not None:
         view_affine = view_affine.detach().to(_accumulation_dtype(image.dtype)).contiguous()
@@ -508,13 +522,3 @@ def crop_affine(boxes: Tensor, size: int, flip: Optional[Tensor] = None) -> Tens
         offset_x = torch.where(flip, x0 + (size - 0.5) * scale_x - 0.5, offset_x)
         scale_x = torch.where(flip, -scale_x, scale_x)
     return torch.stack((scale_x, scale_y, offset_x, offset_y), dim=-1)
-
-
-# torch.compile evaluates the selection once while tracing (it reads files and
-# the environment) and bakes the chosen name into the graph.
-@torch.compiler.assume_constant_result
-def _select_backend(
-    device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool, backend: Optional[str]
-) -> str:
-    call = Call(device=torch.device(device), dtype=dtype, deterministic=deterministic, requires_grad=requires_grad)
-    return BACKENDS.select(call, backend)

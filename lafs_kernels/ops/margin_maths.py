@@ -171,3 +171,27 @@ def check_label_range(
     num_classes = int(num_classes)
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name}: labels must lie in [0, {num_classes}) ({what}); got min {low}, max {high}")
+
+
+@torch.library.custom_op("lafs_kernels::checked_labels", mutates_args=())
+def _checked_labels_op(labels: torch.Tensor, num_classes: int, name: str, what: str) -> torch.Tensor:
+    """A copy of labels after :func:`check_label_range`: the check as an op, which torch.compile keeps in
+    its graph (the copy's use keeps the op from being dropped) where the check's host sync cannot be traced."""
+    check_label_range(labels, num_classes, name, what)
+    return labels.clone()
+
+
+@_checked_labels_op.register_fake
+def _checked_labels_fake(labels, num_classes, name, what):
+    return torch.empty_like(labels)
+
+
+def checked_labels(
+    labels: torch.Tensor, num_classes, name: str = "margin_softmax_cross_entropy", what: str = "the rows of weight"
+) -> torch.Tensor:
+    """labels, after raising ValueError unless every one lies in [0, num_classes) (one host sync); inside
+    torch.compile the check runs as an op of the compiled graph."""
+    if torch.compiler.is_compiling():
+        return _checked_labels_op(labels, int(num_classes), name, what)
+    check_label_range(labels, num_classes, name, what)
+    return labels

@@ -25,6 +25,7 @@ each chunk in the C++ kernels of csrc/cpu/margin_softmax.cpp; needs the compiled
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -41,6 +42,7 @@ from .margin_maths import (  # noqa: F401  (EPS, THETA_EPS, Margin, RowStats: pa
     RowStats,
     accumulation_dtype,
     check_label_range,
+    checked_labels,
     first_occurrence,
     margin_values,
     target_cosines,
@@ -91,8 +93,10 @@ def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0
     not a target of its row and whose cosine exceeds t becomes 0, without gradient.
     """
     acc = accumulation_dtype(x.dtype)
-    cos = F.linear(F.normalize(x.to(acc), eps=EPS), F.normalize(weight.to(acc), eps=EPS))  # [B, C]
     num_classes = weight.shape[0]
+    if num_classes == 0:
+        return _no_class_stats(x, weight, labels)
+    cos = F.linear(F.normalize(x.to(acc), eps=EPS), F.normalize(weight.to(acc), eps=EPS))  # [B, C]
     present = (labels >= 0) & (labels < num_classes)
     index = labels.clamp(0, num_classes - 1)
     cos_t = target_cosines(x, weight, labels)  # float64, as the chunk engines' (gradients through them)
@@ -119,6 +123,26 @@ def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0
         best_cos=best_cos,
         argmax=argmax,
     )
+
+
+def _no_class_stats(x, weight, labels) -> RowStats:
+    """RowStats of a shard without classes (weight [0, D]), as the chunk engines give them: lse and best_cos
+    -inf, no targets.  They stay in the autograd graph of x and weight (zero gradients), so a rank holding
+    no classes still runs the sharded backward's collectives with the others."""
+    acc = accumulation_dtype(x.dtype)
+    zero = x[:, :0].to(acc).sum(1) + weight.to(acc).sum()  # [B] zeros, connected to x and weight
+    return RowStats(
+        lse=zero - math.inf,
+        target_logit=zero[:, None].expand(labels.shape).clone(),
+        logit_sum=zero,
+        best_cos=zero.detach() - math.inf,
+        argmax=torch.zeros(x.shape[0], dtype=torch.int64, device=x.device),
+    )
+
+
+def default_chunk(device: torch.device) -> int:
+    """Classes per chunk on ``device`` when the caller gives none (DEFAULT_CHUNK)."""
+    return DEFAULT_CHUNK.get(device.type, DEFAULT_CHUNK["cpu"])
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -234,8 +258,8 @@ def local_row_stats(
     """RowStats of x [B, D] against the classes of weight [C, D]; labels [B, T].  Without
     ``need_logit_sum`` (no label smoothing) the logit sums may be left at zero."""
     if backend == "torch":
-        if check_labels and not torch.compiler.is_compiling():
-            check_label_range(labels, weight.shape[0])
+        if check_labels:
+            labels = checked_labels(labels, weight.shape[0])
         return torch_stats(x, weight, labels, margin)
     return RowStats(*_forward_op(x, weight, labels, *margin, check_labels, need_logit_sum, chunk_size, backend)[:5])
 
@@ -291,6 +315,11 @@ def _validate(embeddings, weight, labels, label_weights, label_smoothing, reduct
         raise ValueError(f"{name}: labels [B, T] need label_weights of the same shape {tuple(labels.shape)}; got {got}")
     if labels.dim() == 1 and label_weights is not None:
         raise ValueError(f"{name}: label_weights go with labels [B, T]; labels here are [B]")
+    if label_weights is not None and (not label_weights.is_floating_point() or label_weights.device != labels.device):
+        raise TypeError(
+            f"{name}: label_weights must be a floating tensor on the labels' device {labels.device}; "
+            f"got {label_weights.dtype} on {label_weights.device}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if margin_grad not in MARGIN_GRADS:
@@ -345,8 +374,8 @@ def margin_softmax_cross_entropy(
             (``LAFS_KERNELS_BACKEND`` overrides).
         easy_margin: use the margin only where ``cos > 0`` (ArcFace's option).
         check_labels: check the label range on the host (one device sync) and raise ValueError;
-            ``False`` skips it (labels out of range then simply have no target).  The ``torch``
-            backend skips it inside ``torch.compile``; the other backends check inside their op.
+            ``False`` skips it (labels out of range then simply have no target).  Inside
+            ``torch.compile`` the check runs in the compiled graph.
 
     Returns:
         loss (float32 for half inputs, else the input dtype): scalar, or ``[B]`` with
@@ -359,12 +388,14 @@ def margin_softmax_cross_entropy(
         labels = labels[:, None]
         label_weights = torch.ones(labels.shape, dtype=accumulation_dtype(embeddings.dtype), device=labels.device)
     margin = Margin(float(s), float(m1), float(m2), float(m3), bool(easy_margin), margin_grad == "straight_through")
-    call = _dispatch.call_of(embeddings, requires_grad=embeddings.requires_grad or weight.requires_grad)
-    name = BACKENDS.select(call, backend)
-    chunk = int(chunk_size or DEFAULT_CHUNK.get(embeddings.device.type, DEFAULT_CHUNK["cpu"]))
+    requires_grad = embeddings.requires_grad or weight.requires_grad
+    name = _dispatch.select_for_tensor(BACKENDS.op, embeddings, backend, requires_grad=requires_grad)
+    chunk = default_chunk(embeddings.device) if chunk_size is None else int(chunk_size)
     if chunk <= 0:
         raise ValueError(f"margin_softmax_cross_entropy: chunk_size must be positive; got {chunk_size}")
     if process_group is None:
+        if weight.shape[0] == 0:
+            raise ValueError("margin_softmax_cross_entropy: weight has no rows (no classes); it must be [C >= 1, D]")
         stats = local_row_stats(
             embeddings,
             weight,
@@ -379,7 +410,7 @@ def margin_softmax_cross_entropy(
     else:
         class_start, num_classes = margin_sharded.shard_offset(weight.shape[0], process_group, labels.device)
         if check_labels:
-            check_label_range(labels, num_classes)
+            labels = checked_labels(labels, num_classes)
         local = local_row_stats(
             margin_sharded.SumGradAcrossRanks.apply(embeddings, process_group),
             weight,

@@ -179,6 +179,32 @@ def test_non_finite_landmarks_give_zero_patches_and_finite_gradients(backend, rn
     assert_close(grad_image, ref[1], scale=4)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_pixels_reach_only_the_taps_that_read_them(backend, rng):
+    """A NaN / Inf pixel in a corner: the samples whose taps inside the image read it are non-finite, as
+    with grid_sample; a tap outside the image contributes zero, so it must not carry the clamped pixel."""
+    image, _ = random_case(rng, batch=1, size=(16, 16))
+    image[0, :, 0, 0] = float("nan")
+    image[0, :, 15, 15] = float("inf")
+    landmarks = torch.tensor([[[0.25, 0.25], [15.75, 15.75], [8.0, 8.0]]])  # patches over both corners' edges
+    grad_tokens = torch.randn(1, 3, 8 * 8 * 3, generator=rng, dtype=torch.float64)
+    tokens, _, _ = backend_with_grads(image, landmarks, 8, grad_tokens, backend)
+    reference, _, _ = reference_with_grads(image, landmarks, 8, grad_tokens)
+    assert torch.equal(tokens.isfinite(), reference.isfinite())
+    assert 0 < (~reference.isfinite()).sum() < reference.numel()
+    assert_close(tokens[reference.isfinite()], reference[reference.isfinite()])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_empty_batch_gives_empty_tokens_and_gradients(backend, rng):
+    image, landmarks = random_case(rng, batch=0)
+    tokens, grad_image, grad_landmarks = backend_with_grads(
+        image, landmarks, 8, torch.zeros(0, 6, 8 * 8 * 3, dtype=torch.float64), backend
+    )
+    assert tokens.shape == (0, 6, 8 * 8 * 3)
+    assert grad_image.shape == image.shape and grad_landmarks.shape == landmarks.shape
+
+
 def test_gradients_are_computed_only_for_inputs_that_need_them(rng, monkeypatch):
     calls = []
     original = gather_module._backward

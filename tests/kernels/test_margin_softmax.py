@@ -379,6 +379,65 @@ def test_torch_compile_fullgraph(rng):
     assert_close(comp_w.grad, eager_w.grad)
 
 
+def test_torch_compile_fullgraph_with_the_default_backend_and_the_modules(rng):
+    """No backend named: the device's default is chosen while tracing (its checks read files, which Dynamo
+    cannot trace), for the function and for the modules."""
+    x, w, labels = make_inputs(rng, 6, 16, 33)
+    head = CosFace(16, 33, s=64.0, m=0.4)
+    with torch.no_grad():
+        head.weight.copy_(w)
+
+    def function(x):
+        return margin_softmax_cross_entropy(x, w, labels, **MARGINS["cosface"])
+
+    for step in (function, lambda x: head(x, labels)):
+        eager = step(x)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+        assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_label_range_is_checked_inside_torch_compile(rng, backend):
+    x, w, labels = make_inputs(rng, 4, 8, 10)
+
+    def step(labels):
+        return margin_softmax_cross_entropy(x, w, labels, backend=backend, **MARGINS["cosface"])
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(labels), step(labels))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*max 10"):
+        compiled(torch.full_like(labels, 10))
+
+
+def test_zero_classes_and_bad_arguments_raise_clearly(rng):
+    x, w, labels = make_inputs(rng, 4, 8, 10)
+    with pytest.raises(ValueError, match="weight has no rows"):
+        margin_softmax_cross_entropy(x, w[:0], labels, check_labels=False)
+    with pytest.raises(ValueError, match="chunk_size must be positive; got 0"):
+        margin_softmax_cross_entropy(x, w, labels, chunk_size=0)
+    two = torch.stack([labels, labels.flip(0)], 1)
+    with pytest.raises(TypeError, match="label_weights must be a floating tensor on the labels' device cpu"):
+        margin_softmax_cross_entropy(x, w, two, label_weights=torch.ones(4, 2, device="meta"))
+    with pytest.raises(TypeError, match="label_weights must be a floating tensor.*got torch.int64"):
+        margin_softmax_cross_entropy(x, w, two, label_weights=torch.ones(4, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked", CPP])
+def test_a_shard_without_classes_gives_empty_statistics_in_the_graph(rng, backend):
+    """weight [0, D] (a rank holding no classes): lse and best_cos -inf, no targets, as every engine gives
+    them, and x still gets a (zero) gradient, so that rank's backward runs its collectives."""
+    from lafs_kernels.ops.margin_softmax import Margin, local_row_stats
+
+    x, w, labels = make_inputs(rng, 4, 8, 10, t=2)
+    margin = Margin(64.0, 1.0, 0.0, 0.4, False, False)
+    stats = local_row_stats(x, w[:0], labels, margin, chunk_size=8, backend=backend, check_labels=False)
+    assert torch.isneginf(stats.lse).all() and torch.isneginf(stats.best_cos).all()
+    assert (stats.target_logit == 0).all() and (stats.logit_sum == 0).all() and (stats.argmax == 0).all()
+    assert stats.target_logit.shape == labels.shape
+    (stats.lse.clamp_min(0).sum() + stats.target_logit.sum()).backward()
+    assert x.grad is not None and (x.grad == 0).all()
+
+
 @pytest.mark.parametrize(
     "module, margins",
     [

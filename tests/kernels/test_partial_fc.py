@@ -44,12 +44,14 @@ def partial_fc_v2_statement(x, kept_weight, labels, s, m1, m2, m3, threshold=0.0
 
 def partial_fc_v2_sample(seed, num_local, num_sample, positives):
     """PartialFC_V2's draw: one uniform key per local class from the CPU generator, positives forced to the
-    top, the num_sample largest kept (sorted); exactly the positives when there are more of them."""
-    perm = torch.rand(num_local, generator=torch.Generator().manual_seed(seed))
-    perm[positives] = 2.0
+    top, the num_sample largest kept (sorted); exactly the positives, and no draw, when there are more of
+    them.  Returns the kept rows and the generator's state after the draw."""
+    generator = torch.Generator().manual_seed(seed)
     if num_sample < positives.numel():
-        return positives
-    return perm.topk(num_sample).indices.sort().values
+        return positives, generator.get_state()
+    perm = torch.rand(num_local, generator=generator)
+    perm[positives] = 2.0
+    return perm.topk(num_sample).indices.sort().values, generator.get_state()
 
 
 # ----------------------------------------------------------------------------- one process
@@ -80,7 +82,9 @@ def test_sampling_count_and_draw_follow_partial_fc_v2(rng, rate, expected_rows):
     loss = head(x, labels)
     loss.backward()
     index = head.sampled_index
-    assert torch.equal(index, partial_fc_v2_sample(seed, 200, head.num_sample, positives))
+    expected_index, expected_state = partial_fc_v2_sample(seed, 200, head.num_sample, positives)
+    assert torch.equal(index, expected_index)
+    assert torch.equal(torch.get_rng_state(), expected_state)  # the next steps' draws stay in step with theirs
     ref = loss_and_grads(margin_softmax_cross_entropy, x, head.weight[index], torch.searchsorted(index, labels), m3=0.4)
     assert_close(loss, ref[0])
     assert_close(x.grad, ref[1], scale=GRAD_SCALE)
@@ -141,6 +145,18 @@ def test_insightface_margin_mapping_and_errors():
         head(x, torch.tensor([0, 3, -1, 19]))
     with pytest.raises(ValueError, match="got min 0, max 20"):
         head(x, torch.tensor([0, 3, 20, 19]))
+    with pytest.raises(ValueError, match="chunk_size must be positive; got 0"):
+        PartialFC((1.0, 0.5, 0.0), 8, 20, chunk_size=0)
+
+
+def test_torch_compile_fullgraph_keeps_the_label_check(rng):
+    head = PartialFC((1.0, 0.0, 0.4), 8, 20)
+    x = torch.randn(4, 8, generator=rng)
+    labels = torch.randint(0, 20, (4,), generator=rng)
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, labels), head(x, labels))
+    with pytest.raises(ValueError, match=r"PartialFC: labels must lie in \[0, 20\).*max 20"):
+        compiled(x, torch.full_like(labels, 20))
 
 
 def test_two_labels_in_one_call_equal_the_fused_soft_target_loss(rng):
@@ -234,7 +250,7 @@ def test_two_ranks_train_as_partial_fc_v2(two_ranks, name):
         if rate < 1:
             positives = (labels[(labels >= start) & (labels < start + num_local)] - start).unique()
             seed = worker.case_seed(SEED, name, rank)
-            drawn = partial_fc_v2_sample(seed, num_local, int(rate * num_local), positives)
+            drawn, _ = partial_fc_v2_sample(seed, num_local, int(rate * num_local), positives)
             assert torch.equal(r[name]["sampled"], drawn + start), f"{name}: sampled classes, rank {rank}"
     s, m1, m2, m3 = worker.INSIGHTFACE[kind]
     ref = loss_and_grads(
