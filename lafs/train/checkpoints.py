@@ -10,6 +10,7 @@ the global batch stays the same: the class centres are then resharded.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -18,6 +19,7 @@ from lafs.models.checkpoint import atomic_save
 from lafs.models.safe_load import load_checkpoint
 
 from . import shards as shards_mod
+from .config.tree import flatten
 from .randomness import capture_rng, restore_rng
 
 if TYPE_CHECKING:
@@ -54,20 +56,69 @@ def resume(stage: Stage) -> tuple[int, dict]:
     if state["global_batch"] != global_batch(stage):
         raise ResumeError(
             f"--resume: {run.last} was trained with a global batch of {state['global_batch']} images "
-            f"({state['world_size']} processes); this run has {global_batch(stage)} ({dist.world_size} processes x "
-            f"optim.batch_size {cfg.optim.batch_size} x optim.accum_steps {cfg.optim.accum_steps}). Set "
-            f"optim.batch_size so that the global batch stays the same"
+            f"({_processes(state['world_size'])}); this run has {global_batch(stage)} "
+            f"({_processes(dist.world_size)} x optim.batch_size {cfg.optim.batch_size} x optim.accum_steps "
+            f"{cfg.optim.accum_steps}). {_batch_advice(state['global_batch'], dist.world_size, cfg.optim.accum_steps)}"
         )
+    _warn_changed_settings(stage, state.get("config", {}))
     try:
         shard = own_shard(stage, state)
     except (OSError, ValueError, KeyError) as exc:
         raise ResumeError(f"--resume: the class-centre shards of {run.last} cannot be read: {exc}") from exc
+    fresh = {**capture_rng(), "stage": stage.process_state()}  # before load_state_dict, which may set them
     stage.load_state_dict(state, shard=shard)
-    if dist.rank < len(state["rng"]):  # a process the saved run did not have keeps its fresh seed
-        restore_rng(state["rng"][dist.rank])
-        stage.load_process_state(state["rng"][dist.rank].get("stage", {}))
+    # A process the saved run did not have keeps its fresh, per-process streams (not a copy of another's).
+    streams = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else fresh
+    restore_rng(streams)
+    stage.load_process_state(streams.get("stage", {}))
     run.truncate_log(state["step"])
     return state["step"], state["best"]
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def _batch_advice(saved_global: int, world_size: int, accum_steps: int) -> str:
+    """How to keep the saved global batch on ``world_size`` processes with ``accum_steps``, or why it cannot be."""
+    per_step = world_size * accum_steps
+    if saved_global % per_step:
+        return (
+            f"{saved_global} images cannot be split over {_processes(world_size)} x optim.accum_steps {accum_steps}: "
+            f"change optim.accum_steps or the number of processes"
+        )
+    return f"Set optim.batch_size={saved_global // per_step} to keep the global batch"
+
+
+# Settings that may change between the invocations of one run without changing what it computes (the
+# batch split, as long as the global batch stays, which resume checks).
+PER_INVOCATION = {
+    "train.stop_after_steps",
+    "train.cpu_threads",
+    "train.plots",
+    "train.log_every",
+    "optim.batch_size",
+    "optim.accum_steps",
+}
+
+
+def _warn_changed_settings(stage: Stage, saved: dict) -> None:
+    """Name every setting this resume changes against the checkpoint's (the run then differs from one
+    that was never interrupted); the new values apply."""
+    if not stage.dist.is_main or not saved:
+        return
+    now, before = flatten(stage.cfg.to_plain()), flatten(saved)
+    changed = [
+        f"{key}: {before.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(set(now) | set(before))
+        if key not in PER_INVOCATION and now.get(key) != before.get(key)
+    ]
+    if changed:
+        warnings.warn(
+            f"--resume: {stage.run.last} continues with settings other than those it was trained with, so the run "
+            f"will not equal an uninterrupted one: {'; '.join(changed)}",
+            stacklevel=2,
+        )
 
 
 def own_shard(stage: Stage, state: dict) -> Optional[dict]:

@@ -65,11 +65,16 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     cfg = stage.cfg
     batches_from = _prepare(stage)
     step, best = checkpoints.resume(stage) if resume else (0, {"accuracy": -1.0})
+    stage.run.write_config(cfg)  # resuming: only once the checkpoint was accepted, so a refused resume changes nothing
+    if resume and step >= stage.total_steps and stage.run.finished_summary() is not None:
+        return _already_finished(stage, step)
     stop = cfg.train.stop_after_steps  # keeps the full run's schedule; --resume continues
     end = stage.total_steps if stop is None else min(stage.total_steps, stop)
     batches = batches_from(step)
     progress = Progress(stage, step)
     last_val: dict = {}
+    if step >= stage.total_steps:  # stopped after the last checkpoint, before its summary
+        last_val = _validate(stage, step, progress)
     try:
         while step < end:
             started = time.perf_counter()
@@ -85,7 +90,22 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
                 progress.restart_window()  # throughput counts training only
     finally:
         progress.close()
+    if step < stage.total_steps and stage.dist.is_main:
+        print(
+            f"{stage.name}: stopped at step {step} of {stage.total_steps} (train.stop_after_steps={stop}); "
+            f"`--resume` continues to the end",
+            flush=True,
+        )
     return _summarise(stage, step, best, last_val, progress)
+
+
+def _already_finished(stage: Stage, step: int) -> dict:
+    """--resume of a run that already ran its whole schedule: its summary, untouched."""
+    summary = stage.run.finished_summary()
+    if stage.dist.is_main:
+        print(f"{stage.name}: {stage.run.path} finished all {step} steps already; nothing to continue", flush=True)
+    barrier(stage.dist)
+    return summary
 
 
 # --- the phases ---------------------------------------------------------------------------------

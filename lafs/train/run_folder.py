@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import dump as dump_config
 from .distributed import Distributed
 
 
@@ -42,6 +43,19 @@ class RunFolder:
         if self.dist.is_main:
             kept = [r for r in self.read_log() if r.get("step", 0) <= step]
             (self.path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_config(self, cfg) -> None:
+        """config.yaml: the resolved configuration (a ``Config``) the run trains with."""
+        if self.dist.is_main:
+            dump_config(cfg.to_plain(), self.path / "config.yaml")
+
+    def finished_summary(self):
+        """summary.json of a run that finished its schedule, else None."""
+        path = self.path / "summary.json"
+        if not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary.get("finished") else None
 
     def write_json(self, name: str, data: dict) -> None:
         if self.dist.is_main:

@@ -9,7 +9,18 @@ from . import config as config_mod
 from .demo import run_demo
 from .stage_run import run_single_stage, stage_class
 
-__all__ = ["run_command", "run_single_stage", "stage_class"]
+__all__ = ["run_command", "run_single_stage", "saved_config", "stage_class"]
+
+
+def saved_config(path: Path) -> dict:
+    """A run folder's config.yaml, without ``train.stop_after_steps`` (shared or per stage): a stop belongs
+    to the command that gave it, so ``--resume`` alone runs to the end (given again, it applies again)."""
+    tree = config_mod.load_recipe(str(path))
+    for section in (tree, *(value for value in tree.values() if isinstance(value, dict))):
+        train = section.get("train")
+        if isinstance(train, dict):
+            train.pop("stop_after_steps", None)
+    return tree
 
 
 def run_command(command: str, *, recipe: str, overrides: Sequence[str], out: Path, resume: bool = False) -> dict:
@@ -17,11 +28,20 @@ def run_command(command: str, *, recipe: str, overrides: Sequence[str], out: Pat
     parsed = config_mod.parse_overrides(overrides)
     saved = Path(out) / "config.yaml"
     # A resumed run continues with the configuration it started with (plus explicit overrides).
-    tree = config_mod.load_recipe(str(saved) if resume and saved.is_file() else recipe)
+    from_saved = resume and saved.is_file()
+    tree = saved_config(saved) if from_saved else config_mod.load_recipe(recipe)
+    source = f"{saved} + overrides" if from_saved else f"{recipe} + overrides"
     if command == "demo":
         return run_demo(config_mod.apply_overrides(tree, parsed), out=Path(out), resume=resume)
     if config_mod.is_demo_recipe(tree):
         tree = config_mod.demo_stage_tree(tree, command)
     tree = config_mod.apply_overrides(tree, parsed)
-    cfg = config_mod.resolve_stage(command, tree, source=f"{recipe} + overrides")
+    try:
+        cfg = config_mod.resolve_stage(command, tree, source=source)
+    except config_mod.ConfigError as exc:
+        if not from_saved:
+            raise
+        raise config_mod.ConfigError(
+            f"{exc} (--resume continues {out} with the command that started it: was it not `{command}`?)"
+        ) from exc
     return run_single_stage(command, cfg, Path(out), resume=resume)

@@ -40,8 +40,6 @@ def run_single_stage(name: str, cfg: config_mod.Config, out: Path, *, resume: bo
         torch.set_num_threads(cfg.train.cpu_threads)
     run = RunFolder(out, dist)
     stage = stage_class(name)(cfg, run, dist)
-    if dist.is_main:
-        if not resume:
-            (run.path / "log.jsonl").unlink(missing_ok=True)
-        config_mod.dump(cfg.to_plain(), run.path / "config.yaml")
-    return run_stage(stage, resume=resume)
+    if dist.is_main and not resume:
+        (run.path / "log.jsonl").unlink(missing_ok=True)
+    return run_stage(stage, resume=resume)  # writes config.yaml (resuming: once the checkpoint was accepted)

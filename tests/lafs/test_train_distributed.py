@@ -73,6 +73,7 @@ def batch(size):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     one = worker.run_jobs  # one process, batch 2b, in this process
+    landmark = [f"init.landmark={root / 'sup1'}"]
     one(
         [
             ("supervised", root / "sup1", SUPERVISED + batch(WORLD * LOCAL_BATCH), False, []),
@@ -83,9 +84,16 @@ def runs(tmp_path_factory):
                 False,
                 [],
             ),
+            (
+                "pretrain",
+                root / "pre1_to2",
+                PRETRAIN + landmark + batch(WORLD * LOCAL_BATCH) + [f"train.stop_after_steps={STOP}"],
+                False,
+                [],
+            ),
         ]
     )
-    landmark = [f"init.landmark={root / 'sup1'}"]
+    shutil.copy(root / "pre1_to2" / "checkpoints" / "last.pt", root / "pre1_to2_stopped.pt")
     two = [
         ("supervised", root / "sup2", SUPERVISED + batch(LOCAL_BATCH), False, []),
         (
@@ -121,6 +129,7 @@ def runs(tmp_path_factory):
             [],
         ),
         ("pretrain", root / "pre2_views_split", ["train.stop_after_steps=null"], True, []),
+        ("pretrain", root / "pre1_to2", batch(LOCAL_BATCH), True, [("record_streams", root / "pre1_to2")]),
         ("finetune", root / "fine2", FINETUNE + batch(LOCAL_BATCH), False, []),
         (
             "finetune",
@@ -297,6 +306,19 @@ def test_two_process_pretraining_resumed_equals_uninterrupted_run_bit_for_bit(ru
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert losses(runs / "pre2_views_split") == losses(runs / "pre2_views")
+
+
+def test_pretraining_resumed_on_more_processes_gives_the_new_one_its_own_views(runs):
+    """Resumed from one process on two (a plain --resume: the first run's stop does not apply again): process
+    0 continues the saved streams, process 1 draws its own views and dropout, not a copy of process 0's."""
+    run = runs / "pre1_to2"
+    assert json.loads((run / "summary.json").read_text())["finished"]
+    saved = torch.load(runs / "pre1_to2_stopped.pt", weights_only=False)["rng"][0]
+    rank0, rank1 = (torch.load(run / f"streams-rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(rank0["torch"], saved["torch"])
+    assert torch.equal(rank0["stage"]["views"], saved["stage"]["views"])
+    assert not torch.equal(rank1["torch"], rank0["torch"])
+    assert not torch.equal(rank1["stage"]["views"], rank0["stage"]["views"])
 
 
 def test_finetuning_with_mixup_two_processes_equal_one_with_batch_2b(runs):

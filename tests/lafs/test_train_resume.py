@@ -36,7 +36,8 @@ def test_supervised_resume_equals_uninterrupted_run(tmp_path, rng):
     _train("supervised", straight, f"seed={seed}")
     first = _train("supervised", split, f"seed={seed}", "train.stop_after_steps=3")
     assert first["steps"] == 3 and not first["finished"]
-    second = _train("supervised", split, "train.stop_after_steps=null", resume=True)
+    assert "stop_after_steps: 3" in (split / "config.yaml").read_text()
+    second = _train("supervised", split, resume=True)  # the first command's stop does not apply again
     assert second["finished"] and second["steps"] == first["total_steps"]
     a, model_a = _params(straight)
     b, model_b = _params(split)
@@ -76,6 +77,28 @@ def test_pretrain_resume_equals_uninterrupted_run(tmp_path):
     _assert_same_tensors(a["student"], b["student"])
     _assert_same_tensors(a["teacher"], b["teacher"])
     _assert_same_tensors(a["dino_loss"], b["dino_loss"])
+
+
+def test_resume_edge_cases_keep_the_run_folder_right(tmp_path, capsys):
+    """A refused resume changes nothing; changed settings are named; a finished run is left as it is; a
+    folder of another stage is named as the likely cause."""
+    out = tmp_path / "run"
+    _train("supervised", out, "train.stop_after_steps=2")
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ResumeError, match=r"global batch of 8 images \(1 process\).*Set optim.batch_size=8"):
+        _train("supervised", out, "optim.batch_size=4", resume=True)
+    assert (out / "config.yaml").read_text() == config
+    with pytest.warns(UserWarning, match=r"optim.lr: 0.002 -> 0.001"):
+        _train("supervised", out, "optim.lr=1e-3", "train.stop_after_steps=3", resume=True)
+    assert "stopped at step 3 of" in capsys.readouterr().out
+    finished = _train("supervised", out, resume=True)
+    assert finished["finished"] and "verification" in finished
+    log = (out / "log.jsonl").read_text()
+    again = _train("supervised", out, resume=True)
+    assert again == finished and (out / "log.jsonl").read_text() == log
+    assert "finished all" in capsys.readouterr().out
+    with pytest.raises(cfgmod.ConfigError, match="was it not `pretrain`"):
+        _train("pretrain", out, resume=True)
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -95,7 +95,24 @@ def dump_replicas(out):
     return _patched(stage_run, "run_stage", run_stage)
 
 
+def record_streams(out):
+    """Right after ``--resume``, every process writes its random streams (global torch RNG, the stage's own)
+    to ``out/streams-rank<r>.pt``."""
+    from lafs.train import checkpoints
+
+    real = checkpoints.resume
+
+    def resume(stage):
+        result = real(stage)
+        streams = {"torch": torch.get_rng_state(), "stage": stage.process_state()}
+        torch.save(streams, f"{out}/streams-rank{stage.dist.rank}.pt")
+        return result
+
+    return _patched(checkpoints, "resume", resume)
+
+
 PATCHES = {
+    "record_streams": record_streams,
     "deterministic_views": deterministic_views,
     "interleaved_mixup_partner": interleaved_mixup_partner,
     "dump_replicas": dump_replicas,

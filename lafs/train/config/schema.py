@@ -246,7 +246,7 @@ COMMON = [
         "train.stop_after_steps",
         None,
         "Stop after this many optimizer steps while keeping the schedule of the "
-        "full run (continue later with --resume).",
+        "full run (continue later with --resume, which does not apply this value again).",
         int,
         nullable=True,
         minimum=1,
@@ -282,7 +282,7 @@ MARGIN = [
         "loss.partial_fc_sample_rate",
         1.0,
         "With several processes the class centres are sharded (Partial FC); "
-        "this fraction of negative classes is sampled per step.",
+        "this fraction of negative classes is sampled per step (one process does not sample).",
         float,
         minimum=0.0,
         maximum=1.0,
