@@ -8,6 +8,7 @@ training checkpoint written by ``lafs.train`` stores this dict under ``"model"``
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -63,21 +64,76 @@ def is_model_dict(obj: Any) -> bool:
 
 
 def model_from_dict(d: Mapping) -> nn.Module:
-    """Rebuild the model saved by :func:`model_to_dict` (strict load)."""
+    """Rebuild the model saved by :func:`model_to_dict` (strict load).
+
+    The ``arch`` comes from the file, so it is checked against the state dict before anything is
+    allocated (a few-KB file must not ask for a million blocks): the number of transformer layers and
+    landmark blocks first, then every key and shape of the model built on the meta device.
+    """
     if not is_model_dict(d):
         found = d.get("format") if isinstance(d, Mapping) else type(d).__name__
         raise ValueError(f"not a {FORMAT} model dict (format: {found!r})")
     kind = d.get("kind", "PartFViT")
     if kind not in _BUILDERS:
         raise ValueError(f"unknown model kind {kind!r} in a {FORMAT} dict; known: {sorted(_BUILDERS)}")
-    model = _BUILDERS[kind](dict(d["arch"]))
-    result = model.load_state_dict(d["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    arch, state = d.get("arch"), d.get("state_dict")
+    if not isinstance(arch, Mapping) or not isinstance(state, Mapping):
         raise IncompatibleCheckpointError(
-            f"{FORMAT} state dict does not match its own arch: missing {result.missing_keys[:12]}, "
-            f"unexpected {result.unexpected_keys[:12]}"
+            f"a {FORMAT} dict needs 'arch' and 'state_dict' mappings; got {type(arch).__name__} and "
+            f"{type(state).__name__}"
         )
+    arch = dict(arch)
+    _check_structure(arch, state)
+    try:
+        with torch.device("meta"):
+            skeleton = _BUILDERS[kind](arch)
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        raise IncompatibleCheckpointError(f"the {FORMAT} arch cannot build a {kind}: {err}") from None
+    _check_shapes(skeleton.state_dict(), state)
+    model = _BUILDERS[kind](arch)
+    model.load_state_dict(state)
     return model
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_structure(arch: dict, state: Mapping) -> None:
+    """The arch's counts of repeated blocks against the state dict's, before any block is built."""
+    layers = {
+        m.group(1)
+        for key in state
+        if not str(key).startswith("landmark_cnn.")
+        for m in [_LAYER_INDEX.search(str(key))]
+        if m
+    }
+    depth = arch.get("depth")
+    if depth is not None and (not isinstance(depth, int) or depth != len(layers)):
+        raise IncompatibleCheckpointError(
+            f"the {FORMAT} arch says depth {depth!r}, its state dict holds {len(layers)} transformer layers"
+        )
+    blocks = arch.get("landmark_blocks")
+    if blocks is not None and (not isinstance(blocks, (list, tuple)) or len(blocks) > len(state)):
+        count = len(blocks) if isinstance(blocks, (list, tuple)) else type(blocks).__name__
+        raise IncompatibleCheckpointError(
+            f"the {FORMAT} arch lists {count} landmark blocks for a state dict of {len(state)} tensors"
+        )
+
+
+def _check_shapes(expected: Mapping, state: Mapping) -> None:
+    """Every key and shape of the model the arch builds (``expected``) against the saved state dict."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(getattr(state[k], 'shape', ()))} vs arch {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise IncompatibleCheckpointError(
+            f"the {FORMAT} state dict does not match its own arch: missing {missing[:12]}, "
+            f"unexpected {unexpected[:12]}, shapes {mismatched[:12]}"
+        )
 
 
 def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
@@ -123,7 +179,10 @@ def load_model(
     if is_model_dict(obj.get("model")):
         obj = obj["model"]
     if is_model_dict(obj):
-        model = model_from_dict(obj)
+        try:
+            model = model_from_dict(obj)
+        except IncompatibleCheckpointError as err:
+            raise IncompatibleCheckpointError(f"{file}: {err}") from None
         if not isinstance(model, PartFViT):
             raise ValueError(
                 f"{file} holds a {type(model).__name__} without a landmark CNN; rebuild it with "

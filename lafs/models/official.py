@@ -229,7 +229,19 @@ def infer_official_config(state: Mapping[str, torch.Tensor]) -> dict:
         mlp_dim = state["transformer.layers.0.1.fn.fn.net.0.weight"].shape[0]
     except KeyError as err:
         raise IncompatibleCheckpointError(f"cannot read the architecture: the state dict lacks {err}") from None
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.layers."))
+    except (AttributeError, IndexError, TypeError) as err:
+        raise IncompatibleCheckpointError(
+            f"cannot read the architecture: a transformer entry is malformed ({err})"
+        ) from None
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 3:
+        found = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+        raise IncompatibleCheckpointError(f"pos_embedding must be [1, L + 1, dim]; got {found}")
+    indices = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
+    depth = len(indices)
+    # The layers' numbers must be 0..depth-1: a stray "layers.999999" must not ask for a million blocks.
+    if indices != {str(i) for i in range(depth)}:
+        odd = sorted(indices - {str(i) for i in range(depth)})[:5]
+        raise IncompatibleCheckpointError(f"transformer layers are not numbered 0..{depth - 1}: found {odd}")
     patch = round((token_dim / 3) ** 0.5)
     if 3 * patch * patch != token_dim or inner % 64:
         raise IncompatibleCheckpointError(

@@ -98,7 +98,8 @@ def load_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
 
     Raises :class:`UnsafeCheckpointError` (file and globals named) for a file that needs anything
     outside the allow-list; ``unsafe_pickle=True`` loads such a file anyway (it can run code).
-    A file that is not a readable pickle raises ``ValueError`` (or torch's own error).
+    A file that is not a readable checkpoint (empty, truncated, another format) raises ``ValueError``
+    naming it; a missing file ``FileNotFoundError``.
     """
     path = Path(path)
     if unsafe_pickle_allowed(unsafe_pickle):
@@ -109,6 +110,8 @@ def load_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
         with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
     except pickle.UnpicklingError as err:
         safe = _torch_safe_globals()
         wanted = [name for name in pickle_globals(path) if name not in ALLOWED_GLOBALS and name not in safe]
@@ -117,6 +120,10 @@ def load_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
         reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0]
         # Not a global: a damaged file, or a pickle instruction the weights-only unpickler refuses.
         raise ValueError(f"{path}: not a checkpoint that loads without running code ({reason})") from None
+    except Exception as err:  # EOFError, torch's zip reader (OSError), a stray opcode: a damaged or foreign file
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint (empty, truncated or another format): {type(err).__name__}: {err}"
+        ) from None
 
 
 def _torch_safe_globals() -> set[str]:

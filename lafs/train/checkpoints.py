@@ -47,11 +47,15 @@ def resume(stage: Stage) -> tuple[int, dict]:
     cfg, run, dist = stage.cfg, stage.run, stage.dist
     if not run.last.exists():
         raise ResumeError(f"--resume: {run.last} does not exist (nothing to continue)")
-    state = load_checkpoint(run.last)  # no code runs (see lafs.models.safe_load)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage.name:
+    try:
+        state = load_checkpoint(run.last)  # no code runs (see lafs.models.safe_load)
+    except ValueError as exc:  # empty, truncated, another format
+        raise ResumeError(f"--resume: {exc}") from None
+    found = state.get("format") if isinstance(state, dict) else f"a {type(state).__name__}"
+    if found != CHECKPOINT_FORMAT or state.get("stage") != stage.name:
         raise ResumeError(
             f"--resume: {run.last} is not a {stage.name} checkpoint of lafs.train "
-            f"(format {state.get('format')!r}, this version writes {CHECKPOINT_FORMAT!r})"
+            f"(format {found!r}, this version writes {CHECKPOINT_FORMAT!r})"
         )
     if state["global_batch"] != global_batch(stage):
         raise ResumeError(

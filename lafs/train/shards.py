@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from lafs.models.checkpoint import atomic_save
+from lafs.models.safe_load import load_checkpoint
 from lafs_kernels.ops.margin_sharded import class_range as _class_range
 from lafs_kernels.reshard import reshard_centres
 
@@ -58,10 +59,14 @@ def load_shards(checkpoints: Path, head: dict) -> list[dict]:
         return list(head["shards"])
     shards = []
     for name in head["files"]:
+        if not isinstance(name, str) or not _SHARD_RE.fullmatch(name):
+            raise ValueError(
+                f"{checkpoints}: the checkpoint names a class-centre shard {name!r}, not a shard file name"
+            )
         path = Path(checkpoints) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: a class-centre shard that the checkpoint names is missing")
-        shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        shards.append(load_checkpoint(path))  # no code runs; --unsafe-pickle applies as to every checkpoint
     return shards
 
 

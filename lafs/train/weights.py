@@ -94,7 +94,10 @@ def load_pretrained_transformer(target: nn.Module, source: str, *, unsafe_pickle
         path = resolve_checkpoint_path(source)
     except FileNotFoundError as exc:
         raise ConfigError(f"init.pretrained: {exc}") from exc
-    state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    try:
+        state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    except ValueError as exc:  # UnsafeCheckpointError is not one: it keeps its own message and exit status
+        raise ConfigError(f"init.pretrained: {exc}") from None
     teacher = state.get("teacher_transformer") if isinstance(state, Mapping) else None
     if isinstance(teacher, Mapping) and "arch" in teacher:
         check_same_architecture(target, teacher["arch"], f"init.pretrained {str(path)!r}")

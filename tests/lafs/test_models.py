@@ -23,6 +23,8 @@ from lafs.models import (
     model_from_dict,
     model_to_dict,
 )
+from lafs.models.official import infer_official_config
+from lafs.models.safe_load import load_checkpoint
 
 from conftest import RUN_SALT
 from helpers.models import official_key, official_state_of, randomize_
@@ -495,6 +497,43 @@ def test_load_model_errors_are_clear(tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="text.pt"):
         load_model(tmp_path / "text.pt")
+
+
+def test_damaged_and_foreign_files_are_named_in_one_clear_error(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(create_model("part_fvit_nano").state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "half.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:5000])
+    for name in ("empty.pt", "half.pt"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable torch checkpoint"):
+            load_checkpoint(tmp_path / name)
+        with pytest.raises(ValueError, match=name):
+            load_model(tmp_path / name)
+
+
+def test_an_arch_is_checked_against_its_weights_before_anything_is_built(tmp_path):
+    """The arch of a lafs/v1 file comes from the file: a few KB must not ask for a million blocks, and
+    an arch that does not fit its weights is named, key by key."""
+    saved = model_to_dict(create_model("part_fvit_nano"))
+    cases = {
+        "depth 1000000, its state dict holds 3 transformer layers": {"depth": 10**6},
+        "lists 1000000 landmark blocks": {"landmark_blocks": [[3, 16, 16, False, "RE", 2]] * 10**6},
+        r"transformer.cls_token: file \(1, 1, 64\) vs arch \(1, 1, 1000000000\)": {"dim": 10**9},
+        "cannot build a PartFViT": {"mlp_dim": "wide"},
+    }
+    for message, change in cases.items():
+        torch.save({**saved, "arch": {**saved["arch"], **change}}, tmp_path / "bad.pt")
+        with pytest.raises(IncompatibleCheckpointError, match=f"bad.pt: .*{message}"):
+            load_model(tmp_path / "bad.pt")
+    with pytest.raises(IncompatibleCheckpointError, match="needs 'arch' and 'state_dict' mappings"):
+        model_from_dict({k: v for k, v in saved.items() if k != "arch"})
+
+
+def test_official_layer_numbers_and_positions_are_checked(official_b):
+    stray = {k.replace("transformer.layers.11.", "transformer.layers.999999."): v for k, v in official_b.items()}
+    with pytest.raises(IncompatibleCheckpointError, match=r"not numbered 0\.\.11: found \['999999'\]"):
+        infer_official_config(stray)
+    with pytest.raises(IncompatibleCheckpointError, match=r"pos_embedding must be \[1, L \+ 1, dim\]; got \(5,\)"):
+        infer_official_config({**official_b, "pos_embedding": torch.zeros(5)})
 
 
 def test_atomic_save_replaces_whole_files_and_leaves_nothing_behind_on_failure(tmp_path):

@@ -29,6 +29,7 @@ from lafs.models import (
 from lafs.models.official import IncompatibleCheckpointError
 from lafs.ssl import DINOHead, DINOLoss, MultiCropModel, load_official_pretraining
 from lafs.train import __main__ as train_cli
+from lafs.train import shards as shards_mod
 from lafs.train.weights import load_landmark_cnn, load_pretrained_transformer
 
 from helpers.models import official_state_of
@@ -171,6 +172,39 @@ def test_a_hostile_pickle_runs_on_no_loading_path(loader, fmt, tmp_path, capsys)
     message = LOADERS[loader](path, tmp_path, capsys)
     assert not marker.exists(), f"{loader} ran the pickle's code"
     assert str(path) in message and WANTED in message, message
+
+
+def test_class_centre_shards_load_as_every_checkpoint_does(tmp_path):
+    """The shard files a training checkpoint names go through load_checkpoint (no code runs, the opt-in
+    applies), and only plain shard file names are read."""
+    marker = tmp_path / "code_ran"
+    name = shards_mod.shard_file(3, 0, 2)
+    path = write_hostile(tmp_path / name, marker, "torch.save")
+    with pytest.raises(UnsafeCheckpointError, match=f"{path}.*{WANTED}"):
+        shards_mod.load_shards(tmp_path, {"files": [name]})
+    assert not marker.exists()
+    with allow_unsafe_pickle(), pytest.warns(UserWarning, match="can run code"):
+        (loaded,) = shards_mod.load_shards(tmp_path, {"files": [name]})
+    assert marker.exists() and loaded["step"] == 3
+    with pytest.raises(ValueError, match="not a shard file name"):
+        shards_mod.load_shards(tmp_path, {"files": ["../elsewhere/head-step0000003-rank0of2.pt"]})
+
+
+def test_a_damaged_checkpoint_to_resume_or_start_from_is_one_clear_line(tmp_path, capsys):
+    whole = tmp_path / "whole.pt"
+    torch.save(model_to_dict(create_model("part_fvit_nano")), whole)
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(whole.read_bytes()[:4000])
+    err = _cli_train_error(["supervised", "--config", "tiny", "--out", str(run.parent), "--resume"], capsys)
+    assert "--resume:" in err and "last.pt: not a readable torch checkpoint" in err and "Traceback" not in err
+    torch.save([1, 2], run / "last.pt")
+    err = _cli_train_error(["supervised", "--config", "tiny", "--out", str(run.parent), "--resume"], capsys)
+    assert "is not a supervised checkpoint of lafs.train (format 'a list'" in err
+    (tmp_path / "empty.pt").write_bytes(b"")
+    args = ["finetune", "--config", "tiny", "--out", str(tmp_path / "ft"), "init.landmark=null"]
+    code, err = _train([*args, f"init.pretrained={tmp_path / 'empty.pt'}"], capsys)
+    assert code == 2 and "init.pretrained:" in err and "empty.pt: not a readable torch checkpoint" in err
 
 
 def test_the_payload_does_run_under_the_explicit_opt_in(tmp_path):
