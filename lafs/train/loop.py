@@ -64,7 +64,7 @@ def run_stage(stage: Stage, *, resume: bool = False) -> dict:
     """Train ``stage`` to the end of its schedule (or ``train.stop_after_steps``); return its summary."""
     cfg = stage.cfg
     batches_from = _prepare(stage)
-    step, best = checkpoints.resume(stage) if resume else (0, {"accuracy": -1.0})
+    step, best = _resume_everywhere(stage) if resume else (0, {"accuracy": -1.0})
     stage.run.write_config(cfg)  # resuming: only once the checkpoint was accepted, so a refused resume changes nothing
     if resume and step >= stage.total_steps and stage.run.finished_summary() is not None:
         return _already_finished(stage, step)
@@ -123,6 +123,18 @@ def _prepare(stage: Stage):
     if dist.rank:
         seed_everything(cfg.seed, dist.rank)  # dropout, drop path, Partial FC sampling differ per process
     return lambda step: micro_batches(loader, batch_sampler, micro_per_epoch, step * accum)
+
+
+def _resume_everywhere(stage: Stage) -> tuple[int, dict]:
+    """``checkpoints.resume`` on every process; when it fails on one, every process stops here (none goes on
+    to wait for it in a collective), the failing one with its own error."""
+    try:
+        result, error = checkpoints.resume(stage), None
+    except Exception as exc:  # a missing shard, a refused file: raised below, after the others are told
+        result, error = None, exc
+    if broadcast_flag(error is not None, stage.dist):
+        raise error or ResumeError("--resume: another process could not resume (its error names the problem)")
+    return result
 
 
 def _train_step(stage: Stage, batches: Iterator, step: int) -> dict:

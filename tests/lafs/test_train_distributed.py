@@ -289,6 +289,18 @@ def test_resume_with_a_missing_shard_is_refused(runs, tmp_path):
         worker.run_jobs([("supervised", tmp_path / "run", batch(WORLD * LOCAL_BATCH), True, [])])
 
 
+def test_a_resume_that_fails_on_one_process_stops_every_process(runs, tmp_path):
+    """No process goes on into training (and a collective its peer never joins): each one raises, the
+    failing one with its own error."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "sup2_split", run)
+    patches = [("fail_resume_on", 1), ("record_errors", run)]
+    with pytest.raises(Exception, match="injected failure on process 1|another process could not resume"):
+        worker.run_processes(WORLD, [("supervised", run, batch(LOCAL_BATCH), True, patches)], timeout=120)
+    assert "injected failure on process 1" in (run / "error-rank1.txt").read_text()
+    assert (run / "error-rank0.txt").read_text().startswith("ResumeError: --resume: another process could not")
+
+
 def test_pretraining_two_processes_equal_one_with_batch_2b(runs):
     one, two = load(runs / "pre1")["dino"], load(runs / "pre2")["dino"]
     for part in ("student", "teacher", "dino_loss"):

@@ -111,7 +111,40 @@ def record_streams(out):
     return _patched(checkpoints, "resume", resume)
 
 
+def fail_resume_on(rank: int):
+    """``--resume`` fails on process ``rank`` alone (as when only its shard file is damaged)."""
+    from lafs.train import checkpoints
+
+    real = checkpoints.resume
+
+    def resume(stage):
+        if stage.dist.rank == rank:
+            raise checkpoints.ResumeError(f"--resume: injected failure on process {rank}")
+        return real(stage)
+
+    return _patched(checkpoints, "resume", resume)
+
+
+def record_errors(out):
+    """Every process writes the error its stage ends with to ``out/error-rank<r>.txt`` (then re-raises)."""
+    from lafs.train import stage_run
+
+    real = stage_run.run_stage
+
+    def run_stage(stage, *, resume=False):
+        try:
+            return real(stage, resume=resume)
+        except Exception as exc:
+            with open(f"{out}/error-rank{stage.dist.rank}.txt", "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+            raise
+
+    return _patched(stage_run, "run_stage", run_stage)
+
+
 PATCHES = {
+    "fail_resume_on": fail_resume_on,
+    "record_errors": record_errors,
     "record_streams": record_streams,
     "deterministic_views": deterministic_views,
     "interleaved_mixup_partner": interleaved_mixup_partner,
