@@ -20,8 +20,14 @@ def to_model_input(images, device: torch.device, dtype: torch.dtype = torch.floa
     images: uint8 ``[B,112,112,3]`` (RGB, as decoded) or ``[B,3,112,112]``, or a
     float ``[B,3,112,112]`` already scaled to [-1, 1]; a numpy array or a tensor.
     Returns ``[B,3,112,112]`` of ``dtype`` on ``device``, in [-1, 1].
+    Raises ``ValueError`` for other dtypes, other shapes and float images holding NaN or Inf
+    (the model could embed those as ordinary-looking faces).
     """
     batch = torch.as_tensor(images)
+    if batch.dtype != torch.uint8 and not batch.is_floating_point():
+        raise ValueError(
+            f"images must be uint8 or floating point in [-1, 1], got dtype {batch.dtype} (shape {tuple(batch.shape)})"
+        )
     if batch.ndim != 4:
         raise ValueError(f"expected a batch of images [B,3,112,112] or [B,112,112,3], got shape {tuple(batch.shape)}")
     if batch.dtype == torch.uint8 and batch.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3):
@@ -32,8 +38,10 @@ def to_model_input(images, device: torch.device, dtype: torch.dtype = torch.floa
     if batch.dtype == torch.uint8:
         # the insightface scaling: (x - 127.5) / 127.5
         return (batch.to(dtype) - 127.5) / 127.5
-    if not batch.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point in [-1, 1], got dtype {batch.dtype}")
+    finite = torch.isfinite(batch).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"images {bad[:10]} of this batch of {len(batch)} hold NaN or Inf values")
     return batch.to(dtype)
 
 

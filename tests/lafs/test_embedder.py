@@ -1,5 +1,7 @@
 """lafs.FaceEmbedder: every kind of model file, the flip protocol, channel orders, five-point alignment, errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -92,7 +94,7 @@ def test_empty_batch_and_bad_input(files, faces):
         embedder.embed(faces, color="hsv")
     with pytest.raises(ValueError, match=r"\[N, 112, 112, 3\]"):
         embedder.embed(faces[0, 0])
-    with pytest.raises(ValueError, match=r"expected images \[B,3,112,112\]"):
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 64, 64\): faces must be aligned 112x112 crops"):
         embedder.embed(np.zeros((2, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="five_points"):
         embedder.embed_images([faces[0], faces[1]], np.zeros((1, 5, 2)))
@@ -120,3 +122,80 @@ def test_files_that_are_not_face_models_are_refused(tmp_path, files):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(wrong))
     with pytest.raises(ValueError, match=r"one input \[batch, 3, S, S\]"):
         OnnxModel(wrong)
+
+
+def scaled(rgb_faces) -> np.ndarray:
+    """uint8 [N, 112, 112, 3] -> float32 [N, 3, 112, 112] in [-1, 1], the documented float input."""
+    return (rgb_faces.transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 127.5
+
+
+def test_float_faces_must_be_scaled_to_minus_one_one(files, faces):
+    embedder = FaceEmbedder(files["module"])
+    with pytest.raises(ValueError, match=r"range from 0 to 255.*\(x - 127\.5\) / 127\.5"):
+        embedder.embed(faces.transpose(0, 3, 1, 2).astype(np.float32))
+    with pytest.raises(ValueError, match=r"range from -1\.5 to"):
+        embedder.embed(scaled(faces) * 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real faces in [-1, 1] (and rounding just past it) warn about nothing
+        expected = embedder.embed(faces)
+        np.testing.assert_allclose(embedder.embed(scaled(faces)), expected, atol=1e-6)
+        embedder.embed(np.clip(scaled(faces) * 1.0005, -1.0005, 1.0005))
+    # 0..1 images lie inside [-1, 1]: only a warning (a very bright face has no negative value either)
+    with pytest.warns(UserWarning, match=r"no negative value.*0\.\.1 images"):
+        embedder.embed(faces.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+
+
+def test_three_dimensional_input_is_one_colour_face_or_refused(files, faces):
+    embedder = FaceEmbedder(files["module"])
+    expected = embedder.embed(faces)
+    gray = faces[..., 0]  # three grayscale faces [3, 112, 112], not one channels-first face
+    with pytest.raises(ValueError, match=r"could be 3 grayscale faces.*convert grayscale faces to 3 channels"):
+        embedder.embed(gray)
+    for array in (gray[:2], gray[:1], gray[0], faces[..., :1]):
+        with pytest.raises(ValueError, match="grayscale faces\\? convert them to 3 channels"):
+            embedder.embed(array)
+    # the documented single faces still work: uint8 [112, 112, 3] and float [3, 112, 112]
+    np.testing.assert_allclose(embedder.embed(faces[1]), expected[1:2], atol=1e-6)
+    np.testing.assert_allclose(embedder.embed(scaled(faces)[1]), expected[1:2], atol=1e-6)
+    # and a channels-first uint8 face, as a batch of one
+    np.testing.assert_allclose(embedder.embed(faces[1:2].transpose(0, 3, 1, 2)), expected[1:2], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["module", "onnx"])
+def test_non_finite_faces_are_refused_with_their_index(files, faces, kind):
+    images = scaled(faces)
+    images[1, 0, 50, 50] = np.nan
+    images[2, :, 60, 60] = np.inf
+    embedder = FaceEmbedder(files[kind], batch_size=2)
+    with pytest.raises(ValueError, match=r"faces 1, 2 \(of 3\) hold NaN or Inf"):
+        embedder.embed(images)
+    with pytest.raises(ValueError, match=r"face 0 \(of 1\) holds NaN or Inf"):
+        embedder.embed(np.full((3, 112, 112), np.nan, np.float32))
+    # the evaluation's shared entry refuses them too
+    with pytest.raises(ValueError, match=r"images \[1, 2\] of this batch of 3 hold NaN or Inf"):
+        to_model_input(images, "cpu")
+
+
+def test_errors_name_the_callers_array_and_its_dtype(files, faces):
+    embedder = FaceEmbedder(files["module"], batch_size=3)
+    four = np.concatenate([faces, faces[:1]])
+    with pytest.raises(ValueError, match=r"got float32 with shape \(4, 112, 112, 3\): float faces are channels-first"):
+        embedder.embed(four.astype(np.float32))
+    with pytest.raises(ValueError, match=r"dtype int64 with shape \(4, 112, 112, 3\).*astype\(np\.uint8\)"):
+        embedder.embed(four.astype(np.int64))
+    with pytest.raises(ValueError, match=r"dtype bool with shape \(4, 112, 112, 3\)"):
+        embedder.embed(four > 128)
+    with pytest.raises(ValueError, match=r"dtype torch\.int64"):
+        to_model_input(torch.from_numpy(four.astype(np.int64)), "cpu")
+    with pytest.raises(ValueError, match=r"shape \(4, 112, 112, 4\): 4 channels"):
+        embedder.embed(np.concatenate([four, four[..., :1]], axis=-1))
+    with pytest.raises(ValueError, match="list of arrays of one shape"):
+        embedder.embed([faces[0], faces[1][:100]])
+    with pytest.raises(ValueError, match=r"image 0 is uint8 with shape \(112, 112\) \(grayscale"):
+        embedder.embed_images(faces[0, ..., 0], np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"images must be uint8 \[H, W, 3\]; image 1 is float32"):
+        embedder.embed_images([faces[0], faces[1].astype(np.float32)], np.zeros((2, 5, 2)))
+    # an empty list is an empty batch, as an empty array is
+    assert embedder.embed([]).shape == embedder.embed(faces[:0]).shape == (0, files["module"].embedding_dim)
+    assert embedder.embed(torch.from_numpy(faces[:0])).shape == (0, files["module"].embedding_dim)
+    assert embedder.embed(list(faces)).shape == (3, files["module"].embedding_dim)
