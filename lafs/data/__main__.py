@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="header",
         help="header: insightface face2rec layout with identity ranges (default); flat: scalar labels at keys 0..N-1",
     )
-    pack.add_argument("--quality", type=int, help="JPEG quality (default 95), or PNG compression level 0-9 (default 3)")
+    pack.add_argument(
+        "--quality", type=int, help="JPEG quality 0-100 (default 95), or PNG compression level 0-9 (default 3)"
+    )
     pack.add_argument(
         "--format",
         dest="img_fmt",

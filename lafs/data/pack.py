@@ -1,5 +1,6 @@
 """Pack ``SRC/<identity>/<image>`` into an insightface RecordIO folder (``train.rec``, ``train.idx``, ``property``)."""
 
+import numbers
 import os
 from pathlib import Path
 
@@ -54,14 +55,15 @@ def pack_folder(
     identity folder names.  Files appear only when everything was written.
     Every image is decoded and re-encoded as ``img_fmt``: ``".jpg"`` (the default, as insightface's
     face2rec writes) is lossy even for PNG sources; ``".png"`` keeps the pixels exactly.
-    ``quality``: JPEG quality (default 95) or PNG compression level 0-9 (default 3).
+    ``quality``: JPEG quality 0-100 (default 95) or PNG compression level 0-9 (default 3).
     Returns {"images": N, "identities": num_ids}.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src, out = Path(src), Path(out)
     if quality is None:
-        quality = 3 if img_fmt == ".png" else 95
+        quality = 3 if img_fmt.lower() == ".png" else 95
+    _check_quality(quality, img_fmt)
     identities, samples = list_identity_images(src)
     landmarks = read_landmarks(landmarks_file) if landmarks_file is not None else None
     if landmarks is not None:
@@ -110,3 +112,17 @@ def pack_folder(
         for path in temporary.values():
             path.unlink(missing_ok=True)
     return {"images": len(samples), "identities": len(identities)}
+
+
+def _check_quality(quality, img_fmt: str):
+    """Refuse a format other than .jpg/.png and a quality outside its range (JPEG quality 0-100, PNG
+    compression level 0-9) before any image is read: cv2 would only warn and clamp it for every image."""
+    fmt = img_fmt.lower()
+    if fmt in (".jpg", ".jpeg"):
+        name, top = "JPEG quality", 100
+    elif fmt == ".png":
+        name, top = "PNG compression level", 9
+    else:
+        raise ValueError(f"unsupported image format {img_fmt!r}: use '.jpg' or '.png'")
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 0 <= quality <= top:
+        raise ValueError(f"quality {quality!r} is not a valid {name} for {fmt}: use a whole number from 0 to {top}")

@@ -11,6 +11,8 @@ from .image import apply_transform
 from .recordio import MXIndexedRecordIO, RecordIOError, unpack_img
 
 COLORS = ("rgb", "bgr")
+# Largest class label: float32 labels hold every whole number exactly only up to 2**24.
+MAX_LABEL = 2**24
 
 
 class FaceRecordDataset(torch.utils.data.Dataset):
@@ -30,6 +32,14 @@ class FaceRecordDataset(torch.utils.data.Dataset):
     returns one.  ``dataset[i] -> (image float32 [3,112,112] in [-1, 1], label int)``;
     ``.labels`` (int64, one per item), ``.num_classes`` (from ``property`` when
     present, else ``labels.max() + 1``), ``.keys`` (record key of each item).
+
+    Labels must be whole numbers from 0 to 2**24 (the integers a float32 label holds
+    exactly).  Without ``property``, a largest label that would make ``num_classes``
+    exceed both the number of images and twice the number of distinct labels is refused
+    as damage (one stray label of 3e9 would size the classifier for 3e9 classes); real
+    sets are far from it (MS1MV3: 93,431 classes for 5.1M images; WebFace4M: 205,990 for
+    4.2M).  A set that really uses so few of its label numbers declares its class count
+    in ``property``.
 
     The record file is opened lazily in each process, so the data set is safe
     to use with DataLoader workers.
@@ -52,7 +62,7 @@ class FaceRecordDataset(torch.utils.data.Dataset):
             self.layout, self.keys, self.labels = _read_layout(record)
         if len(self.keys) == 0:
             raise RecordIOError(f"{self.rec_path} holds no images")
-        self.num_classes = _num_classes(self.root / "property", self.labels)
+        self.num_classes = _num_classes(self.root / "property", self.labels, self.keys, self.rec_path)
         self._record = None
 
     def __len__(self) -> int:
@@ -65,12 +75,13 @@ class FaceRecordDataset(torch.utils.data.Dataset):
             header, image = unpack_img(self._reader().read_idx(key), cv2.IMREAD_COLOR)
         except RecordIOError as error:
             raise RecordIOError(f"{source}: {error}") from None
-        label = int(_class_of(header.label))
-        if label != self.labels[index]:
+        value = _class_of(header.label)
+        if value != self.labels[index]:
             raise RecordIOError(
-                f"{source}: the record's label {label} differs from the identity ranges "
+                f"{source}: the record's label {value:g} differs from the identity ranges "
                 f"of the header records ({self.labels[index]})"
             )
+        label = int(self.labels[index])
         if self.color == "rgb":
             image = image[:, :, ::-1]  # cv2 decodes to BGR
         return apply_transform(np.ascontiguousarray(image), self.transform, source), label
@@ -99,34 +110,54 @@ def _read_layout(record: MXIndexedRecordIO):
     is_header = first is not None and first.flag >= 2 and len(record.read_idx(0)) == 24 + 4 * first.flag
     if not is_header:
         keys = np.asarray(record.keys, dtype=np.int64)
-        labels = np.array([_class_of(record.read_header_idx(int(k)).label) for k in keys], dtype=np.int64)
-        _check_labels(labels, record.uri)
-        return "flat", keys, labels
+        values = [_class_of(record.read_header_idx(int(k)).label) for k in keys]
+        return "flat", keys, _class_labels(values, keys, record.uri)
 
-    image_end, identity_end = int(first.label[0]), int(first.label[1])
+    image_end, identity_end = _header_range(record, first)
     keys = np.arange(1, image_end, dtype=np.int64)
-    absent = [key for key in range(1, max(image_end, identity_end)) if key not in record.idx]
-    if absent:
-        raise RecordIOError(
-            f"{record.idx_path}: the header record announces image keys 1..{image_end - 1} and "
-            f"identity keys {image_end}..{identity_end - 1}, but {len(absent)} are missing "
-            f"(first: {absent[0]})"
+    # Count the absent keys from the index side: the header's numbers may be huge, the index is not.
+    present = sum(1 for key in record.idx if isinstance(key, int) and 1 <= key < identity_end)
+    if present < identity_end - 1:
+        first_absent = next(key for key in range(1, identity_end) if key not in record.idx)
+        identities = (
+            f"identity keys {image_end}..{identity_end - 1}" if identity_end > image_end else "no identity records"
         )
-    labels = np.full(len(keys), -1, dtype=np.int64)
+        raise RecordIOError(
+            f"{record.idx_path}: the header record (key 0) announces image keys 1..{image_end - 1} and "
+            f"{identities}, but {identity_end - 1 - present} are missing (first: {first_absent}); "
+            f"the index lists {len(record.keys)} keys"
+        )
+    values = np.zeros(len(keys), dtype=np.float64)
+    sources = keys.copy()  # the key whose record holds each label
+    known = np.zeros(len(keys), dtype=bool)
     # Each identity record holds [start, end) of its image keys; the class is the label of its first image.
     for identity_key in range(image_end, identity_end):
-        start, end = (int(v) for v in _label_array(record, identity_key)[:2])
-        if not 1 <= start < end <= image_end:
+        start, end = (float(v) for v in _label_array(record, identity_key)[:2])
+        if not (start.is_integer() and end.is_integer() and 1 <= start < end <= image_end):
             raise RecordIOError(
-                f"{record.uri} (key {identity_key}): identity range [{start}, {end}) is outside "
-                f"the image keys 1..{image_end - 1}"
+                f"{record.uri} (key {identity_key}): identity range [{start:g}, {end:g}) is not a range "
+                f"of the image keys 1..{image_end - 1}"
             )
-        labels[start - 1 : end - 1] = int(_class_of(record.read_header_idx(start).label))
-    missing = np.flatnonzero(labels < 0)
-    for position in missing:  # no identity records (or incomplete ones): read the labels one by one
-        labels[position] = int(_class_of(record.read_header_idx(int(keys[position])).label))
-    _check_labels(labels, record.uri)
-    return "header", keys, labels
+        start, end = int(start), int(end)
+        values[start - 1 : end - 1] = _class_of(record.read_header_idx(start).label)
+        sources[start - 1 : end - 1] = start
+        known[start - 1 : end - 1] = True
+    for position in np.flatnonzero(~known):  # no identity records (or incomplete ones): read the labels one by one
+        values[position] = _class_of(record.read_header_idx(int(keys[position])).label)
+    return "header", keys, _class_labels(values, sources, record.uri)
+
+
+def _header_range(record: MXIndexedRecordIO, first) -> tuple:
+    """(image_end, identity_end) from the header record ``[N+1, N+1+num_ids]``."""
+    image_end, identity_end = (float(v) for v in first.label[:2])
+    where = f"{record.uri} (key 0): the header record [{image_end:g}, {identity_end:g}]"
+    if not (image_end.is_integer() and identity_end.is_integer() and 1 <= image_end <= identity_end):
+        raise RecordIOError(
+            f"{where} is not [N+1, N+1+num_ids]: two whole numbers with 1 <= N+1 <= N+1+num_ids "
+            f"(N images, num_ids identity records)"
+        )
+    image_end, identity_end = int(image_end), int(identity_end)
+    return image_end, identity_end
 
 
 def _label_array(record: MXIndexedRecordIO, key: int) -> np.ndarray:
@@ -139,16 +170,46 @@ def _label_array(record: MXIndexedRecordIO, key: int) -> np.ndarray:
     return header.label
 
 
-def _check_labels(labels: np.ndarray, uri: str):
-    if labels.size and labels.min() < 0:
-        raise RecordIOError(f"{uri}: negative class label {labels.min()}")
+def _class_labels(values, keys, uri) -> np.ndarray:
+    """Stored (float) class labels -> int64, refusing any that is not a whole number in 0..MAX_LABEL;
+    ``keys[i]`` is the record that holds ``values[i]`` (named in the error)."""
+    values = np.asarray(values, dtype=np.float64)
+    checks = (
+        (lambda v: ~np.isfinite(v), "is not a finite number"),
+        (lambda v: v != np.floor(v), "is not a whole number"),
+        (lambda v: v < 0, "is negative"),
+        (lambda v: v > MAX_LABEL, f"is above {MAX_LABEL} (2**24, the largest whole number a float32 label holds)"),
+    )
+    for test, problem in checks:
+        bad = np.flatnonzero(test(values))
+        if bad.size:
+            others = f" ({bad.size} records have such labels)" if bad.size > 1 else ""
+            raise RecordIOError(
+                f"{uri} (key {int(keys[bad[0]])}): class label {np.float32(values[bad[0]])!s} {problem}{others}"
+            )
+    return values.astype(np.int64)
 
 
-def _num_classes(property_path: Path, labels: np.ndarray) -> int:
+def _num_classes(property_path: Path, labels: np.ndarray, keys: np.ndarray, uri) -> int:
     from_labels = int(labels.max()) + 1
     if not property_path.is_file():
+        if from_labels > len(labels):  # only then can the labels be too sparse: count the distinct ones
+            distinct = len(np.unique(labels))
+            if from_labels > 2 * distinct:
+                raise RecordIOError(
+                    f"{uri} (key {int(keys[np.argmax(labels)])}): class label {from_labels - 1} would make "
+                    f"{from_labels} classes, but the set has {len(labels)} images with {distinct} distinct labels "
+                    f"(a damaged label?); if the labels are really this sparse, declare num_classes in {property_path}"
+                )
         return from_labels
-    first_line = property_path.read_text().strip().splitlines()[:1]
+    try:
+        text = property_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"malformed {property_path}: byte {error.start} is not UTF-8 text; "
+            f"expected 'num_classes,height,width' on the first line"
+        ) from None
+    first_line = text.strip().splitlines()[:1]
     try:
         declared = int(first_line[0].split(",")[0])
     except (IndexError, ValueError):

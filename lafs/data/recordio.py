@@ -194,10 +194,19 @@ class MXIndexedRecordIO(MXRecordIO):
             return
         self.fidx = None
         try:
-            with open(self.idx_path) as index_file:
-                lines = index_file.readlines()
+            with open(self.idx_path, "rb") as index_file:
+                data = index_file.read()
         except OSError as error:
             raise FileNotFoundError(f"cannot read the RecordIO index {self.idx_path}: {error}") from error
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise RecordIOError(
+                f"malformed index line {line} in {self.idx_path}: byte {error.start} is not UTF-8 text "
+                f"({error.reason}); a RecordIO index holds key<TAB>offset text lines"
+            ) from None
+        lines = text.splitlines()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -208,8 +217,23 @@ class MXIndexedRecordIO(MXRecordIO):
                 raise RecordIOError(
                     f"malformed index line {number} in {self.idx_path}: {line.strip()!r} (expected key<TAB>offset)"
                 ) from error
+            if offset < 0:
+                raise RecordIOError(
+                    f"malformed index line {number} in {self.idx_path}: {line.strip()!r} has a negative offset"
+                )
+            if key in self.idx:
+                first = next(
+                    n for n, other in enumerate(lines, start=1) if other.strip() and self._key_of(other) == key
+                )
+                raise RecordIOError(
+                    f"duplicate key {key!r} in {self.idx_path}: lines {first} and {number} "
+                    f"(each record needs its own key)"
+                )
             self.idx[key] = offset
             self.keys.append(key)
+
+    def _key_of(self, line: str):
+        return self.key_type(line.strip().split("\t")[0])
 
     def close(self):
         if self.is_open and self.fidx is not None:
@@ -265,6 +289,8 @@ class MXIndexedRecordIO(MXRecordIO):
     def write_idx(self, idx, buf: bytes):
         """Append a record under key ``idx`` and index it."""
         key = self.key_type(idx)
+        if key in self.idx:
+            raise RecordIOError(f"key {key!r} is already in the index {self.idx_path}: each record needs its own key")
         position = self.tell()
         self.write(buf)
         self.fidx.write(f"{key}\t{position}\n")
@@ -333,6 +359,8 @@ def unpack_img(s: bytes, iscolor: int = -1):
     """Record -> (IRHeader, image) decoded with ``cv2.imdecode(buf, iscolor)``: BGR order for colour
     images, as MXNet returns (-1: as stored, 1: 3-channel colour, 0: grayscale)."""
     header, payload = unpack(s)
+    if not payload:
+        raise RecordIOError(f"record id {header.id}: empty image payload (the record holds only its header)")
     image = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), iscolor)
     if image is None:
         raise RecordIOError(f"record id {header.id}: the {len(payload)}-byte payload is not a decodable image")

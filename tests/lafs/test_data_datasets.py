@@ -301,3 +301,114 @@ def test_few_shot_subset(rng):
     assert len(few_shot_subset(parent, 1, seed=seed)) == len(present)
     with pytest.raises(ValueError, match="identity_fraction"):
         few_shot_subset(parent, 1, identity_fraction=0.0)
+
+
+def rewrite_records(root, changes):
+    """Rewrite a set's records with ``changes`` {key: function(old record bytes) -> new record bytes}."""
+    with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "r") as reader:
+        records = {key: reader.read_idx(key) for key in reader.keys}
+    with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
+        for key in sorted(records):
+            writer.write_idx(key, changes[key](records[key]) if key in changes else records[key])
+
+
+def relabel(label):
+    """A change for :func:`rewrite_records`: the same image under another label."""
+    return lambda record: recordio.pack(IRHeader(0, label, 0, 0), recordio.unpack(record)[1])
+
+
+def test_header_record_announcing_more_keys_than_the_index_fails_at_once(tmp_path, rng):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "header")  # header [5, 7]: keys 0..6
+    rewrite_records(tmp_path, {0: relabel([5.0, 1e6])})
+    with pytest.raises(
+        RecordIOError,
+        match=r"train\.idx: the header record \(key 0\) announces image keys 1\.\.4 and identity keys "
+        r"5\.\.999999, but 999993 are missing \(first: 7\); the index lists 7 keys",
+    ):
+        FaceRecordDataset(tmp_path)
+
+
+@pytest.mark.parametrize("label", [[float("nan"), 7.0], [5.0, float("inf")], [-5.0, 7.0], [2.5, 7.0], [5.0, 3.0]])
+def test_header_record_that_is_not_a_key_range_is_refused(tmp_path, rng, label):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "header")
+    rewrite_records(tmp_path, {0: relabel(label)})
+    with pytest.raises(
+        RecordIOError, match=r"train\.rec \(key 0\): the header record \[.*\] is not \[N\+1, N\+1\+num_ids\]"
+    ):
+        FaceRecordDataset(tmp_path)
+
+
+@pytest.mark.parametrize("label", [[float("nan"), 3.0], [1.0, 2.5]])
+def test_identity_record_that_is_not_a_key_range_is_refused(tmp_path, rng, label):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "header")
+    rewrite_records(tmp_path, {5: relabel(label)})
+    with pytest.raises(RecordIOError, match=r"train\.rec \(key 5\): identity range \[.*\) is not a range"):
+        FaceRecordDataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "label,problem",
+    [
+        (float("nan"), "nan is not a finite number"),
+        (float("inf"), "inf is not a finite number"),
+        (1.7, "1.7 is not a whole number"),
+        (-1.0, "-1.0 is negative"),
+        (3e9, r"3e\+09 is above 16777216"),
+    ],
+)
+@pytest.mark.parametrize("layout", ["header", "flat"])
+def test_image_label_that_is_not_a_class_number_names_the_key(tmp_path, rng, layout, label, problem):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), layout)
+    key = 3 if layout == "header" else 2  # the first image of identity 1: its label is read in both layouts
+    rewrite_records(tmp_path, {key: relabel([label, 1.0] if layout == "header" else label)})
+    with pytest.raises(RecordIOError, match=rf"train\.rec \(key {key}\): class label {problem}"):
+        FaceRecordDataset(tmp_path)
+
+
+def test_labels_far_beyond_the_data_need_a_property_file(tmp_path, rng):
+    faces = random_faces(rng, [1, 1, 1])
+    write_rec_by_hand(tmp_path, {0: faces[0], 1: faces[1], 50: faces[2]}, "flat")
+    with pytest.raises(
+        RecordIOError,
+        match=r"train\.rec \(key 2\): class label 50 would make 51 classes, but the set has 3 images "
+        r"with 3 distinct labels .*declare num_classes in .*property",
+    ):
+        FaceRecordDataset(tmp_path)
+    (tmp_path / "property").write_text("51,112,112\n")
+    assert FaceRecordDataset(tmp_path).num_classes == 51
+    # gaps are accepted while max + 1 stays within the image count or twice the distinct labels
+    write_rec_by_hand(tmp_path / "sparse", {0: faces[0], 3: faces[1]}, "flat")
+    assert FaceRecordDataset(tmp_path / "sparse").num_classes == 4
+
+
+def test_property_that_is_not_text_names_the_file(tmp_path, rng):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "flat")
+    (tmp_path / "property").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"malformed .*property: byte 0 is not UTF-8 text"):
+        FaceRecordDataset(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["header", "flat"])
+def test_empty_image_payload_names_file_and_key(tmp_path, rng, layout):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), layout)
+    key = 2
+    # keep the header and labels, drop the image bytes
+    rewrite_records(tmp_path, {key: lambda record: record[: len(record) - len(recordio.unpack(record)[1])]})
+    dataset = FaceRecordDataset(tmp_path)
+    with pytest.raises(RecordIOError, match=rf"train\.rec \(key {key}\): record id {key}: empty image payload"):
+        dataset[list(dataset.keys).index(key)]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--format", ".png", "--quality", "95"], "quality 95 is not a valid PNG compression level for .png"),
+        (["--quality", "101"], "quality 101 is not a valid JPEG quality for .jpg"),
+        (["--quality", "-1"], "quality -1 is not a valid JPEG quality"),
+    ],
+)
+def test_pack_quality_out_of_range_is_refused(tmp_path, rng, capsys, options, message):
+    write_folder(tmp_path / "src", random_faces(rng, [1, 1]))
+    assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), *options, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

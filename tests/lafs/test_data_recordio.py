@@ -200,3 +200,42 @@ def test_mode_errors(tmp_path):
     writer.close()
     with pytest.raises(RecordIOError, match="closed"):
         writer.write(b"x")
+
+
+def test_index_with_a_negative_offset_names_the_line(tmp_path):
+    corrupt_copy(tmp_path, lambda data: data).close()
+    index = tmp_path / "bad.rec.idx"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join([lines[0], "1\t-8", lines[2]]) + "\n")
+    with pytest.raises(
+        RecordIOError, match=r"malformed index line 2 in .*bad\.rec\.idx: '1\\t-8' has a negative offset"
+    ):
+        MXIndexedRecordIO(str(index), tmp_path / "bad.rec", "r")
+
+
+def test_index_with_a_duplicate_key_names_the_key_and_both_lines(tmp_path):
+    corrupt_copy(tmp_path, lambda data: data).close()
+    index = tmp_path / "bad.rec.idx"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join([*lines, "", "01\t0"]) + "\n")  # "01" is key 1 again
+    with pytest.raises(RecordIOError, match=r"duplicate key 1 in .*bad\.rec\.idx: lines 2 and 5"):
+        MXIndexedRecordIO(str(index), tmp_path / "bad.rec", "r")
+    with MXIndexedRecordIO(tmp_path / "w.idx", tmp_path / "w.rec", "w") as writer:
+        writer.write_idx(0, b"a")
+        with pytest.raises(RecordIOError, match=r"key 0 is already in the index .*w\.idx"):
+            writer.write_idx(0, b"b")
+
+
+def test_index_that_is_not_utf8_text_names_the_file_and_line(tmp_path):
+    corrupt_copy(tmp_path, lambda data: data).close()
+    index = tmp_path / "bad.rec.idx"
+    index.write_bytes(b"0\t0\n\xff\xfe\x00\x01garbage\n")
+    with pytest.raises(RecordIOError, match=r"malformed index line 2 in .*bad\.rec\.idx: byte 4 is not UTF-8"):
+        MXIndexedRecordIO(str(index), tmp_path / "bad.rec", "r")
+
+
+def test_empty_image_payload_is_a_recordio_error():
+    with pytest.raises(RecordIOError, match="record id 4: empty image payload"):
+        recordio.unpack_img(recordio.pack(IRHeader(0, 1.0, 4, 0), b""))
+    with pytest.raises(RecordIOError, match="record id 5: empty image payload"):
+        recordio.unpack_img(recordio.pack(IRHeader(0, [1.0, 1.0], 5, 0), b""))
