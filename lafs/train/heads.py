@@ -6,8 +6,8 @@ to ``(loss scalar, argmax [B] or None)``:
 * one process: ``lafs_kernels.nn.CosFace`` / ``ArcFace`` (fused; soft targets for mixup; the
   argmax for training accuracy comes from the same pass);
 * several processes: ``lafs_kernels.nn.PartialFC``, class centres sharded across the ranks
-  (no argmax; mixup's two labels and weights go through one call, the objective of the fused
-  loss on one process);
+  (the argmax over every shard costs one more all-gather of ``[B]``; mixup's two labels and weights
+  go through one call, the objective of the fused loss on one process);
 * ``train.original_path``: the unfused loss of ``lafs_kernels.baselines`` with its full
   ``[B, C]`` logits (whose argmax is the accuracy), and the per-landmark ``grid_sample``
   loop for the tokens.
@@ -51,7 +51,7 @@ class ShardedHead(nn.Module):
         self.loss = loss
 
     def forward(self, embeddings, labels, label_weights=None):
-        return self.loss(embeddings, labels, label_weights=label_weights), None
+        return self.loss(embeddings, labels, label_weights=label_weights, return_argmax=True)
 
 
 class OriginalHead(nn.Module):

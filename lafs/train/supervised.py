@@ -20,6 +20,7 @@ from . import landmark_report, plots
 from .checkpoints import ResumeError
 from .config import ConfigError
 from .data import build_train_set, build_val_sets
+from .distributed import all_reduce_sum
 from .heads import OriginalPathModel, ShardedHead, build_margin_head, centre_parameter
 from .optim import clip_grad_norm_global, landmark_warmup, param_groups, set_lr, warmup_cosine
 from .precision import autocast, autocast_dtype
@@ -108,7 +109,7 @@ class SupervisedStage(Stage):
                 loss, argmax = self.head(embeddings.float(), labels, label_weights=weights)
                 self.scaler.scale(loss / accum).backward()
             losses.append(loss.detach())
-            if argmax is not None:  # Partial FC (several processes) gives no argmax
+            if argmax is not None:  # the original path's and the fused heads' argmax, Partial FC's too
                 primary = labels if labels.dim() == 1 else labels[:, 0]
                 correct += int((argmax == primary).sum())
                 seen += primary.numel()
@@ -116,6 +117,8 @@ class SupervisedStage(Stage):
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": float(loss)}
+        if self.dist.enabled:  # the accuracy of the global batch, as the loss is
+            correct, seen = all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64), self.dist).tolist()
         accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
         # One norm over the whole model, Partial FC shards included, the same on every process.

@@ -167,12 +167,17 @@ class PartialFC(nn.Module):
         local_embeddings: torch.Tensor,
         local_labels: torch.Tensor,
         label_weights: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_argmax: bool = False,
+    ):
         """local_embeddings [b, D]; local_labels [b] (or [b, 1]) class ids in [0, num_classes), or [b, T]
         with label_weights [b, T] (mixup: two labels and [lam, 1 - lam]; every rank the same b and T)
         -> the loss, a scalar, mean over the global batch of ``sum_t w_t * (-log p_t)``.  The margin
         applies to every labelled class inside one softmax, as ``margin_softmax_cross_entropy`` does; unlike
-        there, label_weights are constants here (no gradient reaches them)."""
+        there, label_weights are constants here (no gradient reaches them).
+
+        ``return_argmax``: also return ``[b]`` int64, the class of each local embedding's largest plain
+        cosine over every rank's centres (training accuracy; one more all-gather of ``[B]``).  With
+        sampling it is the best of the classes this step used (all positives among them)."""
         labels, weights = self._targets(local_embeddings, local_labels, label_weights)
         embeddings = local_embeddings
         if self.process_group is not None:
@@ -209,13 +214,20 @@ class PartialFC(nn.Module):
                 check_labels=False,
                 need_logit_sum=False,
             )
+        if return_argmax and self.sampled_index is not None and self.sampled_index.numel():
+            stats = stats._replace(argmax=self.sampled_index[stats.argmax])  # a row of the shard, not of the sample
         if self.process_group is not None:
-            stats = combine_shard_stats(stats, self.class_start, self.process_group, need_argmax=False)
+            stats = combine_shard_stats(stats, self.class_start, self.process_group, need_argmax=return_argmax)
         nll = stats.lse[:, None] - stats.target_logit  # [B, T] -log p_t
         if self.probability_floor > 0:
             cap = -math.log(self.probability_floor)
             nll = nll + (nll.clamp(max=cap) - nll).detach()
-        return (weights.to(nll.dtype) * nll).sum(1).mean().to(stats.target_logit.dtype)
+        loss = (weights.to(nll.dtype) * nll).sum(1).mean().to(stats.target_logit.dtype)
+        if not return_argmax:
+            return loss
+        rows = local_embeddings.shape[0]
+        rank = self.rank if self.process_group is not None else 0
+        return loss, stats.argmax[rank * rows : (rank + 1) * rows]
 
     def _targets(self, embeddings, labels, label_weights):
         """labels [B, T] int64 and weights [B, T] from the forward's arguments, checked."""

@@ -125,10 +125,11 @@ def run_cases(rank, world, seed, out_dir):
         local_x = data["embeddings"][rows].clone().requires_grad_()
         weights = None if targets == "labels" else data[f"{targets}_weights"][rows]
         torch.manual_seed(case_seed(seed, name, rank))
-        loss = head(local_x, data[targets][rows], weights)
+        loss, argmax = head(local_x, data[targets][rows], weights, return_argmax=True)
         loss.backward()
         sampled = None if head.sampled_index is None else head.sampled_index + head.class_start
         results[name] = dict(
+            argmax=argmax,
             loss=loss.detach(),
             grad_x=local_x.grad,
             grad_w=head.weight.grad,

@@ -159,6 +159,20 @@ def test_torch_compile_fullgraph_keeps_the_label_check(rng):
         compiled(x, torch.full_like(labels, 20))
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_argmax_on_one_process_is_the_best_class_it_used(rng, rate):
+    head = PartialFC((1.0, 0.0, 0.4), 8, 60, sample_rate=rate)
+    x = torch.randn(10, 8, generator=rng)
+    labels = torch.randint(0, 60, (10,), generator=rng)
+    torch.manual_seed(5)
+    loss, argmax = head(x, labels, return_argmax=True)
+    used = torch.arange(60) if head.sampled_index is None else head.sampled_index
+    cos = F.normalize(x) @ F.normalize(head.weight.detach()[used]).T
+    assert torch.equal(argmax, used[cos.argmax(1)])
+    torch.manual_seed(5)  # the same sample: the argmax leaves the loss as it is
+    assert torch.equal(loss, head(x, labels))
+
+
 def test_two_labels_in_one_call_equal_the_fused_soft_target_loss(rng):
     head = PartialFC((1.0, 0.5, 0.0), 8, 30, s=32.0)
     x = torch.randn(6, 8, generator=rng, requires_grad=True)
@@ -290,6 +304,20 @@ def test_two_ranks_equal_the_fused_loss_with_the_whole_head(two_ranks, name):
         **kwargs,
     )
     check_ranks(ranks, name, *ref, classes)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(worker.CASES))
+def test_two_ranks_give_each_embedding_its_best_class_over_every_shard(two_ranks, name):
+    """The training accuracy's argmax: over every rank's centres (at sample rate < 1, over the classes the
+    step used), for this rank's rows."""
+    ranks, _ = two_ranks
+    data = worker.make_inputs(SEED)
+    classes, _ = kept_classes(ranks, name, data[worker.CASES[name][3]])
+    cos = F.normalize(data["embeddings"].double()) @ F.normalize(data["weight"][classes].double()).T
+    expected = classes[cos.argmax(1)]
+    for rank, r in enumerate(ranks):
+        assert torch.equal(r[name]["argmax"], expected[rows_of(rank)]), f"{name}: argmax, rank {rank}"
 
 
 @pytest.mark.distributed

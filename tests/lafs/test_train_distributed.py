@@ -192,8 +192,9 @@ def flat(tree, prefix="", floating=True):
     return out
 
 
-def losses(run):
-    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+def losses(run, key="loss"):
+    """The log's ``key`` (the loss, or e.g. the training accuracy) at every logged step."""
+    return [r[key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def max_differences(a: dict, b: dict) -> dict:
@@ -225,6 +226,7 @@ def test_supervised_two_processes_equal_one_with_batch_2b(runs):
     assert len(state2["head"]["files"]) == 2
     assert_close_tensors(two, one, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(losses(runs / "sup2"), losses(runs / "sup1"), rtol=1e-5)
+    assert losses(runs / "sup2", "acc") == losses(runs / "sup1", "acc")  # the global batch's training accuracy
     norms = [
         r["grad_norm"]
         for r in map(json.loads, (runs / "sup1" / "log.jsonl").read_text().splitlines())
