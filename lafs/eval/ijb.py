@@ -10,12 +10,14 @@ feature is the sum over its media of the mean feature of the media's images,
 L2-normalised; a pair's score is the dot product of its two template features.
 
 Bad input is never skipped, because the protocol scores every listed pair from
-every listed image: a missing meta file, a malformed line, an image that cannot
-be decoded, a name mismatch between the two image lists, or a pair naming a
-template without images raises an error naming the file and line.
+every listed image: a missing meta file, a malformed line, a landmark or faceness
+score that is not finite, an image that cannot be decoded, a name mismatch between
+the two image lists, a pair naming a template without images, or a pair list
+without both genuine and impostor pairs raises an error naming the file (and line).
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -26,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .align import align_face
-from .embed import embed_original_and_flip, evaluation_mode, model_device_and_dtype
+from .embed import IMAGE_SIZE, embed_original_and_flip, evaluation_mode, model_device_and_dtype
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ("IJBB", "IJBC")
@@ -123,23 +125,42 @@ def read_face_tid_mid(path: str) -> tuple[list, np.ndarray, np.ndarray]:
 
 def read_five_points(path: str) -> tuple[list, np.ndarray, np.ndarray]:
     """``<t>_name_5pts_score.txt`` -> (image names [I], landmarks float32 [I,5,2], faceness float32 [I])."""
-    names, values = [], []
+    names, values, line_numbers = [], [], []
     for line_number, fields in _split_lines(path, 12, "image name, 10 landmark coordinates, faceness score"):
         names.append(fields[0])
         values.append([_parse(path, line_number, value, float, "value") for value in fields[1:]])
-    values = np.array(values, np.float32).reshape(-1, 11)
+        line_numbers.append(line_number)
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, refused below
+        values = np.array(values, np.float32).reshape(-1, 11)
+    finite = np.isfinite(values)
+    if not finite.all():
+        row, column = np.argwhere(~finite)[0]
+        what = "faceness score" if column == 10 else f"landmark {'xy'[column % 2]}{column // 2 + 1}"
+        raise ValueError(
+            f"{path}:{line_numbers[row]}: {what} is {values[row, column]} (as float32), expected a finite number"
+        )
     return names, values[:, :10].reshape(-1, 5, 2), values[:, 10]
 
 
 def read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
     """``<t>_template_pair_label.txt`` -> (template id pairs int64 [P,2], labels int64 [P] of 0 / 1)."""
     try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2)  # C parser: IJB-C has 15.6M lines
+        with warnings.catch_warnings():  # an empty file: "input contained no data", reported below instead
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2)  # C parser: IJB-C has 15.6M lines
     except ValueError:
         table = None
+    if table is not None and table.size == 0:
+        raise ValueError(f"{path}: lists no pairs")
     if table is None or table.shape[1] != 3 or not np.isin(table[:, 2], (0, 1)).all():
         _raise_at_bad_pair_line(path)
-    return table[:, :2].copy(), table[:, 2].copy()
+    labels = table[:, 2].copy()
+    for label, kind in ((1, "genuine"), (0, "impostor")):
+        if not (labels == label).any():
+            raise ValueError(
+                f"{path}: no pair has label {label} ({kind}); TAR at FAR needs both genuine (1) and impostor (0) pairs"
+            )
+    return table[:, :2].copy(), labels
 
 
 def _raise_at_bad_pair_line(path: str):
@@ -158,6 +179,8 @@ def read_protocol(root, target: str) -> IJBProtocol:
     pair_file = meta_path(root, target, "template_pair_label")
     names, template_ids, media_ids = read_face_tid_mid(tid_mid_file)
     landmark_names, landmarks, faceness = read_five_points(landmark_file)
+    if not names and not landmark_names:
+        raise ValueError(f"{tid_mid_file} and {landmark_file} list no images")
     if len(landmark_names) != len(names):
         raise ValueError(f"{landmark_file} lists {len(landmark_names)} images, {tid_mid_file} lists {len(names)}")
     for index, (name, landmark_name) in enumerate(zip(names, landmark_names)):
@@ -214,7 +237,7 @@ class TemplateAccumulator:
     def features(self) -> torch.Tensor:
         """L2-normalised template features float32 ``[T, D]``, rows in the order of ``self.template_ids``."""
         if self._sums is None:
-            raise ValueError("no image features were added")
+            raise ValueError("no image features were added (the image list has no images)")
         return torch.nn.functional.normalize(self._sums, dim=1).float()
 
 
@@ -288,13 +311,36 @@ class AlignedIJBFaces(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path = self.protocol.image_paths[index]
+        where = f"image of {self.protocol.landmark_file} line {index + 1}"
+        if not os.path.isfile(path):  # checked first: OpenCV's imread also prints a warning of its own
+            raise ValueError(f"{path}: no such image file ({where})")
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise ValueError(
-                f"{path}: missing or cannot be decoded (image of {self.protocol.landmark_file} line {index + 1})"
-            )
+            raise ValueError(f"{path}: cannot be decoded ({where})")
         aligned = align_face(np.ascontiguousarray(bgr[:, :, ::-1]), self.protocol.landmarks[index])
         return torch.from_numpy(aligned), index
+
+
+class _FacesOrErrors(torch.utils.data.Dataset):
+    """``AlignedIJBFaces`` for the DataLoader: item ``i`` is (crop, i, "") or, when image ``i`` raises a
+    ValueError (a missing or undecodable image), (a black crop, i, the error's message).
+
+    A worker's exception reaches the main process as its whole traceback inside a new message
+    ("Caught ValueError in DataLoader worker process 0 ..."); passing the message on as data lets
+    ``template_features`` raise it as the one-line error it was.
+    """
+
+    def __init__(self, faces: AlignedIJBFaces):
+        self.faces = faces
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index: int):
+        try:
+            return (*self.faces[index], "")
+        except ValueError as error:
+            return torch.zeros(IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8), index, str(error)
 
 
 def template_features(
@@ -305,22 +351,26 @@ def template_features(
     num_workers: int = 4,
     progress: bool = True,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Embed every image (+ flip, times faceness) and aggregate per template.
+    """Embed every image (+ flip, times faceness) and aggregate per template; ``num_workers`` decoding
+    processes, at most one per CPU this process may use.
 
     Returns (sorted template ids [T], normalised template features float32 [T, D] on ``device``).
     """
     model_device, dtype = model_device_and_dtype(model)
     device = torch.device(device) if device is not None else model_device
     loader = torch.utils.data.DataLoader(
-        AlignedIJBFaces(protocol),
+        _FacesOrErrors(AlignedIJBFaces(protocol)),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=min(num_workers, len(os.sched_getaffinity(0))),  # more than the CPUs only adds a warning
         pin_memory=device.type == "cuda",
     )  # no cv2.setNumThreads in the workers: in a forked child it waits forever on the parent's pool
     accumulator = TemplateAccumulator(protocol.template_ids, protocol.media_ids)
     faceness = torch.from_numpy(protocol.faceness)
     with evaluation_mode(model), torch.inference_mode():
-        for images, indices in tqdm(loader, desc="IJB images", unit="batch", disable=not progress):
+        for images, indices, errors in tqdm(loader, desc="IJB images", unit="batch", disable=not progress):
+            failed = next((error for error in errors if error), None)
+            if failed is not None:
+                raise ValueError(failed)
             original, flipped = embed_original_and_flip(model, images, device, dtype)
             weights = faceness[indices].to(device)
             accumulator.add(indices, (original + flipped) * weights[:, None])

@@ -30,6 +30,7 @@ from .embed import (
 )
 
 THRESHOLDS = np.arange(0, 4, 0.01)
+NROF_FOLDS = 10  # the protocol's folds; a .bin must hold at least this many pairs
 
 # The only globals a .bin pickle may name: what numpy arrays (the images, in some
 # files) pickle through: _reconstruct + ndarray + dtype up to protocol 4,
@@ -78,6 +79,8 @@ def _decode_image(encoded, path: str, index: int) -> np.ndarray:
         encoded = encoded.tobytes()
     if not isinstance(encoded, (bytes, bytearray)):
         raise ValueError(f"{path}: image {index} is a {type(encoded).__name__}, expected encoded image bytes")
+    if not encoded:  # OpenCV asserts on an empty buffer (cv2.error, not None)
+        raise ValueError(f"{path}: image {index} is empty (0 bytes), expected encoded image bytes")
     bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"{path}: image {index} ({len(encoded)} bytes) could not be decoded")
@@ -86,13 +89,29 @@ def _decode_image(encoded, path: str, index: int) -> np.ndarray:
     return bgr[:, :, ::-1]
 
 
+def _is_flag(flag) -> bool:
+    """A pair label: a bool, numpy.bool_, or an integer 0 / 1 (``bool("False")`` is True, so nothing else)."""
+    if isinstance(flag, (bool, np.bool_)):
+        return True
+    return isinstance(flag, (int, np.integer)) and flag in (0, 1)
+
+
+def _sequence(value, path: str, what: str):
+    """``value`` if it is a list, tuple or 1-D array, else a ValueError naming ``path``."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        return value
+    shape = f" of shape {value.shape}" if isinstance(value, np.ndarray) else ""
+    raise ValueError(f"{path}: {what} is a {type(value).__name__}{shape}, expected a list")
+
+
 def load_bin(path: str | os.PathLike) -> tuple[np.ndarray, list[bool]]:
     """Read a verification ``.bin`` safely.
 
     Returns ``(images uint8 [2N,112,112,3] RGB, issame list[bool] of N)``; pair i is
     images ``2i`` and ``2i+1``. Raises ``UnsafePickleError`` for a pickle that names
     any global other than numpy's array reconstruction, ``ValueError`` for a file
-    whose content is not ``(bins, issame)`` of matching lengths or an image that fails to decode.
+    whose content is not ``(bins, issame)`` of matching lengths, an ``issame`` entry that is not
+    a boolean (or 0 / 1), fewer than ``NROF_FOLDS`` pairs, or an image that fails to decode.
     """
     path = os.fspath(path)
     with open(path, "rb") as file:
@@ -105,10 +124,16 @@ def load_bin(path: str | os.PathLike) -> tuple[np.ndarray, list[bool]]:
         raise ValueError(f"{path}: not a readable verification .bin pickle ({error})") from error
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(loaded).__name__}")
-    bins, issame = loaded
+    bins = _sequence(loaded[0], path, "the image list (bins)")
+    issame = _sequence(loaded[1], path, "the pair labels (issame)")
+    for index, flag in enumerate(issame):
+        if not _is_flag(flag):
+            raise ValueError(f"{path}: issame[{index}] is {flag!r}, expected a boolean (True / False or 1 / 0)")
     issame = [bool(flag) for flag in issame]
     if len(bins) != 2 * len(issame):
         raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs; expected {2 * len(issame)}")
+    if len(issame) < NROF_FOLDS:
+        raise ValueError(f"{path}: {len(issame)} pairs; the {NROF_FOLDS}-fold protocol needs at least {NROF_FOLDS}")
     images = np.empty((len(bins), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for index, encoded in enumerate(bins):
         images[index] = _decode_image(encoded, path, index)
@@ -142,7 +167,7 @@ def _accuracy_per_threshold(distances: np.ndarray, actual_issame: np.ndarray) ->
     return (predicted == actual_issame[None, :]).mean(axis=1)
 
 
-def evaluate(embeddings, issame, nrof_folds: int = 10) -> VerificationResult:
+def evaluate(embeddings, issame, nrof_folds: int = NROF_FOLDS) -> VerificationResult:
     """10-fold verification accuracy of pairs of normalised embeddings.
 
     embeddings: ``[2N, D]`` in pair order (flip-summed and L2-normalised); issame: N booleans.
@@ -196,7 +221,7 @@ def embed_with_flip(model: nn.Module, images, batch_size: int = 64, device=None)
 
 
 def verify_model(
-    model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = 10, pair_index=None
+    model: nn.Module, images, issame, batch_size: int = 64, device=None, nrof_folds: int = NROF_FOLDS, pair_index=None
 ) -> dict:
     """Run the whole verification protocol for one set.
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from lafs.eval.__main__ import main
 from lafs.export import export_onnx
 from lafs.models import atomic_save, create_model, model_to_dict
 
-from helpers.eval_data import synthetic_pairs, write_bin
+from helpers.eval_data import encode_png, synthetic_pairs, write_bin, write_ijb_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,6 +98,74 @@ def test_mistakes_are_reported_in_one_line(tmp_path, rng, model_files, capsys):
         error = _one_line_error(capsys, argv)
         assert message in error, (argv, error)
     assert not (tmp_path / "v.json").exists()
+
+
+def test_bad_bin_content_is_reported_in_one_line(tmp_path, rng, model_files, capsys):
+    """Flags that are not booleans (once read as "all same": 100 %), an empty image, and content of the
+    wrong type or size (once a TypeError, ZeroDivisionError or fold-count error with a traceback)."""
+    images, issame = synthetic_pairs(rng, 10)
+    bins = [encode_png(image) for image in images]
+    data = tmp_path / "bins"
+    data.mkdir()
+    cases = {
+        "strings": ((bins, [str(flag) for flag in issame]), r"strings\.bin: issame\[0\] is '(True|False)'"),
+        "nones": ((bins, [None] * 10), r"nones\.bin: issame\[0\] is None"),
+        "empty_image": (([b""] + bins[1:], issame), r"empty_image\.bin: image 0 is empty"),
+        "issame_int": ((bins, 5), r"issame_int\.bin: the pair labels \(issame\) is a int"),
+        "bins_none": ((None, issame), r"bins_none\.bin: the image list \(bins\) is a NoneType"),
+        "zero_pairs": (([], []), r"zero_pairs\.bin: 0 pairs; the 10-fold protocol needs at least 10"),
+        "few_pairs": ((bins[:8], issame[:4]), r"few_pairs\.bin: 4 pairs; the 10-fold protocol needs at least 10"),
+    }
+    for name, (content, message) in cases.items():
+        (data / f"{name}.bin").write_bytes(pickle.dumps(content))
+        argv = ["verify", "--model", str(model_files / "nano.pt"), "--data", str(data), "--targets", name]
+        error = _one_line_error(capsys, [*argv, "--device", "cpu", "--out", str(tmp_path / "v.json")])
+        assert re.search(message, error), (name, error)
+    assert not (tmp_path / "v.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface's norm_crop
+def test_bad_ijb_input_is_reported_in_one_line(tmp_path, rng, model_files, capsys):
+    """NaN landmarks and scores name path:line; a pair list of one label, an empty image list, and an image
+    error inside a DataLoader worker (the default --num-workers 4) give one line, not a traceback."""
+    folder = write_ijb_folder(tmp_path / "IJBC", rng, num_identities=2, templates_per_identity=2, images_per_template=1)
+    meta = os.path.join(folder.root, "meta")
+    points_file = os.path.join(meta, "ijbc_name_5pts_score.txt")
+    pair_file = os.path.join(meta, "ijbc_template_pair_label.txt")
+    with open(points_file) as file:
+        points = file.readlines()
+    with open(pair_file) as file:
+        pairs = file.readlines()
+
+    def nan_at(column):
+        fields = points[1].split()
+        fields[column] = "nan"
+        return points[:1] + [" ".join(fields) + "\n"] + points[2:]
+
+    argv = ["ijb", "--model", str(model_files / "nano.pt"), "--root", folder.root, "--target", "IJBC"]
+    argv += ["--device", "cpu", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "out")]
+    cases = [
+        (points_file, nan_at(1), r"ijbc_name_5pts_score\.txt:2: landmark x1 is nan"),
+        (points_file, nan_at(11), r"ijbc_name_5pts_score\.txt:2: faceness score is nan"),
+        (pair_file, [line.rsplit(" ", 1)[0] + " 1\n" for line in pairs], r"no pair has label 0"),
+        (pair_file, [line.rsplit(" ", 1)[0] + " 0\n" for line in pairs], r"no pair has label 1"),
+    ]
+    for path, lines, message in cases:
+        with open(path, "w") as file:
+            file.writelines(lines)
+        error = _one_line_error(capsys, argv)
+        assert re.search(message, error), (message, error)
+        with open(path, "w") as file:
+            file.writelines(points if path == points_file else pairs)
+    image = os.path.join(folder.root, "loose_crop", "2.jpg")
+    os.replace(image, image + ".moved")
+    error = _one_line_error(capsys, argv)  # the default --num-workers: the image is read in a worker
+    message = r"lafs.eval: .*loose_crop/2\.jpg: no such image file \(image of .*5pts_score\.txt line 2\)\n"
+    assert re.fullmatch(message, error), error
+    for name in ("ijbc_face_tid_mid.txt", "ijbc_name_5pts_score.txt"):
+        open(os.path.join(meta, name), "w").close()
+    assert "list no images" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_line_process_prints_no_traceback(tmp_path):

@@ -1,6 +1,7 @@
 """lafs.eval.ijb: TAR@FAR, template aggregation, pair scores, meta files, the whole protocol on a tiny folder."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -101,8 +102,9 @@ def _replace_line(path, line_number, text):
 
 @pytest.fixture
 def small_folder(tmp_path, rng):
+    """Four images, one per template, of two identities: six pairs, genuine and impostor."""
     return write_ijb_folder(
-        tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=1, images_per_template=2
+        tmp_path / "IJBB", rng, target="ijbb", num_identities=2, templates_per_identity=2, images_per_template=1
     )
 
 
@@ -137,7 +139,8 @@ def test_bad_pair_lines(small_folder):
     path = _meta(small_folder.root, "template_pair_label")
     with open(path, "a") as file:
         file.write("5 6\n")
-    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: expected 3 values"):
+    appended = len(small_folder.pairs) + 1
+    with pytest.raises(ValueError, match=rf"ijbb_template_pair_label\.txt:{appended}: expected 3 values"):
         read_protocol(small_folder.root, "IJBB")
     _replace_line(path, 2, "5 6 2")
     with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: label 2, expected 0 or 1"):
@@ -147,13 +150,68 @@ def test_bad_pair_lines(small_folder):
 def test_template_without_images(small_folder, rng):
     with open(_meta(small_folder.root, "template_pair_label"), "a") as file:
         file.write(f"{small_folder.template_ids[0]} 99999 0\n")
-    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: template 99999 has no images"):
+    appended = len(small_folder.pairs) + 1
+    with pytest.raises(ValueError, match=rf"ijbb_template_pair_label\.txt:{appended}: template 99999 has no images"):
         evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", num_workers=0, progress=False)
 
 
 def test_undecodable_image(small_folder, rng):
     with open(os.path.join(small_folder.root, "loose_crop", "2.jpg"), "wb") as file:
         file.write(b"not a jpeg")
-    expected = r"loose_crop/2\.jpg: missing or cannot be decoded .*ijbb_name_5pts_score\.txt line 2"
+    expected = r"loose_crop/2\.jpg: cannot be decoded .*ijbb_name_5pts_score\.txt line 2"
     with pytest.raises(ValueError, match=expected):
         evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", num_workers=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "column,text,message",
+    [
+        (1, "nan", "landmark x1 is nan"),
+        (4, "-inf", "landmark y2 is -inf"),
+        (9, "1e39", "landmark x5 is inf"),  # beyond float32
+        (11, "nan", "faceness score is nan"),
+        (11, "inf", "faceness score is inf"),
+    ],
+)
+def test_landmarks_and_scores_must_be_finite(small_folder, column, text, message):
+    """A NaN landmark failed later without naming the file; a NaN score failed inside scikit-learn."""
+    path = _meta(small_folder.root, "name_5pts_score")
+    with open(path) as file:
+        fields = file.readlines()[2].split()
+    fields[column] = text
+    _replace_line(path, 3, " ".join(fields))
+    with pytest.raises(ValueError, match=rf"ijbb_name_5pts_score\.txt:3: {message} \(as float32\), expected a finite"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+@pytest.mark.parametrize("label,missing", [(1, "label 0 \\(impostor\\)"), (0, "label 1 \\(genuine\\)")])
+def test_pairs_need_both_labels(small_folder, label, missing):
+    """With one label the ROC is undefined (a numpy 'zero-size array' error came from tar_at_far)."""
+    with open(_meta(small_folder.root, "template_pair_label"), "w") as file:
+        file.writelines(f"{a} {b} {label}\n" for a, b, _ in small_folder.pairs)
+    with pytest.raises(ValueError, match=rf"ijbb_template_pair_label\.txt: no pair has {missing}"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+def test_empty_lists(small_folder):
+    pair_file = _meta(small_folder.root, "template_pair_label")
+    with open(pair_file, "w") as file:
+        file.write("\n")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt: lists no pairs"):
+        read_protocol(small_folder.root, "IJBB")
+    for suffix in ("face_tid_mid", "name_5pts_score"):
+        open(_meta(small_folder.root, suffix), "w").close()
+    with pytest.raises(ValueError, match=r"ijbb_face_tid_mid\.txt and .*ijbb_name_5pts_score\.txt list no images"):
+        read_protocol(small_folder.root, "IJBB")
+
+
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface's norm_crop
+def test_image_error_in_a_worker_is_the_original_message(small_folder, rng):
+    """A DataLoader worker's ValueError came back as 'Caught ValueError in DataLoader worker process 0'
+    followed by the worker's whole traceback."""
+    os.remove(os.path.join(small_folder.root, "loose_crop", "3.jpg"))
+    with pytest.raises(ValueError) as error:
+        evaluate_ijb(TinyFaceNet(rng), small_folder.root, "IJBB", batch_size=2, num_workers=2, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "DataLoader" not in message, message
+    assert re.fullmatch(r".*loose_crop/3\.jpg: no such image file \(.*ijbb_name_5pts_score\.txt line 3\)", message)

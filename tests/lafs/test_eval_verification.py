@@ -3,6 +3,7 @@
 import datetime
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ from tolerances import assert_close
 def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, protocol, numpy_flags):
     """Python 2 byte strings, Python 3 bytes at protocols 0-2 (through _codecs.encode), arrays, and
     issame as numpy booleans all load."""
-    images, issame = synthetic_pairs(rng, 5)
+    images, issame = synthetic_pairs(rng, 10)  # the fewest pairs the 10-fold protocol takes
     path = tmp_path / "set.bin"
     flags = np.array(issame, dtype=np.bool_) if numpy_flags else issame
     write_bin(path, images, flags, py2_style=py2_style, array_bins=array_bins, protocol=protocol)
@@ -43,7 +44,7 @@ def test_load_bin_reads_images_and_pairs(tmp_path, rng, py2_style, array_bins, p
         with pytest.raises(UnicodeDecodeError):
             pickle.loads(path.read_bytes())  # why old files need encoding='bytes'
     loaded, loaded_issame = load_bin(path)
-    assert loaded.dtype == np.uint8 and loaded.shape == (10, 112, 112, 3)
+    assert loaded.dtype == np.uint8 and loaded.shape == (20, 112, 112, 3)
     np.testing.assert_array_equal(loaded, images)
     assert loaded_issame == issame
 
@@ -79,7 +80,7 @@ def test_load_bin_refuses_other_globals(tmp_path):
 
 
 def test_load_bin_bad_content(tmp_path, rng):
-    images, issame = make_pairs(rng, 2)
+    images, issame = make_pairs(rng, 10)
     path = tmp_path / "bad.bin"
     bins = [encode_png(image) for image in images]
     bins[3] = b"not an image"
@@ -87,11 +88,68 @@ def test_load_bin_bad_content(tmp_path, rng):
     with pytest.raises(ValueError, match=r"bad\.bin: image 3 .*could not be decoded"):
         load_bin(path)
     path.write_bytes(pickle.dumps((bins[:3], issame)))
-    with pytest.raises(ValueError, match=r"bad\.bin: 3 images for 2 pairs"):
+    with pytest.raises(ValueError, match=r"bad\.bin: 3 images for 10 pairs"):
         load_bin(path)
     path.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"bad\.bin: not a readable"):
         load_bin(path)
+
+
+@pytest.mark.parametrize("empty", [b"", np.zeros(0, np.uint8)], ids=["bytes", "array"])
+def test_load_bin_empty_image_names_file_and_index(tmp_path, rng, empty):
+    """An empty payload made OpenCV assert (cv2.error) instead of a ValueError naming the image."""
+    images, issame = make_pairs(rng, 10)
+    bins = [encode_png(image) for image in images]
+    bins[5] = empty
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps((bins, issame)))
+    with pytest.raises(ValueError, match=r"bad\.bin: image 5 is empty \(0 bytes\)"):
+        load_bin(path)
+
+
+@pytest.mark.parametrize("flag", ["False", "True", None, 2, -1, 0.0, 1.0, b"1", np.str_("0"), np.int64(3)])
+def test_load_bin_refuses_issame_entries_that_are_not_booleans(tmp_path, rng, flag):
+    """bool("False") is True and bool(None) is False: read as flags, such a list scored 100 %."""
+    images, issame = make_pairs(rng, 10)
+    bins = [encode_png(image) for image in images]
+    labels = list(issame)
+    labels[7] = flag
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps((bins, labels)))
+    with pytest.raises(ValueError, match=rf"bad\.bin: issame\[7\] is {re.escape(repr(flag))}, expected a boolean"):
+        load_bin(path)
+    path.write_bytes(pickle.dumps((bins, ["False"] * 10)))  # the whole list
+    with pytest.raises(ValueError, match=r"bad\.bin: issame\[0\] is 'False'"):
+        load_bin(path)
+
+
+def test_load_bin_takes_integer_flags(tmp_path, rng):
+    images, issame = make_pairs(rng, 10)
+    bins = [encode_png(image) for image in images]
+    path = tmp_path / "set.bin"
+    for flags in ([int(flag) for flag in issame], np.array(issame, dtype=np.int64), np.array(issame, dtype=np.uint8)):
+        path.write_bytes(pickle.dumps((bins, flags)))
+        loaded, loaded_issame = load_bin(path)
+        assert loaded_issame == issame and all(type(flag) is bool for flag in loaded_issame)
+
+
+def test_load_bin_bad_structure(tmp_path, rng):
+    """Each of these ended in a TypeError / ZeroDivisionError / nrof_folds error naming no file."""
+    images, issame = make_pairs(rng, 10)
+    bins = [encode_png(image) for image in images]
+    path = tmp_path / "bad.bin"
+    cases = [
+        ((bins, 5), r"bad\.bin: the pair labels \(issame\) is a int, expected a list"),
+        ((bins, "TFTF"), r"bad\.bin: the pair labels \(issame\) is a str"),
+        ((bins, np.zeros((10, 1), bool)), r"bad\.bin: the pair labels \(issame\) is a ndarray of shape \(10, 1\)"),
+        ((None, issame), r"bad\.bin: the image list \(bins\) is a NoneType, expected a list"),
+        (([], []), r"bad\.bin: 0 pairs; the 10-fold protocol needs at least 10"),
+        ((bins[:8], issame[:4]), r"bad\.bin: 4 pairs; the 10-fold protocol needs at least 10"),
+    ]
+    for content, message in cases:
+        path.write_bytes(pickle.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            load_bin(path)
 
 
 # ---------------------------------------------------------------- evaluate
