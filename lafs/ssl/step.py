@@ -53,6 +53,7 @@ class DINOSettings:
     warmup_teacher_temp -> teacher_temp over warmup_teacher_temp_epochs, then constant; student_temp.
     center_momentum: EMA of the teacher centre.
     clip_grad: per-parameter gradient norm limit (0 turns clipping off).
+    betas: AdamW's betas.
     freeze_last_layer: epochs during which the head's last layer is not updated.
     amp_dtype: autocast dtype on CUDA ("bfloat16", "float16" with a GradScaler, or None for
       float32); the CPU always runs float32.
@@ -79,6 +80,7 @@ class DINOSettings:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     clip_grad: float = 3.0
+    betas: tuple = (0.9, 0.999)
     freeze_last_layer: int = 1
     amp_dtype: Optional[str] = "bfloat16"
     fused_loss: bool = True
@@ -115,6 +117,7 @@ class DINOSettings:
             student_temp=d.student_temp,
             center_momentum=d.center_momentum,
             clip_grad=o.clip_grad,
+            betas=tuple(o.betas),
             freeze_last_layer=int(d.freeze_last_layer_epochs),
             amp_dtype=amp_dtype,
             fused_loss=not cfg.train.original_path,
@@ -132,7 +135,8 @@ class DINOTrainer:
       student_backbone, teacher_backbone: two instances of the same architecture
         (e.g. ``lafs.models.PartTransformer``; ``forward(tokens, index) -> [N, dim]`` with a
         ``dim`` attribute).  The teacher starts as a copy of the student, never gets
-        gradients and runs in eval mode (no dropout or drop path).
+        gradients and runs in eval mode (no dropout or drop path; the released script's teacher keeps
+        them on, a difference this code keeps on both paths: its targets are the model's, not a noisy draw).
       views: the :class:`MultiViewBuilder` (it holds the frozen landmark CNN).
       settings: :class:`DINOSettings`.
       device: where to train (default: the student's device).
@@ -179,7 +183,7 @@ class DINOTrainer:
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False).eval()
 
-        self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student))
+        self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student), betas=tuple(s.betas))
         peak_lr = s.lr * s.batch_size * _world_size() / 256.0
         self.lr_schedule = cosine_schedule(peak_lr, s.min_lr, s.epochs, s.iters_per_epoch, s.warmup_epochs)
         self.wd_schedule = cosine_schedule(s.weight_decay, s.weight_decay_end, s.epochs, s.iters_per_epoch)

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
         "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
-        "runs it) for comparisons; same as train.original_path=true",
+        "runs it, the DINO loss's per-pair loop) for comparisons, in every stage the command runs; "
+        "same as train.original_path=true",
     )
     return parser
 
@@ -101,9 +102,8 @@ def main(argv=None) -> int:
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    if args.original_path:
-        prefix = "supervised." if args.command == "demo" else ""
-        overrides.append(f"{prefix}train.original_path=true")
+    if args.original_path:  # in the demo, the shared train section: every stage
+        overrides.append("train.original_path=true")
     out = Path(args.out or f"runs/{args.command}")
     from lafs.models.safe_load import UnsafeCheckpointError, allow_unsafe_pickle
 

@@ -2,7 +2,8 @@
 
 The supervised loop plus: weights from the pretraining teacher and the
 supervised landmark CNN, layer-wise lr decay (0.58 in the paper, in the recipe),
-RandAugment + flip on uint8 tensors (torchvision.transforms.v2), and mixup
+RandAugment (and, as the recipes set them, the released fine-tuning's random resized
+crop, colour jitter and random erasing) + flip on uint8 tensors (torchvision.transforms.v2), and mixup
 applied to a batch with probability ``aug.mixup_prob`` through the two-label
 soft-target path of the margin loss (labels [B, 2], weights [B, 2]; one Partial FC
 call under torchrun).
@@ -13,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from lafs.models.presets import preset_config
 
 from .supervised import SupervisedStage
 from .weights import load_landmark_cnn, load_pretrained_transformer
@@ -31,11 +34,21 @@ class FinetuneStage(SupervisedStage):
         return model
 
     def transform(self):
-        """RandAugment (on the uint8 form), then the supervised stage's flip."""
+        """On the uint8 form, in the released fine-tuning's order: RandAugment, a random resized crop, colour
+        jitter, random erasing (each as ``aug`` sets it); then the supervised stage's flip."""
         aug = self.cfg.aug
-        steps = []
+        pixels = []
         if aug.randaugment:
-            steps.append(UInt8Augment(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude)))
+            pixels.append(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude))
+        if aug.resized_crop_scale is not None:
+            size = preset_config(self.cfg.model.name, **self.cfg.model.overrides).get("image_size", 112)
+            pixels.append(v2.RandomResizedCrop(size, scale=tuple(aug.resized_crop_scale), antialias=True))
+        if aug.colour_jitter > 0:
+            strength = aug.colour_jitter
+            pixels.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=strength))
+        if aug.erasing_prob > 0:
+            pixels.append(v2.RandomErasing(p=aug.erasing_prob, scale=(0.02, 0.1), value=0))
+        steps = [UInt8Augment(v2.Compose(pixels))] if pixels else []
         flip = super().transform()
         if flip is not None:
             steps.append(flip)

@@ -189,6 +189,66 @@ def test_aug_flip_mirrors_training_images(stage_name):
     assert not torch.allclose(seen[1.0], image, atol=0.1)
 
 
+def test_released_fine_tuning_augmentations_do_what_they_say():
+    """aug.resized_crop_scale, aug.colour_jitter and aug.erasing_prob (the released fine-tuning's random resized
+    crop, colour jitter and random erasing), each alone on a face, drawn from the global RNG as SeededItems seeds it."""
+    from lafs.train.runner import stage_class
+
+    base = [("aug.flip", 0.0), ("aug.randaugment", False), ("init.landmark", None), ("init.pretrained", None)]
+    tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("tiny"), "finetune")
+    image = torch.linspace(-0.9, 0.9, 112)[None, None, :].expand(3, 112, 112).contiguous()  # a horizontal ramp
+
+    def apply(*options, seed=0):
+        cfg = cfgmod.resolve_stage("finetune", cfgmod.apply_overrides(tree, base + list(options)))
+        transform = stage_class("finetune")(cfg, run=None, dist=_OneProcess()).transform()
+        if transform is None:
+            return image
+        torch.manual_seed(seed)
+        return transform(image)
+
+    assert torch.equal(apply(), image)
+    cropped = apply(("aug.resized_crop_scale", [0.5, 0.6]))
+    assert cropped.shape == image.shape and (cropped[0, 56, -1] - cropped[0, 56, 0]) < 1.6  # a narrower ramp
+    jittered = apply(("aug.colour_jitter", 0.1))
+    assert not torch.allclose(jittered, image, atol=2 / 127.5) and (jittered - image).abs().max() < 0.5
+    erased = [apply(("aug.erasing_prob", 1.0), seed=seed) for seed in range(20)]
+    for out in erased:
+        black = (out == -1).all(0)  # value 0 on the uint8 form
+        assert 0.02 * 112 * 112 * 0.9 <= black.sum() <= 0.1 * 112 * 112 * 1.1
+    assert not torch.equal(erased[0], erased[1])  # the rectangle is drawn per image
+    with pytest.raises(cfgmod.ConfigError, match="aug.resized_crop_scale must be null or"):
+        cfgmod.resolve_stage("finetune", cfgmod.apply_overrides(tree, base + [("aug.resized_crop_scale", [0.9])]))
+
+
+def test_pretraining_refuses_recognition_options_and_passes_betas():
+    tree = cfgmod.apply_overrides(
+        cfgmod.demo_stage_tree(cfgmod.load_recipe("tiny"), "pretrain"), [("init.landmark", "/tmp")]
+    )
+    for key, value in (("optim.layer_decay", 0.5), ("optim.landmark_lr_scale", 2.0)):
+        with pytest.raises(cfgmod.ConfigError, match=f"{key} has no effect in pretraining"):
+            cfgmod.resolve_stage("pretrain", cfgmod.apply_overrides(tree, [(key, value)]))
+    from lafs.ssl.step import DINOSettings
+
+    cfg = cfgmod.resolve_stage("pretrain", cfgmod.apply_overrides(tree, [("optim.betas", [0.5, 0.6])]))
+    assert DINOSettings.from_config(cfg, iters_per_epoch=4, amp_dtype=None).betas == (0.5, 0.6)
+
+
+def test_original_path_reaches_every_stage_of_the_demo(monkeypatch):
+    from lafs.train import runner
+
+    seen = {}
+
+    def capture(command, *, recipe, overrides, out, resume=False):
+        tree = cfgmod.apply_overrides(cfgmod.load_recipe(recipe), cfgmod.parse_overrides(overrides))
+        refs = {"supervised": out / "supervised", "pretrain": out / "pretrain"}
+        seen.update({name: c.train.original_path for name, c in cfgmod.resolve_demo(tree, refs).items()})
+        return {}
+
+    monkeypatch.setattr(runner, "run_command", capture)
+    assert main(["--original-path", "--config", "tiny", "--out", "/tmp/unused"]) == 0
+    assert seen and all(seen.values()), seen
+
+
 @pytest.mark.parametrize("original", [False, True])
 def test_landmark_cnn_runs_channels_last_except_on_the_original_path(original):
     from lafs.train.runner import stage_class

@@ -17,21 +17,35 @@ def _log(run):
 
 
 def test_original_path_matches_fused_path(tmp_path, rng):
+    """Same initial weights and data, four optimizer steps (the first at lr 0): every step's loss, accuracy and
+    gradient norm, and the final weights, agree to float32 rounding carried through AdamW."""
     seed = int(torch.randint(0, 1000, (), generator=rng))
-    common = ["supervised", "--config", "tiny", f"seed={seed}", "train.stop_after_steps=2", "val.every_steps=0"]
+    common = ["supervised", "--config", "tiny", f"seed={seed}", "train.stop_after_steps=4", "val.every_steps=0"]
     assert main([*common, "--out", str(tmp_path / "fused")]) == 0
     assert main([*common, "--original-path", "--out", str(tmp_path / "original")]) == 0
     fused, original = _log(tmp_path / "fused"), _log(tmp_path / "original")
     saved = (tmp_path / "original" / "config.yaml").read_text()
     assert "original_path: true" in saved
-    atol, rtol = ATOL_RTOL[torch.float32]
-    # same initial weights and data: the first loss agrees to float32 rounding of a sum over 2 steps' inputs
-    assert fused[0]["loss"] == pytest.approx(original[0]["loss"], rel=100 * rtol, abs=100 * atol)
-    assert fused[0]["acc"] == original[0]["acc"]
+    steps = [r for r in fused if "loss" in r]
+    assert len(steps) == 4 and [r["step"] for r in steps] == [r["step"] for r in original if "loss" in r]
+    for a, b in zip(steps, (r for r in original if "loss" in r)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), a["step"]
+        assert a["acc"] == b["acc"], a["step"]
     a = torch.load(tmp_path / "fused" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "original" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert a["model"]["arch"] == b["model"]["arch"]
-    assert a["model"]["state_dict"].keys() == b["model"]["state_dict"].keys()
+    weights_a, weights_b = a["model"]["state_dict"], b["model"]["state_dict"]
+    assert weights_a.keys() == weights_b.keys()
+    # AdamW moves each weight by about lr per step whatever its gradient's size, so the landmark CNN's near-zero
+    # gradients (float32 rounding apart on the two gathers) can move its weights differently by ~lr per step:
+    # not comparable here (tests/kernels compare the two gathers' landmark gradients). The transformer's gradients
+    # are large and its weights, which see any difference in where the patches were cut, agree to rounding.
+    for key, value in weights_a.items():
+        if value.is_floating_point() and not key.startswith("landmark_cnn."):
+            difference = float((value - weights_b[key]).abs().max())
+            assert difference <= 5e-5, (key, difference)  # seen up to 1.1e-5 over 20 seeds
+    assert a["step"] == b["step"] == 4
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,20 @@ def _substitute_refs(cfg: Config, refs: dict, source: str) -> None:
             set_path(cfg, key, str(refs[value[1:]]))
 
 
+# Options of the recognition stages (the landmark CNN trains, layer-wise decay) that pretraining has no use for.
+RECOGNITION_ONLY = (
+    "optim.layer_decay",
+    "optim.landmark_weight_decay",
+    "optim.landmark_lr_scale",
+    "optim.landmark_warmup_epochs",
+)
+
+
+def default_of(key: str):
+    """The schema's default of option ``key`` (the same in every stage that has it)."""
+    return next(opt.default for opt in SCHEMAS["supervised"] + SCHEMAS["pretrain"] if opt.key == key)
+
+
 def _check_relations(stage: str, cfg: Config, source: str) -> None:
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -83,7 +97,17 @@ def _check_relations(stage: str, cfg: Config, source: str) -> None:
     for path in cfg.val.bins:
         if not isinstance(path, str) or not os.path.isfile(path):
             fail(f"val.bins: {path!r} is not a file")
+    if stage == "finetune" and cfg.aug.resized_crop_scale is not None:
+        lo_hi = cfg.aug.resized_crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            fail(f"aug.resized_crop_scale must be null or [low, high] with 0 < low <= high <= 1; got {lo_hi!r}")
     if stage == "pretrain":
+        changed = [key for key in RECOGNITION_ONLY if cfg.get_path(key) != default_of(key)]
+        if changed:
+            fail(
+                f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect in pretraining (one AdamW "
+                "over the student with DINO's weight-decay schedule; the landmark CNN is frozen): leave the default"
+            )
         for key in ("views.global_scale", "views.local_scale"):
             lo_hi = cfg.get_path(key)
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:

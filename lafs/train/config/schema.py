@@ -232,7 +232,7 @@ COMMON = [
         "Use the code paths of the original LAFS repository (per-landmark "
         "grid_sample loop, unfused margin loss from lafs_kernels.baselines; in pretraining the frozen landmark CNN "
         "run once per global view and once for the locals, batch norms unfolded, the DINO loss's per-pair loop) "
-        "for comparisons.",
+        "for comparisons. Mixup's full margin per label and the teacher's eval mode are the same on both paths.",
         bool,
     ),
     _opt("train.log_every", 10, "Write a log line every this many optimizer steps.", minimum=1),
@@ -338,7 +338,39 @@ FINETUNE = (
         ),
         _opt("aug.randaugment", True, "Apply RandAugment (torchvision.transforms.v2) to the training images.", bool),
         _opt("aug.randaugment_ops", 2, "RandAugment operations per image.", minimum=1),
-        _opt("aug.randaugment_magnitude", 9, "RandAugment magnitude (0-30).", minimum=0, maximum=30),
+        _opt(
+            "aug.randaugment_magnitude",
+            9,
+            "RandAugment magnitude on torchvision's 0-30 scale (timm's rand-mN of 10 is about 3N here).",
+            minimum=0,
+            maximum=30,
+        ),
+        _opt(
+            "aug.resized_crop_scale",
+            None,
+            "Random resized crop of the whole face back to its size, area range [low, high] (the released "
+            "fine-tuning: [0.9, 1.0]); null: none.",
+            list,
+            nullable=True,
+        ),
+        _opt(
+            "aug.colour_jitter",
+            0.0,
+            "Strength of torchvision's ColorJitter on brightness, contrast, saturation and hue (the released "
+            "fine-tuning: 0.1); 0: none.",
+            float,
+            minimum=0.0,
+            maximum=0.5,
+        ),
+        _opt(
+            "aug.erasing_prob",
+            0.0,
+            "Probability of blacking out one random rectangle of 2-10% of the face (torchvision's RandomErasing; "
+            "the released fine-tuning: 0.5); 0: none.",
+            float,
+            minimum=0.0,
+            maximum=1.0,
+        ),
         _opt(
             "aug.mixup_prob",
             0.1,
@@ -414,7 +446,14 @@ PRETRAIN = COMMON + [
     _opt("dino.bottleneck_dim", 256, "Bottleneck width of the DINO head.", minimum=1),
     _opt("dino.norm_last_layer", True, "Fix the gain of the weight-normalised last layer to 1.", bool),
     _opt("dino.student_temp", 0.1, "Student softmax temperature.", float, minimum=0.0),
-    _opt("dino.warmup_teacher_temp", 0.04, "Teacher temperature at the start of its warmup.", float, minimum=0.0),
+    _opt(
+        "dino.warmup_teacher_temp",
+        0.04,
+        "Teacher temperature at the start of its warmup (the released script: 0.07 -> 0.04 over 30 epochs, as "
+        "the real-data recipes set it).",
+        float,
+        minimum=0.0,
+    ),
     _opt("dino.teacher_temp", 0.04, "Teacher temperature after warmup.", float, minimum=0.0),
     _opt("dino.warmup_teacher_temp_epochs", 0.0, "Epochs of linear teacher-temperature warmup.", float, minimum=0.0),
     _opt("dino.center_momentum", 0.9, "Momentum of the teacher-output centre.", float, minimum=0.0, maximum=1.0),
