@@ -90,7 +90,9 @@ def build_case(impl: str, model: str, batch: int):
     if impl == "onnxruntime":
         from lafs.deploy import OnnxModel
 
-        session = OnnxModel(_onnx_file(model), threads=torch.get_num_threads())
+        # No spin-waiting after a call: onnxruntime's spinning threads would take the cores from the eager call
+        # timed next (measured: 1.27x in rounds where onnxruntime ran first, 1.01x where eager did).
+        session = OnnxModel(_onnx_file(model), threads=torch.get_num_threads(), spin=False)
         return lambda: session(images)
     raise ValueError(f"unknown implementation {impl!r}")
 

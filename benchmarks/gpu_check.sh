@@ -5,9 +5,9 @@
 #   2. builds the extension in place for sm_90 (setup.py build_ext --inplace: nothing is installed, but the
 #      _C of an editable install in this checkout is replaced; `pip install -e .` restores it),
 #   3. runs the GPU-marked tests (pytest -m gpu tests),
-#   4. runs the GPU benchmarks at the issues' shapes (pytest benchmarks --benchmark-only), and the LAFS
-#      pretraining step and view builder at Part fViT-B by part, with kernel launches per step
-#      (python benchmarks/bench_pretrain_views.py),
+#   4. runs the LAFS pretraining step and view builder at Part fViT-B by part, with kernel launches per
+#      step (python benchmarks/bench_pretrain_views.py), then the GPU benchmarks at the issues' shapes
+#      (pytest benchmarks --benchmark-only); with LAFS_GPU_CHECK_DEADLINE every step fits the time left,
 #   5. prints a short table last.
 # Writes into OUT_DIR (10 files): build.log (with `python -m lafs_kernels.info`), tests.log, bench.log,
 # bench_landmark_patch_gather.json, bench_margin_softmax.json, bench_training_step.json, pretrain_views.log,
@@ -52,6 +52,17 @@ finish() {
   exit 0
 }
 abort() { fail "$1"; finish "unreachable"; }
+
+# LAFS_GPU_CHECK_DEADLINE (epoch seconds; gpu_session.sh sets it): each step's time limit shrinks to the time
+# left (30 s kept for the report), and a step that would get under 20 s is skipped and named, so the check
+# ends by its deadline with a summary instead of being killed mid-step.
+DEADLINE=${LAFS_GPU_CHECK_DEADLINE:-0}
+step_limit() {  # step_limit SECONDS -> the limit to use now; 0: skip the step
+  local limit=$1 left
+  [ "$DEADLINE" -gt 0 ] || { echo "$limit"; return; }
+  left=$(( DEADLINE - $(date +%s) - 30 ))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$limit" ]; then echo "$left"; else echo "$limit"; fi
+}
 
 # ---- 1. Python and toolkit ------------------------------------------------------------------------------
 . "$ROOT/benchmarks/_find_python.sh"
@@ -105,7 +116,8 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 "$PY" -c "import ninja" >/dev/null 2>&1 || command -v ninja >/dev/null 2>&1 \
   || say "warning: ninja not found: the extension compiles one file at a time"
 say "building lafs_kernels._C (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) -> build.log"
-BUILD_TIMEOUT=${LAFS_GPU_CHECK_BUILD_TIMEOUT:-240}
+BUILD_TIMEOUT=$(step_limit "${LAFS_GPU_CHECK_BUILD_TIMEOUT:-240}")
+[ "$BUILD_TIMEOUT" -gt 0 ] || abort "no time left for the build before the deadline"
 if ! timeout "$BUILD_TIMEOUT" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -n 30 "$OUT/build.log" >&2
   abort "build of the extension failed or took over $BUILD_TIMEOUT s (see build.log)"
@@ -128,24 +140,73 @@ fi
 
 # ---- 3. GPU tests ---------------------------------------------------------------------------------------
 say "GPU tests: pytest -m gpu tests -> tests.log"
-timeout 120 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > "$OUT/tests.log" 2>&1
-status=$?
+limit=$(step_limit 120)
+if [ "$limit" -gt 0 ]; then
+  timeout "$limit" "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  status=$?
+else
+  echo "skipped: the deadline left no time" > "$OUT/tests.log"; status=125
+fi
 tail -n 3 "$OUT/tests.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 case $status in
   0) ;;
   5) fail "no GPU-marked tests were collected (tests.log)" ;;
-  124) fail "GPU tests took over 120 s (tests.log)" ;;
+  124) fail "GPU tests took over ${limit} s (tests.log)" ;;
+  125) fail "GPU tests skipped: the session's deadline left no time" ;;
   *) fail "GPU tests failed (exit $status, tests.log)"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 | tee -a "$SUMMARY" ;;
 esac
 
-# ---- 4. GPU benchmarks ----------------------------------------------------------------------------------
+# ---- 4. the owed issue-21 measurements first, then the GPU benchmark suites --------------------------
+: > "$OUT/bench.log"
+# LAFS pretraining at Part fViT-B (issue 21): builder and step by part, ours against the original path,
+# kernel launches per step (torch.profiler), the DINO head + loss at out_dim 65,536 and 100,000.
+say "GPU pretraining views: benchmarks/bench_pretrain_views.py (limit 200s) -> pretrain_views.log, bench_pretrain_views.json"
+limit=$(step_limit 200)
+if [ "$limit" -gt 0 ]; then
+  timeout "$limit" "$PY" benchmarks/bench_pretrain_views.py --case "paper layout" --pairs 6 \
+    --json "$OUT/bench_pretrain_views.json" > "$OUT/pretrain_views.log" 2>&1
+  status=$?
+else
+  echo "skipped: the deadline left no time" > "$OUT/pretrain_views.log"; status=125
+fi
+case $status in
+  0) grep -E "^(kernel launches|builder |step |DINO head)" "$OUT/pretrain_views.log" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
+  124) fail "benchmarks/bench_pretrain_views.py took over ${limit}s (pretrain_views.log)" ;;
+  125) fail "benchmarks/bench_pretrain_views.py skipped: the session's deadline left no time" ;;
+  *) fail "benchmarks/bench_pretrain_views.py failed (exit $status, pretrain_views.log)"; tail -n 10 "$OUT/pretrain_views.log" | tee -a "$SUMMARY" ;;
+esac
+
+# The gather through a per-view affine (issue 21): distance from crop-resize-gather and its time
+# against materialising the crops (benchmarks/gather_views.py), into bench.log and the summary.
+say "GPU views gather: benchmarks/gather_views.py (limit 60s) -> bench.log"
+limit=$(step_limit 60)
+if [ "$limit" -gt 0 ]; then
+  timeout "$limit" "$PY" benchmarks/gather_views.py --device cuda --rounds 15 > "$OUT/gather_views.log" 2>&1
+  status=$?
+else
+  : > "$OUT/gather_views.log"; status=125
+fi
+cat "$OUT/gather_views.log" >> "$OUT/bench.log"
+grep -E "ratio|vs interpolate" "$OUT/gather_views.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+rm -f "$OUT/gather_views.log"
+case $status in
+  0) ;;
+  124) fail "benchmarks/gather_views.py took over ${limit}s (bench.log)" ;;
+  125) fail "benchmarks/gather_views.py skipped: the session's deadline left no time" ;;
+  *) fail "benchmarks/gather_views.py failed (exit $status, bench.log)" ;;
+esac
+
 # One pytest run (and JSON) per suite, so a suite that overruns its time loses only its own numbers.
 export LAFS_BENCH_BUDGET_S=${LAFS_BENCH_BUDGET_S:-0.3}
-: > "$OUT/bench.log"
 JSONS=()
 for suite in landmark_patch_gather:90 margin_softmax:100 training_step:110; do
   name=${suite%%:*}; limit=${suite##*:}
   say "GPU benchmarks: benchmarks/bench_$name.py (limit ${limit}s) -> bench.log, bench_$name.json"
+  limit=$(step_limit "$limit")
+  if [ "$limit" -eq 0 ]; then
+    fail "benchmarks/bench_$name.py skipped: the session's deadline left no time"
+    continue
+  fi
   timeout "$limit" "$PY" -m pytest "benchmarks/bench_$name.py" --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/bench_$name.json" --benchmark-columns=median,rounds,iterations >> "$OUT/bench.log" 2>&1
   status=$?
@@ -157,32 +218,6 @@ for suite in landmark_patch_gather:90 margin_softmax:100 training_step:110; do
   esac
   [ -s "$OUT/bench_$name.json" ] && JSONS+=("$OUT/bench_$name.json")
 done
-
-# The gather through a per-view affine (issue 21): distance from crop-resize-gather and its time
-# against materialising the crops (benchmarks/gather_views.py), into bench.log and the summary.
-say "GPU views gather: benchmarks/gather_views.py (limit 60s) -> bench.log"
-timeout 60 "$PY" benchmarks/gather_views.py --device cuda --rounds 15 > "$OUT/gather_views.log" 2>&1
-status=$?
-cat "$OUT/gather_views.log" >> "$OUT/bench.log"
-grep -E "ratio|vs interpolate" "$OUT/gather_views.log" | sed 's/^/  /' | tee -a "$SUMMARY"
-rm -f "$OUT/gather_views.log"
-case $status in
-  0) ;;
-  124) fail "benchmarks/gather_views.py took over 60s (bench.log)" ;;
-  *) fail "benchmarks/gather_views.py failed (exit $status, bench.log)" ;;
-esac
-
-# LAFS pretraining at Part fViT-B (issue 21): builder and step by part, ours against the original path,
-# kernel launches per step (torch.profiler), the DINO head + loss at out_dim 65,536 and 100,000.
-say "GPU pretraining views: benchmarks/bench_pretrain_views.py (limit 200s) -> pretrain_views.log, bench_pretrain_views.json"
-timeout 200 "$PY" benchmarks/bench_pretrain_views.py --case "paper layout" --pairs 6 \
-  --json "$OUT/bench_pretrain_views.json" > "$OUT/pretrain_views.log" 2>&1
-status=$?
-case $status in
-  0) grep -E "^(kernel launches|builder |step |DINO head)" "$OUT/pretrain_views.log" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
-  124) fail "benchmarks/bench_pretrain_views.py took over 200s (pretrain_views.log)" ;;
-  *) fail "benchmarks/bench_pretrain_views.py failed (exit $status, pretrain_views.log)"; tail -n 10 "$OUT/pretrain_views.log" | tee -a "$SUMMARY" ;;
-esac
 
 # ---- 5. report ------------------------------------------------------------------------------------------
 if [ ${#JSONS[@]} -gt 0 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU lease is for, in one command that fits one device call (at most 10 minutes):
-#   1. benchmarks/gpu_check.sh (build for sm_90, GPU tests, GPU benchmarks), bounded to CHECK_SECONDS;
+#   1. benchmarks/gpu_check.sh (build for sm_90, GPU tests, pretraining at Part fViT-B, GPU benchmarks), each
+#      step fitted to a deadline CHECK_SECONDS after the start (later steps skipped and named when time runs out);
 #   2. benchmarks/gpu_pretrain_demo.sh with the time left (the default run, then long LAFS pretraining).
 # Results are packed into at most four files in OUT_DIR, since a device call returns only a few:
 #   check_summary.txt, RESULTS.md (benchmark table), pretrain_demo.md, session.tgz (every log, benchmark
@@ -29,8 +30,23 @@ pack() {
 }
 trap pack EXIT
 
-timeout "$CHECK" bash "$ROOT/benchmarks/gpu_check.sh" "$WORK/check"
-echo "gpu_session: gpu_check exit $? after $(( $(date +%s) - START ))s"
+# gpu_check fits its steps to the deadline (LAFS_GPU_CHECK_DEADLINE); the outer timeout, a minute later, is a
+# safety net that kills the whole process group (each inner `timeout` starts a group of its own, which a plain
+# outer timeout would leave running).
+export LAFS_GPU_CHECK_DEADLINE=$(( START + CHECK ))
+setsid bash "$ROOT/benchmarks/gpu_check.sh" "$WORK/check" &
+CHECK_PID=$!
+( sleep $(( CHECK + 60 )); kill -TERM -- -"$CHECK_PID" 2>/dev/null; sleep 5; kill -KILL -- -"$CHECK_PID" 2>/dev/null ) &
+GUARD_PID=$!
+wait "$CHECK_PID"
+status=$?
+kill "$GUARD_PID" 2>/dev/null
+pkill -TERM -g "$CHECK_PID" 2>/dev/null  # anything of the check's group still running
+echo "gpu_session: gpu_check exit $status after $(( $(date +%s) - START ))s"
+if ! tail -n 1 "$WORK/check/summary.txt" 2>/dev/null | grep -qE "^(PASS|DRY RUN|FAIL)"; then
+  echo "gpu_check cut off after $(( $(date +%s) - START ))s (exit $status): the steps above are all it finished" \
+    | tee -a "$WORK/check/summary.txt"
+fi
 DEMO_BUDGET=$(( TOTAL - ($(date +%s) - START) - 20 ))
 if [ "$DEMO_BUDGET" -lt 60 ]; then
   echo "gpu_session: only ${DEMO_BUDGET}s left: no pretraining demo"

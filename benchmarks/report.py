@@ -22,12 +22,12 @@ not judged and the README shows no number for it, only that it must be rerun on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import os
 import re
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -127,6 +127,8 @@ class Case:
         a, b = self.impl(faster), self.impl(slower)
         if a is None or b is None or not a.times_s:
             return None
+        if len(a.times_s) != len(b.times_s):
+            raise ValueError(f"{self.op} {self.shape}: {faster} and {slower} have different numbers of rounds")
         return Spread.of([tb / max(ta, 1e-12) for ta, tb in zip(a.times_s, b.times_s)])
 
     def rate(self, impl: Impl) -> Optional[tuple[str, float]]:
@@ -176,6 +178,17 @@ class Run:
     @property
     def device(self) -> str:
         return self.machine.get("lafs", {}).get("bench_device", "cpu")
+
+    @property
+    def smoke(self) -> bool:
+        """A smoke run (tiny shapes, two rounds): plumbing, not a measurement."""
+        return bool(self.machine.get("lafs", {}).get("smoke"))
+
+    @property
+    def revision(self) -> str:
+        """The measured commit, short, with '(dirty)' when the tree had uncommitted changes."""
+        commit = (self.commit.get("id") or "?")[:10]
+        return commit + (" (dirty)" if self.commit.get("dirty") else "")
 
     def ceiling(self, kind: str) -> Optional[float]:
         """The highest rate of a ``role: ceiling`` case with ``kind`` of work in this run."""
@@ -254,6 +267,17 @@ def pool_runs(runs: list[Run]) -> Run:
                 merged[key] = replace(case, impls=[replace(i) for i in case.impls])
                 continue
             pooled = merged[key]
+            # Rounds pair up only where every run timed the implementation: pool those, name the others.
+            names = [i.name for i in pooled.impls]
+            common = [n for n in names if case.impl(n) is not None]
+            dropped = sorted(set(names + [i.name for i in case.impls]) - set(common))
+            if dropped:
+                print(
+                    f"--pool: {case.op} {shape_text(case.shape)} {case.mode}: {', '.join(dropped)} left out "
+                    f"(not timed in every run; {os.path.basename(run.path)} differs)",
+                    file=sys.stderr,
+                )
+            pooled.impls = [i for i in pooled.impls if i.name in common]
             for impl in pooled.impls:
                 impl.times_s = impl.times_s + case.impl(impl.name).times_s
             pooled.profiles = pooled.profiles + case.profiles
@@ -388,7 +412,8 @@ def op_table(run: Run, op: str, limit: float) -> list[str]:
         "",
         f"Times: medians over the rounds. Speed-up in bold: the median over the rounds of baseline time / "
         f"ours in the same round, ({SPREAD[0]:.0%}-{SPREAD[1]:.0%} of the rounds in brackets); ours and every "
-        "baseline ran interleaved, once each per round. Memory: peak added beyond inputs, parameters and the "
+        "baseline ran interleaved, the same number of calls each per round (one on the CPU), the order rotated every "
+        "round. Memory: peak added beyond inputs, parameters and the "
         "returned output or gradients.",
         "",
     ]
@@ -443,6 +468,8 @@ def check_targets(runs: list[Run], settings: dict) -> list[tuple[dict, str, Opti
                     busy = case.busy(limit)
                     if busy and met is not None and kind != "memory_ratio":
                         met, text = None, f"{text}; not judged: {busy}"
+                    if run.smoke and met is not None:
+                        met, text = None, f"{text}; not judged: a smoke run (tiny shapes, two rounds)"
                     checks.append((target, f"{ours.name} {case.dtype}", met, text))
                     found = True
         if not found:
@@ -502,7 +529,8 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
     for spec in settings["headlines"]:
         cases = headline_cases(runs, spec)
         if not cases:
-            rows.append([spec["label"], "not measured yet: run `make bench`", "", "", ""])
+            how = "benchmarks/gpu_check.sh" if spec["device"] == "cuda" else "make bench"
+            rows.append([spec["label"], f"not measured yet: run `{how}`", "", "", ""])
             continue
         for _, case in cases:
             busy = case.busy(limit)
@@ -538,8 +566,9 @@ def readme_block(runs: list[Run], settings: dict) -> str:
     lines = [
         README_BEGIN,
         "",
-        f"{measured} Ours and every baseline ran interleaved, "
-        "once each per round; a speed-up is the median over the rounds of baseline time / ours in the same round, "
+        f"{measured} Commit {', '.join(sorted({r.revision for r in measured_runs}))}. Ours and every baseline ran "
+        "interleaved, the same number of calls each per round (one on the CPU), in an order rotated every round; "
+        "a speed-up is the median over the rounds of baseline time / ours in the same round, "
         f"with the {SPREAD[0]:.0%}-{SPREAD[1]:.0%} range of those ratios in brackets. "
         "Details, memory and targets: `benchmarks/RESULTS.md`." + headline_run_to_run(runs, settings),
         "",
@@ -711,13 +740,57 @@ def profile_section(run: Run) -> list[str]:
 
 
 def reproduction_text(first: Run, rerun: Run) -> str:
+    return reproduction_verdict(first, rerun)[0]
+
+
+def comparability(first: Run, rerun: Run) -> list[str]:
+    """Why ``rerun`` does not measure what ``first`` did: another device or environment, a smoke run, a
+    busy machine (empty when they compare)."""
+    problems = []
+    if environment_of(first.path) != environment_of(rerun.path) or first.device != rerun.device:
+        problems.append(f"another environment ({environment_of(rerun.path)} against {environment_of(first.path)})")
+    if rerun.smoke or any(r.smoke for r in (first.pooled_from or [first])):
+        problems.append("a smoke run (tiny shapes, two rounds) is among them")
+    return problems
+
+
+def reproduction_verdict(first: Run, rerun: Run) -> tuple[str, bool]:
+    """The rerun's medians against the first run's printed 10%-90% ranges, and whether the rerun is consistent:
+    comparable, every speed-up measured again, every median inside. (Inside a range of single rounds is
+    consistency, not proof: such a range is wide, so a rerun well inside can still be a real change.)"""
     rows = reproduction(first, rerun)
     names = ", ".join(os.path.basename(r.path) for r in (first.pooled_from or [first]))
-    out = [f"first: {names}; rerun: {os.path.basename(rerun.path)}"]
+    out = [f"first: {names} (commit {first.revision}); rerun: {os.path.basename(rerun.path)} (commit {rerun.revision})"]
+    problems = comparability(first, rerun)
+    missing = len(all_speedups(first)) - len(rows)
+    if missing:
+        problems.append(f"{missing} of the first run's speed-ups were not measured again")
     for label, a, b, within in rows:
         out.append(f"  {'within ' if within else 'OUTSIDE'} {label}: {a.text()} then {b.text()}")
-    out.append(f"{sum(r[3] for r in rows)} of {len(rows)} rerun medians within the first run's printed range")
-    return "\n".join(out)
+    inside = sum(r[3] for r in rows)
+    out.append(f"{inside} of {len(rows)} rerun medians within the first run's printed range")
+    out += [f"NOT COMPARABLE: {p}" for p in problems]
+    consistent = not problems and rows and inside == len(rows)
+    out.append("verdict: " + ("consistent" if consistent else "NOT consistent"))
+    return "\n".join(out), bool(consistent)
+
+
+def all_speedups(run: Run) -> list[tuple]:
+    """(case, ours, baseline) of every speed-up a run prints."""
+    return [(c.key, o.name, b.name) for c in run.cases for o in c.ours for b in c.baselines]
+
+
+def refuse_unpublishable(runs: list[Run], allow_dirty: bool) -> None:
+    """--readme publishes measurements only: not smoke runs, and not runs of an uncommitted tree unless asked."""
+    smoke = [os.path.basename(r.path) for r in runs if r.smoke]
+    if smoke:
+        raise SystemExit(f"--readme: {', '.join(smoke)} is a smoke run (tiny shapes, two rounds), not a measurement")
+    dirty = [os.path.basename(r.path) for r in runs if r.commit.get("dirty")]
+    if dirty and not allow_dirty:
+        raise SystemExit(
+            f"--readme: {', '.join(dirty)} measured a tree with uncommitted changes; commit and rerun, or pass "
+            "--allow-dirty (the README block then names the commit as dirty)"
+        )
 
 
 # ---------------------------------------------------------------- summary and charts
@@ -798,14 +871,19 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
+def _newest_when(runs: list[Run]) -> str:
+    """When the newest measured run started (the report's stamp: regenerating it gives the same file)."""
+    when = max((r.when for run in runs for r in (run.pooled_from or [run])), default="")
+    return when[:16].replace("T", " ") or "none"
+
+
 def render(runs: list[Run], charts: list[str], out_path: str, settings: dict, ignored: int = 0) -> str:
     limit = settings["busy_other_cpu_cores"]
     lines = [
         "# Benchmark results",
         "",
-        "Generated by `python benchmarks/report.py` (run by `make bench`) from the JSON of "
-        f"`pytest benchmarks --benchmark-only` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-        "UTC); never edit by hand. The README's table comes from the same files.",
+        "Generated by `python benchmarks/report.py` from the JSON of `pytest benchmarks --benchmark-only` "
+        f"(newest run {_newest_when(runs)} UTC); never edit by hand. The README's table comes from the same files.",
         "",
     ]
     if ignored:
@@ -870,14 +948,20 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", default=TARGETS_FILE, help="targets and headline rows (JSON)")
     parser.add_argument("--preamble", default=None, help="markdown file whose text goes under the title")
     parser.add_argument("--summary", action="store_true", help="print the short table to stdout")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="let --readme publish runs of a tree with uncommitted changes (the README block names the commit)",
+    )
     args = parser.parse_args(argv)
 
     if args.reproduce:
         if len(args.reproduce) < 2:
             parser.error("--reproduce needs at least two result files")
         first = pool_runs([load_run(p) for p in args.reproduce[:-1]])
-        print(reproduction_text(first, load_run(args.reproduce[-1])))
-        return
+        text, consistent = reproduction_verdict(first, load_run(args.reproduce[-1]))
+        print(text)
+        raise SystemExit(0 if consistent else 1)
     settings = load_settings(args.targets)
     paths = args.json or glob.glob(os.path.join(HERE, "results", "*.json"))
     all_runs = [load_run(p) for p in paths]
@@ -892,6 +976,7 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         f.write(text)
     if args.readme:
+        refuse_unpublishable([r for run in runs for r in (run.pooled_from or [run])], args.allow_dirty)
         rewrite_readme(args.readme, readme_block(runs, settings))
         if args.demo:
             rewrite_readme(args.readme, demo_block(args.demo), DEMO_BEGIN, DEMO_END)

@@ -6,6 +6,7 @@ depend on how busy the machine is."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -137,9 +138,14 @@ def test_plan_rounds_fills_the_budget_within_bounds(monkeypatch):
     monkeypatch.setattr(harness, "SMOKE", False)
     monkeypatch.setenv("LAFS_BENCH_BUDGET_S", "2")
     rounds, iterations = harness.plan_rounds([0.1, 0.001], "cpu")
-    assert iterations == [1, 5] and rounds == 4 // 0.105
+    assert iterations == [1, 1] and rounds == 2 * math.ceil((4 // 0.101) / 2)  # CPU: one call each per slot
+    rounds, iterations = harness.plan_rounds([0.004, 0.0001, 0.05], "cuda")
+    assert iterations == [200, 200, 200]  # the same calls for all: as many as the fastest needs for 20 ms
+    assert rounds % 3 == 0 and rounds == 3 * math.ceil(harness.MIN_ROUNDS / 3)
     assert harness.plan_rounds([10.0], "cpu")[0] == harness.MIN_ROUNDS
     assert harness.plan_rounds([1e-5], "cpu")[0] == harness.MAX_ROUNDS
+    three = harness.plan_rounds([1e-5] * 3, "cpu")[0]
+    assert three % 3 == 0 and three <= harness.MAX_ROUNDS  # whole rotations, within the cap
 
 
 def test_ladder_shows_each_steps_share():
@@ -348,3 +354,53 @@ def test_profile_section_shows_each_parts_median_over_the_pooled_runs(tmp_path):
         report.profile_section(report.load_run(_result_file(tmp_path / "cpu_20261206T000009Z.json", other_cpu=0.05)))
         == []
     )
+
+
+def test_pooling_keeps_only_implementations_every_run_timed(tmp_path, capsys):
+    first = report.load_run(_result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05))
+    second_path = _run_with_original_times(tmp_path, 1, [0.6] * 5)
+    data = json.loads(Path(second_path).read_text())
+    del data["benchmarks"][0]["extra_info"]["impls"][1]  # run 2 without original+non-kernel
+    Path(second_path).write_text(json.dumps(data))
+    [case] = report.pool_runs([first, report.load_run(second_path)]).cases
+    assert [i.name for i in case.impls] == ["original", "fused"] and len(case.impl("fused").times_s) == 10
+    assert "original+non-kernel left out (not timed in every run" in capsys.readouterr().err
+
+
+def test_reproduce_gives_a_verdict_and_an_exit_status(tmp_path, capsys):
+    first = _result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05)
+    same = _run_with_original_times(tmp_path, 1, [0.60, 0.62, 0.61, 0.60, 0.63])
+    slower = _run_with_original_times(tmp_path, 2, [0.70] * 5)
+    with pytest.raises(SystemExit) as done:
+        report.main(["--reproduce", first, same])
+    assert done.value.code == 0 and "verdict: consistent" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        report.main(["--reproduce", first, slower])
+    assert done.value.code == 1 and "verdict: NOT consistent" in capsys.readouterr().out
+    smoke = json.loads(Path(same).read_text())
+    smoke["machine_info"]["lafs"]["smoke"] = True
+    Path(same).write_text(json.dumps(smoke))
+    with pytest.raises(SystemExit) as done:
+        report.main(["--reproduce", first, same])
+    assert done.value.code == 1 and "NOT COMPARABLE: a smoke run" in capsys.readouterr().out
+
+
+def test_readme_refuses_smoke_and_uncommitted_runs(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps(SETTINGS))
+    path = _result_file(tmp_path / "cpu_20261206T000000Z.json", other_cpu=0.05)
+    args = [path, "--out", str(tmp_path / "R.md"), "--charts", "none", "--targets", str(targets)]
+    data = json.loads(Path(path).read_text())
+    data["commit_info"]["dirty"] = True
+    Path(path).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        report.main(args + ["--readme", str(readme)])
+    report.main(args + ["--readme", str(readme), "--allow-dirty"])
+    assert "Commit 0000000000 (dirty)" in readme.read_text()
+    data["machine_info"]["lafs"]["smoke"] = True
+    Path(path).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="is a smoke run"):
+        report.main(args + ["--readme", str(readme), "--allow-dirty"])
+    assert "not judged: a smoke run" in (tmp_path / "R.md").read_text()

@@ -58,22 +58,30 @@ class FaceEmbedder:
 
     model: a path (see :func:`load_face_model`) or a module mapping images
     ``[B, 3, 112, 112]`` in [-1, 1] to embeddings ``[B, D]``.  ``device`` is the
-    torch device (for ONNX files, ``cuda`` picks onnxruntime's CUDA provider when
-    installed); ``threads`` sets onnxruntime's intra-op threads; ``batch_size``
+    torch device (default: a module's own device, else the CPU; for ONNX files, ``cuda`` picks
+    onnxruntime's CUDA provider when installed); ``threads`` sets onnxruntime's intra-op threads; ``batch_size``
     faces go through the model at once (with their mirror images: twice as many).
     """
 
     def __init__(
         self,
         model: Union[nn.Module, str, os.PathLike],
-        device: Union[str, torch.device] = "cpu",
+        device: Union[str, torch.device, None] = None,
         batch_size: int = 64,
         threads: Optional[int] = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.model = model if isinstance(model, nn.Module) else load_face_model(model, device, threads)
-        self.device = torch.device(device)
+        if isinstance(model, nn.Module):
+            # A model object stays where it is: the faces go to its device.
+            held = next((p.device for p in model.parameters()), None)
+            if device is not None and held is not None and torch.device(device) != held:
+                raise ValueError(f"the model is on {held}, device={device!r}: move the model, or leave device unset")
+            self.device = torch.device(device) if device is not None else held or torch.device("cpu")
+            self.model = model
+        else:
+            self.device = torch.device(device if device is not None else "cpu")
+            self.model = load_face_model(model, self.device, threads)
         self.batch_size = batch_size
 
     @property

@@ -31,7 +31,9 @@ class OnnxModel(nn.Module):
 
     ``device``: ``cuda`` uses onnxruntime's CUDA provider when the installed
     onnxruntime has it, else the CPU.  ``threads``: onnxruntime's intra-op
-    threads (default: its own choice).  Raises ``ValueError`` for a file that is
+    threads (default: its own choice).  ``spin``: whether those threads spin-wait for work after a
+    call (onnxruntime's default, lower latency; ``False`` frees the cores at once for other work in the
+    process, as a benchmark that times PyTorch right after needs).  Raises ``ValueError`` for a file that is
     not a readable ONNX model of that shape.
     """
 
@@ -41,6 +43,7 @@ class OnnxModel(nn.Module):
         device: Union[str, torch.device, None] = None,
         threads: Optional[int] = None,
         providers: Optional[Sequence[str]] = None,
+        spin: bool = True,
     ):
         super().__init__()
         import onnxruntime
@@ -51,6 +54,8 @@ class OnnxModel(nn.Module):
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
         try:
             self.session = onnxruntime.InferenceSession(

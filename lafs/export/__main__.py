@@ -4,17 +4,21 @@
     python -m lafs.export part_fvit_b.pt part_fvit_b_fp16.onnx --fp16   # official weights, transformer in float16
     python -m lafs.export runs/demo/supervised part_fvit.pt2           # torch.export program (AOTInductor)
 
-The ONNX file runs unchanged in insightface (``insightface.model_zoo.get_model(OUT.onnx).get_feat(aligned_bgr_faces)``),
+The ONNX file runs unchanged in insightface (``insightface.model_zoo.get_model(OUT.onnx).get_feat([face_bgr, ...])``),
 in onnxruntime, and in ``lafs.FaceEmbedder`` / ``python -m lafs.eval verify --model OUT.onnx``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
+import tempfile
 
-from .to_onnx import DEFAULT_OPSET, MIN_OPSET, ExportCheckError
+import torch
+
+from .to_onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportCheckError
 
 FORMATS = (".onnx", ".pt2")
 
@@ -37,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--opset",
         type=int,
         default=DEFAULT_OPSET,
-        help=f"ONNX opset, >= {MIN_OPSET} for GridSample (default: {DEFAULT_OPSET})",
+        help=f"ONNX opset, {MIN_OPSET} (GridSample) to {MAX_OPSET} (default: {DEFAULT_OPSET})",
     )
     parser.add_argument(
         "--no-check",
@@ -61,7 +65,13 @@ def load_or_explain(path: str, device: str):
     from lafs.models import load_model
 
     try:
-        return load_model(path, device=device)
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r}: {err}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: no CUDA device is available here")
+    try:
+        return load_model(path, device=torch_device)
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # IncompatibleCheckpointError is a ValueError
         raise UsageError(str(err)) from err
 
@@ -72,8 +82,16 @@ def run(args) -> str:
         raise UsageError(f"output {args.out!r}: name it .onnx (ONNX graph) or .pt2 (torch.export program)")
     if suffix == ".pt2" and (args.fp16 or args.opset != DEFAULT_OPSET):
         raise UsageError("--fp16 and --opset apply to ONNX output only")
-    if args.opset < MIN_OPSET:
-        raise UsageError(f"--opset {args.opset}: GridSample needs opset {MIN_OPSET} or later")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise UsageError(
+            f"--opset {args.opset}: GridSample needs opset {MIN_OPSET} or later, and torch's exporter writes up to "
+            f"{MAX_OPSET}"
+        )
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write {args.out}: no folder {parent}")
+    if os.path.isdir(args.out):
+        raise UsageError(f"cannot write {args.out}: it is a folder")
     model = load_or_explain(args.model, args.device)
     if suffix == ".onnx":
         from .to_onnx import export_onnx
@@ -86,11 +104,18 @@ def run(args) -> str:
             f"max abs difference {result.max_abs_error:.2e}"
         )
         return f"wrote {result.path} (ONNX opset {result.opset}, {result.precision}, dynamic batch{check})"
-    import torch
 
     from .program import export_program
 
-    torch.export.save(export_program(model), args.out)
+    program = export_program(model)
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, suffix=".pt2", delete=False) as scratch:
+            torch.export.save(program, scratch.name)
+        os.replace(scratch.name, args.out)  # a reader never sees half a file
+    except (OSError, RuntimeError) as err:
+        if os.path.exists(scratch.name):
+            os.unlink(scratch.name)
+        raise UsageError(f"cannot write {args.out}: {err}") from None
     return f"wrote {args.out} (torch.export program, dynamic batch, {args.device})"
 
 

@@ -10,9 +10,9 @@ by both.  The only difference is float32 rounding of the normalised grid
 (``(l + a) / (S/2) - 1`` and back): about 1e-5 px, so tokens differ by up to
 1.3e-5 for uniform noise in [-1, 1] (onnxruntime, 100 random cases of 4 x 196
 patches; much less on smooth images; checked in tests/lafs/test_export.py).  A
-non-finite landmark gives the op a zero patch and ``grid_sample`` a NaN one; the
-landmark CNN's min-max scaling only yields non-finite landmarks for non-finite
-images, whose embedding is not finite either way.
+non-finite landmark gives the op a zero patch, PyTorch's ``grid_sample`` a NaN one and onnxruntime's
+GridSample an arbitrary one; the landmark CNN's min-max scaling only yields non-finite landmarks for
+non-finite images, which ``FaceEmbedder`` and ``lafs.eval`` refuse.
 
 The training code is not touched: the exporters wrap the model in
 :class:`PartFViTExportForm`, which calls the model's own landmark CNN and

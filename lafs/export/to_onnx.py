@@ -41,6 +41,7 @@ from .form import PartFViTExportForm
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 MIN_OPSET = 16  # GridSample
+MAX_OPSET = 20  # torch's TorchScript-based exporter (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 DEFAULT_OPSET = 17
 # insightface's ArcFaceONNX: a Sub and a Mul among the first 8 nodes mean "normalisation inside the model".
 _INSIGHTFACE_PREFIXES = ("Sub", "_minus", "Mul", "_mul")

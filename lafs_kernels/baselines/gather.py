@@ -42,9 +42,12 @@ def gather_patches_loop(image: Tensor, landmarks: Tensor, patch_size: int = 8) -
 
 
 def gather_patches_batched(image: Tensor, landmarks: Tensor, patch_size: int = 8) -> Tensor:
-    """One ``grid_sample`` call on a [B, L*P, P, 2] grid: output [B, C, L*P, P]."""
-    B, C = image.shape[:2]
-    L, P = landmarks.shape[1], patch_size
+    """One ``grid_sample`` call on a [B, L*P, P, 2] grid: output [B, C, L*P, P].
+
+    Sizes other than the batch are plain ints: traced for ONNX (``lafs.export``) they stay constants, so the
+    graph's reshapes keep the batch as their only free size and also run an empty batch."""
+    B, C = image.shape[0], int(image.shape[1])
+    L, P = int(landmarks.shape[1]), patch_size
     grid = (_offset_grid(P, landmarks) + landmarks[:, :, None, None, :]) / _half_size(image, landmarks) - 1
     sampled = F.grid_sample(image, grid.reshape(B, L * P, P, 2).to(image.dtype), align_corners=False)
     return sampled.reshape(B, C, L, P, P).permute(0, 2, 3, 4, 1).reshape(B, L, P * P * C)

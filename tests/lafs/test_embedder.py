@@ -199,3 +199,14 @@ def test_errors_name_the_callers_array_and_its_dtype(files, faces):
     assert embedder.embed([]).shape == embedder.embed(faces[:0]).shape == (0, files["module"].embedding_dim)
     assert embedder.embed(torch.from_numpy(faces[:0])).shape == (0, files["module"].embedding_dim)
     assert embedder.embed(list(faces)).shape == (3, files["module"].embedding_dim)
+
+
+def test_a_model_object_keeps_its_device():
+    """Faces go to the device of a model passed as an object (a CUDA model with the default device would
+    otherwise get CPU faces); a device that disagrees with the model's is refused."""
+    model = create_model("part_fvit_nano").eval()
+    assert FaceEmbedder(model).device == torch.device("cpu")
+    meta = create_model("part_fvit_nano").to("meta")
+    assert FaceEmbedder(meta).device == torch.device("meta")
+    with pytest.raises(ValueError, match="the model is on cpu, device='meta'"):
+        FaceEmbedder(model, device="meta")

@@ -217,6 +217,16 @@ def test_model_with_moving_landmarks_runs_in_insightface(moving_nano, tmp_path):
     images = to_model_input(np.ascontiguousarray(faces[..., ::-1]), "cpu")
     for batch in (images[:1], images.repeat(3, 1, 1, 1)):
         assert_close(session(batch), torch_embeddings(moving_nano, faces).repeat(3, 1)[: len(batch)], scale=10)
+    # an empty batch too: the graph's reshapes keep the batch as their only free size
+    import onnxruntime
+
+    raw = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    empty = raw.run(None, {raw.get_inputs()[0].name: np.zeros((0, 3, 112, 112), np.float32)})[0]
+    assert empty.shape == (0, moving_nano.embedding_dim)
+    # without spin-waiting (as the embedding benchmark runs it) the same numbers
+    quiet = OnnxModel(result.path, spin=False)
+    assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert_close(quiet(images[:2]), session(images[:2]), scale=1)
 
 
 def test_float16_file_runs_in_insightface(moving_nano, tmp_path):
@@ -295,8 +305,13 @@ def test_export_command_reports_mistakes_in_one_line(tmp_path, trained_run, caps
         ([str(tmp_path / "missing"), str(tmp_path / "a.onnx")], "no such checkpoint file or run folder"),
         ([str(not_a_model), str(tmp_path / "a.onnx")], "cannot read"),
         ([str(trained_run), str(tmp_path / "a.txt")], "name it .onnx"),
-        ([str(trained_run), str(tmp_path / "a.onnx"), "--opset", "15"], "opset 16 or later"),
+        ([str(trained_run), str(tmp_path / "a.onnx"), "--opset", "15"], "GridSample needs opset 16 or later"),
+        ([str(trained_run), str(tmp_path / "a.onnx"), "--opset", "30"], "writes up to 20"),
+        ([str(trained_run), str(tmp_path / "a.onnx"), "--device", "xyz"], "--device 'xyz'"),
+        ([str(trained_run), str(tmp_path / "no" / "a.pt2")], "no folder"),
+        ([str(trained_run), str(tmp_path / "dir.pt2")], "it is a folder"),
     ]
+    (tmp_path / "dir.pt2").mkdir()
     for argv, message in cases:
         assert export_main(argv) == 1
         error = capsys.readouterr().err
