@@ -197,8 +197,11 @@ class Run:
 
 
 def load_run(path: str) -> Run:
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a readable benchmark result (JSON of pytest-benchmark): {err}") from None
     run = Run(path, data.get("machine_info", {}), data.get("commit_info", {}), data.get("datetime", ""))
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})

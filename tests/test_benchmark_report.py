@@ -404,3 +404,10 @@ def test_readme_refuses_smoke_and_uncommitted_runs(tmp_path):
     with pytest.raises(SystemExit, match="is a smoke run"):
         report.main(args + ["--readme", str(readme), "--allow-dirty"])
     assert "not judged: a smoke run" in (tmp_path / "R.md").read_text()
+
+
+def test_an_unreadable_result_file_is_named(tmp_path):
+    broken = tmp_path / "cpu_20261206T000000Z.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match="cpu_20261206T000000Z.json: not a readable benchmark result"):
+        report.load_run(str(broken))

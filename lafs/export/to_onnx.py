@@ -177,7 +177,17 @@ def _check(file: str, model: PartFViT, result: OnnxExport) -> OnnxExport:
     images = example_images(4, model.image_size)
     with torch.no_grad():
         expected = model(images.to(next(model.parameters()).device)).float().cpu()
+    if not torch.isfinite(expected).all():
+        raise ExportCheckError(
+            "the PyTorch model itself gives non-finite embeddings on the check's images (its weights hold NaN or "
+            "Inf?): nothing to compare the file with"
+        )
     actual = OnnxModel(file)(images)
+    if result.precision == "float16" and not torch.isfinite(actual).all():
+        raise ExportCheckError(
+            "the float16 graph gives non-finite embeddings where the float32 model does not: the transformer "
+            "overflows float16; export without --fp16"
+        )
     cosine = float(torch.nn.functional.cosine_similarity(actual.double(), expected.double()).min())
     error = float((actual - expected).abs().max())
     limit = MIN_COSINE[result.precision]

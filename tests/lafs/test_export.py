@@ -298,6 +298,15 @@ def test_export_check_catches_a_file_that_differs(moving_nano, tmp_path, monkeyp
     assert not (tmp_path / "broken.onnx").exists()
 
 
+def test_export_check_names_a_model_that_is_itself_broken(tmp_path):
+    model = create_model("part_fvit_nano").eval()
+    with torch.no_grad():
+        model.transformer.mlp_head[0].weight.fill_(float("nan"))
+    with pytest.raises(ExportCheckError, match="the PyTorch model itself gives non-finite embeddings"):
+        export_onnx(model, tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
 def test_export_command_reports_mistakes_in_one_line(tmp_path, trained_run, capsys):
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("not a checkpoint")
