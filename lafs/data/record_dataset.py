@@ -52,6 +52,8 @@ class FaceRecordDataset(torch.utils.data.Dataset):
         self.rec_path = self.root / "train.rec"
         self.idx_path = self.root / "train.idx"
         for path in (self.rec_path, self.idx_path):
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder: a RecordIO data set needs train.rec and train.idx files")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: a RecordIO data set folder needs train.rec and train.idx")
         self.color = color
@@ -192,6 +194,8 @@ def _class_labels(values, keys, uri) -> np.ndarray:
 
 def _num_classes(property_path: Path, labels: np.ndarray, keys: np.ndarray, uri) -> int:
     from_labels = int(labels.max()) + 1
+    if property_path.exists() and not property_path.is_file():
+        raise ValueError(f"{property_path} is not a file: 'property' holds 'num_classes,height,width'")
     if not property_path.is_file():
         if from_labels > len(labels):  # only then can the labels be too sparse: count the distinct ones
             distinct = len(np.unique(labels))

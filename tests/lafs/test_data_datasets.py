@@ -388,6 +388,18 @@ def test_property_that_is_not_text_names_the_file(tmp_path, rng):
         FaceRecordDataset(tmp_path)
 
 
+def test_folders_where_files_belong_are_named(tmp_path, rng):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "flat")
+    (tmp_path / "property").mkdir()
+    with pytest.raises(ValueError, match=r"property is not a file"):
+        FaceRecordDataset(tmp_path)
+    (tmp_path / "property").rmdir()
+    (tmp_path / "train.rec").unlink()
+    (tmp_path / "train.rec").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"train\.rec is a folder"):
+        FaceRecordDataset(tmp_path)
+
+
 @pytest.mark.parametrize("layout", ["header", "flat"])
 def test_empty_image_payload_names_file_and_key(tmp_path, rng, layout):
     write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), layout)
