@@ -190,6 +190,11 @@ class Run:
         commit = (self.commit.get("id") or "?")[:10]
         return commit + (" (dirty)" if self.commit.get("dirty") else "")
 
+    @property
+    def measured(self) -> list:
+        """The result files this run's numbers come from: the pooled runs, or itself."""
+        return self.pooled_from or [self]
+
     def ceiling(self, kind: str) -> Optional[float]:
         """The highest rate of a ``role: ceiling`` case with ``kind`` of work in this run."""
         rates = [c.rate(i)[1] for c in self.cases if c.role == "ceiling" and kind in c.work for i in c.impls]
@@ -555,7 +560,7 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
 
 
 def readme_block(runs: list[Run], settings: dict) -> str:
-    measured_runs = [r for run in runs for r in (run.pooled_from or [run])]
+    measured_runs = [r for run in runs for r in run.measured]
     sources = sorted({os.path.relpath(r.path, os.path.dirname(HERE)) for r in measured_runs})
     devices = sorted({f"{c.device_name}" for run in runs for c in run.cases})
     when = sorted({r.when[:16].replace("T", " ") for r in measured_runs})
@@ -752,7 +757,7 @@ def comparability(first: Run, rerun: Run) -> list[str]:
     problems = []
     if environment_of(first.path) != environment_of(rerun.path) or first.device != rerun.device:
         problems.append(f"another environment ({environment_of(rerun.path)} against {environment_of(first.path)})")
-    if rerun.smoke or any(r.smoke for r in (first.pooled_from or [first])):
+    if rerun.smoke or any(r.smoke for r in first.measured):
         problems.append("a smoke run (tiny shapes, two rounds) is among them")
     return problems
 
@@ -762,7 +767,7 @@ def reproduction_verdict(first: Run, rerun: Run) -> tuple[str, bool]:
     comparable, every speed-up measured again, every median inside. (Inside a range of single rounds is
     consistency, not proof: such a range is wide, so a rerun well inside can still be a real change.)"""
     rows = reproduction(first, rerun)
-    names = ", ".join(os.path.basename(r.path) for r in (first.pooled_from or [first]))
+    names = ", ".join(os.path.basename(r.path) for r in first.measured)
     out = [f"first: {names} (commit {first.revision}); rerun: {os.path.basename(rerun.path)} (commit {rerun.revision})"]
     problems = comparability(first, rerun)
     missing = len(all_speedups(first)) - len(rows)
@@ -876,7 +881,7 @@ def write_charts(runs: list[Run], folder: str) -> list[str]:
 
 def _newest_when(runs: list[Run]) -> str:
     """When the newest measured run started (the report's stamp: regenerating it gives the same file)."""
-    when = max((r.when for run in runs for r in (run.pooled_from or [run])), default="")
+    when = max((r.when for run in runs for r in run.measured), default="")
     return when[:16].replace("T", " ") or "none"
 
 
@@ -979,7 +984,7 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         f.write(text)
     if args.readme:
-        refuse_unpublishable([r for run in runs for r in (run.pooled_from or [run])], args.allow_dirty)
+        refuse_unpublishable([r for run in runs for r in run.measured], args.allow_dirty)
         rewrite_readme(args.readme, readme_block(runs, settings))
         if args.demo:
             rewrite_readme(args.readme, demo_block(args.demo), DEMO_BEGIN, DEMO_END)

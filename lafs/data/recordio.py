@@ -206,8 +206,8 @@ class MXIndexedRecordIO(MXRecordIO):
                 f"malformed index line {line} in {self.idx_path}: byte {error.start} is not UTF-8 text "
                 f"({error.reason}); a RecordIO index holds key<TAB>offset text lines"
             ) from None
-        lines = text.splitlines()
-        for number, line in enumerate(lines, start=1):
+        line_of = {}  # key -> the index line that named it first
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.strip().split("\t")
@@ -221,19 +221,14 @@ class MXIndexedRecordIO(MXRecordIO):
                 raise RecordIOError(
                     f"malformed index line {number} in {self.idx_path}: {line.strip()!r} has a negative offset"
                 )
-            if key in self.idx:
-                first = next(
-                    n for n, other in enumerate(lines, start=1) if other.strip() and self._key_of(other) == key
-                )
+            if key in line_of:
                 raise RecordIOError(
-                    f"duplicate key {key!r} in {self.idx_path}: lines {first} and {number} "
+                    f"duplicate key {key!r} in {self.idx_path}: lines {line_of[key]} and {number} "
                     f"(each record needs its own key)"
                 )
+            line_of[key] = number
             self.idx[key] = offset
             self.keys.append(key)
-
-    def _key_of(self, line: str):
-        return self.key_type(line.strip().split("\t")[0])
 
     def close(self):
         if self.is_open and self.fidx is not None:

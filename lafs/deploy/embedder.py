@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from lafs.eval.align import align_face
+from lafs.eval.embed import IMAGE_SIZE
 from lafs.eval.verification import embed_with_flip
 
 from .onnx_model import OnnxModel
 
 COLORS = ("rgb", "bgr")
-IMAGE_SIZE = 112
 INPUT_LAYOUTS = (
     "uint8 [N, 112, 112, 3] (or one face [112, 112, 3]) or float [N, 3, 112, 112] in [-1, 1] (or one [3, 112, 112])"
 )

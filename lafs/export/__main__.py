@@ -14,9 +14,10 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 
 import torch
+
+from lafs.models.checkpoint import atomic_write
 
 from .to_onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportCheckError
 
@@ -109,12 +110,8 @@ def run(args) -> str:
 
     program = export_program(model)
     try:
-        with tempfile.NamedTemporaryFile(dir=parent, suffix=".pt2", delete=False) as scratch:
-            torch.export.save(program, scratch.name)
-        os.replace(scratch.name, args.out)  # a reader never sees half a file
-    except (OSError, RuntimeError) as err:
-        if os.path.exists(scratch.name):
-            os.unlink(scratch.name)
+        atomic_write(args.out, lambda file: torch.export.save(program, file))  # a reader never sees half a file
+    except RuntimeError as err:  # torch's writer; an OSError is reported by main
         raise UsageError(f"cannot write {args.out}: {err}") from None
     return f"wrote {args.out} (torch.export program, dynamic batch, {args.device})"
 

@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, BinaryIO, Callable, Mapping, Union
 
 import torch
 from torch import nn
@@ -30,12 +30,18 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
 
     A crash leaves either the old file or the new one, never a torn file.
     """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, fsync, then rename over ``path``
+    (a crash leaves the old file or the new one, never a torn file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

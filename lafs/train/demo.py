@@ -21,6 +21,7 @@ import torch
 
 from . import config as config_mod
 from .distributed import init_distributed
+from .run_folder import finished_summary
 from .stage_run import run_single_stage
 
 # run folder (without its seed suffix) -> (stage implementation, what the table calls it)
@@ -53,9 +54,9 @@ def run_demo(tree: dict, *, out: Path, resume: bool = False) -> dict:
     results, started, load_before = {}, time.perf_counter(), os.getloadavg()[0]
     for folder, stage, _ in demo_runs(configs):
         path = out / folder
-        summary_file = path / "summary.json"
-        if resume and summary_file.exists() and json.loads(summary_file.read_text()).get("finished"):
-            results[folder] = json.loads(summary_file.read_text())
+        done = finished_summary(path) if resume else None
+        if done is not None:
+            results[folder] = done
             continue
         stage_resume = resume and (path / "checkpoints" / "last.pt").exists()
         stage_started = time.perf_counter()

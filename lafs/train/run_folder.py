@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from .config import dump as dump_config
 from .distributed import Distributed
+
+
+def finished_summary(folder) -> Optional[dict]:
+    """``folder/summary.json`` of a run that finished its schedule, else None."""
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("finished") else None
 
 
 class RunFolder:
@@ -49,13 +59,9 @@ class RunFolder:
         if self.dist.is_main:
             dump_config(cfg.to_plain(), self.path / "config.yaml")
 
-    def finished_summary(self):
+    def finished_summary(self) -> Optional[dict]:
         """summary.json of a run that finished its schedule, else None."""
-        path = self.path / "summary.json"
-        if not path.is_file():
-            return None
-        summary = json.loads(path.read_text())
-        return summary if summary.get("finished") else None
+        return finished_summary(self.path)
 
     def write_json(self, name: str, data: dict) -> None:
         if self.dist.is_main:

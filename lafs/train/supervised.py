@@ -96,7 +96,8 @@ class SupervisedStage(Stage):
             freeze_batch_norms(self.model)
         self.head.train()
         accum = len(micro_batches)
-        losses, correct, seen = [], 0, 0
+        # Right predictions and labelled images, counted on the device: one host read per step, not per micro-batch.
+        losses, counts = [], torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -111,14 +112,13 @@ class SupervisedStage(Stage):
             losses.append(loss.detach())
             if argmax is not None:  # the original path's and the fused heads' argmax, Partial FC's too
                 primary = labels if labels.dim() == 1 else labels[:, 0]
-                correct += int((argmax == primary).sum())
-                seen += primary.numel()
+                counts[0] += (argmax == primary).sum()
+                counts[1] += primary.numel()
         loss = torch.stack(losses).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": float(loss)}
-        if self.dist.enabled:  # the accuracy of the global batch, as the loss is
-            correct, seen = all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64), self.dist).tolist()
+        correct, seen = all_reduce_sum(counts, self.dist).tolist()  # the global batch's accuracy, as the loss is
         accuracy = {"acc": correct / seen} if seen else {}
         self.scaler.unscale_(self.optimizer)
         # One norm over the whole model, Partial FC shards included, the same on every process.

@@ -128,8 +128,7 @@ def _tap_values(pixels: Tensor, flat: Tensor, inside: Tensor) -> Tensor:
     """pixels [N, H*W, C] at the taps ``flat`` [N, K, P, P] (clamped indices) -> [N, K, P, P, C], zero where the
     tap is outside the image (``inside`` False): a NaN or Inf pixel at the clamped index must not leak out."""
     N, C = pixels.shape[0], pixels.shape[2]
-    taps = flat[0].numel() if N else 0
-    values = pixels.gather(1, flat.reshape(N, taps, 1).expand(-1, -1, C)).reshape(*flat.shape, C)
+    values = pixels.gather(1, flat.reshape(N, math.prod(flat.shape[1:]), 1).expand(-1, -1, C)).reshape(*flat.shape, C)
     return values.masked_fill(~inside[..., None], 0)
 
 
