@@ -39,7 +39,10 @@ class FaceRecordDataset(torch.utils.data.Dataset):
     as damage (one stray label of 3e9 would size the classifier for 3e9 classes); real
     sets are far from it (MS1MV3: 93,431 classes for 5.1M images; WebFace4M: 205,990 for
     4.2M).  A set that really uses so few of its label numbers declares its class count
-    in ``property``.
+    in ``property`` (at most 2**24 + 1 classes).  In the flat layout, an index entry that points at
+    another key's record (each packer in use stores the key as the header's ``id``) is refused when
+    the set opens; in the face2rec layout such an entry shows as a label that differs from its
+    identity's when the record is read.
 
     The record file is opened lazily in each process, so the data set is safe
     to use with DataLoader workers.
@@ -112,8 +115,10 @@ def _read_layout(record: MXIndexedRecordIO):
     is_header = first is not None and first.flag >= 2 and len(record.read_idx(0)) == 24 + 4 * first.flag
     if not is_header:
         keys = np.asarray(record.keys, dtype=np.int64)
-        values = [_class_of(record.read_header_idx(int(k)).label) for k in keys]
-        return "flat", keys, _class_labels(values, keys, record.uri)
+        headers = [record.read_header_idx(int(k)) for k in keys]
+        labels = _class_labels([_class_of(h.label) for h in headers], keys, record.uri)
+        _check_record_ids(record, keys, np.asarray([h.id for h in headers], dtype=np.int64))
+        return "flat", keys, labels
 
     image_end, identity_end = _header_range(record, first)
     keys = np.arange(1, image_end, dtype=np.int64)
@@ -147,6 +152,25 @@ def _read_layout(record: MXIndexedRecordIO):
     for position in np.flatnonzero(~known):  # no identity records (or incomplete ones): read the labels one by one
         values[position] = _class_of(record.read_header_idx(int(keys[position])).label)
     return "header", keys, _class_labels(values, sources, record.uri)
+
+
+def _check_record_ids(record: MXIndexedRecordIO, keys: np.ndarray, ids: np.ndarray):
+    """Refuse an index whose entries point at other keys' records.
+
+    MXNet's im2rec, insightface's packers and ``lafs.data pack`` store each record's key as its
+    ``IRHeader.id``.  Where most records of a set carry their own key, one that carries another key is
+    read under the wrong label: the ``.idx`` has swapped or stale offsets.  Sets whose packer numbered
+    its records otherwise (fewer than half carry their key) are not judged.
+    """
+    wrong = np.flatnonzero(ids != keys)
+    if wrong.size == 0 or 2 * wrong.size > len(keys):
+        return
+    key, carried = int(keys[wrong[0]]), int(ids[wrong[0]])
+    raise RecordIOError(
+        f"{record.idx_path} (key {key}): the entry points at byte {record.idx[key]}, the record of key "
+        f"{carried} (its header's id), while {len(keys) - wrong.size} of {len(keys)} records carry their own "
+        f"key; {wrong.size} entries disagree: the index does not match {record.uri} (swapped or stale offsets?)"
+    )
 
 
 def _header_range(record: MXIndexedRecordIO, first) -> tuple:
@@ -221,6 +245,11 @@ def _num_classes(property_path: Path, labels: np.ndarray, keys: np.ndarray, uri)
             f"malformed {property_path}: expected 'num_classes,height,width' on the first line, "
             f"got {first_line[0] if first_line else 'an empty file'!r}"
         ) from None
+    if not 1 <= declared <= MAX_LABEL + 1:
+        raise ValueError(
+            f"{property_path} declares {declared} classes: num_classes must be from 1 to {MAX_LABEL + 1} "
+            f"(class labels are whole numbers up to 2**24, the largest a float32 label holds exactly)"
+        )
     if declared < from_labels:
         raise ValueError(
             f"{property_path} declares {declared} classes but the records use labels up to {from_labels - 1}"

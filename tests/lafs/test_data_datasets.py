@@ -424,3 +424,42 @@ def test_pack_quality_out_of_range_is_refused(tmp_path, rng, capsys, options, me
     assert data_main(["pack", str(tmp_path / "src"), str(tmp_path / "out"), *options, "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def swap_index_offsets(root, first, second):
+    """Exchange the offsets of two keys in ``train.idx`` (a damaged or stale index)."""
+    entries = dict(line.split("\t") for line in (root / "train.idx").read_text().splitlines())
+    entries[str(first)], entries[str(second)] = entries[str(second)], entries[str(first)]
+    (root / "train.idx").write_text("".join(f"{key}\t{offset}\n" for key, offset in entries.items()))
+
+
+def test_flat_index_pointing_at_other_keys_records_is_refused(tmp_path, rng):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2, 2]), "flat")
+    swap_index_offsets(tmp_path, 1, 2)  # key 1 (identity 0) would be read as identity 1, and key 2 the other way
+    with pytest.raises(
+        RecordIOError,
+        match=r"train\.idx \(key 1\): the entry points at byte \d+, the record of key 2 .* 4 of 6 records carry "
+        r"their own key; 2 entries disagree: the index does not match .*train\.rec",
+    ):
+        FaceRecordDataset(tmp_path)
+
+
+def test_flat_set_whose_packer_numbers_records_otherwise_is_read(tmp_path, rng):
+    faces = random_faces(rng, [2, 2])
+    images, labels = write_rec_by_hand(tmp_path, faces, "flat")
+    rewrite_records(tmp_path, {key: relabel(float(labels[key])) for key in range(4)})  # every id 0
+    dataset = FaceRecordDataset(tmp_path)
+    np.testing.assert_array_equal(dataset.labels, labels)
+    torch.testing.assert_close(dataset[3][0], expected_tensor(images[3]))
+
+
+@pytest.mark.parametrize("declared", [0, 2**24 + 2, 10**12])
+def test_property_declaring_an_impossible_class_count_is_refused(tmp_path, rng, declared):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "flat")
+    (tmp_path / "property").write_text(f"{declared},112,112\n")
+    with pytest.raises(
+        ValueError, match=rf"property declares {declared} classes: num_classes must be from 1 to 16777217"
+    ):
+        FaceRecordDataset(tmp_path)
+    (tmp_path / "property").write_text(f"{2**24 + 1},112,112\n")
+    assert FaceRecordDataset(tmp_path).num_classes == 2**24 + 1
