@@ -115,9 +115,13 @@ def _read_layout(record: MXIndexedRecordIO):
     is_header = first is not None and first.flag >= 2 and len(record.read_idx(0)) == 24 + 4 * first.flag
     if not is_header:
         keys = np.asarray(record.keys, dtype=np.int64)
-        headers = [record.read_header_idx(int(k)) for k in keys]
-        labels = _class_labels([_class_of(h.label) for h in headers], keys, record.uri)
-        _check_record_ids(record, keys, np.asarray([h.id for h in headers], dtype=np.int64))
+        values = np.empty(len(keys), dtype=np.float64)
+        ids = np.empty(len(keys), dtype=np.int64)
+        for position, key in enumerate(keys.tolist()):
+            header = record.read_header_idx(key)
+            values[position], ids[position] = _class_of(header.label), min(header.id, 2**63 - 1)  # id is uint64
+        labels = _class_labels(values, keys, record.uri)
+        _check_record_ids(record, keys, ids)
         return "flat", keys, labels
 
     image_end, identity_end = _header_range(record, first)
