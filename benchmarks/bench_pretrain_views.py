@@ -111,9 +111,12 @@ def build_trainer(path: str, case: str = "paper layout", out_dim=None):
         amp_dtype=None if dtype == "float32" else dtype,
         fused_loss=not original,
     )
+    student, teacher = template.transformer, create_model(model, **overrides).transformer
+    if original:  # the released script runs every token through the last block
+        student.last_block_cls_only = teacher.last_block_cls_only = False
     trainer = DINOTrainer(
-        template.transformer.to(DEVICE),
-        create_model(model, **overrides).transformer.to(DEVICE),
+        student.to(DEVICE),
+        teacher.to(DEVICE),
         views,
         settings,
         device=torch.device(DEVICE),

@@ -14,8 +14,9 @@ unfolded, NCHW, once per global view and once for the local views); model,
 batch and dtype are the same. ``original+non-kernel`` is the original path with
 the changes our path makes besides the kernels: the landmark CNN's weights and
 inputs channels_last (supervised: what ``SupervisedStage`` does with
-``train.channels_last``), and in pretraining the frozen landmark CNN with its
-batch norms folded into the convolutions, channels_last
+``train.channels_last``), the transformer's last block run for the cls row only
+(``PartTransformer.last_block_cls_only``; the original runs every token through it), and in
+pretraining the frozen landmark CNN with its batch norms folded into the convolutions, channels_last
 (``lafs.ssl.frozen.frozen_copy(fast=True)``, as ``MultiViewBuilder`` does off
 the original path); the per-landmark ``grid_sample`` loop and the unfused
 margin loss stay, and so does the original's landmark-CNN call per global view.
@@ -153,6 +154,13 @@ def _apply_non_kernel_changes(stage, step: str) -> None:
     """On a stage built with ``train.original_path``: what our path changes besides the kernels."""
     from lafs.ssl.frozen import frozen_copy
 
+    transformers = (
+        [stage.model.transformer]
+        if step == "supervised"
+        else [stage.trainer.student.backbone, stage.trainer.teacher.backbone]
+    )
+    for transformer in transformers:
+        transformer.last_block_cls_only = True
     if step == "supervised":
         cnn = stage.model.landmark_cnn
         cnn.to(memory_format=torch.channels_last)  # parameters keep their identity: the optimizer still holds them

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the original code paths (per-landmark grid_sample loop, unfused margin loss "
         "from lafs_kernels.baselines, the pretraining landmark CNN as the released script "
-        "runs it, the DINO loss's per-pair loop) for comparisons, in every stage the command runs; "
+        "runs it, the DINO loss's per-pair loop, every token through the transformer's last block) "
+        "for comparisons, in every stage the command runs; "
         "same as train.original_path=true",
     )
     return parser

@@ -147,11 +147,14 @@ def init_class_centres(num_classes: int, dim: int, start: int, count: int, seed:
 
 
 class OriginalPathModel(nn.Module):
-    """A PartFViT run through the original per-landmark ``grid_sample`` loop instead of the fused gather."""
+    """A PartFViT run through the original per-landmark ``grid_sample`` loop instead of the fused gather,
+    with every token through the transformer's last block (``model.transformer.last_block_cls_only`` is
+    turned off), as the original code runs it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        model.transformer.last_block_cls_only = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from lafs_kernels.baselines.gather import gather_patches_loop

@@ -81,8 +81,10 @@ class PretrainStage(Stage):
         landmark_cnn = template.landmark_cnn
         load_landmark_cnn(landmark_cnn, cfg.init.landmark)
         landmark_cnn.to(self.device).eval().requires_grad_(False)
-        teacher = create_model(cfg.model.name, **cfg.model.overrides).transformer
-        return landmark_cnn, template.transformer, teacher
+        student, teacher = template.transformer, create_model(cfg.model.name, **cfg.model.overrides).transformer
+        if cfg.train.original_path:  # the released script runs every token through the last block
+            student.last_block_cls_only = teacher.last_block_cls_only = False
+        return landmark_cnn, student, teacher
 
     def _build_views(self) -> MultiViewBuilder:
         """The multi-crop view builder of ``cfg.views`` behind the frozen landmark CNN (own generator per process)."""

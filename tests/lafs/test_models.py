@@ -566,3 +566,28 @@ def test_channels_last_landmark_cnn_matches_nchw(rng):
         embeddings.square().sum().backward()
     stem = [model.landmark_cnn.features[0][0].weight.grad for model in (nchw, nhwc)]
     torch.testing.assert_close(stem[1], stem[0], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_last_block_runs_the_cls_row_only_with_every_tokens_result(rng, with_index):
+    """The output is the cls token, so the last block's attention, projection and MLP run for that row only;
+    output and every gradient equal the full block's (float64), stochastic depth included (one draw per image)."""
+    t = PartTransformer(num_landmarks=10, patch_size=2, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, drop_path=0.3)
+    t = t.double().train()
+    randomise(t, rng, 0.1)
+    tokens = torch.randn(5, 6, 12, generator=rng, dtype=torch.float64)
+    index = torch.randint(0, 10, (5, 6), generator=rng) if with_index else None
+    seen, results = [], {}
+    t.layers[-1][1].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    seed = int(torch.randint(0, 2**31, (), generator=rng))  # the same stochastic-depth draws for both
+    for cls_only in (True, False):
+        t.last_block_cls_only = cls_only
+        t.zero_grad()
+        leaf = tokens.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        out = t(leaf, index)
+        (out * torch.arange(16, dtype=torch.float64)).sum().backward()
+        results[cls_only] = [out, leaf.grad, *(p.grad for p in t.parameters())]
+    assert seen == [1, 7]  # the last MLP saw the cls row only, then all 1 + 6 tokens
+    for ours, full in zip(results[True], results[False]):
+        assert_close(ours, full)

@@ -1,6 +1,7 @@
 """--original-path (per-landmark grid_sample loop + unfused margin loss) trains the same model as the fused path."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -69,3 +70,26 @@ def test_original_head_mixup_has_the_fused_objective(rng, margin):
     (grad,) = torch.autograd.grad(loss, x)
     (grad_ref,) = torch.autograd.grad(reference, x)
     torch.testing.assert_close(grad, grad_ref, atol=10 * atol, rtol=10 * rtol)
+
+
+def test_original_paths_run_every_token_through_the_last_block(tmp_path):
+    """Ours runs the last block for the cls row only; the original paths, as the released code, for every token."""
+    from lafs.models import create_model, model_to_dict
+    from lafs.train import config as cfgmod
+    from lafs.train.heads import OriginalPathModel
+    from lafs.train.pretrain import PretrainStage
+
+    model = create_model("part_fvit_nano")
+    assert model.transformer.last_block_cls_only
+    OriginalPathModel(model)
+    assert not model.transformer.last_block_cls_only
+
+    (tmp_path / "landmark.pt").touch()  # resolving checks that it exists
+    for original in (False, True):
+        tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "pretrain")
+        overrides = [("train.original_path", original), ("init.landmark", str(tmp_path / "landmark.pt"))]
+        cfg = cfgmod.resolve_stage("pretrain", cfgmod.apply_overrides(tree, overrides))
+        torch.save(model_to_dict(create_model(cfg.model.name, **cfg.model.overrides)), tmp_path / "landmark.pt")
+        stage = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+        _, student, teacher = PretrainStage._build_models(stage)
+        assert student.last_block_cls_only == teacher.last_block_cls_only == (not original)

@@ -231,7 +231,8 @@ COMMON = [
         False,
         "Use the code paths of the original LAFS repository (per-landmark "
         "grid_sample loop, unfused margin loss from lafs_kernels.baselines; in pretraining the frozen landmark CNN "
-        "run once per global view and once for the locals, batch norms unfolded, the DINO loss's per-pair loop) "
+        "run once per global view and once for the locals, batch norms unfolded, the DINO loss's per-pair loop; "
+        "every token through the transformer's last block, where ours runs the cls row only) "
         "for comparisons. Mixup's full margin per label and the teacher's eval mode are the same on both paths.",
         bool,
     ),
