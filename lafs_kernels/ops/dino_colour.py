@@ -18,6 +18,7 @@ turns; ``order [N, 4]`` a permutation of the op ids 0..3 in ``JITTER_OPS``' orde
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -221,4 +222,6 @@ def dino_colour_tokens(
             gray.contiguous(),
             solarize.contiguous(),
         )
-    return _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize)
+    # Under autocast the luma matmul would run in bfloat16 / float16: the chain keeps the pixels' dtype.
+    with torch.autocast(pixels.device.type, enabled=False) if pixels.device.type in ("cpu", "cuda") else nullcontext():
+        return _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize)

@@ -15,6 +15,7 @@ apply here; ``backend=`` does.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -64,4 +65,6 @@ def gaussian_blur(
     name = BACKENDS.select(Call(device=images.device, dtype=images.dtype), backend, env=False)
     if name == "cpu":
         return torch.ops.lafs_kernels._gaussian_blur(images.contiguous(), kernel_x, kernel_y)
-    return _blur_torch(images, kernel_x, kernel_y, radius)
+    # Under autocast conv2d would run (and return) in bfloat16 / float16: the blur keeps the images' dtype.
+    with torch.autocast(images.device.type, enabled=False) if images.device.type in ("cpu", "cuda") else nullcontext():
+        return _blur_torch(images, kernel_x, kernel_y, radius)

@@ -222,10 +222,21 @@ ENGINES = {
 }
 
 
+def engine_chunk(backend: str, chunk: int, weight: torch.Tensor) -> int:
+    """Classes per chunk for ``backend``: ``chunk``, but no more than one Triton launch takes (its grid has a
+    column of programs per BLOCK_C classes, and CUDA allows 65535)."""
+    if backend == "triton":
+        from ..triton import margin_softmax as kernels
+
+        return min(chunk, kernels.max_classes_per_launch(weight.device, weight.dtype))
+    return chunk
+
+
 def forward_stats(x, weight, labels, margin: Margin, chunk: int, backend: str, need_logit_sum: bool):
     """RowStats of x [B, D] against weight [C, D] (labels [B, T]) and the centres' norms [C]
     (empty unless the engine keeps them)."""
     engine = ENGINES[backend]
+    chunk = engine_chunk(backend, chunk, weight)
     prep = prepare(x, weight, labels, margin)
     rows = x.shape[0]
     lse = prep.xn.new_full((rows,), -math.inf, dtype=LSE_DTYPE)
@@ -274,6 +285,7 @@ def backward_grads(grads, x, weight, labels, lse, norms, margin: Margin, chunk: 
     grad_target [B, T] or None, grad_logit_sum [B] or None); lse [B] (LSE_DTYPE) and norms [C] from the
     forward."""
     engine = ENGINES[backend]
+    chunk = engine_chunk(backend, chunk, weight)
     prep = prepare(x, weight, labels, margin)
     acc = prep.xn.dtype
     lse, grad_lse = backward_row_terms(lse, grads[0], acc)

@@ -25,6 +25,7 @@ each chunk in the C++ kernels of csrc/cpu/margin_softmax.cpp; needs the compiled
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -86,12 +87,27 @@ BACKENDS = _dispatch.register(
 # ----------------------------------------------------------------------------- reference
 
 
+def autocast_off(tensor: torch.Tensor):
+    """A context without autocast on ``tensor``'s device.  The loss is computed in its inputs' dtype whatever
+    autocast is active around it: autocast would run the class GEMMs in bfloat16 / float16 (logits of scale
+    s = 64 then carry ~0.25 of rounding) and hand the float32 scatters and the C++ chunk kernels half tensors,
+    which they reject."""
+    if tensor.device.type in ("cpu", "cuda"):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0) -> RowStats:
     """The plain formula: materialises the [B, C] logits; gradients by autograd.
 
     ``filter_threshold`` t > 0 (insightface's inter-class filtering): every logit of a class that is
     not a target of its row and whose cosine exceeds t becomes 0, without gradient.
     """
+    with autocast_off(x):
+        return _torch_stats(x, weight, labels, margin, filter_threshold)
+
+
+def _torch_stats(x, weight, labels, margin: Margin, filter_threshold: float) -> RowStats:
     acc = accumulation_dtype(x.dtype)
     num_classes = weight.shape[0]
     if num_classes == 0:
@@ -172,7 +188,8 @@ def _forward_op(
     if check_labels:
         check_label_range(labels, weight.shape[0])
     margin = Margin(s, m1, m2, m3, easy_margin, straight_through, fallback)
-    stats, norms = margin_chunks.forward_stats(x, weight, labels, margin, chunk_size, backend, need_logit_sum)
+    with autocast_off(x):
+        stats, norms = margin_chunks.forward_stats(x, weight, labels, margin, chunk_size, backend, need_logit_sum)
     return (*stats, norms)
 
 
@@ -211,7 +228,8 @@ def _backward_op(
     """Gradients of x [B, D] and weight [C, D], recomputed chunk by chunk; norms [C] from the forward."""
     margin = Margin(s, m1, m2, m3, easy_margin, straight_through, fallback)
     grads = (grad_lse, grad_target, grad_logit_sum)
-    return margin_chunks.backward_grads(grads, x, weight, labels, lse, norms, margin, chunk_size, backend)
+    with autocast_off(x):  # a backward run inside autocast
+        return margin_chunks.backward_grads(grads, x, weight, labels, lse, norms, margin, chunk_size, backend)
 
 
 @_backward_op.register_fake

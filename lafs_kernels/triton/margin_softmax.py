@@ -21,6 +21,8 @@ from ._launch import on_device_of
 
 # A global read inside a kernel must be a constexpr (the interpreter accepts a plain float; compilation does not).
 EPS = tl.constexpr(1e-12)
+MAX_GRID_Y = 65535
+"""CUDA's limit on gridDim.y: the class blocks of one launch (program id 1) must not exceed it."""
 
 
 def _blocks(device: torch.device, dtype: torch.dtype):
@@ -56,17 +58,23 @@ def _tile_logits(
 ):
     """This program's tile (rows from program id 0, classes from program id 1): returns rows [BLOCK_B],
     cols [BLOCK_C], their validity, cos and logits [BLOCK_B, BLOCK_C] (targets margined) and inv_w [BLOCK_C]."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    local_rows = tl.arange(0, BLOCK_B)
+    local_cols = tl.arange(0, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_B + local_rows
+    cols = tl.program_id(1) * BLOCK_C + local_cols
     row_ok = rows < B
     col_ok = cols < C
+    # The tile's first row of x and of W as int64 offsets: cols * stride_w in int32 wraps past 2^31 / D classes
+    # (4M at D = 512); the offsets within the tile stay small.
+    x_tile_ptr = X + (tl.program_id(0) * BLOCK_B).to(tl.int64) * stride_x + local_rows[:, None] * stride_x
+    w_tile_ptr = W + (tl.program_id(1) * BLOCK_C).to(tl.int64) * stride_w + local_cols[:, None] * stride_w
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     w_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D)
         k_ok = ks < D
-        x_tile = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_tile = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x_tile = tl.load(x_tile_ptr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(w_tile_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
@@ -139,7 +147,7 @@ def _forward_kernel(
     cos = tl.where(col_ok[None, :], cos, float("-inf"))
     best = tl.max(cos, 1)
     arg = tl.argmax(cos, 1) + tl.program_id(1) * BLOCK_C
-    out = rows * num_col_blocks + tl.program_id(1)
+    out = rows.to(tl.int64) * num_col_blocks + tl.program_id(1)
     tl.store(OUT_MAX + out, tile_max, mask=row_ok)
     tl.store(OUT_SUM + out, tile_sum, mask=row_ok)
     tl.store(OUT_LOGIT_SUM + out, logit_sum, mask=row_ok)
@@ -209,9 +217,13 @@ def _backward_kernel(
     dcos = tl.where(row_ok[:, None] & col_ok[None, :], dlogit * slope * s, 0.0)
     nonzero = (inv_w < 0.5 / EPS).to(tl.float32)  # a zero centre has inv_w = 1 / EPS
     radial = tl.sum(dcos * cos, 0) * inv_w * inv_w * nonzero
-    tl.store(RADIAL + tl.program_id(0) * C + cols, radial, mask=col_ok)
+    tl.store(RADIAL + tl.program_id(0).to(tl.int64) * C + cols, radial, mask=col_ok)
     g = dcos * inv_w[None, :]
-    tl.store(G + rows[:, None] * C + cols[None, :], g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # g [B, C]: rows * C in int32 wraps once B * C reaches 2^31 (B = 1024 with a chunk of 2M classes); the
+    # tile's first row in int64, the offsets within the tile (under BLOCK_B * MAX_CLASSES_PER_LAUNCH) in int32.
+    in_tile = tl.arange(0, BLOCK_B)[:, None] * C + cols[None, :]
+    g_tile = G + (tl.program_id(0) * BLOCK_B).to(tl.int64) * C + in_tile
+    tl.store(g_tile, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
@@ -220,12 +232,23 @@ where ``logit - lse`` would otherwise fuse into an FMA (the product's rounding, 
 then reaches the exponent of a class that holds the row's probability, and its gradient p - 1)."""
 
 
+def max_classes_per_launch(device: torch.device, dtype: torch.dtype) -> int:
+    """The most classes one launch takes: MAX_GRID_Y blocks of BLOCK_C (8,388,480 on CUDA); the chunk loops
+    (``lafs_kernels.ops.margin_chunks``) hand the kernels no larger chunks."""
+    return MAX_GRID_Y * _blocks(device, dtype)[1]
+
+
 def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
     x, w, inv_x = x.contiguous(), w.contiguous(), inv_x.float().contiguous()
     block_b, block_c, block_d, num_warps = _blocks(w.device, w.dtype)
     grid = (triton.cdiv(x.shape[0], block_b), triton.cdiv(w.shape[0], block_c))
+    if grid[1] > MAX_GRID_Y:  # a CUDA launch would fail with "invalid argument"
+        raise ValueError(
+            f"margin softmax (triton): {w.shape[0]} classes in one chunk; at most "
+            f"{max_classes_per_launch(w.device, w.dtype)} fit one launch"
+        )
     meta = dict(
         T=labels.shape[1],
         BLOCK_B=block_b,

@@ -1,6 +1,10 @@
 """margin_softmax_cross_entropy: every backend against a dense float64 reference written here."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -569,3 +573,80 @@ def test_triton_runs_on_the_inputs_device_not_the_current_one(rng):
     for name, a, b, scale in zip(("loss", "grad x", "grad w"), ours, ref, (1.0, GRAD_SCALE, GRAD_SCALE)):
         assert a.device == torch.device("cuda", 1)
         assert_close(a, b, dtype=torch.float32, scale=scale, msg=name)
+
+
+# --------------------------------------------------------------------------- what a GPU run would show first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_leaves_the_loss_in_the_inputs_dtype(rng, backend):
+    """Under autocast (the trainer's bfloat16 on GPUs; CPU autocast runs the same policy) the class GEMMs must not
+    drop to bfloat16: the dense and chunked paths then failed in their scatters (two dtypes), the C++ chunk
+    kernels rejected bfloat16.  Forward and backward inside the context give the float32 result bit for bit."""
+    x, w, labels = make_inputs(rng, 6, 16, 37)
+    kwargs = dict(backend=backend, chunk_size=16, **MARGINS["arcface"])
+    expected = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, **kwargs)
+
+    def under_autocast(x, w, labels, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return margin_softmax_cross_entropy(x, w, labels, **kwargs)
+
+    runs = {"backward outside": loss_and_grads(under_autocast, x, w, labels, **kwargs)}
+    if backend != "torch":  # the custom op's backward too (autograd's own backward follows an enclosing autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs["backward inside"] = loss_and_grads(margin_softmax_cross_entropy, x, w, labels, **kwargs)
+    for run, got in runs.items():
+        for name, a, b in zip(("loss", "grad x", "grad w"), got, expected):
+            assert a.dtype == torch.float32, f"{run}: {name}"
+            assert torch.equal(a, b), f"{run}: {name}"
+
+
+def test_triton_chunks_fit_one_launch():
+    """CUDA allows 65535 blocks along grid y, the class blocks of a Triton launch: a larger chunk is split by the
+    chunk loops (a launch of more fails with "invalid argument"), and the launcher refuses it with a clear error."""
+    kernels = pytest.importorskip("lafs_kernels.triton.margin_softmax")
+    from lafs_kernels.ops.margin_chunks import engine_chunk
+
+    for device in (torch.device("cuda"), torch.device("cpu")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            block_c = kernels._blocks(device, dtype)[1]
+            most = kernels.max_classes_per_launch(device, dtype)
+            assert most // block_c <= kernels.MAX_GRID_Y == 65535
+    w = torch.empty(10_000_000, 512, dtype=torch.bfloat16, device="meta")  # 2M-class shards and larger: no memory
+    assert engine_chunk("triton", 10**9, w) == kernels.max_classes_per_launch(w.device, w.dtype)
+    assert engine_chunk("chunked", 10**9, w) == 10**9
+    x, inv_x, labels = torch.empty(8, 512, dtype=w.dtype, device="meta"), torch.empty(8), torch.empty(8, 1)
+    with pytest.raises(ValueError, match="fit one launch"):
+        kernels._common(x, inv_x.to("meta"), w, labels.to("meta"))
+
+
+def test_triton_splits_a_chunk_larger_than_one_launch(rng, monkeypatch):
+    """The chunk loops hand the Triton engine no more classes than one launch takes (made 64 here)."""
+    kernels = pytest.importorskip("lafs_kernels.triton.margin_softmax")
+    monkeypatch.setattr(kernels, "max_classes_per_launch", lambda device, dtype: 64)
+    sizes = []
+    for name in ("chunk_forward", "chunk_backward"):
+        launch = getattr(kernels, name)
+
+        def spy(x, inv_x, w, *args, launch=launch):
+            sizes.append(w.shape[0])
+            return launch(x, inv_x, w, *args)
+
+        monkeypatch.setattr(kernels, name, spy)
+    x, w, labels = make_inputs(rng, 5, 16, 150)
+    check_against_reference(x, w, labels, "triton", chunk_size=10**6, **MARGINS["cosface"])
+    assert sizes == [64, 64, 22] * 2
+
+
+def test_triton_offsets_past_2_31_elements():
+    """int32 offsets in the margin kernels: ``rows * C`` of the [B, C] gradient wraps at B * C = 2^31 (B = 1024 with
+    a 2M-class chunk) and ``cols * stride_w`` past 2^31 / D classes.  The worker runs one tile there (in its own
+    process: a wrapped offset crashes the interpreter, as it faults a GPU) against the same tile at small offsets."""
+    pytest.importorskip("triton")
+    worker = Path(__file__).with_name("margin_offsets_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(worker.parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode == 3:
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0, f"worker exited {out.returncode} (-11: a wrapped offset)\n{out.stderr[-2000:]}"
+    assert out.stdout.split() == ["equal", "True", "True"], out.stdout

@@ -242,3 +242,23 @@ def test_colour_chain_on_cuda_picks_triton_and_matches_the_reference(dtype, rng)
     got = run_colour(pixels.cuda(), mean_pixels.cuda(), params, None)
     assert got.device.type == "cuda" and got.dtype == dtype
     assert_close(got.cpu(), run_colour(pixels.double(), mean_pixels.double(), params, "torch"))
+
+
+# --------------------------------------------------------------------------- under autocast
+
+
+def test_blur_and_colour_chain_keep_their_dtype_under_autocast(rng):
+    """The reference paths (the blur's on CUDA tensors) under autocast: conv2d and the luma matmul would run and
+    return bfloat16; the ops keep the images' dtype and give the same pixels as without autocast."""
+    images = torch.rand(3, 3, 20, 20, generator=rng)
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    params = colour_params(4, rng)
+    pixels = torch.rand(4, 64, 3, generator=rng) * 2 - 1
+    blurred = gaussian_blur.gaussian_blur(images, sigma, backend="torch")
+    coloured = run_colour(pixels, None, params, "torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred_autocast = gaussian_blur.gaussian_blur(images, sigma, backend="torch")
+        coloured_autocast = run_colour(pixels, None, params, "torch")
+    assert blurred_autocast.dtype == coloured_autocast.dtype == torch.float32
+    assert torch.equal(blurred_autocast, blurred)
+    assert torch.equal(coloured_autocast, coloured)
