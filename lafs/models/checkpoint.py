@@ -33,6 +33,12 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restore it at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
     """``write(file)`` into a temporary file in ``path``'s folder, fsync, then rename over ``path``
     (a crash leaves the old file or the new one, never a torn file)."""
@@ -41,6 +47,8 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file its owner's alone (0600); give it the mode open() would (0666 less umask).
+            os.fchmod(f.fileno(), 0o666 & ~_current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

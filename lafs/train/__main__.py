@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def parse_command_line(argv) -> tuple[argparse.Namespace, list[str]]:
+    """(the parsed arguments, the key=value overrides) of a command line; overrides may come before or after
+    the flags.  Exits as argparse does on ``--help`` or a bad argument."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv)
     positionals = [a for a in argv if not a.startswith("-")]
     if not ({"-h", "--help"} & set(argv)) and not set(positionals) & set(COMMANDS):
         argv.insert(0, "demo")
@@ -105,6 +107,11 @@ def main(argv=None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     if args.original_path:  # in the demo, the shared train section: every stage
         overrides.append("train.original_path=true")
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_command_line(sys.argv[1:] if argv is None else argv)
     out = Path(args.out or f"runs/{args.command}")
     from lafs.models.safe_load import UnsafeCheckpointError, allow_unsafe_pickle
 

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -545,6 +547,16 @@ def test_atomic_save_replaces_whole_files_and_leaves_nothing_behind_on_failure(t
         atomic_save({"bad": lambda: None}, target)
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_atomic_save_gives_the_file_the_mode_open_would(tmp_path):
+    """Not mkstemp's owner-only 0600: a checkpoint or exported program is as readable as any other file."""
+    old = os.umask(0o027)
+    try:
+        atomic_save({"a": torch.ones(3)}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt.pt").stat().st_mode) == 0o640
 
 
 def test_channels_last_landmark_cnn_matches_nchw(rng):
