@@ -18,6 +18,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from helpers.triton_interpreter import fix_interpreter_scalar_index
+
+    fix_interpreter_scalar_index()
 
 RUN_SALT = int(os.environ.get("LAFS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

@@ -650,3 +650,28 @@ def test_triton_offsets_past_2_31_elements():
         pytest.skip(out.stdout.strip())
     assert out.returncode == 0, f"worker exited {out.returncode} (-11: a wrapped offset)\n{out.stderr[-2000:]}"
     assert out.stdout.split() == ["equal", "True", "True"], out.stdout
+
+
+def test_triton_interpreter_converts_its_scalars():
+    """Triton 3.6's interpreter (the one torch 2.11 pins) turns a scalar into an int with ``int()`` of a 1-element
+    array, which NumPy 2.4 refuses: every kernel looping to a runtime bound (``range(0, D, BLOCK_D)`` in the margin
+    tiles, the colour chain's mean over M) failed interpreted.  ``tests/conftest.py`` mends that interpreter; its
+    probe tells a failing conversion from a working one."""
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter
+
+    from helpers.triton_interpreter import interpreter_index_is_broken
+
+    assert not interpreter_index_is_broken(interpreter._patch_lang_tensor)
+
+    def failing(tensor, scope):
+        def index(self):
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+        scope.set_attr(tensor, "__index__", index)
+
+    def working(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    assert interpreter_index_is_broken(failing)
+    assert not interpreter_index_is_broken(working)

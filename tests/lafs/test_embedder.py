@@ -119,7 +119,10 @@ def test_files_that_are_not_face_models_are_refused(tmp_path, files):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
     )
     wrong = tmp_path / "wrong_shape.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(wrong))
+    # The IR version the opset needs, not onnx's newest: onnxruntime 1.30 (beside onnx 1.23.1) reads up to IR 13.
+    opsets = [helper.make_opsetid("", 17)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.save(model, str(wrong))
     with pytest.raises(ValueError, match=r"one input \[batch, 3, S, S\]"):
         OnnxModel(wrong)
 

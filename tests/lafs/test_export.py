@@ -275,7 +275,9 @@ def test_insightface_keeps_mean_and_std_when_early_nodes_are_named_sub_and_mul(t
             helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
         ],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # The IR version the opset needs, not onnx's newest: onnxruntime 1.30 (beside onnx 1.23.1) reads up to IR 13.
+    opsets = [helper.make_opsetid("", 18)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
     before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
     onnx.save(proto, str(before))
     assert get_insightface_model(before).input_mean == 0.0
