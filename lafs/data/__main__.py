@@ -1,10 +1,16 @@
-"""``python -m lafs.data pack SRC OUT [--align LANDMARKS_FILE] [--layout header|flat]``."""
+"""``python -m lafs.data pack SRC OUT [--align LANDMARKS_FILE] [--layout header|flat]`` and
+``python -m lafs.data check ROOT [--color rgb|bgr] [--workers N]``."""
 
 import argparse
 import sys
 
+from .check import check_record_set
 from .pack import LAYOUTS, pack_folder
+from .record_dataset import COLORS
 from .recordio import RecordIOError
+
+# What `check` prints of a long list of bad records; the count is always whole.
+SHOWN_PROBLEMS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(default, as insightface's face2rec) is lossy, .png keeps the pixels exactly",
     )
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
+    check = commands.add_parser(
+        "check",
+        help="read every image of a RecordIO set as training would and list the bad records",
+        description="Open an insightface RecordIO set (train.rec, train.idx, optional property) and read every "
+        "image as training does: the records that do not decode, are not aligned 112x112 colour crops, or "
+        "carry another identity's label are listed by key. Exit status 0: no problem; 1: bad records; 2: the "
+        "set does not open (its index, header records or labels).",
+    )
+    check.add_argument("root", metavar="ROOT", help="the data set folder")
+    check.add_argument("--color", choices=COLORS, default="rgb", help="channel order it was packed in (default rgb)")
+    check.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args)
     try:
         counts = pack_folder(
             args.src,
@@ -63,6 +83,27 @@ def main(argv=None) -> int:
         return 2
     print(f"packed {counts['images']} images of {counts['identities']} identities into {args.out}")
     return 0
+
+
+def _check(args) -> int:
+    if args.workers < 0:
+        print(f"error: --workers must be 0 or more, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        report = check_record_set(args.root, color=args.color, workers=args.workers, progress=not args.quiet)
+    except (OSError, ValueError, RecordIOError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    what = f"{report.images} images of {report.num_classes} classes ({report.layout} layout) in {report.root}"
+    if not report.problems:
+        print(f"checked {what}: no problems")
+        return 0
+    print(f"checked {what}: {len(report.problems)} bad records")
+    for _, message in report.problems[:SHOWN_PROBLEMS]:
+        print(f"  {message}")
+    if len(report.problems) > SHOWN_PROBLEMS:
+        print(f"  ... and {len(report.problems) - SHOWN_PROBLEMS} more")
+    return 1
 
 
 if __name__ == "__main__":

@@ -463,3 +463,49 @@ def test_property_declaring_an_impossible_class_count_is_refused(tmp_path, rng, 
         FaceRecordDataset(tmp_path)
     (tmp_path / "property").write_text(f"{2**24 + 1},112,112\n")
     assert FaceRecordDataset(tmp_path).num_classes == 2**24 + 1
+
+
+def corrupt_payload(record):
+    """A change for :func:`rewrite_records`: the same header and labels, the image bytes garbled."""
+    header, payload = recordio.unpack(record)
+    return record[: len(record) - len(payload)] + b"\x00" * len(payload)
+
+
+def resized(size):
+    """A change for :func:`rewrite_records`: the same header and labels, the image re-encoded at size x size."""
+
+    def change(record):
+        header, image = recordio.unpack_img(record, cv2.IMREAD_COLOR)
+        return recordio.pack_img(header, cv2.resize(image, (size, size)), 3, ".png")
+
+    return change
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_check_lists_every_bad_record_by_key(tmp_path, rng, capsys, workers):
+    faces = random_faces(rng, [3, 3, 3])
+    write_rec_by_hand(tmp_path / "good", faces, "header")
+    assert data_main(["check", str(tmp_path / "good"), "--quiet", "--workers", str(workers)]) == 0
+    assert "checked 9 images of 3 classes (header layout)" in capsys.readouterr().out
+
+    write_rec_by_hand(tmp_path / "bad", faces, "header")  # image keys 1..9, identity 1 at keys 4..6
+    label_of_identity_0 = lambda record: recordio.pack(  # noqa: E731
+        IRHeader(0, [0.0, 1.0], 5, 0), recordio.unpack(record)[1]
+    )
+    rewrite_records(tmp_path / "bad", {2: corrupt_payload, 5: label_of_identity_0, 9: resized(96)})
+    assert data_main(["check", str(tmp_path / "bad"), "--quiet", "--workers", str(workers)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("9 images of 3 classes (header layout) in " + str(tmp_path / "bad") + ": 3 bad records")
+    assert re.search(r"train\.rec \(key 2\).*not a decodable image", lines[1])
+    assert re.search(r"train\.rec \(key 5\).*label 0 differs", lines[2])
+    assert re.search(r"train\.rec \(key 9\).*aligned 112x112.*\(96, 96, 3\)", lines[3])
+    assert len(lines) == 4
+
+
+def test_check_of_a_set_that_does_not_open_names_why(tmp_path, rng, capsys):
+    write_rec_by_hand(tmp_path, random_faces(rng, [2, 2]), "flat")
+    swap_index_offsets(tmp_path, 1, 2)
+    assert data_main(["check", str(tmp_path), "--quiet"]) == 2
+    assert "the index does not match" in capsys.readouterr().err
+    assert data_main(["check", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "not found" in capsys.readouterr().err
