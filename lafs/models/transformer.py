@@ -221,7 +221,7 @@ class PartTransformer(nn.Module):
         x = self.patch_to_embedding(tokens)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         x = self.dropout(x + self.positional_embedding(b, k, index))
-        last = len(self.layers) - 1 if self.last_block_cls_only else len(self.layers)
+        last = len(self.layers) - 1 if self.last_block_cls_only and len(self.layers) else len(self.layers)
         for attention, feed_forward in self.layers[:last]:
             x = feed_forward(attention(x))
         if last < len(self.layers):

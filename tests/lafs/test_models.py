@@ -603,3 +603,12 @@ def test_last_block_runs_the_cls_row_only_with_every_tokens_result(rng, with_ind
     assert seen == [1, 7]  # the last MLP saw the cls row only, then all 1 + 6 tokens
     for ours, full in zip(results[True], results[False]):
         assert_close(ours, full)
+
+
+def test_a_transformer_without_blocks_returns_the_normed_cls_token(rng):
+    t = PartTransformer(num_landmarks=4, patch_size=2, dim=8, depth=0, heads=2, dim_head=4, mlp_dim=8).double()
+    tokens = torch.randn(3, 4, 12, generator=rng, dtype=torch.float64)
+    expected = t.mlp_head((t.cls_token + t.pos_embedding[:, :1]).expand(3, 1, 8)[:, 0])
+    for cls_only in (True, False):
+        t.last_block_cls_only = cls_only
+        assert_close(t(tokens), expected)
