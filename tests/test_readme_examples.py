@@ -246,6 +246,7 @@ PATH_OPTIONS = ("data.root", "init.landmark", "init.pretrained")
 def test_lafs_train_commands_parse(tmp_path):
     from lafs.train import config as config_mod
     from lafs.train.__main__ import parse_command_line
+    from lafs.train.runner import stage_config
 
     for name in ("train.rec", "train.idx"):  # what data.root must hold; the data set is not read here
         (tmp_path / name).touch()
@@ -257,12 +258,9 @@ def test_lafs_train_commands_parse(tmp_path):
         args, overrides = parse_command_line(argv)
         if args.command == "demo" or args.resume:  # the demo resolves per stage at run time; --resume reads a run
             continue
-        tree = config_mod.load_recipe(args.config or "demo")
-        if config_mod.is_demo_recipe(tree):
-            tree = config_mod.demo_stage_tree(tree, args.command)
         overrides = [f"{o.split('=', 1)[0]}={tmp_path}" if o.split("=", 1)[0] in PATH_OPTIONS else o for o in overrides]
-        tree = config_mod.apply_overrides(tree, config_mod.parse_overrides(overrides))
-        config_mod.resolve_stage(args.command, tree, source=f"README: {' '.join(argv)}")
+        tree = config_mod.load_recipe(args.config or "demo")
+        stage_config(args.command, tree, config_mod.parse_overrides(overrides), source=f"README: {' '.join(argv)}")
 
 
 def test_lafs_train_help(capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Union
 
@@ -33,22 +33,16 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; restore it at once
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
     """``write(file)`` into a temporary file in ``path``'s folder, fsync, then rename over ``path``
     (a crash leaves the old file or the new one, never a torn file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Created as open() creates files (0666 less the umask), not 0600 as mkstemp would; O_EXCL keeps the name ours.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file its owner's alone (0600); give it the mode open() would (0666 less umask).
-            os.fchmod(f.fileno(), 0o666 & ~_current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

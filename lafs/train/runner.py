@@ -9,7 +9,7 @@ from . import config as config_mod
 from .demo import run_demo
 from .stage_run import run_single_stage, stage_class
 
-__all__ = ["run_command", "run_single_stage", "saved_config", "stage_class"]
+__all__ = ["run_command", "run_single_stage", "saved_config", "stage_class", "stage_config"]
 
 
 def saved_config(path: Path) -> dict:
@@ -23,6 +23,14 @@ def saved_config(path: Path) -> dict:
     return tree
 
 
+def stage_config(command: str, tree: dict, overrides: list, *, source: str) -> config_mod.Config:
+    """The resolved configuration of stage ``command`` from a recipe tree (the demo recipe: that stage's part)
+    and parsed ``key=value`` overrides."""
+    if config_mod.is_demo_recipe(tree):
+        tree = config_mod.demo_stage_tree(tree, command)
+    return config_mod.resolve_stage(command, config_mod.apply_overrides(tree, overrides), source=source)
+
+
 def run_command(command: str, *, recipe: str, overrides: Sequence[str], out: Path, resume: bool = False) -> dict:
     """Run ``command`` ('demo' or a stage) into ``out``; returns its summary."""
     parsed = config_mod.parse_overrides(overrides)
@@ -33,11 +41,8 @@ def run_command(command: str, *, recipe: str, overrides: Sequence[str], out: Pat
     source = f"{saved} + overrides" if from_saved else f"{recipe} + overrides"
     if command == "demo":
         return run_demo(config_mod.apply_overrides(tree, parsed), out=Path(out), resume=resume)
-    if config_mod.is_demo_recipe(tree):
-        tree = config_mod.demo_stage_tree(tree, command)
-    tree = config_mod.apply_overrides(tree, parsed)
     try:
-        cfg = config_mod.resolve_stage(command, tree, source=source)
+        cfg = stage_config(command, tree, parsed, source=source)
     except config_mod.ConfigError as exc:
         if not from_saved:
             raise

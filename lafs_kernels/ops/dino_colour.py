@@ -18,13 +18,13 @@ turns; ``order [N, 4]`` a permutation of the op ids 0..3 in ``JITTER_OPS``' orde
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._dispatch import Call, reference_and_kernels, register
+from ._autocast import autocast_off
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _LUMA = (0.299, 0.587, 0.114)
@@ -223,5 +223,5 @@ def dino_colour_tokens(
             solarize.contiguous(),
         )
     # Under autocast the luma matmul would run in bfloat16 / float16: the chain keeps the pixels' dtype.
-    with torch.autocast(pixels.device.type, enabled=False) if pixels.device.type in ("cpu", "cuda") else nullcontext():
+    with autocast_off(pixels):
         return _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize)

@@ -15,7 +15,6 @@ apply here; ``backend=`` does.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dispatch import Call, reference_and_kernels, register
+from ._autocast import autocast_off
 
 BACKENDS = register(reference_and_kernels("gaussian_blur"))
 
@@ -66,5 +66,5 @@ def gaussian_blur(
     if name == "cpu":
         return torch.ops.lafs_kernels._gaussian_blur(images.contiguous(), kernel_x, kernel_y)
     # Under autocast conv2d would run (and return) in bfloat16 / float16: the blur keeps the images' dtype.
-    with torch.autocast(images.device.type, enabled=False) if images.device.type in ("cpu", "cuda") else nullcontext():
+    with autocast_off(images):
         return _blur_torch(images, kernel_x, kernel_y, radius)

@@ -25,7 +25,6 @@ each chunk in the C++ kernels of csrc/cpu/margin_softmax.cpp; needs the compiled
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from .. import _dispatch
 from .._dispatch import Backend, OpBackends
 from . import margin_chunks, margin_sharded
+from ._autocast import autocast_off
 from .margin_maths import (  # noqa: F401  (EPS, THETA_EPS, Margin, RowStats: part of this module's interface)
     EPS,
     LSE_DTYPE,
@@ -85,16 +85,6 @@ BACKENDS = _dispatch.register(
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def autocast_off(tensor: torch.Tensor):
-    """A context without autocast on ``tensor``'s device.  The loss is computed in its inputs' dtype whatever
-    autocast is active around it: autocast would run the class GEMMs in bfloat16 / float16 (logits of scale
-    s = 64 then carry ~0.25 of rounding) and hand the float32 scatters and the C++ chunk kernels half tensors,
-    which they reject."""
-    if tensor.device.type in ("cpu", "cuda"):
-        return torch.autocast(tensor.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def torch_stats(x, weight, labels, margin: Margin, filter_threshold: float = 0.0) -> RowStats:

@@ -73,7 +73,8 @@ def main():
         torch.empty(ROWS * classes, dtype=torch.float16)
         torch.empty(32 * stride + D, dtype=torch.float16)
     except (RuntimeError, MemoryError) as exc:
-        print(f"no address space for the test: {exc}")
+        needed = (ROWS * classes + 32 * stride + D) * 2 / 2**30
+        print(f"offsets past 2**31 elements need {needed:.1f} GiB of address space (never written); refused: {exc}")
         return 3
     g_small, radial_small = backward_rows(32)
     g_big, radial_big = backward_rows(classes)

@@ -78,6 +78,7 @@ def test_original_paths_run_every_token_through_the_last_block(tmp_path):
     from lafs.train import config as cfgmod
     from lafs.train.heads import OriginalPathModel
     from lafs.train.pretrain import PretrainStage
+    from lafs.train.runner import stage_config
 
     model = create_model("part_fvit_nano")
     assert model.transformer.last_block_cls_only
@@ -86,9 +87,8 @@ def test_original_paths_run_every_token_through_the_last_block(tmp_path):
 
     (tmp_path / "landmark.pt").touch()  # resolving checks that it exists
     for original in (False, True):
-        tree = cfgmod.demo_stage_tree(cfgmod.load_recipe("demo"), "pretrain")
         overrides = [("train.original_path", original), ("init.landmark", str(tmp_path / "landmark.pt"))]
-        cfg = cfgmod.resolve_stage("pretrain", cfgmod.apply_overrides(tree, overrides))
+        cfg = stage_config("pretrain", cfgmod.load_recipe("demo"), overrides, source="test")
         torch.save(model_to_dict(create_model(cfg.model.name, **cfg.model.overrides)), tmp_path / "landmark.pt")
         stage = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
         _, student, teacher = PretrainStage._build_models(stage)
