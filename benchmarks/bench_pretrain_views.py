@@ -110,6 +110,7 @@ def build_trainer(path: str, case: str = "paper layout", out_dim=None):
         warmup_epochs=0.5,
         amp_dtype=None if dtype == "float32" else dtype,
         fused_loss=not original,
+        fused_optimizer=not original,
     )
     student, teacher = template.transformer, create_model(model, **overrides).transformer
     if original:  # the released script runs every token through the last block

@@ -59,6 +59,8 @@ class DINOSettings:
       float32); the CPU always runs float32.
     fused_loss: the DINO cross-entropy without a [B, out_dim] copy per crop pair
       (``lafs.ssl.dino_cross_entropy``); False: the released script's per-pair loop.
+    fused_optimizer: PyTorch's fused AdamW (one kernel over all parameters: the same update up to float
+      rounding); False: its default multi-tensor AdamW, as the released script runs.
     """
 
     epochs: int
@@ -84,6 +86,7 @@ class DINOSettings:
     freeze_last_layer: int = 1
     amp_dtype: Optional[str] = "bfloat16"
     fused_loss: bool = True
+    fused_optimizer: bool = True
 
     def __post_init__(self):
         if self.amp_dtype not in _AMP_DTYPES:
@@ -121,6 +124,7 @@ class DINOSettings:
             freeze_last_layer=int(d.freeze_last_layer_epochs),
             amp_dtype=amp_dtype,
             fused_loss=not cfg.train.original_path,
+            fused_optimizer=not cfg.train.original_path,
         )
 
 
@@ -183,7 +187,9 @@ class DINOTrainer:
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False).eval()
 
-        self.optimizer = torch.optim.AdamW(param_groups_for_weight_decay(self.student), betas=tuple(s.betas))
+        self.optimizer = torch.optim.AdamW(
+            param_groups_for_weight_decay(self.student), betas=tuple(s.betas), fused=s.fused_optimizer
+        )
         peak_lr = s.lr * s.batch_size * _world_size() / 256.0
         self.lr_schedule = cosine_schedule(peak_lr, s.min_lr, s.epochs, s.iters_per_epoch, s.warmup_epochs)
         self.wd_schedule = cosine_schedule(s.weight_decay, s.weight_decay_end, s.epochs, s.iters_per_epoch)

@@ -138,7 +138,8 @@ def test_the_original_path_keeps_the_per_pair_loop(tmp_path, original):
             tree, [("train.original_path", original), ("init.landmark", str(tmp_path / "landmark.pt"))]
         ),
     )
-    assert DINOSettings.from_config(cfg, iters_per_epoch=1, amp_dtype=None).fused_loss == (not original)
+    settings = DINOSettings.from_config(cfg, iters_per_epoch=1, amp_dtype=None)
+    assert settings.fused_loss == (not original) and settings.fused_optimizer == (not original)
     assert DINOSettings(epochs=1, iters_per_epoch=1, batch_size=1).fused_loss
 
 

@@ -124,3 +124,23 @@ def test_cuda_step_with_autocast(rng, cnn, amp_dtype):
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, params(trainer.teacher)))
     state = trainer.state_dict()
     assert ("scale" in state["scaler"]) == (amp_dtype == "float16")
+
+
+def test_fused_adamw_steps_like_the_released_scripts_adamw(rng, cnn):
+    """Our path's fused AdamW and the original path's multi-tensor AdamW: the same weights after three steps,
+    up to float32 rounding (lr high enough that every update moves the weights well past that rounding)."""
+    images = torch.rand(2, 3, SIZE, SIZE, generator=rng) * 2 - 1
+    trainers = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        trainers[fused] = make_trainer(cnn, fused_optimizer=fused, epochs=3, lr=5.0)
+        assert trainers[fused].optimizer.defaults["fused"] is fused
+        for step in range(3):
+            trainers[fused].train_step(images, global_step=step + 1, epoch=1)
+    moved = 0
+    for (name, fused), (_, looped) in zip(
+        trainers[True].student.named_parameters(), trainers[False].student.named_parameters()
+    ):
+        assert_close(fused, looped, dtype=torch.float32, msg=name)
+        moved += not torch.equal(fused, looped)
+    assert moved > 0, "both optimizers gave bitwise the same weights: is the fused one in use?"

@@ -36,6 +36,9 @@ def test_original_path_matches_fused_path(tmp_path, rng):
     a = torch.load(tmp_path / "fused" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "original" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert a["model"]["arch"] == b["model"]["arch"]
+    # ours runs PyTorch's fused AdamW, the original path its default multi-tensor one, as the released code
+    assert [g["fused"] for g in a["optimizer"]["param_groups"]] == [True] * len(a["optimizer"]["param_groups"])
+    assert not any(g["fused"] for g in b["optimizer"]["param_groups"])
     weights_a, weights_b = a["model"]["state_dict"], b["model"]["state_dict"]
     assert weights_a.keys() == weights_b.keys()
     # AdamW moves each weight by about lr per step whatever its gradient's size, so the landmark CNN's near-zero
