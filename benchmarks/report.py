@@ -346,7 +346,7 @@ def ladder_text(case: Case) -> str:
 
 def env_header(run: Run, limit: float) -> list[str]:
     lafs = run.machine.get("lafs", {})
-    cpu = run.machine.get("cpu", {}).get("brand_raw", run.machine.get("processor", ""))
+    cpu = processor_name(run)
     commit = run.commit.get("id", "")[:10] + (" (dirty)" if run.commit.get("dirty") else "")
     load = " / ".join(f"{x:.1f}" for x in lafs.get("cpu_load_at_start_1_5_15min", ()))
     lines = []
@@ -559,14 +559,22 @@ def headline_rows(runs: list[Run], settings: dict) -> list[list[str]]:
     return rows
 
 
+def processor_name(run: Run) -> str:
+    """The run's CPU model as the machine reports it (py-cpuinfo's brand), or the platform's processor field."""
+    return run.machine.get("cpu", {}).get("brand_raw", run.machine.get("processor", ""))
+
+
 def readme_block(runs: list[Run], settings: dict) -> str:
     measured_runs = [r for run in runs for r in run.measured]
     sources = sorted({os.path.relpath(r.path, os.path.dirname(HERE)) for r in measured_runs})
     devices = sorted({f"{c.device_name}" for run in runs for c in run.cases})
     when = sorted({r.when[:16].replace("T", " ") for r in measured_runs})
+    # CPU speed-ups move with the processor (its vector units and memory): the table names it.
+    processors = sorted({processor_name(r) for r in measured_runs} - {""})
+    on = f" with {', '.join(processors)}" if processors else ""
     files = ", ".join(f"`{s}`" for s in sources)
     measured = (
-        f"Measured on {', '.join(devices)} ({', '.join(when)} UTC); from {files}"
+        f"Measured on {', '.join(devices)}{on} ({', '.join(when)} UTC); from {files}"
         + (" (their rounds pooled)." if len(sources) > 1 and any(run.pooled_from for run in runs) else ".")
         if sources
         else "No measurements yet: run `make bench` on an idle machine."

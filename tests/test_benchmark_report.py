@@ -191,7 +191,10 @@ def _result_file(path: Path, other_cpu: float, op="training_step", title="Traini
         ],
     }
     data = {
-        "machine_info": {"lafs": {"bench_device": "cpu", "cpu_load_at_start_1_5_15min": [0.4, 0.5, 0.5]}},
+        "machine_info": {
+            "lafs": {"bench_device": "cpu", "cpu_load_at_start_1_5_15min": [0.4, 0.5, 0.5]},
+            "cpu": {"brand_raw": "Test CPU 9000"},
+        },
         "commit_info": {"id": "0" * 40},
         "datetime": "2026-12-06T00:00:00",
         "benchmarks": [
@@ -239,6 +242,7 @@ def test_the_readme_block_shows_numbers_only_for_idle_runs(tmp_path):
     report.rewrite_readme(str(readme), report.readme_block(idle, SETTINGS))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "7.2x" not in text
+    assert "Measured on CPU (2 cores) with Test CPU 9000 (" in text  # CPU speed-ups depend on the processor
     assert "| pretraining step | fused 500 ms | original 610 ms / original+non-kernel 550 ms |" in text
     assert "1.22x (1.20-1.25) / 1.10x (1.10-1.13); step by step: original+non-kernel 1.11x" in text
     assert "| gpu step | not measured yet" in text
