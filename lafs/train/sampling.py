@@ -61,7 +61,8 @@ class SeededItems(Dataset):
         if self.transform is None:
             return image, label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # Reduced to int64 (manual_seed overflows beyond 2**64): the same seeds as before wherever they fitted.
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             return self.transform(image), label
 
 

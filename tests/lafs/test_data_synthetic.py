@@ -193,6 +193,25 @@ def test_training_items_follow_the_curriculum_through_few_shot_subsets(rng):
         SyntheticFaces(2, 2, difficulty_warmup_epochs=-1.0)
 
 
+@pytest.mark.parametrize("seed", [0, 20261207, 2**63 - 1])
+def test_seeded_items_take_any_configurable_seed(seed):
+    """Each item's transform is seeded from (seed, epoch, index); a date-like seed overflowed torch.manual_seed.
+    Where the seed fits (small seeds), it is exactly the one it always was, so earlier runs repeat."""
+    from lafs.train.loop import SeededItems
+
+    faces = SyntheticFaces(2, 2, seed=1, difficulty=0.0)
+
+    def draw(image):
+        return image + torch.rand(())
+
+    items = SeededItems(faces, seed=seed, transform=draw)
+    first, again = items[(3, 1)][0], items[(3, 1)][0]
+    assert torch.equal(first, again) and not torch.equal(first, items[(3, 2)][0])
+    if seed == 0:
+        torch.manual_seed((0 * 1_000_003 + 1) * 10_000_019 + 3)
+        assert torch.equal(first, faces[3][0] + torch.rand(()))
+
+
 def _cheek_colour(faces: SyntheticFaces, index: int) -> np.ndarray:
     """Mean RGB of a patch between the left eye and the left mouth corner (skin in every image)."""
     rgb, _, points = faces.render(index)

@@ -113,6 +113,8 @@ def test_amp_reads_yaml_booleans_as_off_and_auto(text, amp):
         ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
         ("data.source=rec", "data.root is required"),
         ("val.bins=[/no/such/lfw.bin]", "is not a file"),
+        ("seed=-1", "seed must be >= 0"),
+        ("seed=9223372036854775808", "seed must be <= 9223372036854775807"),
     ],
 )
 def test_bad_values_name_the_problem(override, message):

@@ -30,6 +30,10 @@ class Option:
     aliases: tuple = ()
 
 
+# Seeds reach torch.manual_seed as seed + rank, which takes at most 2**64 - 1; int64 keeps them clear of it.
+MAX_SEED = 2**63 - 1
+
+
 def _opt(key, default, help, kind=None, **kw) -> Option:
     if kind is None:
         kind = type(default) if default is not None else str
@@ -37,7 +41,13 @@ def _opt(key, default, help, kind=None, **kw) -> Option:
 
 
 COMMON = [
-    _opt("seed", 0, "Seed of everything random: initialisation, data order, augmentation, dropout.", minimum=0),
+    _opt(
+        "seed",
+        0,
+        "Seed of everything random: initialisation, data order, augmentation, dropout.",
+        minimum=0,
+        maximum=MAX_SEED,
+    ),
     _opt(
         "data.source",
         "synthetic",
