@@ -21,17 +21,22 @@ from lafs.eval.embed import evaluation_mode
 from .to_onnx import example_images, resolve_model
 
 
+# The largest batch the program accepts: any real batch, and a bound torch 2.6 needs (without one its export
+# fails on a guard that the batch is not 2**63 - 1).
+MAX_BATCH = 1 << 20
+
+
 def export_program(
     model: Union[nn.Module, str, os.PathLike],
     device: Union[str, torch.device] = "cpu",
 ) -> torch.export.ExportedProgram:
     """The eval-mode model (a PartFViT, or anything ``load_model`` reads) as an ExportedProgram.
 
-    Input images ``[batch, 3, S, S]`` in [-1, 1] with a dynamic batch (>= 1);
+    Input images ``[batch, 3, S, S]`` in [-1, 1] with a dynamic batch (1 to ``MAX_BATCH``);
     output embeddings ``[batch, dim]``.
     """
     model = resolve_model(model, device=device)
     device = next(model.parameters()).device
-    batch = torch.export.Dim("batch", min=1)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with evaluation_mode(model), torch.no_grad():
         return torch.export.export(model, (example_images(2, model.image_size, device),), dynamic_shapes=({0: batch},))
