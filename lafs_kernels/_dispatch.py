@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -53,16 +54,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The oldest Triton the kernels are tested with (3.6: torch 2.11's; 3.8: torch 2.14's). Triton 3.2 (torch 2.6's)
+# aborts in the margin kernel under its interpreter, so older releases are not used.
+MIN_TRITON = (3, 6)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_missing_reason() -> Optional[str]:
-    """None when Triton can be imported, else why not."""
+    """None when a Triton the kernels are tested with can be imported, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as exc:  # a broken install must not break import of lafs_kernels
         return f"triton failed to import: {exc}"
+    version = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    if version is None or tuple(map(int, version.groups())) < MIN_TRITON:
+        found, oldest = getattr(triton, "__version__", "?"), ".".join(map(str, MIN_TRITON))
+        return f"triton {found} is older than {oldest}, the oldest these kernels are tested with"
     return None
 
 

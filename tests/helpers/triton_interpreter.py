@@ -2,6 +2,7 @@
 interpreter (torch 2.11's) cannot convert its own scalars with NumPy 2.4 and later.  ``tests/conftest.py``
 mends it before any test runs."""
 
+import inspect
 import operator
 
 import numpy as np
@@ -10,6 +11,21 @@ import numpy as np
 def _scalar_index(self) -> int:
     """``int(tensor)`` of an interpreted scalar, which the interpreter holds as a 1-element array."""
     return int(self.handle.data.reshape(-1)[0]) if self.handle.data.size == 1 else int(self.handle.data)
+
+
+class _Scope:
+    """Stands in for the scope that Triton 3.6 and later pass to ``_patch_lang_tensor``."""
+
+    def set_attr(self, obj, name, value):
+        setattr(obj, name, value)
+
+
+def _call_patch(patch_lang_tensor, tensor_class) -> None:
+    """The interpreter's patch on ``tensor_class``: ``(tensor, scope)`` from Triton 3.6 on, ``(tensor)`` before."""
+    if len(inspect.signature(patch_lang_tensor).parameters) >= 2:
+        patch_lang_tensor(tensor_class, _Scope())
+    else:
+        patch_lang_tensor(tensor_class)
 
 
 def interpreter_index_is_broken(patch_lang_tensor) -> bool:
@@ -24,12 +40,11 @@ def interpreter_index_is_broken(patch_lang_tensor) -> bool:
     class Tensor:
         handle = Handle()
 
-    class Scope:
-        def set_attr(self, obj, name, value):
-            setattr(obj, name, value)
-
     try:
-        patch_lang_tensor(Tensor, Scope())
+        _call_patch(patch_lang_tensor, Tensor)
+    except Exception:  # another interpreter than the ones this probe knows: leave it alone
+        return False
+    try:
         operator.index(Tensor())
     except TypeError:
         return True
@@ -54,9 +69,12 @@ def fix_interpreter_scalar_index() -> None:
     if not interpreter_index_is_broken(original):
         return
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", _scalar_index)
+    def patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", _scalar_index)
+        else:
+            tensor.__index__ = _scalar_index
 
     patch_lang_tensor._lafs_scalar_index = True
     interpreter._patch_lang_tensor = patch_lang_tensor

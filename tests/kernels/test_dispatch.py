@@ -67,6 +67,28 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert not any("TRITON_INTERPRET" in r for r in _dispatch.requires_triton(CPU32))
 
 
+@pytest.mark.parametrize(
+    "version, usable", [("3.2.0", False), ("3.5.1", False), ("3.6.0", True), ("3.8.0+git1a2b", True)]
+)
+def test_a_triton_older_than_the_tested_ones_is_not_used(monkeypatch, version, usable):
+    """Triton 3.2 (torch 2.6's) aborts in the margin kernel: a release older than MIN_TRITON counts as missing,
+    so CUDA falls back to the other kernels and a forced backend="triton" says why."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", version)
+    _dispatch.triton_missing_reason.cache_clear()
+    try:
+        reason = _dispatch.triton_missing_reason()
+        assert (reason is None) == usable, reason
+        if not usable:
+            assert f"triton {version} is older than 3.6" in reason
+            with pytest.raises(BackendUnavailableError, match="older than 3.6"):
+                _dispatch.REGISTRY["margin_softmax_cross_entropy"].select(CPU32, backend="triton", env=False)
+    finally:
+        monkeypatch.undo()
+        _dispatch.triton_missing_reason.cache_clear()
+
+
 def test_deterministic_follows_torch_setting():
     assert _dispatch.deterministic_requested(True) is True
     previous = torch.are_deterministic_algorithms_enabled()
