@@ -20,7 +20,6 @@ from lafs.eval.embed import evaluation_mode
 
 from .to_onnx import example_images, resolve_model
 
-
 # The largest batch the program accepts: any real batch, and a bound torch 2.6 needs (without one its export
 # fails on a guard that the batch is not 2**63 - 1).
 MAX_BATCH = 1 << 20
