@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lafs_kernels
-from lafs_kernels import _dispatch, margin_softmax_cross_entropy
+from lafs_kernels import margin_softmax_cross_entropy
 from lafs_kernels.baselines.margin import unfused_margin_loss
 from lafs_kernels.nn import ArcFace, CombinedMarginSoftmax, CosFace
 from lafs_kernels.ops.margin_chunks import cpp_kernels_missing_reason
@@ -25,6 +25,7 @@ from helpers.margin import (
     reference_logits,
     reference_loss,
 )
+from helpers.skips import NEEDS_TRITON
 
 # "cpu" (the C++ chunk kernels) runs where the extension is built; "chunked" is the same blockwise path in PyTorch ops.
 NEEDS_CPP = pytest.mark.skipif(
@@ -32,9 +33,6 @@ NEEDS_CPP = pytest.mark.skipif(
 )
 CPP = pytest.param("cpu", marks=NEEDS_CPP)
 # "triton" runs under the interpreter here, where a Triton the kernels are tested with is installed.
-NEEDS_TRITON = pytest.mark.skipif(
-    _dispatch.triton_missing_reason() is not None, reason=f"Triton kernels: {_dispatch.triton_missing_reason()}"
-)
 TRITON = pytest.param("triton", marks=NEEDS_TRITON)
 BACKENDS = ["torch", "chunked", CPP, TRITON]
 NEEDS = {"cpu": NEEDS_CPP, "triton": NEEDS_TRITON}

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from lafs.ssl.augment import draw_colour_parameters
-from lafs_kernels import _dispatch, _extension
+from lafs_kernels import _extension
 from lafs_kernels.ops import dino_colour, gaussian_blur
 
+from helpers.skips import TRITON_MISSING
 from tolerances import assert_close
 
 
 def _skip_unless_available(name: str) -> str:
     if name == "cpu" and _extension.missing_reason("cpu"):
         pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
-    if name == "triton" and _dispatch.triton_missing_reason():
-        pytest.skip(f"Triton kernels cannot run here: {_dispatch.triton_missing_reason()}")
+    if name == "triton" and TRITON_MISSING:
+        pytest.skip(f"Triton kernels cannot run here: {TRITON_MISSING}")
     return name
 
 

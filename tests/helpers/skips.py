@@ -1,0 +1,11 @@
+"""Why a kernel backend cannot run in this environment, as the dispatcher says it, for the tests' skips."""
+
+import pytest
+
+from lafs_kernels import _dispatch
+
+# Triton missing, failing to import, or older than the releases the kernels are tested with.
+TRITON_MISSING = _dispatch.triton_missing_reason()
+NEEDS_TRITON = pytest.mark.skipif(
+    TRITON_MISSING is not None, reason=f"Triton kernels cannot run here: {TRITON_MISSING}"
+)
