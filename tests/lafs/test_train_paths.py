@@ -41,14 +41,19 @@ def test_original_path_matches_fused_path(tmp_path, rng):
     assert not any(g["fused"] for g in b["optimizer"]["param_groups"])
     weights_a, weights_b = a["model"]["state_dict"], b["model"]["state_dict"]
     assert weights_a.keys() == weights_b.keys()
-    # AdamW moves each weight by about lr per step whatever its gradient's size, so the landmark CNN's near-zero
-    # gradients (float32 rounding apart on the two gathers) can move its weights differently by ~lr per step:
-    # not comparable here (tests/kernels compare the two gathers' landmark gradients). The transformer's gradients
-    # are large and its weights, which see any difference in where the patches were cut, agree to rounding.
-    for key, value in weights_a.items():
-        if value.is_floating_point() and not key.startswith("landmark_cnn."):
-            difference = float((value - weights_b[key]).abs().max())
-            assert difference <= 5e-5, (key, difference)  # seen up to 1.1e-5 over 20 seeds
+    # AdamW moves each weight by about lr per step whatever its gradient's size, so a weight whose gradient is
+    # near zero (float32 rounding apart on the two gathers) can move differently by up to ~lr per step. The landmark
+    # CNN's gradients are all small: not comparable here (tests/kernels compare the two gathers' landmark
+    # gradients). The transformer's gradients are large: nearly all of its weights agree to rounding carried through
+    # AdamW (99.9% within 1e-5: at most 3.1e-6 seen over seeds 0-5), and a few near-zero-gradient ones may move
+    # apart, but by far less than the 4e-3 the four steps' learning rates add up to (6.2e-5 the largest seen).
+    transformer = [
+        key for key, value in weights_a.items() if value.is_floating_point() and not key.startswith("landmark_cnn.")
+    ]
+    difference = torch.cat([(weights_a[key] - weights_b[key]).abs().flatten().double() for key in transformer])
+    assert float(torch.quantile(difference, 0.999)) <= 1e-5, difference.topk(20).values
+    worst = int(difference.argmax())
+    assert float(difference[worst]) <= 2e-4, (worst, float(difference[worst]))
     assert a["step"] == b["step"] == 4
 
 
