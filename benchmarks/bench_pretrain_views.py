@@ -400,6 +400,7 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     report["kernel_launches_per_step"] = {path: kernel_launches(steps[path]) for path in PATHS}
     report["kernel_launches_per_builder_call"] = {path: kernel_launches(builders[path]) for path in PATHS}
     report["aten_ops_per_builder_call"] = {path: aten_ops(builders[path]) for path in PATHS}
+    report["aten_ops_per_step"] = {path: aten_ops(steps[path]) for path in PATHS}
     if launches_only:
         return report
     report["builder_profile"] = interleaved_profiles(builder_profile, trainers)
@@ -428,7 +429,10 @@ def print_case(report: dict) -> None:
             f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
             f"{report['kernel_launches_per_builder_call']}"
         )
-    print(f"top-level ATen ops per builder call: {report['aten_ops_per_builder_call']}")
+    print(
+        f"top-level ATen ops per builder call: {report['aten_ops_per_builder_call']}; per step: "
+        f"{report['aten_ops_per_step']}"
+    )
     if "builder_profile" not in report:
         return
     print(_table("MultiViewBuilder by part (ms per call, share)", report["builder_profile"], VIEW_PARTS + ("other",)))

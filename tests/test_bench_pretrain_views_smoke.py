@@ -1,5 +1,6 @@
 """benchmarks/bench_pretrain_views.py still runs (tiny shapes, no timing), as pytest benchmarks and as a command."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,11 @@ def test_pretrain_views_benchmark_runs_in_smoke_mode(tmp_path):
         "builder per_image vs original",
         "step per_view vs original",
         "ms with the per-pair loop",
+        "top-level ATen ops per builder call",
     ):
         assert line in out.stdout
-    assert (tmp_path / "views.json").stat().st_size > 0
+    (case,) = json.loads((tmp_path / "views.json").read_text())["cases"]
+    # the CPU's stand-in for kernel launches: the fused views dispatch fewer ops than the per-landmark loop
+    for unit in ("aten_ops_per_builder_call", "aten_ops_per_step"):
+        ops = case[unit]
+        assert 0 < ops["per_image"] < ops["original"] and 0 < ops["per_view"] < ops["original"], (unit, ops)
