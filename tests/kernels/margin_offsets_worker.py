@@ -17,7 +17,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from lafs_kernels.triton import margin_softmax as kernels  # noqa: E402
+
+from helpers.triton_interpreter import fix_interpreter_scalar_index  # noqa: E402
+
+fix_interpreter_scalar_index()  # as tests/conftest.py does for the suite: this process does not run it
 
 D = 16
 BLOCKS = dict(BLOCK_B=16, BLOCK_C=32, BLOCK_D=16, IEEE=True, UPCAST=False)  # float16: no upcast needed
