@@ -28,11 +28,12 @@ MAX_GRID_Y = 65535
 def _blocks(device: torch.device, dtype: torch.dtype):
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps); the interpreter gets small tiles (it runs numpy
     per tile).  On GPU the backward keeps about six [64, 128] float32 tiles live: 8 warps keep
-    them in registers.  float32 inputs take the exact (non tensor-core) dot, which needs more
-    registers: with BLOCK_D 64 the sm_90 forward spilled 1088 bytes per thread, with 32 none
-    (tests/kernels/triton_gpu_compile.py prints registers and spills)."""
+    them in registers.  BLOCK_D 32 for every dtype: with 64 the float32 (exact, non tensor-core)
+    forward spilled 1088 bytes per thread on sm_90, and the 16-bit ones 112-208 bytes on sm_80 or
+    sm_90 under Triton 3.4-3.6 (none under 3.8); with 32 no kernel spills more than 64 bytes under
+    Triton 3.3-3.8 (tests/kernels/triton_gpu_compile.py prints registers and spills)."""
     if device.type == "cuda":
-        return 64, 128, 32 if dtype == torch.float32 else 64, 8
+        return 64, 128, 32, 8
     return 16, 32, 16, 4
 
 
