@@ -228,7 +228,7 @@ def engine_chunk(backend: str, chunk: int, weight: torch.Tensor) -> int:
     if backend == "triton":
         from ..triton import margin_softmax as kernels
 
-        return min(chunk, kernels.max_classes_per_launch(weight.device, weight.dtype))
+        return min(chunk, kernels.max_classes_per_launch(weight.device))
     return chunk
 
 

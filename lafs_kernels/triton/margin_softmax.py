@@ -25,7 +25,7 @@ MAX_GRID_Y = 65535
 """CUDA's limit on gridDim.y: the class blocks of one launch (program id 1) must not exceed it."""
 
 
-def _blocks(device: torch.device, dtype: torch.dtype):
+def _blocks(device: torch.device):
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps); the interpreter gets small tiles (it runs numpy
     per tile).  On GPU the backward keeps about six [64, 128] float32 tiles live: 8 warps keep
     them in registers.  BLOCK_D 32 for every dtype: with 64 the float32 (exact, non tensor-core)
@@ -233,22 +233,22 @@ where ``logit - lse`` would otherwise fuse into an FMA (the product's rounding, 
 then reaches the exponent of a class that holds the row's probability, and its gradient p - 1)."""
 
 
-def max_classes_per_launch(device: torch.device, dtype: torch.dtype) -> int:
+def max_classes_per_launch(device: torch.device) -> int:
     """The most classes one launch takes: MAX_GRID_Y blocks of BLOCK_C (8,388,480 on CUDA); the chunk loops
     (``lafs_kernels.ops.margin_chunks``) hand the kernels no larger chunks."""
-    return MAX_GRID_Y * _blocks(device, dtype)[1]
+    return MAX_GRID_Y * _blocks(device)[1]
 
 
 def _common(x: torch.Tensor, inv_x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     # The dot products run on the raw inputs (exact in their dtype, float32 accumulation);
     # the norms are applied to the accumulated tile.
     x, w, inv_x = x.contiguous(), w.contiguous(), inv_x.float().contiguous()
-    block_b, block_c, block_d, num_warps = _blocks(w.device, w.dtype)
+    block_b, block_c, block_d, num_warps = _blocks(w.device)
     grid = (triton.cdiv(x.shape[0], block_b), triton.cdiv(w.shape[0], block_c))
     if grid[1] > MAX_GRID_Y:  # a CUDA launch would fail with "invalid argument"
         raise ValueError(
             f"margin softmax (triton): {w.shape[0]} classes in one chunk; at most "
-            f"{max_classes_per_launch(w.device, w.dtype)} fit one launch"
+            f"{max_classes_per_launch(w.device)} fit one launch"
         )
     meta = dict(
         T=labels.shape[1],

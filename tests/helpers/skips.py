@@ -6,6 +6,5 @@ from lafs_kernels import _dispatch
 
 # Triton missing, failing to import, or older than the releases the kernels are tested with.
 TRITON_MISSING = _dispatch.triton_missing_reason()
-NEEDS_TRITON = pytest.mark.skipif(
-    TRITON_MISSING is not None, reason=f"Triton kernels cannot run here: {TRITON_MISSING}"
-)
+TRITON_SKIP_REASON = f"Triton kernels cannot run here: {TRITON_MISSING}"
+NEEDS_TRITON = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_SKIP_REASON)

@@ -17,9 +17,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from lafs_kernels.triton import margin_softmax as kernels  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers.triton_interpreter import fix_interpreter_scalar_index  # noqa: E402
 
 fix_interpreter_scalar_index()  # as tests/conftest.py does for the suite: this process does not run it

@@ -612,12 +612,11 @@ def test_triton_chunks_fit_one_launch():
     from lafs_kernels.ops.margin_chunks import engine_chunk
 
     for device in (torch.device("cuda"), torch.device("cpu")):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            block_c = kernels._blocks(device, dtype)[1]
-            most = kernels.max_classes_per_launch(device, dtype)
-            assert most // block_c <= kernels.MAX_GRID_Y == 65535
+        block_c = kernels._blocks(device)[1]
+        most = kernels.max_classes_per_launch(device)
+        assert most // block_c <= kernels.MAX_GRID_Y == 65535
     w = torch.empty(10_000_000, 512, dtype=torch.bfloat16, device="meta")  # 2M-class shards and larger: no memory
-    assert engine_chunk("triton", 10**9, w) == kernels.max_classes_per_launch(w.device, w.dtype)
+    assert engine_chunk("triton", 10**9, w) == kernels.max_classes_per_launch(w.device)
     assert engine_chunk("chunked", 10**9, w) == 10**9
     x, inv_x, labels = torch.empty(8, 512, dtype=w.dtype, device="meta"), torch.empty(8), torch.empty(8, 1)
     with pytest.raises(ValueError, match="fit one launch"):
@@ -628,7 +627,7 @@ def test_triton_chunks_fit_one_launch():
 def test_triton_splits_a_chunk_larger_than_one_launch(rng, monkeypatch):
     """The chunk loops hand the Triton engine no more classes than one launch takes (made 64 here)."""
     kernels = pytest.importorskip("lafs_kernels.triton.margin_softmax")
-    monkeypatch.setattr(kernels, "max_classes_per_launch", lambda device, dtype: 64)
+    monkeypatch.setattr(kernels, "max_classes_per_launch", lambda device: 64)
     sizes = []
     for name in ("chunk_forward", "chunk_backward"):
         launch = getattr(kernels, name)

@@ -39,10 +39,10 @@ EXPECTED = (
 @pytest.fixture(scope="module", params=[90, 80], ids=["sm90", "sm80"])
 def compiled(request):
     pytest.importorskip("triton.backends.nvidia")
-    from helpers.skips import TRITON_MISSING
+    from helpers.skips import TRITON_MISSING, TRITON_SKIP_REASON
 
     if TRITON_MISSING:  # a Triton the package does not use (too old) is not compiled for
-        pytest.skip(f"Triton kernels cannot run here: {TRITON_MISSING}")
+        pytest.skip(TRITON_SKIP_REASON)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(

@@ -11,7 +11,7 @@ from lafs.ssl.augment import draw_colour_parameters
 from lafs_kernels import _extension
 from lafs_kernels.ops import dino_colour, gaussian_blur
 
-from helpers.skips import TRITON_MISSING
+from helpers.skips import TRITON_MISSING, TRITON_SKIP_REASON
 from tolerances import assert_close
 
 
@@ -19,7 +19,7 @@ def _skip_unless_available(name: str) -> str:
     if name == "cpu" and _extension.missing_reason("cpu"):
         pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
     if name == "triton" and TRITON_MISSING:
-        pytest.skip(f"Triton kernels cannot run here: {TRITON_MISSING}")
+        pytest.skip(TRITON_SKIP_REASON)
     return name
 
 

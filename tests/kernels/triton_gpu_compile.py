@@ -101,7 +101,7 @@ def margin_variants():
     scalars["s"] = "fp32"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
-        block_b, block_c, block_d, num_warps = margin._blocks(CUDA, dtype)
+        block_b, block_c, block_d, num_warps = margin._blocks(CUDA)
         options = {"num_warps": num_warps, **margin.COMPILE_OPTIONS}
         for labels in (1, 2):
             const = {
