@@ -4,7 +4,9 @@
 // image [N, C, H, W]; kernel_x [N, 2R+1] (along W) and kernel_y [N, 2R+1] (along H) in the
 // image's dtype; reflect padding (the edge pixel is not repeated), R < H and R < W.  Each plane is
 // blurred along W into a buffer, then along H: the order of PyTorch's reference, two depthwise
-// conv2d calls on the padded image.  Per output pixel the taps are summed in ascending order.
+// conv2d calls on the padded image.  Per output pixel the taps are summed in ascending order; the
+// zero taps at either end of an image's kernel are skipped (a narrow sigma's, which the Python side
+// zeroes below its dtype's resolution), so a narrow blur costs its own width, not the call's R.
 //
 // Why not conv2d: for N * C groups of one channel each oneDNN runs the depthwise convolution at a
 // few GFLOP/s here; these loops run along rows, the taps outermost, so every tap is one vector
@@ -13,7 +15,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "isa_variants.h"
@@ -41,6 +45,15 @@ LAFS_ISA_VARIANTS(void, taps_row, (const T* const* rows, const T* taps, int64_t 
 // Reflect index into [0, n): -1 -> 1, n -> n - 2 (needs |overhang| < n).
 LAFS_INLINE int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }
 
+// [first, last] of the nonzero taps of kernel[0..count) (first > last when every tap is zero).
+template <typename T>
+std::pair<int64_t, int64_t> nonzero_span(const T* kernel, int64_t count) {
+  int64_t first = 0, last = count - 1;
+  while (first < count && kernel[first] == T(0)) ++first;
+  while (last >= first && kernel[last] == T(0)) --last;
+  return {first, last};
+}
+
 template <typename T>
 void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::Tensor& kernel_y, at::Tensor& out) {
   const int64_t N = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
@@ -57,6 +70,13 @@ void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::
       const T* src = in_p + plane * H * W;
       const T* kx = kx_p + n * count;
       const T* ky = ky_p + n * count;
+      T* dst = out_p + plane * H * W;
+      const auto [x_first, x_last] = nonzero_span(kx, count);
+      const auto [y_first, y_last] = nonzero_span(ky, count);
+      if (x_first > x_last || y_first > y_last) {  // an all-zero kernel (only from a caller's own taps)
+        std::fill(dst, dst + H * W, T(0));
+        continue;
+      }
       for (int64_t k = 0; k < count; ++k) rows[k] = padded.data() + k;
       for (int64_t y = 0; y < H; ++y) {  // along W, through a reflect-padded copy of the row
         const T* row = src + y * W;
@@ -65,12 +85,11 @@ void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::
           padded[R - i] = row[i];
           padded[R + W - 1 + i] = row[W - 1 - i];
         }
-        taps_row<T>(rows.data(), kx, count, horizontal.data() + y * W, W);
+        taps_row<T>(rows.data() + x_first, kx + x_first, x_last - x_first + 1, horizontal.data() + y * W, W);
       }
-      T* dst = out_p + plane * H * W;
       for (int64_t y = 0; y < H; ++y) {  // along H: the taps' rows, reflected at the edges
-        for (int64_t k = 0; k < count; ++k) rows[k] = horizontal.data() + reflect(y + k - R, H) * W;
-        taps_row<T>(rows.data(), ky, count, dst + y * W, W);
+        for (int64_t k = y_first; k <= y_last; ++k) rows[k] = horizontal.data() + reflect(y + k - R, H) * W;
+        taps_row<T>(rows.data() + y_first, ky + y_first, y_last - y_first + 1, dst + y * W, W);
       }
     }
   });

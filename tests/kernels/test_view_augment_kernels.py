@@ -88,6 +88,42 @@ def test_blur_kernel_equals_the_reference_on_view_sized_images(rng):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blur_taps_of_narrow_sigmas_are_zero_not_subnormal(dtype):
+    """A narrow sigma's outer taps underflow: they must be exact zeros (subnormals multiply several times slower on
+    x86), symmetric, and the rest must keep the normalised Gaussian to the dtype's resolution."""
+    sigma = torch.linspace(0.05, 2.0, 400, dtype=torch.float64)
+    taps = gaussian_blur.gaussian_kernels(sigma, 6, dtype)
+    tiny = torch.finfo(dtype).tiny
+    assert taps.dtype == dtype
+    assert not bool(((taps > 0) & (taps < tiny)).any())
+    assert torch.equal(taps, taps.flip(1))
+    assert bool((taps[:, :1] == 0).any()) and bool((taps[:, 6] > 0).all())  # some outer taps are zero
+    t = torch.arange(-6, 7, dtype=torch.float64)
+    exact = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    exact = exact / exact.sum(dim=1, keepdim=True)
+    assert (taps.double() - exact).abs().max() <= 2 * torch.finfo(dtype).eps
+
+
+def test_blur_kernel_skips_zero_taps_at_the_ends(rng):
+    """Zero outer taps change nothing: a kernel padded with zeros blurs exactly as the unpadded one, zeros on one
+    side only as the conv2d reference with the same taps, and an all-zero kernel gives zeros."""
+    _skip_unless_available("cpu")
+    blur = torch.ops.lafs_kernels._gaussian_blur
+    pad = torch.nn.functional.pad
+    images = torch.rand(3, 2, 11, 9, generator=rng) * 2 - 1
+    taps_x = torch.rand(3, 3, generator=rng) + 0.1
+    taps_y = torch.rand(3, 3, generator=rng) + 0.1
+    assert torch.equal(blur(images, pad(taps_x, (3, 3)), pad(taps_y, (3, 3))), blur(images, taps_x, taps_y))
+    off_centre_x, off_centre_y = pad(taps_x, (4, 2)), pad(taps_y, (2, 4))  # taps at offsets -0..2 and -2..0
+    assert_close(
+        blur(images, off_centre_x, off_centre_y),
+        gaussian_blur._blur_torch(images, off_centre_x, off_centre_y, 4),
+        dtype=torch.float32,
+    )
+    assert torch.equal(blur(images, torch.zeros(3, 3), taps_y), torch.zeros_like(images))
+
+
 def test_blur_rejects_what_it_cannot_blur(backend):
     images = torch.rand(2, 3, 5, 8)
     sigma = torch.ones(2, dtype=torch.float64)
