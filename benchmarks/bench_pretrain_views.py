@@ -10,8 +10,10 @@ What it measures, each case built from ``lafs.ssl`` directly (random images in [
   student, clipping and optimizer, EMA);
 - the speed-ups, builder and step, ours and the original timed interleaved round by round (``_harness.compare``):
   ours with ``views.landmarks`` per_image and per_view, the original path as the released script runs it;
-- on CUDA, kernel launches per step of each path (``torch.profiler``, CUDA kernel events); everywhere, the
-  top-level ATen ops one builder call dispatches (the CPU's stand-in for launches).
+- on CUDA, per step and per builder call of each path (``torch.profiler``): kernels launched, copies to the
+  device, the host's time in CUDA calls that wait for the GPU, and the share of the time the GPU was busy
+  (``cuda_timeline``); everywhere, the top-level ATen ops one builder call and one step dispatch (the CPU's
+  stand-in for launches).
 
 Cases: "paper layout" (CPU: ``part_fvit_tiny``, 16 images, 2 + 8 views with 36 tokens per local view, the demo
 recipe's DINO head (4096 outputs), float32; GPU: ``part_fvit_b``, 64 images, bfloat16 autocast, the WebFace4M
@@ -233,26 +235,70 @@ def step_profile(trainer, images, rounds: int = PROFILE_ROUNDS, warmup: bool = T
     return result
 
 
-def _profile_second_call(case, activity):
-    """torch.profiler events of the second call of ``case`` (the first warms up), synchronised on CUDA."""
+def _profile_second_call(case, activities):
+    """torch.profiler events (of ``activities``) of the second call of ``case`` (the first warms up), synchronised
+    on CUDA."""
     from torch.profiler import profile
 
     case()
     _harness.synchronized_timer()
-    with profile(activities=[activity]) as prof:
+    with profile(activities=activities) as prof:
         case()
         _harness.synchronized_timer()
     return prof.events()
 
 
-def kernel_launches(case) -> int:
-    """CUDA kernels launched by one call of ``case`` (torch.profiler); -1 off CUDA."""
+# CUDA runtime calls in which the host can wait for the GPU: a copy from pageable host memory first waits for the
+# stream to drain, a copy to the host and the synchronisations wait for it to finish.
+HOST_WAITS = ("cudaMemcpy", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def cuda_timeline(events) -> dict:
+    """What one call's ``torch.profiler`` events (CPU and CUDA activities) say about launches and waiting:
+
+    - ``kernels``: kernels run on the GPU (copies and memsets not counted);
+    - ``copies_to_device``: host-to-device copies;
+    - ``host_waits``: per runtime call of HOST_WAITS, ``[calls, milliseconds the host spent in them]``;
+    - ``gpu_busy``: the share of the call's span (first to last event, host or GPU) in which the GPU ran a kernel
+      or a copy; what is left is time the GPU waited for the host.
+    """
+    kernels = copies = 0
+    waits: dict = {}
+    busy = []
+    first, last = float("inf"), float("-inf")
+    for e in events:
+        start, end = e.time_range.start, e.time_range.end
+        first, last = min(first, start), max(last, end)
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            busy.append((start, end))
+            if e.name.startswith("Memcpy"):
+                copies += "HtoD" in e.name
+            elif not e.name.startswith("Memset"):
+                kernels += 1
+        elif e.name in HOST_WAITS:
+            calls, ms = waits.get(e.name, (0, 0.0))
+            waits[e.name] = [calls + 1, ms + (end - start) / 1e3]
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(busy):  # the union of the GPU's intervals
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    span = last - first
+    return {
+        "kernels": kernels,
+        "copies_to_device": copies,
+        "host_waits": waits,
+        "gpu_busy": covered / span if span > 0 else 0.0,
+    }
+
+
+def timeline(case) -> dict:
+    """:func:`cuda_timeline` of the second call of ``case`` (the first warms up); {} off CUDA."""
     if DEVICE != "cuda":
-        return -1
+        return {}
     from torch.profiler import ProfilerActivity
 
-    events = _profile_second_call(case, ProfilerActivity.CUDA)
-    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return cuda_timeline(_profile_second_call(case, [ProfilerActivity.CPU, ProfilerActivity.CUDA]))
 
 
 def aten_ops(case) -> int:
@@ -261,7 +307,7 @@ def aten_ops(case) -> int:
     draws on the CPU generator launch none)."""
     from torch.profiler import ProfilerActivity
 
-    events = _profile_second_call(case, ProfilerActivity.CPU)
+    events = _profile_second_call(case, [ProfilerActivity.CPU])
     return sum(
         1
         for e in events
@@ -351,7 +397,9 @@ def test_pretrain_views(benchmark, what, case):
         run()  # warm-up
     profile = builder_profile if what == "builder" else step_profile
     benchmark.extra_info["profile"] = interleaved_profiles(profile, trainers)
-    benchmark.extra_info["kernel_launches"] = {path: kernel_launches(cases[path]) for path in PATHS}
+    timelines = {path: timeline(cases[path]) for path in PATHS}
+    benchmark.extra_info["timeline"] = timelines
+    benchmark.extra_info["kernel_launches"] = {path: t.get("kernels", -1) for path, t in timelines.items()}
     title = (
         "LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
         if what == "builder"
@@ -397,8 +445,12 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     trainers = {path: build_trainer(path, case) for path in PATHS}
     steps = {path: step_case(*trainers[path]) for path in PATHS}
     builders = {path: builder_case(*trainers[path]) for path in PATHS}
-    report["kernel_launches_per_step"] = {path: kernel_launches(steps[path]) for path in PATHS}
-    report["kernel_launches_per_builder_call"] = {path: kernel_launches(builders[path]) for path in PATHS}
+    report["timeline_per_step"] = {path: timeline(steps[path]) for path in PATHS}
+    report["timeline_per_builder_call"] = {path: timeline(builders[path]) for path in PATHS}
+    for unit in ("step", "builder_call"):
+        report[f"kernel_launches_per_{unit}"] = {
+            path: t.get("kernels", -1) for path, t in report[f"timeline_per_{unit}"].items()
+        }
     report["aten_ops_per_builder_call"] = {path: aten_ops(builders[path]) for path in PATHS}
     report["aten_ops_per_step"] = {path: aten_ops(steps[path]) for path in PATHS}
     if launches_only:
@@ -429,6 +481,13 @@ def print_case(report: dict) -> None:
             f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
             f"{report['kernel_launches_per_builder_call']}"
         )
+        for unit in ("step", "builder_call"):
+            for path, t in report[f"timeline_per_{unit}"].items():
+                waits = ", ".join(f"{name} {calls}x {ms:.1f} ms" for name, (calls, ms) in t["host_waits"].items())
+                print(
+                    f"{path} per {unit.replace('_', ' ')}: {t['copies_to_device']} copies to the device; host "
+                    f"waits: {waits or 'none'}; GPU busy {100 * t['gpu_busy']:.0f}% of the span"
+                )
     print(
         f"top-level ATen ops per builder call: {report['aten_ops_per_builder_call']}; per step: "
         f"{report['aten_ops_per_step']}"

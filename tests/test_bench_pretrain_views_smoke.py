@@ -36,3 +36,37 @@ def test_pretrain_views_benchmark_runs_in_smoke_mode(tmp_path):
     for unit in ("aten_ops_per_builder_call", "aten_ops_per_step"):
         ops = case[unit]
         assert 0 < ops["per_image"] < ops["original"] and 0 < ops["per_view"] < ops["original"], (unit, ops)
+
+
+def test_cuda_timeline_counts_kernels_copies_waits_and_busy_time():
+    """The GPU timeline summary on made-up profiler events (the GPU run is where it counts; its arithmetic is
+    checked here): copies and memsets are not kernels, only host-to-device copies count as copies, waits are
+    summed per runtime call, and overlapping GPU intervals are counted once."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from types import SimpleNamespace
+
+    import torch
+    from bench_pretrain_views import cuda_timeline
+
+    def event(name, start, end, device):
+        kind = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        event("aten::mm", 0, 10, False),
+        event("cudaMemcpyAsync", 10, 30, False),  # waits 20 us for the stream
+        event("Memcpy HtoD (Pageable -> Device)", 28, 30, True),
+        event("cudaLaunchKernel", 30, 32, False),
+        event("ampere_sgemm", 32, 60, True),
+        event("elementwise_kernel", 50, 70, True),  # overlaps the one before: [32, 70] busy once
+        event("Memset (Device)", 70, 71, True),
+        event("Memcpy DtoH (Device -> Pageable)", 90, 95, True),
+        event("cudaMemcpyAsync", 88, 96, False),
+        event("cudaStreamSynchronize", 96, 100, False),
+    ]
+    got = cuda_timeline(events)
+    assert got["kernels"] == 2
+    assert got["copies_to_device"] == 1
+    assert got["host_waits"] == {"cudaMemcpyAsync": [2, 0.028], "cudaStreamSynchronize": [1, 0.004]}
+    assert abs(got["gpu_busy"] - (2 + 38 + 1 + 5) / 100) < 1e-12
+    assert cuda_timeline([])["gpu_busy"] == 0.0
