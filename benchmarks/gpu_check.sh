@@ -204,7 +204,7 @@ else
   echo "skipped: the deadline left no time" > "$OUT/pretrain_views.log"; status=125
 fi
 case $status in
-  0) grep -E "^(kernel launches|builder |step |DINO head)" "$OUT/pretrain_views.log" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
+  0) grep -E "^(kernel launches|builder |step |DINO head|(per_image|per_view|original) per )" "$OUT/pretrain_views.log" | sed 's/^/  /' | tee -a "$SUMMARY" ;;
   124) fail "benchmarks/bench_pretrain_views.py took over ${limit}s (pretrain_views.log)" ;;
   125) fail "benchmarks/bench_pretrain_views.py skipped: the session's deadline left no time" ;;
   *) fail "benchmarks/bench_pretrain_views.py failed (exit $status, pretrain_views.log)"; tail -n 10 "$OUT/pretrain_views.log" | tee -a "$SUMMARY" ;;
