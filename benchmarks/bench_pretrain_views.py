@@ -293,12 +293,17 @@ def cuda_timeline(events) -> dict:
 
 
 def timeline(case) -> dict:
-    """:func:`cuda_timeline` of the second call of ``case`` (the first warms up); {} off CUDA."""
+    """:func:`cuda_timeline` of the second call of ``case`` (the first warms up); {} off CUDA. It has not yet run on a
+    GPU: a failure is returned as ``{"error": ...}`` and printed, so that it cannot cost a lent GPU's run the
+    timings measured after it."""
     if DEVICE != "cuda":
         return {}
     from torch.profiler import ProfilerActivity
 
-    return cuda_timeline(_profile_second_call(case, [ProfilerActivity.CPU, ProfilerActivity.CUDA]))
+    try:
+        return cuda_timeline(_profile_second_call(case, [ProfilerActivity.CPU, ProfilerActivity.CUDA]))
+    except Exception as exc:  # reported in the output and the JSON, not swallowed
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def aten_ops(case) -> int:
@@ -483,6 +488,9 @@ def print_case(report: dict) -> None:
         )
         for unit in ("step", "builder_call"):
             for path, t in report[f"timeline_per_{unit}"].items():
+                if "error" in t:
+                    print(f"{path} per {unit.replace('_', ' ')}: the timeline failed: {t['error']}")
+                    continue
                 waits = ", ".join(f"{name} {calls}x {ms:.1f} ms" for name, (calls, ms) in t["host_waits"].items())
                 print(
                     f"{path} per {unit.replace('_', ' ')}: {t['copies_to_device']} copies to the device; host "

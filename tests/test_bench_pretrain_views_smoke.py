@@ -70,3 +70,16 @@ def test_cuda_timeline_counts_kernels_copies_waits_and_busy_time():
     assert got["host_waits"] == {"cudaMemcpyAsync": [2, 0.028], "cudaStreamSynchronize": [1, 0.004]}
     assert abs(got["gpu_busy"] - (2 + 38 + 1 + 5) / 100) < 1e-12
     assert cuda_timeline([])["gpu_busy"] == 0.0
+
+
+def test_a_failing_timeline_is_reported_not_raised(monkeypatch):
+    """On a lent GPU a profiler failure must not cost the run's other timings: it comes back as an error entry."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_pretrain_views
+
+    def broken(case, activities):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(bench_pretrain_views, "DEVICE", "cuda")
+    monkeypatch.setattr(bench_pretrain_views, "_profile_second_call", broken)
+    assert bench_pretrain_views.timeline(lambda: None) == {"error": "RuntimeError: no CUPTI"}
