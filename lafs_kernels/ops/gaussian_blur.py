@@ -5,13 +5,12 @@ Shapes:
   sigma    [N]           blur sigma along W in pixels (float64); ``sigma_y`` [N] along H (None: the same)
   returns  [N, C, H, W]  the images' dtype
 
-Taps ``-radius..radius`` of ``exp(-t^2 / (2 sigma^2))``, normalised in float64; taps below
-``eps * 1e-6`` of the images' dtype are set to zero (they cannot change a sum in that dtype), then the taps are
-cast to it; reflect padding (the edge pixel is not repeated; ``radius`` must be smaller than H and
-W); the blur runs along W, then along H.  Backends: ``torch`` (two depthwise ``conv2d`` calls on the
-padded image, as torchvision's tensor ``gaussian_blur``) and ``cpu`` (the C++ kernel,
-``csrc/cpu/gaussian_blur.cpp``: float32 / float64 on CPU tensors).  ``LAFS_KERNELS_BACKEND`` does not
-apply here; ``backend=`` does.
+Taps ``-radius..radius`` of ``exp(-t^2 / (2 sigma^2))``, normalised in float64; taps below ``eps * 1e-6`` of
+the images' dtype (they cannot change a sum in that dtype) or below its smallest normal number are set to zero,
+then the taps are cast to it.  Reflect padding (the edge pixel is not repeated; ``radius`` must be smaller than H
+and W); the blur runs along W, then along H.  Backends: ``torch`` (two depthwise ``conv2d`` calls on the padded
+image, as torchvision's tensor ``gaussian_blur``) and ``cpu`` (the C++ kernel, ``csrc/cpu/gaussian_blur.cpp``:
+float32 / float64 on CPU tensors).  ``LAFS_KERNELS_BACKEND`` does not apply here; ``backend=`` does.
 """
 
 from __future__ import annotations
@@ -30,14 +29,15 @@ BACKENDS = register(reference_and_kernels("gaussian_blur"))
 
 def gaussian_kernels(sigma: Tensor, radius: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``[N, 2 * radius + 1]`` normalised Gaussian taps in ``dtype``, one row per ``sigma [N]``, computed in float64;
-    taps below ``finfo(dtype).eps * 1e-6`` are zero."""
+    taps below ``finfo(dtype).eps * 1e-6`` or ``finfo(dtype).tiny`` (float16's is larger) are zero."""
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(torch.float64).cpu()[:, None]) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     # A narrow sigma's outer taps would otherwise be subnormal in float32, and a multiply by a subnormal
     # is several times slower on x86 (for sigmas of 0.3-0.5 the CPU kernel took 4.7x, conv2d 3.2x longer); zeros
     # also let the CPU kernel skip the outer taps of a narrow sigma.
-    return kernel.masked_fill(kernel < torch.finfo(dtype).eps * 1e-6, 0.0).to(dtype)
+    info = torch.finfo(dtype)
+    return kernel.masked_fill(kernel < max(info.eps * 1e-6, info.tiny), 0.0).to(dtype)
 
 
 def _blur_torch(images: Tensor, kernel_x: Tensor, kernel_y: Tensor, radius: int) -> Tensor:

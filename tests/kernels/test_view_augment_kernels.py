@@ -88,7 +88,7 @@ def test_blur_kernel_equals_the_reference_on_view_sized_images(rng):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_blur_taps_of_narrow_sigmas_are_zero_not_subnormal(dtype):
     """A narrow sigma's outer taps underflow: they must be exact zeros (subnormals multiply several times slower on
     x86), symmetric, and the rest must keep the normalised Gaussian to the dtype's resolution."""
