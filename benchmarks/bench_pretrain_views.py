@@ -402,9 +402,7 @@ def test_pretrain_views(benchmark, what, case):
         run()  # warm-up
     profile = builder_profile if what == "builder" else step_profile
     benchmark.extra_info["profile"] = interleaved_profiles(profile, trainers)
-    timelines = {path: timeline(cases[path]) for path in PATHS}
-    benchmark.extra_info["timeline"] = timelines
-    benchmark.extra_info["kernel_launches"] = {path: t.get("kernels", -1) for path, t in timelines.items()}
+    benchmark.extra_info["timeline"] = {path: timeline(cases[path]) for path in PATHS}
     title = (
         "LAFS pretraining: view builder (images -> tokens of every view), ours vs the original path"
         if what == "builder"
@@ -452,10 +450,6 @@ def measure_case(case: str, pairs: int, launches_only: bool = False) -> dict:
     builders = {path: builder_case(*trainers[path]) for path in PATHS}
     report["timeline_per_step"] = {path: timeline(steps[path]) for path in PATHS}
     report["timeline_per_builder_call"] = {path: timeline(builders[path]) for path in PATHS}
-    for unit in ("step", "builder_call"):
-        report[f"kernel_launches_per_{unit}"] = {
-            path: t.get("kernels", -1) for path, t in report[f"timeline_per_{unit}"].items()
-        }
     report["aten_ops_per_builder_call"] = {path: aten_ops(builders[path]) for path in PATHS}
     report["aten_ops_per_step"] = {path: aten_ops(steps[path]) for path in PATHS}
     if launches_only:
@@ -482,10 +476,11 @@ def print_case(report: dict) -> None:
         f"{report.get('load_end', report['load_start'])[0]:.1f}"
     )
     if DEVICE == "cuda":
-        print(
-            f"kernel launches per step: {report['kernel_launches_per_step']}; per builder call: "
-            f"{report['kernel_launches_per_builder_call']}"
-        )
+        launches = {
+            unit: {path: t.get("kernels", -1) for path, t in report[f"timeline_per_{unit}"].items()}
+            for unit in ("step", "builder_call")
+        }
+        print(f"kernel launches per step: {launches['step']}; per builder call: {launches['builder_call']}")
         for unit in ("step", "builder_call"):
             for path, t in report[f"timeline_per_{unit}"].items():
                 if "error" in t:

@@ -11,6 +11,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
+def bench_module():
+    """benchmarks/bench_pretrain_views.py, imported as the benchmarks import it (their folder on sys.path)."""
+    folder = os.path.join(REPO, "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import bench_pretrain_views
+
+    return bench_pretrain_views
+
+
 def test_pretrain_views_benchmark_runs_in_smoke_mode(tmp_path):
     env = dict(os.environ, LAFS_BENCH_SMOKE="1", OMP_NUM_THREADS="1")
     out = subprocess.run(
@@ -42,11 +52,11 @@ def test_cuda_timeline_counts_kernels_copies_waits_and_busy_time():
     """The GPU timeline summary on made-up profiler events (the GPU run is where it counts; its arithmetic is
     checked here): copies and memsets are not kernels, only host-to-device copies count as copies, waits are
     summed per runtime call, and overlapping GPU intervals are counted once."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from types import SimpleNamespace
 
     import torch
-    from bench_pretrain_views import cuda_timeline
+
+    cuda_timeline = bench_module().cuda_timeline
 
     def event(name, start, end, device):
         kind = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
@@ -74,8 +84,7 @@ def test_cuda_timeline_counts_kernels_copies_waits_and_busy_time():
 
 def test_a_failing_timeline_is_reported_not_raised(monkeypatch):
     """On a lent GPU a profiler failure must not cost the run's other timings: it comes back as an error entry."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import bench_pretrain_views
+    bench_pretrain_views = bench_module()
 
     def broken(case, activities):
         raise RuntimeError("no CUPTI")
