@@ -46,15 +46,17 @@ TORCH_LIBRARY(lafs_kernels, m) {
       "Tensor target_logit, Tensor target_derivative, Tensor lse, Tensor grad_lse, Tensor? grad_target, "
       "Tensor? grad_logit_sum, float s) -> Tensor");
   // DINO's view augmentation in LAFS pretraining (lafs_kernels/ops/gaussian_blur.py, dino_colour.py).  Separable
-  // Gaussian blur, reflect padding: image [N, C, H, W], kernel_x / kernel_y [N, 2R+1] along W / H
-  // in the image's dtype; returns [N, C, H, W].
-  m.def("_gaussian_blur(Tensor image, Tensor kernel_x, Tensor kernel_y) -> Tensor");
+  // Gaussian blur, reflect padding: image [B, C, H, W], kernel_x / kernel_y [N, 2R+1] along W / H
+  // in the image's dtype, source_index [N] int64 (output n blurs image source_index[n]; None: N = B);
+  // returns [N, C, H, W].
+  m.def("_gaussian_blur(Tensor image, Tensor kernel_x, Tensor kernel_y, Tensor? source_index=None) -> Tensor");
   // The per-pixel colour chain on token pixels: pixels [N, T, 3] in [-1, 1], mean_pixels [N, M, 3]
   // (the contrast's mean gray; None: the pixels themselves), factors [N, 4] in the pixels' dtype,
-  // order [N, 4] int64, jitter / gray / solarize [N] bool.  Returns [N, T, 3] in [-1, 1].
+  // order [N, 4] int64, jitter / gray / solarize [N] bool, pixel_weights [N, T] (each output pixel's factor
+  // after the chain; None: 1).  Returns [N, T, 3] in [-1, 1].
   m.def(
       "_dino_colour(Tensor pixels, Tensor? mean_pixels, Tensor factors, Tensor order, Tensor jitter, "
-      "Tensor gray, Tensor solarize) -> Tensor");
+      "Tensor gray, Tensor solarize, Tensor? pixel_weights=None) -> Tensor");
   // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
   // 0 when they were not compiled; `info` and the import check compare it.
   m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);

@@ -6,8 +6,9 @@
 // (brightness, contrast and saturation factors, hue shift in turns), order [N, 4] (the jitter's
 // op order, a permutation of 0..3), jitter / gray / solarize [N] bool.  Per view, on x in [0, 1]:
 // the four jitter ops in the view's order where jitter is set (each blend clamped to [0, 1]),
-// grayscale where gray is set, solarisation (x >= 1/2 -> 1 - x) where solarize is set.  Returns
-// [N, T, 3] in [-1, 1].
+// grayscale where gray is set, solarisation (x >= 1/2 -> 1 - x) where solarize is set; back in
+// [-1, 1], each pixel is multiplied by its pixel_weights [N, T] entry where given (the fused view
+// path's zero padding of samples beyond the view's edge).  Returns [N, T, 3] in [-1, 1].
 //
 // The contrast's mean is taken over mean_pixels after the jitter ops that come before the
 // contrast, accumulated in double.  Pixels go through the chain in blocks of kBlock, split into
@@ -17,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -139,10 +141,11 @@ LAFS_INLINE double gray_sum_block_body(const T* src, int64_t count, const ViewCo
   return sum;
 }
 
-// The whole chain on count pixels, src -> dst (interleaved, [-1, 1]); r, g, b: scratch rows.
+// The whole chain on count pixels, src -> dst (interleaved, [-1, 1]), output pixel i times weight[i]
+// (ones without pixel weights: x * 1 is x exactly); r, g, b: scratch rows.
 template <typename T>
 LAFS_INLINE void colour_block_body(const T* src, T* dst, int64_t count, const ViewColour<T>& view, int64_t stages,
-                                   T mean, bool gray, bool invert, T* r, T* g, T* b) {
+                                   T mean, bool gray, bool invert, const T* weight, T* r, T* g, T* b) {
   split_block(src, count, r, g, b);
   jitter_block(r, g, b, count, view, stages, mean);
   if (gray) {
@@ -155,9 +158,9 @@ LAFS_INLINE void colour_block_body(const T* src, T* dst, int64_t count, const Vi
     const T rv = r[i] >= half ? T(1) - r[i] : r[i];
     const T gv = g[i] >= half ? T(1) - g[i] : g[i];
     const T bv = b[i] >= half ? T(1) - b[i] : b[i];
-    dst[3 * i] = rv * T(2) - T(1);
-    dst[3 * i + 1] = gv * T(2) - T(1);
-    dst[3 * i + 2] = bv * T(2) - T(1);
+    dst[3 * i] = (rv * T(2) - T(1)) * weight[i];
+    dst[3 * i + 1] = (gv * T(2) - T(1)) * weight[i];
+    dst[3 * i + 2] = (bv * T(2) - T(1)) * weight[i];
   }
 }
 
@@ -166,13 +169,13 @@ LAFS_ISA_VARIANTS(double, gray_sum_block,
                   (src, count, view, stages, r, g, b))
 LAFS_ISA_VARIANTS(void, colour_block,
                   (const T* src, T* dst, int64_t count, const ViewColour<T>& view, int64_t stages, T mean, bool gray,
-                   bool invert, T* r, T* g, T* b),
-                  (src, dst, count, view, stages, mean, gray, invert, r, g, b))
+                   bool invert, const T* weight, T* r, T* g, T* b),
+                  (src, dst, count, view, stages, mean, gray, invert, weight, r, g, b))
 
 template <typename T>
 void colour_views(const at::Tensor& pixels, const at::Tensor& mean_pixels, const at::Tensor& factors,
                   const at::Tensor& order, const at::Tensor& jitter, const at::Tensor& gray,
-                  const at::Tensor& solarize, at::Tensor& out) {
+                  const at::Tensor& solarize, const at::Tensor& weights, at::Tensor& out) {
   const int64_t N = pixels.size(0), count = pixels.size(1);
   const bool own_mean = !mean_pixels.defined();
   const int64_t mean_count = own_mean ? count : mean_pixels.size(1);
@@ -183,9 +186,11 @@ void colour_views(const at::Tensor& pixels, const at::Tensor& mean_pixels, const
   const bool* jitter_p = jitter.const_data_ptr<bool>();
   const bool* gray_p = gray.const_data_ptr<bool>();
   const bool* solarize_p = solarize.const_data_ptr<bool>();
+  const T* weights_p = weights.defined() ? weights.const_data_ptr<T>() : nullptr;
   T* out_p = out.mutable_data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) T r[kBlock], g[kBlock], b[kBlock];
+    alignas(64) T r[kBlock], g[kBlock], b[kBlock], ones[kBlock];
+    std::fill(ones, ones + kBlock, T(1));
     for (int64_t n = begin; n < end; ++n) {
       ViewColour<T> view;
       for (int op = 0; op < 3; ++op) {
@@ -210,9 +215,10 @@ void colour_views(const at::Tensor& pixels, const at::Tensor& mean_pixels, const
       }
       const T* src = px + n * count * 3;
       T* dst = out_p + n * count * 3;
+      const T* weight = weights_p == nullptr ? nullptr : weights_p + n * count;
       for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
         colour_block<T>(src + 3 * i0, dst + 3 * i0, min_of(kBlock, count - i0), view, stages, mean, gray_p[n],
-                        solarize_p[n], r, g, b);
+                        solarize_p[n], weight == nullptr ? ones : weight + i0, r, g, b);
       }
     }
   });
@@ -220,7 +226,8 @@ void colour_views(const at::Tensor& pixels, const at::Tensor& mean_pixels, const
 
 at::Tensor dino_colour_cpu(const at::Tensor& pixels, const std::optional<at::Tensor>& mean_pixels,
                            const at::Tensor& factors, const at::Tensor& order, const at::Tensor& jitter,
-                           const at::Tensor& gray, const at::Tensor& solarize) {
+                           const at::Tensor& gray, const at::Tensor& solarize,
+                           const std::optional<at::Tensor>& pixel_weights) {
   TORCH_CHECK(pixels.dim() == 3 && pixels.size(2) == 3 && pixels.is_contiguous(),
               "_dino_colour: pixels must be a contiguous [N, T, 3]");
   const int64_t N = pixels.size(0);
@@ -237,6 +244,10 @@ at::Tensor dino_colour_cpu(const at::Tensor& pixels, const std::optional<at::Ten
     TORCH_CHECK(flag->dim() == 1 && flag->size(0) == N && flag->is_contiguous() && flag->scalar_type() == at::kBool,
                 "_dino_colour: jitter, gray and solarize must be contiguous bool [N]");
   }
+  const at::Tensor weights = pixel_weights.value_or(at::Tensor());
+  TORCH_CHECK(!weights.defined() || (weights.sizes() == at::IntArrayRef({N, pixels.size(1)}) &&
+                                     weights.is_contiguous() && weights.scalar_type() == pixels.scalar_type()),
+              "_dino_colour: pixel_weights must be a contiguous [N, T] in the pixels' dtype");
   const int64_t* order_p = order.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < 4 * N; ++i) {
     TORCH_CHECK(order_p[i] >= 0 && order_p[i] < 4, "_dino_colour: order must hold op ids 0..3, got ", order_p[i],
@@ -245,7 +256,7 @@ at::Tensor dino_colour_cpu(const at::Tensor& pixels, const std::optional<at::Ten
   at::Tensor out = at::empty_like(pixels);
   if (pixels.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(pixels.scalar_type(), "_dino_colour", [&] {
-    colour_views<scalar_t>(pixels, means, factors, order, jitter, gray, solarize, out);
+    colour_views<scalar_t>(pixels, means, factors, order, jitter, gray, solarize, weights, out);
   });
   return out;
 }

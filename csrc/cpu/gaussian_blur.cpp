@@ -1,8 +1,9 @@
 // CPU kernel of the separable Gaussian blur with one kernel per image (DINO's blur in LAFS
 // pretraining: the fused view path blurs a blurred view's source image with the view's sigma).
 //
-// image [N, C, H, W]; kernel_x [N, 2R+1] (along W) and kernel_y [N, 2R+1] (along H) in the
-// image's dtype; reflect padding (the edge pixel is not repeated), R < H and R < W.  Each plane is
+// image [B, C, H, W]; kernel_x [N, 2R+1] (along W) and kernel_y [N, 2R+1] (along H) in the
+// image's dtype; source_index [N] (output n blurs image source_index[n], read in place; none: N = B,
+// image n); reflect padding (the edge pixel is not repeated), R < H and R < W.  Each plane is
 // blurred along W into a buffer, then along H: the order of PyTorch's reference, two depthwise
 // conv2d calls on the padded image.  Per output pixel the taps are summed in ascending order; the
 // zero taps at either end of an image's kernel are skipped (a narrow sigma's, which the Python side
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -54,9 +56,11 @@ std::pair<int64_t, int64_t> nonzero_span(const T* kernel, int64_t count) {
   return {first, last};
 }
 
+// Output plane (n, c) is plane c of image source[n] (image n without source) blurred.
 template <typename T>
-void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::Tensor& kernel_y, at::Tensor& out) {
-  const int64_t N = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::Tensor& kernel_y,
+                 const int64_t* source, at::Tensor& out) {
+  const int64_t N = out.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
   const int64_t count = kernel_x.size(1), R = count / 2;
   const T* in_p = image.const_data_ptr<T>();
   const T* kx_p = kernel_x.const_data_ptr<T>();
@@ -66,8 +70,8 @@ void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::
     std::vector<T> padded(W + 2 * R), horizontal(H * W);
     std::vector<const T*> rows(count);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C;
-      const T* src = in_p + plane * H * W;
+      const int64_t n = plane / C, c = plane % C;
+      const T* src = in_p + ((source == nullptr ? n : source[n]) * C + c) * H * W;
       const T* kx = kx_p + n * count;
       const T* ky = ky_p + n * count;
       T* dst = out_p + plane * H * W;
@@ -95,22 +99,33 @@ void blur_planes(const at::Tensor& image, const at::Tensor& kernel_x, const at::
   });
 }
 
-at::Tensor gaussian_blur_cpu(const at::Tensor& image, const at::Tensor& kernel_x, const at::Tensor& kernel_y) {
-  TORCH_CHECK(image.dim() == 4 && image.is_contiguous(), "_gaussian_blur: image must be a contiguous [N, C, H, W]");
-  const int64_t N = image.size(0);
+at::Tensor gaussian_blur_cpu(const at::Tensor& image, const at::Tensor& kernel_x, const at::Tensor& kernel_y,
+                             const std::optional<at::Tensor>& source_index) {
+  TORCH_CHECK(image.dim() == 4 && image.is_contiguous(), "_gaussian_blur: image must be a contiguous [B, C, H, W]");
+  const int64_t N = source_index.has_value() ? source_index->numel() : image.size(0);
   for (const at::Tensor* k : {&kernel_x, &kernel_y}) {
     TORCH_CHECK(k->dim() == 2 && k->size(0) == N && k->is_contiguous() && k->scalar_type() == image.scalar_type(),
-                "_gaussian_blur: kernels must be contiguous [N, 2R+1] in the image's dtype");
+                "_gaussian_blur: kernels must be contiguous [N, 2R+1] in the image's dtype (N outputs)");
+  }
+  const int64_t* source = nullptr;
+  if (source_index.has_value()) {
+    TORCH_CHECK(source_index->dim() == 1 && source_index->is_contiguous() && source_index->scalar_type() == at::kLong,
+                "_gaussian_blur: source_index must be a contiguous int64 [N]");
+    source = source_index->const_data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(source[n] >= 0 && source[n] < image.size(0), "_gaussian_blur: source_index[", n, "] = ", source[n],
+                  " is outside [0, ", image.size(0), ")");
+    }
   }
   TORCH_CHECK(kernel_x.size(1) == kernel_y.size(1) && kernel_x.size(1) % 2 == 1,
               "_gaussian_blur: both kernels need the same odd length 2R+1");
   const int64_t R = kernel_x.size(1) / 2;
   TORCH_CHECK(R < image.size(2) && R < image.size(3), "_gaussian_blur: reflect padding needs R < H and R < W, got R=",
               R, " for ", image.size(2), " x ", image.size(3));
-  at::Tensor out = at::empty_like(image);
-  if (image.numel() == 0) return out;
+  at::Tensor out = at::empty({N, image.size(1), image.size(2), image.size(3)}, image.options());
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "_gaussian_blur",
-                             [&] { blur_planes<scalar_t>(image, kernel_x, kernel_y, out); });
+                             [&] { blur_planes<scalar_t>(image, kernel_x, kernel_y, source, out); });
   return out;
 }
 

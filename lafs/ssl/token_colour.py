@@ -35,13 +35,16 @@ def colour_tokens(
     params: ColourParameters,
     view_samples: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    pixel_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Colour-augmented copy of ``tokens [N, K, P*P*3]`` in [-1, 1] (pixel-major, channel last).
 
     ``params``: the N views' draws (blur is left out: see the module docstring).
     ``view_samples [N, M, F]`` in [-1, 1]: samples of each whole view for the contrast's mean
     (None: the mean over the tokens themselves).  ``backend``: of ``dino_colour_tokens`` ("torch":
-    the reference; None: the device's kernel where it can run).  Returns ``[N, K, P*P*3]`` in [-1, 1].
+    the reference; None: the device's kernel where it can run).  ``pixel_weights [N, K, P*P]`` (or any shape
+    of N * K * P * P entries): each output pixel times its weight, in the same pass (None: no weights).
+    Returns ``[N, K, P*P*3]`` in [-1, 1].
     """
     n, k, features = tokens.shape
     if features % 3:
@@ -58,5 +61,6 @@ def colour_tokens(
         params.gray,
         params.solarize,
         backend=backend,
+        pixel_weights=None if pixel_weights is None else pixel_weights.reshape(n, -1),
     )
     return out.view(n, k, features)

@@ -16,8 +16,9 @@ a crop: the crop plus flip is the per-view affine of ``lafs_kernels.landmark_pat
 source image; the per-pixel colour operations run on the gathered tokens only
 (``lafs.ssl.token_colour``; the contrast's view mean from a 16 x 16 grid of samples of the
 view); a blurred view is gathered from its source image blurred once with the view's sigma
-in source pixels; samples beyond the crop's edge are weighted as a crop's zero padding would
-(``view_edge_weights``).  Landmarks (``landmarks=``):
+in source pixels; samples beyond
+the crop's edge are weighted as a crop's zero padding would (``view_edge_weights``, applied by
+the colour kernel in the same pass).  Landmarks (``landmarks=``):
 
 - ``"per_view"``: the landmark CNN runs on every view's crop, as the original (the crops are
   made for it alone, uncoloured; one CNN call per view group, batch norms folded,
@@ -268,22 +269,24 @@ class MultiViewBuilder(nn.Module):
             generator=generator,
             dtype=torch.promote_types(images.dtype, torch.float32),
         )
+        blurred = params.blur.any()
         with record_function("views.gather"):
-            tokens = landmark_patch_gather(images, centres, self.patch_size, view_affine=affine)
+            # A blurred view's tokens come from its blurred source (below): a non-finite affine makes the
+            # gather write zeros for those rows instead of sampling them twice.
+            plain_affine = affine.masked_fill(params.blur.to(device)[:, None], float("nan")) if blurred else affine
+            tokens = landmark_patch_gather(images, centres, self.patch_size, view_affine=plain_affine)
             samples = None
             if params.jitter.any():
                 coarse_affine, coarse_centres = mean_sample_layout(affine, size, self.patch_size, MEAN_GRID)
                 samples = landmark_patch_gather(
                     images, coarse_centres.to(centres.dtype), self.patch_size, view_affine=coarse_affine
                 )
-        if params.blur.any():
+        if blurred:
             with record_function("views.blur"):
                 tokens = self._blurred_tokens(images, tokens, centres, affine, host_affine, params)
         with record_function("views.colour"):
-            tokens = colour_tokens(tokens, params, samples)
-            p = self.patch_size
-            weights = view_edge_weights(centres, p, size).to(tokens.dtype)
-            tokens = tokens.view(rows, -1, p, p, 3).mul_(weights).view_as(tokens)
+            weights = view_edge_weights(centres, self.patch_size, size)
+            tokens = colour_tokens(tokens, params, samples, pixel_weights=weights)
         return ViewGroup(tokens, self._token_positions(landmarks, index))
 
     def _blurred_tokens(self, images, tokens, centres, affine, host_affine, params) -> torch.Tensor:
@@ -297,7 +300,7 @@ class MultiViewBuilder(nn.Module):
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
         radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)
         rows_dev = rows.to(images.device)
-        sources = gaussian_blur(images[rows_dev % images.shape[0]], sigma_x, sigma_y, radius=radius)
+        sources = gaussian_blur(images, sigma_x, sigma_y, radius=radius, source_index=rows_dev % images.shape[0])
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)
 

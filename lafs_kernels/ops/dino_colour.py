@@ -149,7 +149,7 @@ def solarize_(x: Tensor, chosen: Tensor) -> Tensor:
     return change_rows_(x, chosen, lambda images, rows: torch.where(images >= 0.5, 1.0 - images, images))
 
 
-def _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize) -> Tensor:
+def _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize, pixel_weights) -> Tensor:
     n, count = pixels.shape[:2]
     mean_start = 0
     if mean_pixels is not None:
@@ -158,8 +158,8 @@ def _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, sola
     x = pixels.transpose(1, 2).mul(0.5).add_(0.5).contiguous().unsqueeze(-1)
     colour_jitter_(x, jitter, factors, order, mean_start=mean_start, dense=True)
     change_rows_(x, gray, lambda images, rows: grayscale(images).expand_as(images))
-    out = solarize_(x[:, :, :count], solarize)[..., 0].mul_(2.0).sub_(1.0)
-    return out.transpose(1, 2).contiguous()
+    out = solarize_(x[:, :, :count], solarize)[..., 0].mul_(2.0).sub_(1.0).transpose(1, 2).contiguous()
+    return out if pixel_weights is None else out.mul_(pixel_weights[..., None])
 
 
 def dino_colour_tokens(
@@ -171,13 +171,15 @@ def dino_colour_tokens(
     gray: Tensor,
     solarize: Tensor,
     backend: Optional[str] = None,
+    pixel_weights: Optional[Tensor] = None,
 ) -> Tensor:
     """The colour chain on ``pixels [N, T, 3]`` in [-1, 1] (each view's token pixels, RGB last); returns a
     new ``[N, T, 3]`` in [-1, 1].
 
     ``mean_pixels [N, M, 3]``: pixels whose mean gray the contrast uses (None: ``pixels``); the other
     arguments: see the module docstring.  ``backend``: "torch", "cpu" or "triton" (None: the best that can
-    run).
+    run).  ``pixel_weights [N, T]``: each output pixel is multiplied by its weight after the chain (the view
+    builder's zero padding beyond a view's edge; None: no multiply).
     """
     n = pixels.shape[0]
     if pixels.dim() != 3 or pixels.shape[2] != 3 or not pixels.is_floating_point():
@@ -193,6 +195,17 @@ def dino_colour_tokens(
             f"dino_colour_tokens: factors and order must be [N={n}, 4], got {tuple(factors.shape)}, "
             f"{tuple(order.shape)}"
         )
+    if pixel_weights is not None and (
+        pixel_weights.shape != pixels.shape[:2]
+        or not pixel_weights.is_floating_point()
+        or pixel_weights.device != pixels.device
+    ):
+        raise ValueError(
+            f"dino_colour_tokens: pixel_weights must be float [N, T] = {list(pixels.shape[:2])} on {pixels.device}, "
+            f"got {tuple(pixel_weights.shape)} {pixel_weights.dtype} on {pixel_weights.device}"
+        )
+    if pixel_weights is not None:
+        pixel_weights = pixel_weights.to(pixels.dtype).contiguous()
     for name, flag in (("jitter", jitter), ("gray", gray), ("solarize", solarize)):
         if flag.shape != (n,) or flag.dtype != torch.bool:
             raise ValueError(f"dino_colour_tokens: {name} must be bool [N={n}], got {tuple(flag.shape)} {flag.dtype}")
@@ -209,7 +222,7 @@ def dino_colour_tokens(
         from ..triton.dino_colour import dino_colour
 
         mean_pixels = None if mean_pixels is None else mean_pixels.to(pixels.dtype).contiguous()
-        return dino_colour(pixels.contiguous(), mean_pixels, factors, order, jitter, gray, solarize)
+        return dino_colour(pixels.contiguous(), mean_pixels, factors, order, jitter, gray, solarize, pixel_weights)
     if name == "cpu":
         if mean_pixels is not None:
             mean_pixels = mean_pixels.to(pixels.dtype).contiguous()
@@ -221,7 +234,8 @@ def dino_colour_tokens(
             jitter.contiguous(),
             gray.contiguous(),
             solarize.contiguous(),
+            pixel_weights,
         )
     # Under autocast the luma matmul would run in bfloat16 / float16: the chain keeps the pixels' dtype.
     with autocast_off(pixels):
-        return _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize)
+        return _colour_tokens_torch(pixels, mean_pixels, factors, order, jitter, gray, solarize, pixel_weights)

@@ -1,9 +1,11 @@
 """Separable Gaussian blur with one sigma per image (DINO's blur in LAFS pretraining's views).
 
 Shapes:
-  images   [N, C, H, W]  float, any strides
-  sigma    [N]           blur sigma along W in pixels (float64); ``sigma_y`` [N] along H (None: the same)
-  returns  [N, C, H, W]  the images' dtype
+  images        [B, C, H, W]  float, any strides
+  sigma         [N]           blur sigma along W in pixels (float64); ``sigma_y`` [N] along H (None: the same)
+  source_index  [N]           int64, optional: output n blurs ``images[source_index[n]]`` (None: N = B, image n),
+                              without copying the sources out first
+  returns       [N, C, H, W]  the images' dtype
 
 Taps ``-radius..radius`` of ``exp(-t^2 / (2 sigma^2))``, normalised in float64; taps below ``eps * 1e-6`` of
 the images' dtype (they cannot change a sum in that dtype) or below its smallest normal number are set to zero,
@@ -50,13 +52,31 @@ def _blur_torch(images: Tensor, kernel_x: Tensor, kernel_y: Tensor, radius: int)
 
 
 def gaussian_blur(
-    images: Tensor, sigma: Tensor, sigma_y: Optional[Tensor] = None, radius: int = 6, backend: Optional[str] = None
+    images: Tensor,
+    sigma: Tensor,
+    sigma_y: Optional[Tensor] = None,
+    radius: int = 6,
+    backend: Optional[str] = None,
+    source_index: Optional[Tensor] = None,
 ) -> Tensor:
-    """Blur ``images [N, C, H, W]``, image n with ``sigma[n]`` along W and ``sigma_y[n]`` along H (see the module
-    docstring); ``backend``: "torch" or "cpu" (None: the best that can run)."""
+    """Blur ``images [B, C, H, W]``: output n is image ``source_index[n]`` (or n) blurred with ``sigma[n]`` along W
+    and ``sigma_y[n]`` along H; see the module docstring.  ``backend``: "torch" or "cpu" (None: the best that can
+    run)."""
     if images.dim() != 4:
         raise ValueError(f"gaussian_blur needs images [N, C, H, W], got shape {tuple(images.shape)}")
-    n, _, h, w = images.shape
+    batch, _, h, w = images.shape
+    n = batch
+    if source_index is not None:
+        if source_index.dim() != 1 or source_index.dtype != torch.int64:
+            raise ValueError(
+                f"gaussian_blur: source_index must be int64 [N], got {tuple(source_index.shape)} {source_index.dtype}"
+            )
+        n = source_index.shape[0]
+        if n and (int(source_index.min()) < 0 or int(source_index.max()) >= batch):
+            raise ValueError(
+                f"gaussian_blur: source_index must lie in [0, {batch}), got range "
+                f"[{int(source_index.min())}, {int(source_index.max())}]"
+            )
     for name, s in (("sigma", sigma), ("sigma_y", sigma if sigma_y is None else sigma_y)):
         if s.shape != (n,):
             raise ValueError(f"gaussian_blur: {name} must be [N] = [{n}], got {tuple(s.shape)}")
@@ -70,7 +90,14 @@ def gaussian_blur(
     kernel_y = kernel_x if sigma_y is None else gaussian_kernels(sigma_y, radius, images.dtype).to(images.device)
     name = BACKENDS.select(Call(device=images.device, dtype=images.dtype), backend, env=False)
     if name == "cpu":
-        return torch.ops.lafs_kernels._gaussian_blur(images.contiguous(), kernel_x, kernel_y)
+        return torch.ops.lafs_kernels._gaussian_blur(
+            images.contiguous(),
+            kernel_x,
+            kernel_y,
+            None if source_index is None else source_index.to(images.device).contiguous(),
+        )
+    if source_index is not None:
+        images = images.index_select(0, source_index.to(images.device))
     # Under autocast conv2d would run (and return) in bfloat16 / float16: the blur keeps the images' dtype.
     with autocast_off(images):
         return _blur_torch(images, kernel_x, kernel_y, radius)

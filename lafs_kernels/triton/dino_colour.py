@@ -6,7 +6,7 @@ through the whole chain (the view's four jitter ops in its order, grayscale, sol
 ``BLOCK`` pixels, in float32 whatever the storage dtype.  An op is chosen per view at run time: each stage
 computes the blend and the hue rotation and keeps the one the view's order names (the chain is a few dozen
 flops per pixel against 24 bytes moved, so the unused candidate costs nothing measurable).  One launch per
-view group replaces the reference's one or more per op.
+view group replaces the reference's one or more per op.  Optional per-pixel weights multiply the result.
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ def _colour_kernel(
     factors_ptr,
     order_ptr,
     flags_ptr,
+    weights_ptr,
     T,
     M,
+    HAS_WEIGHTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -129,15 +131,20 @@ def _colour_kernel(
         r = tl.where(solarize & (r >= 0.5), 1.0 - r, r)
         g = tl.where(solarize & (g >= 0.5), 1.0 - g, g)
         b = tl.where(solarize & (b >= 0.5), 1.0 - b, b)
+        r, g, b = r * 2.0 - 1.0, g * 2.0 - 1.0, b * 2.0 - 1.0
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + n * T + idx, mask=mask, other=0.0).to(tl.float32)
+            r, g, b = r * weight, g * weight, b * weight
         base = out_ptr + (n * T + idx) * 3
-        tl.store(base, (r * 2.0 - 1.0).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + 1, (g * 2.0 - 1.0).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + 2, (b * 2.0 - 1.0).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(base, r.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + 1, g.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + 2, b.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dino_colour(pixels, mean_pixels, factors, order, jitter, gray, solarize) -> torch.Tensor:
+def dino_colour(pixels, mean_pixels, factors, order, jitter, gray, solarize, pixel_weights=None) -> torch.Tensor:
     """pixels [N, T, 3] in [-1, 1] (float32 / bfloat16 / float16, contiguous) -> coloured [N, T, 3]; the other
-    arguments as ``lafs_kernels.ops.dino_colour.dino_colour_tokens`` takes them (checked there)."""
+    arguments as ``lafs_kernels.ops.dino_colour.dino_colour_tokens`` takes them (checked there; pixel_weights
+    [N, T] contiguous or None)."""
     n, count = pixels.shape[:2]
     device = pixels.device
     out = torch.empty_like(pixels)
@@ -155,8 +162,10 @@ def dino_colour(pixels, mean_pixels, factors, order, jitter, gray, solarize) -> 
             factors,
             order,
             flags,
+            out if pixel_weights is None else pixel_weights,  # not read without weights
             count,
             mean_pixels.shape[1],
+            HAS_WEIGHTS=pixel_weights is not None,
             BLOCK=BLOCK,
         )
     return out

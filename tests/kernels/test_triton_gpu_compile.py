@@ -32,7 +32,7 @@ EXPECTED = (
         for a in ("", "_affine")
     }
     | {f"margin_{d}_{t}_T{n}" for d in ("forward", "backward") for t in ("fp32", "bf16", "fp16") for n in (1, 2)}
-    | {f"dino_colour_{t}" for t in ("fp32", "bf16", "fp16")}
+    | {f"dino_colour_{t}{w}" for t in ("fp32", "bf16", "fp16") for w in ("", "_weighted")}
 )
 
 

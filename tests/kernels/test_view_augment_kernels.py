@@ -124,6 +124,41 @@ def test_blur_kernel_skips_zero_taps_at_the_ends(rng):
     assert torch.equal(blur(images, torch.zeros(3, 3), taps_y), torch.zeros_like(images))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blur_of_chosen_sources(backend, dtype, rng):
+    """Output n blurs image source_index[n] (repeats and any order): against the written-out blur of those images,
+    and bitwise against blurring the selected copies, which is what the view builder did before."""
+    images = torch.rand(4, 3, 13, 17, generator=rng, dtype=torch.float64).to(dtype) * 2 - 1
+    source = torch.tensor([3, 0, 3, 1, 2, 2, 0, 1])
+    sigma_x = 0.1 + 1.9 * torch.rand(8, generator=rng, dtype=torch.float64)
+    sigma_y = 0.1 + 1.9 * torch.rand(8, generator=rng, dtype=torch.float64)
+    got = gaussian_blur.gaussian_blur(images, sigma_x, sigma_y, 4, backend=backend, source_index=source)
+    expected = blur_float64(images[source].double().numpy(), sigma_x.numpy(), sigma_y.numpy(), 4)
+    assert got.shape == (8, 3, 13, 17) and got.dtype == dtype
+    assert_close(got, torch.from_numpy(expected), dtype=dtype)
+    assert torch.equal(got, gaussian_blur.gaussian_blur(images[source], sigma_x, sigma_y, 4, backend=backend))
+
+
+def test_blur_rejects_bad_sources(backend):
+    images = torch.rand(2, 3, 6, 8)
+    sigma = torch.ones(3, dtype=torch.float64)
+    source = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match=r"source_index must lie in \[0, 2\), got range \[0, 2\]"):
+        gaussian_blur.gaussian_blur(images, sigma, radius=2, backend=backend, source_index=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="source_index must be int64"):
+        gaussian_blur.gaussian_blur(images, sigma, radius=2, backend=backend, source_index=source.int())
+    with pytest.raises(ValueError, match=r"sigma must be \[N\] = \[3\]"):
+        gaussian_blur.gaussian_blur(images, sigma[:2], radius=2, backend=backend, source_index=source)
+
+
+def test_cpu_blur_kernel_itself_rejects_sources_outside_the_batch():
+    """The raw op checks too, for callers that skip the Python wrapper."""
+    _skip_unless_available("cpu")
+    taps = torch.full((2, 3), 1 / 3)
+    with pytest.raises(RuntimeError, match=r"source_index\[1\] = 5 is outside \[0, 2\)"):
+        torch.ops.lafs_kernels._gaussian_blur(torch.rand(2, 3, 6, 8), taps, taps, torch.tensor([0, 5]))
+
+
 def test_blur_rejects_what_it_cannot_blur(backend):
     images = torch.rand(2, 3, 5, 8)
     sigma = torch.ones(2, dtype=torch.float64)
@@ -162,10 +197,9 @@ def working_dtype(backend: str) -> torch.dtype:
     return torch.float32 if backend == "triton" else torch.float64
 
 
-def run_colour(pixels, mean_pixels, params, backend):
-    return dino_colour.dino_colour_tokens(
-        pixels, mean_pixels, params.factors, params.order, params.jitter, params.gray, params.solarize, backend=backend
-    )
+def run_colour(pixels, mean_pixels, params, backend, pixel_weights=None):
+    draws = (params.factors, params.order, params.jitter, params.gray, params.solarize)
+    return dino_colour.dino_colour_tokens(pixels, mean_pixels, *draws, backend=backend, pixel_weights=pixel_weights)
 
 
 @pytest.mark.parametrize(
@@ -217,6 +251,32 @@ def test_colour_chain_without_any_change_is_the_identity(colour_backend, rng):
     pixels = torch.rand(n, 40, 3, generator=rng, dtype=torch.float64) * 2 - 1
     dtype = working_dtype(colour_backend)
     assert_close(run_colour(pixels.to(dtype), None, params, colour_backend), pixels)
+
+
+def test_colour_chain_multiplies_by_pixel_weights(colour_backend, rng):
+    """Each output pixel times its weight, after the whole chain: against the reference's result multiplied
+    afterwards (what the view builder did before the weights moved into the kernels); zero weights give zeros."""
+    n, count = 12, 150
+    params = colour_params(n, rng)
+    pixels = torch.rand(n, count, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    mean_pixels = torch.rand(n, 64, 3, generator=rng, dtype=torch.float64) * 2 - 1
+    weights = torch.rand(n, count, generator=rng, dtype=torch.float64)
+    weights[:, :20] = 0.0
+    weights[:, 20:60] = 1.0
+    expected = run_colour(pixels, mean_pixels, params, "torch") * weights[..., None]
+    dtype = working_dtype(colour_backend)
+    got = run_colour(pixels.to(dtype), mean_pixels.to(dtype), params, colour_backend, weights.to(dtype))
+    assert_close(got, expected, dtype=dtype)
+    assert bool((got[:, :20] == 0).all())
+    unweighted = run_colour(pixels.to(dtype), mean_pixels.to(dtype), params, colour_backend)
+    assert torch.equal(got[:, 20:60], unweighted[:, 20:60])  # a weight of one changes nothing
+
+
+def test_colour_chain_rejects_pixel_weights_of_another_shape(colour_backend, rng):
+    params = colour_params(4, rng)
+    pixels = torch.rand(4, 10, 3, generator=rng)
+    with pytest.raises(ValueError, match=r"pixel_weights must be float \[N, T\] = \[4, 10\]"):
+        run_colour(pixels, None, params, colour_backend, pixel_weights=torch.ones(4, 9))
 
 
 def test_colour_chain_rejects_bad_arguments(colour_backend, rng):

@@ -145,7 +145,8 @@ def margin_variants():
 
 
 def colour_variants():
-    """DINO's colour chain on token pixels (the contrast's mean from view samples or the pixels: the same kernel)."""
+    """DINO's colour chain on token pixels (the contrast's mean from view samples or the pixels: the same kernel),
+    with and without pixel weights (the view builder's edge weights)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = TRITON_TYPE[dtype]
         types = dict(
@@ -155,10 +156,13 @@ def colour_variants():
             factors_ptr="*fp32",
             order_ptr="*i32",
             flags_ptr="*i8",
+            weights_ptr=f"*{t}",
             T="i32",
             M="i32",
         )
-        yield f"dino_colour_{t}", colour._colour_kernel, types, {"BLOCK": colour.BLOCK}, {}
+        for weights in (False, True):
+            constexprs = {"HAS_WEIGHTS": weights, "BLOCK": colour.BLOCK}
+            yield f"dino_colour_{t}{'_weighted' if weights else ''}", colour._colour_kernel, types, constexprs, {}
 
 
 def _cuobjdump() -> str | None:
