@@ -14,6 +14,9 @@ Cases (public signatures that both checkouts share):
   B=256, D=512, C=100,000, float32; timed with the thread's CPU time, so a busy machine's waiting is left out.
 * ``supervised``: ``python -m lafs.train supervised`` of the demo recipe for ``--steps`` steps (one thread,
   no plots, no validation); the run's own images/s (wall clock: needs an idle machine).
+* ``views`` / ``pretrain_step``: our path's ``MultiViewBuilder`` call (``per_image`` landmarks), or its whole DINO
+  step, in ``bench_pretrain_views.py``'s ``--pretrain-case`` ("paper layout" or "default run"), built by each
+  checkout's own benchmark module; thread CPU time, as ``margin``.
 """
 
 from __future__ import annotations
@@ -51,8 +54,38 @@ print(json.dumps({{"seconds": sorted(times)[len(times) // 2]}}))
 """
 
 
+PRETRAIN = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {benchmarks!r})
+from _allocator import fix_malloc_thresholds
+fix_malloc_thresholds()
+import bench_pretrain_views as bench
+import lafs_kernels
+assert lafs_kernels.__file__.startswith({root!r}), lafs_kernels.__file__
+trainer, images = bench.build_trainer("per_image", {case!r})
+call = bench.{what}_case(trainer, images)
+for _ in range(2):
+    call()
+times = []
+for _ in range({calls}):
+    start = time.thread_time()
+    call()
+    times.append(time.thread_time() - start)
+print(json.dumps({{"seconds": sorted(times)[len(times) // 2]}}))
+"""
+
+
 def run_margin(root: Path, calls: int) -> float:
-    code = MARGIN.format(root=str(root), calls=calls)
+    return _run_code(root, MARGIN.format(root=str(root), calls=calls))
+
+
+def run_pretrain(root: Path, what: str, case: str, calls: int) -> float:
+    code = PRETRAIN.format(benchmarks=str(root / "benchmarks"), root=str(root), case=case, what=what, calls=calls)
+    return _run_code(root, code)
+
+
+def _run_code(root: Path, code: str) -> float:
     out = _checked(
         subprocess.run([sys.executable, "-c", code], env=_env(root), cwd=root, capture_output=True, text=True)
     )
@@ -89,17 +122,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, required=True, help="the other checkout (extension built in place)")
     parser.add_argument("--after", type=Path, default=ROOT, help="default: this checkout")
-    parser.add_argument("--case", choices=("margin", "supervised"), default="margin")
+    parser.add_argument("--case", choices=("margin", "supervised", "views", "pretrain_step"), default="margin")
+    parser.add_argument("--pretrain-case", default="paper layout", help="views / pretrain_step: the layout")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=5, help="margin: timed calls per subprocess (median kept)")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per subprocess (median kept)")
     parser.add_argument("--steps", type=int, default=96, help="supervised: training steps per subprocess")
     args = parser.parse_args(argv)
 
-    run = (
-        (lambda root: run_margin(root, args.calls))
-        if args.case == "margin"
-        else (lambda root: run_supervised(root, args.steps))
-    )
+    runs = {
+        "margin": lambda root: run_margin(root, args.calls),
+        "supervised": lambda root: run_supervised(root, args.steps),
+        "views": lambda root: run_pretrain(root, "builder", args.pretrain_case, args.calls),
+        "pretrain_step": lambda root: run_pretrain(root, "step", args.pretrain_case, args.calls),
+    }
+    run = runs[args.case]
     times = {"before": [], "after": []}
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
@@ -110,7 +146,7 @@ def main(argv=None) -> None:
         print(f"round {r}: before {times['before'][-1]:.4g} s, after {times['after'][-1]:.4g} s, ratio {ratio:.3f}")
     load.append(os.getloadavg()[0])
     ratios = sorted(b / a for b, a in zip(times["before"], times["after"]))
-    unit = "s per call (thread CPU time)" if args.case == "margin" else "s per image (wall clock)"
+    unit = "s per image (wall clock)" if args.case == "supervised" else "s per call (thread CPU time)"
     print(
         f"{args.case}: before {statistics.median(times['before']):.4g} / after {statistics.median(times['after']):.4g} "
         f"{unit}; before/after median {statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
