@@ -300,7 +300,8 @@ class MultiViewBuilder(nn.Module):
         # taps out to 3 times the group's largest sigma, as the crop path's 6 for its largest sigma, 2
         radius = min(max(1, math.ceil(3 * float(torch.maximum(sigma_x, sigma_y).max()))), min(images.shape[-2:]) - 1)
         rows_dev = rows.to(images.device)
-        sources = gaussian_blur(images, sigma_x, sigma_y, radius=radius, source_index=rows_dev % images.shape[0])
+        # the host copy of the rows: checking the sources' range then needs no device sync
+        sources = gaussian_blur(images, sigma_x, sigma_y, radius=radius, source_index=rows % images.shape[0])
         blurred = landmark_patch_gather(sources, centres[rows_dev], self.patch_size, view_affine=affine[rows_dev])
         return tokens.index_copy_(0, rows_dev, blurred)
 
