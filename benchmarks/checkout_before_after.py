@@ -45,12 +45,6 @@ def call():
     loss = loss_fn(emb, weight, labels, s=64.0, m1=1.0, m2=0.0, m3=0.4)
     torch.autograd.grad(loss, (emb, weight))
 call()
-times = []
-for _ in range({calls}):
-    start = time.thread_time()
-    call()
-    times.append(time.thread_time() - start)
-print(json.dumps({{"seconds": sorted(times)[len(times) // 2]}}))
 """
 
 
@@ -67,6 +61,11 @@ trainer, images = bench.build_trainer("per_image", {case!r})
 call = bench.{what}_case(trainer, images)
 for _ in range(2):
     call()
+"""
+
+
+# Appended to each case's code, which defines call() and warms it up: the median thread CPU time of {calls} calls.
+TIMED_CALLS = """
 times = []
 for _ in range({calls}):
     start = time.thread_time()
@@ -77,11 +76,13 @@ print(json.dumps({{"seconds": sorted(times)[len(times) // 2]}}))
 
 
 def run_margin(root: Path, calls: int) -> float:
-    return _run_code(root, MARGIN.format(root=str(root), calls=calls))
+    return _run_code(root, (MARGIN + TIMED_CALLS).format(root=str(root), calls=calls))
 
 
 def run_pretrain(root: Path, what: str, case: str, calls: int) -> float:
-    code = PRETRAIN.format(benchmarks=str(root / "benchmarks"), root=str(root), case=case, what=what, calls=calls)
+    code = (PRETRAIN + TIMED_CALLS).format(
+        benchmarks=str(root / "benchmarks"), root=str(root), case=case, what=what, calls=calls
+    )
     return _run_code(root, code)
 
 

@@ -16,9 +16,8 @@ a crop: the crop plus flip is the per-view affine of ``lafs_kernels.landmark_pat
 source image; the per-pixel colour operations run on the gathered tokens only
 (``lafs.ssl.token_colour``; the contrast's view mean from a 16 x 16 grid of samples of the
 view); a blurred view is gathered from its source image blurred once with the view's sigma
-in source pixels; samples beyond
-the crop's edge are weighted as a crop's zero padding would (``view_edge_weights``, applied by
-the colour kernel in the same pass).  Landmarks (``landmarks=``):
+in source pixels; samples beyond the crop's edge are weighted as a crop's zero padding would
+(``view_edge_weights``, applied by the colour kernel in the same pass).  Landmarks (``landmarks=``):
 
 - ``"per_view"``: the landmark CNN runs on every view's crop, as the original (the crops are
   made for it alone, uncoloured; one CNN call per view group, batch norms folded,

@@ -195,16 +195,16 @@ def dino_colour_tokens(
             f"dino_colour_tokens: factors and order must be [N={n}, 4], got {tuple(factors.shape)}, "
             f"{tuple(order.shape)}"
         )
-    if pixel_weights is not None and (
-        pixel_weights.shape != pixels.shape[:2]
-        or not pixel_weights.is_floating_point()
-        or pixel_weights.device != pixels.device
-    ):
-        raise ValueError(
-            f"dino_colour_tokens: pixel_weights must be float [N, T] = {list(pixels.shape[:2])} on {pixels.device}, "
-            f"got {tuple(pixel_weights.shape)} {pixel_weights.dtype} on {pixel_weights.device}"
-        )
     if pixel_weights is not None:
+        if (
+            pixel_weights.shape != pixels.shape[:2]
+            or not pixel_weights.is_floating_point()
+            or pixel_weights.device != pixels.device
+        ):
+            raise ValueError(
+                f"dino_colour_tokens: pixel_weights must be float [N, T] = {list(pixels.shape[:2])} on "
+                f"{pixels.device}, got {tuple(pixel_weights.shape)} {pixel_weights.dtype} on {pixel_weights.device}"
+            )
         pixel_weights = pixel_weights.to(pixels.dtype).contiguous()
     for name, flag in (("jitter", jitter), ("gray", gray), ("solarize", solarize)):
         if flag.shape != (n,) or flag.dtype != torch.bool:
