@@ -115,8 +115,9 @@ def build_trainer(path: str, case: str = "paper layout", out_dim=None):
         fused_optimizer=not original,
     )
     student, teacher = template.transformer, create_model(model, **overrides).transformer
-    if original:  # the released script runs every token through the last block
-        student.last_block_cls_only = teacher.last_block_cls_only = False
+    if original:
+        student.compute_as_released()
+        teacher.compute_as_released()
     trainer = DINOTrainer(
         student.to(DEVICE),
         teacher.to(DEVICE),

@@ -57,6 +57,14 @@ TORCH_LIBRARY(lafs_kernels, m) {
   m.def(
       "_dino_colour(Tensor pixels, Tensor? mean_pixels, Tensor factors, Tensor order, Tensor jitter, "
       "Tensor gray, Tensor solarize, Tensor? pixel_weights=None) -> Tensor");
+  // Attention of the Part fViT blocks for short sequences (lafs_kernels/ops/attention.py; CPU only).
+  // q [B, H, Tq, d], k and v [B, H, T, d] with a dense last dimension.  Returns out [B, H, Tq, d] =
+  // softmax(scale q k^T) v and the rows' log-sum-exp of the scaled scores, lse [B, H, Tq].
+  m.def("_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // Gradients of _attention_fwd for grad_out [B, H, Tq, d], given its out and lse: (grad_q, grad_k, grad_v).
+  m.def(
+      "_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
   // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
   // 0 when they were not compiled; `info` and the import check compare it.
   m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);

@@ -29,41 +29,13 @@
 #include <utility>
 #include <vector>
 
+#include "exp_f32.h"
 #include "isa_variants.h"
-
-// Without trapping math GCC turns the selects of exp_f32 into blends and vectorises it for
-// AVX2 too (AVX-512 masks do not need it).  Only the functions below are affected.
-#pragma GCC optimize("no-trapping-math")
 
 namespace {
 
-// exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
-// polynomial (truncation below 6e-9 relative, so about 1 ulp in all).  Results below the
-// normal range (x < -87.34) are 0, above it infinity; NaN stays NaN.
-LAFS_INLINE float exp_f32(float x) {
-  constexpr float lo = -87.33654475f, hi = 88.37626266f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - k * 0.693145751953125f;  // ln 2 in two parts: k times the first is exact
-  r = r - k * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float two_k = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-  float result = p * two_k;
-  result = x < lo ? 0.0f : result;
-  result = x > hi ? std::numeric_limits<float>::infinity() : result;
-  return x != x ? x : result;
-}
+using lafs_math::exp_acc;
 
-LAFS_INLINE float exp_acc(float x) { return exp_f32(x); }
-LAFS_INLINE double exp_acc(double x) { return std::exp(x); }
 
 // buf = raw * inv_w over one row of n values; returns its max and its sum.
 template <typename T>

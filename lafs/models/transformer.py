@@ -17,6 +17,44 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from lafs_kernels.ops import attention as kernel_attention
+
+# Attention forms (``PartTransformer.attention_form``); every form gives the same result up to float rounding:
+#   "explicit": softmax(q k^T * scale) v as separate matmul / softmax / matmul ops, the computation of the
+#               released Part fViT code (its einsum over "bhid,bhjd->bhij", times the scale, softmax, einsum);
+#   "sdpa":     torch's fused ``scaled_dot_product_attention``;
+#   "kernel":   ``lafs_kernels.ops.attention`` (on the CPU its C++ kernel where it can run);
+#   "auto":     on a GPU "sdpa"; on the CPU "explicit" for at most EXPLICIT_MAX_KEYS keys or EXPLICIT_MAX_QUERIES
+#               queries (the last block's cls row), else "kernel" where the C++ kernel can run, else "sdpa".
+ATTENTION_FORMS = ("auto", "sdpa", "explicit", "kernel")
+# benchmarks/bench_attention.py, forward + backward on a 2-core AMD EPYC: for 25-50 keys (LAFS local views, the
+# default run's views) the separate ops beat torch's fused kernel by 1.1-1.35x and tie with ours; for 100-197
+# keys (a global view of 196 landmarks) ours beats the fused kernel by ~1.4x and the separate ops by more.
+EXPLICIT_MAX_KEYS = 64
+EXPLICIT_MAX_QUERIES = 8
+
+
+def auto_attention_form(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The form "auto" takes for q [B, H, Tq, d] and k [B, H, T, d]."""
+    if q.device.type != "cpu" or torch.onnx.is_in_onnx_export():  # exporters know torch's fused op
+        return "sdpa"
+    if k.shape[-2] <= EXPLICIT_MAX_KEYS or q.shape[-2] <= EXPLICIT_MAX_QUERIES:
+        return "explicit"
+    return "kernel" if kernel_attention.select_backend(q) == "cpu" else "sdpa"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, form: str) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q [B, H, Nq, d], k and v [B, H, N, d] -> [B, H, Nq, d], in ``form``."""
+    if form == "auto":
+        form = auto_attention_form(q, k)
+    if form == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if form == "kernel":
+        return kernel_attention.attention(q, k, v, scale)
+    if form == "explicit":
+        return kernel_attention.reference_attention(q, k, v, scale)
+    raise ValueError(f"attention form must be one of {ATTENTION_FORMS}; got {form!r}")
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with ``heads * dim_head`` inner width.
@@ -24,6 +62,8 @@ class Attention(nn.Module):
     Scores are scaled by ``dim ** -0.5`` (the model width, not the head width),
     as in the original Part fViT; with dim 768 and 11 heads of 64 this is
     sqrt(64/768) times the usual scale.  x: [B, N, dim] -> [B, N, dim].
+    ``form`` (ATTENTION_FORMS) says how the scores are computed; every form gives the same result up to
+    float rounding.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
@@ -31,6 +71,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim**-0.5
+        self.form = "auto"
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
@@ -39,7 +80,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         # unbind, not qkv[0..2]: each select's backward would zero-fill a whole [3, B, H, N, d] gradient.
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attend(q, k, v, self.scale, self.form)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
     def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +91,7 @@ class Attention(nn.Module):
         weight = self.to_qkv.weight  # [3 * inner, dim]: the q, k and v rows
         q = F.linear(x[:, :1], weight[:inner]).view(b, 1, self.heads, self.dim_head).transpose(1, 2)
         k, v = F.linear(x, weight[inner:]).view(b, n, 2, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attend(q, k, v, self.scale, self.form)
         return self.to_out(out.transpose(1, 2).reshape(b, 1, self.heads * self.dim_head))
 
 
@@ -146,7 +187,29 @@ class PartTransformer(nn.Module):
         # only the cls row's query, attention, projection and MLP: about 4/5 of that block's work is skipped
         # (for the same output up to float rounding). False runs every token, as the original code does.
         self.last_block_cls_only = True
+        self.attention_form = "auto"
         self._init_weights()
+
+    @property
+    def attention_form(self) -> str:
+        """How every block computes attention (ATTENTION_FORMS); "auto" unless set, "explicit" on the
+        original path (the released code's form)."""
+        return self._attention_form
+
+    @attention_form.setter
+    def attention_form(self, form: str) -> None:
+        if form not in ATTENTION_FORMS:
+            raise ValueError(f"attention form must be one of {ATTENTION_FORMS}; got {form!r}")
+        self._attention_form = form
+        for residual_attention, _ in self.layers:
+            residual_attention.fn.fn.form = form
+
+    def compute_as_released(self) -> "PartTransformer":
+        """Compute as the released code does (the original path): every token through the last block and
+        attention in its explicit form.  Returns self."""
+        self.last_block_cls_only = False
+        self.attention_form = "explicit"
+        return self
 
     def _init_weights(self) -> None:
         # Linears are left at PyTorch's default (uniform, std ~ 0.58 / sqrt(fan_in)), as in the original.

@@ -148,13 +148,13 @@ def init_class_centres(num_classes: int, dim: int, start: int, count: int, seed:
 
 class OriginalPathModel(nn.Module):
     """A PartFViT run through the original per-landmark ``grid_sample`` loop instead of the fused gather,
-    with every token through the transformer's last block (``model.transformer.last_block_cls_only`` is
-    turned off), as the original code runs it."""
+    with the transformer computing as the released code does (``PartTransformer.compute_as_released``:
+    every token through the last block, attention in its explicit form)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        model.transformer.last_block_cls_only = False
+        model.transformer.compute_as_released()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from lafs_kernels.baselines.gather import gather_patches_loop

@@ -82,8 +82,9 @@ class PretrainStage(Stage):
         load_landmark_cnn(landmark_cnn, cfg.init.landmark)
         landmark_cnn.to(self.device).eval().requires_grad_(False)
         student, teacher = template.transformer, create_model(cfg.model.name, **cfg.model.overrides).transformer
-        if cfg.train.original_path:  # the released script runs every token through the last block
-            student.last_block_cls_only = teacher.last_block_cls_only = False
+        if cfg.train.original_path:
+            student.compute_as_released()
+            teacher.compute_as_released()
         return landmark_cnn, student, teacher
 
     def _build_views(self) -> MultiViewBuilder:

@@ -25,8 +25,10 @@ from lafs.models import (
     model_from_dict,
     model_to_dict,
 )
+from lafs.models import transformer as transformer_module
 from lafs.models.official import infer_official_config
 from lafs.models.safe_load import load_checkpoint
+from lafs.models.transformer import ATTENTION_FORMS, EXPLICIT_MAX_KEYS
 
 from conftest import RUN_SALT
 from helpers.models import official_key, official_state_of, randomize_
@@ -603,6 +605,72 @@ def test_last_block_runs_the_cls_row_only_with_every_tokens_result(rng, with_ind
     assert seen == [1, 7]  # the last MLP saw the cls row only, then all 1 + 6 tokens
     for ours, full in zip(results[True], results[False]):
         assert_close(ours, full)
+
+
+@pytest.mark.parametrize("num_tokens", [6, EXPLICIT_MAX_KEYS + 4])  # keys at most the threshold, and beyond
+def test_every_attention_form_gives_the_same_output_and_gradients(rng, num_tokens):
+    """ "explicit" (the released code's separate ops), torch's fused kernel and "auto" agree in float64, output
+    and every gradient, for the full blocks and the cls-row-only last block."""
+    t = PartTransformer(num_landmarks=200, patch_size=2, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32).double()
+    randomise(t, rng, 0.1)
+    tokens = torch.randn(3, num_tokens, 12, generator=rng, dtype=torch.float64)
+    weights = torch.randn(16, generator=rng, dtype=torch.float64)
+    results = {}
+    for form in ATTENTION_FORMS:
+        t.attention_form = form
+        t.zero_grad()
+        leaf = tokens.clone().requires_grad_(True)
+        out = t(leaf)
+        (out * weights).sum().backward()
+        results[form] = [out, leaf.grad, *(p.grad for p in t.parameters())]
+    for form in set(ATTENTION_FORMS) - {"explicit"}:
+        for value, explicit in zip(results[form], results["explicit"]):
+            assert_close(value, explicit)
+
+
+@pytest.mark.parametrize(
+    "form, num_tokens, dim_head, expected",
+    [
+        ("auto", EXPLICIT_MAX_KEYS - 1, 8, {}),  # every block at most EXPLICIT_MAX_KEYS keys: the separate ops
+        ("auto", EXPLICIT_MAX_KEYS, 8, {"kernel": 1}),  # the full block; the cls-row block takes the separate ops
+        ("auto", EXPLICIT_MAX_KEYS, 40, {"sdpa": 1}),  # float64 heads of 40 are beyond the C++ kernel
+        ("sdpa", 5, 8, {"sdpa": 2}),
+        ("kernel", 5, 8, {"kernel": 2}),
+        ("explicit", 150, 8, {}),
+    ],
+)
+def test_attention_form_decides_which_kernel_runs(rng, monkeypatch, form, num_tokens, dim_head, expected):
+    """On the CPU "auto" takes the separate ops up to EXPLICIT_MAX_KEYS keys (cls token included) or
+    EXPLICIT_MAX_QUERIES queries, our C++ kernel beyond where it can run, else torch's fused kernel; the other
+    forms always take theirs.  Two blocks: one full, one for the cls row only; float64."""
+    calls = []
+    for name, module, attr in (
+        ("sdpa", transformer_module.F, "scaled_dot_product_attention"),
+        ("kernel", transformer_module.kernel_attention, "attention"),
+    ):
+        original = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+    t = PartTransformer(num_landmarks=200, patch_size=2, dim=16, depth=2, heads=2, dim_head=dim_head, mlp_dim=32)
+    t = t.double()
+    t.attention_form = form
+    assert all(layer[0].fn.fn.form == form for layer in t.layers)
+    t(torch.randn(2, num_tokens, 12, generator=rng, dtype=torch.float64))
+    assert {name: calls.count(name) for name in set(calls)} == expected
+
+
+def test_an_unknown_attention_form_is_refused():
+    t = PartTransformer(num_landmarks=4, patch_size=2, dim=8, depth=1, heads=2, dim_head=4, mlp_dim=8)
+    with pytest.raises(ValueError, match="'flash'"):
+        t.attention_form = "flash"
+    assert t.attention_form == "auto"
+
+
+def test_compute_as_released_runs_every_token_and_the_explicit_form():
+    t = PartTransformer(num_landmarks=4, patch_size=2, dim=8, depth=2, heads=2, dim_head=4, mlp_dim=8)
+    assert (t.last_block_cls_only, t.attention_form) == (True, "auto")
+    assert t.compute_as_released() is t
+    assert (t.last_block_cls_only, t.attention_form) == (False, "explicit")
+    assert {layer[0].fn.fn.form for layer in t.layers} == {"explicit"}
 
 
 def test_a_transformer_without_blocks_returns_the_normed_cls_token(rng):

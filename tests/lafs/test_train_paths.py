@@ -81,7 +81,8 @@ def test_original_head_mixup_has_the_fused_objective(rng, margin):
 
 
 def test_original_paths_run_every_token_through_the_last_block(tmp_path):
-    """Ours runs the last block for the cls row only; the original paths, as the released code, for every token."""
+    """Ours runs the last block for the cls row only; the original paths, as the released code, for every token,
+    with attention in the released code's explicit form."""
     from lafs.models import create_model, model_to_dict
     from lafs.train import config as cfgmod
     from lafs.train.heads import OriginalPathModel
@@ -89,9 +90,9 @@ def test_original_paths_run_every_token_through_the_last_block(tmp_path):
     from lafs.train.runner import stage_config
 
     model = create_model("part_fvit_nano")
-    assert model.transformer.last_block_cls_only
+    assert (model.transformer.last_block_cls_only, model.transformer.attention_form) == (True, "auto")
     OriginalPathModel(model)
-    assert not model.transformer.last_block_cls_only
+    assert (model.transformer.last_block_cls_only, model.transformer.attention_form) == (False, "explicit")
 
     (tmp_path / "landmark.pt").touch()  # resolving checks that it exists
     for original in (False, True):
@@ -101,3 +102,4 @@ def test_original_paths_run_every_token_through_the_last_block(tmp_path):
         stage = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
         _, student, teacher = PretrainStage._build_models(stage)
         assert student.last_block_cls_only == teacher.last_block_cls_only == (not original)
+        assert student.attention_form == teacher.attention_form == ("explicit" if original else "auto")

@@ -1,0 +1,131 @@
+"""Attention over short token sequences (the Part fViT blocks'), forward and backward.
+
+Shapes:
+  q        [B, H, Tq, d]  float
+  k, v     [B, H, T, d]   q's dtype and device
+  returns  [B, H, Tq, d]  softmax(scale * q k^T) v
+
+Backends: ``torch`` (the formula in torch ops: matmul, scale, softmax, matmul; any device and dtype) and ``cpu``
+(``csrc/cpu/attention.cpp``: CPU tensors, float32 with d <= 64 or float64 with d <= 32).  The C++ kernel runs one
+task per (b, h) and keeps a block of 8 query rows' scores in L1 from the score product through the softmax to the
+value product; its backward recomputes the probabilities from the forward's log-sum-exp instead of keeping the
+``[B, H, Tq, T]`` probabilities.  It returns the output as a view of a ``[B, Tq, H, d]`` tensor, so a block's
+transpose back to ``[B, Tq, H * d]`` costs no copy.  For short sequences (tens of keys) and single query rows the
+torch formula is as fast or faster on the CPU; ``lafs.models.transformer.attend`` chooses between them.
+``LAFS_KERNELS_BACKEND`` does not apply here; ``backend=`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from .._dispatch import BackendUnavailableError, Call, reference_and_kernels, register
+
+BACKENDS = register(reference_and_kernels("attention"))
+# The C++ kernel keeps a block's output rows in at most 4 vectors of 64 bytes.
+MAX_HEAD_WIDTH = {torch.float32: 64, torch.float64: 32}
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v in torch ops (the released Part fViT code's einsum, scale, softmax, einsum)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _dense_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("lafs_kernels::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Tq, d], lse [B, H, Tq]: the log-sum-exp of each row of scaled scores) from the C++ kernel."""
+    _extension.load()
+    return torch.ops.lafs_kernels._attention_fwd(_dense_last(q), _dense_last(k), _dense_last(v), scale)
+
+
+@attention_op.register_fake
+def _(q, k, v, scale):
+    b, h, tq, d = q.shape
+    return q.new_empty(b, tq, h, d).permute(0, 2, 1, 3), q.new_empty(b, h, tq)
+
+
+@torch.library.custom_op("lafs_kernels::attention_backward", mutates_args=())
+def attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_q like q, grad_k, grad_v like k) from the C++ kernel."""
+    return torch.ops.lafs_kernels._attention_bwd(
+        _dense_last(grad_out), _dense_last(q), _dense_last(k), _dense_last(v), out, lse, scale
+    )
+
+
+@attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    b, h, tq, d = q.shape
+    t = k.shape[2]
+    return (
+        q.new_empty(b, tq, h, d).permute(0, 2, 1, 3),
+        q.new_empty(b, t, h, d).permute(0, 2, 1, 3),
+        q.new_empty(b, t, h, d).permute(0, 2, 1, 3),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward_formula(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+    return grad_q, grad_k, grad_v, None
+
+
+attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, H, T, d], got {getattr(x, 'shape', type(x))}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"attention: q [B, H, Tq, d] and k, v [B, H, T, d] disagree: {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("attention: at least one key is needed (k has T = 0)")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"attention: q, k and v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def select_backend(q: Tensor, backend: Optional[str] = None) -> str:
+    """The backend for a call on ``q [B, H, Tq, d]``: the C++ kernel where it can run, else torch's formula."""
+    name = BACKENDS.select(Call(device=q.device, dtype=q.dtype), backend, env=False)
+    if name == "cpu" and q.shape[3] > MAX_HEAD_WIDTH[q.dtype]:
+        if backend == "cpu":
+            raise BackendUnavailableError(
+                f"attention: backend 'cpu' takes a head width of at most {MAX_HEAD_WIDTH[q.dtype]} for {q.dtype}, "
+                f"got {q.shape[3]}"
+            )
+        return "torch"
+    return name
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """softmax(scale * q k^T) v for q [B, H, Tq, d], k and v [B, H, T, d] -> [B, H, Tq, d]; ``scale`` defaults to
+    ``d ** -0.5``.  ``backend``: "torch" or "cpu" (None: the C++ kernel where it can run)."""
+    _check_inputs(q, k, v)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if select_backend(q, backend) == "torch":
+        return reference_attention(q, k, v, scale)
+    return attention_op(q, k, v, scale)[0]
