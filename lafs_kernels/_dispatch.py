@@ -216,11 +216,17 @@ def call_of(tensor: torch.Tensor, *, deterministic: bool = False, requires_grad:
 # cannot trace) and bakes the chosen name into the graph.
 @torch.compiler.assume_constant_result
 def select_for(
-    op: str, device: str, dtype: torch.dtype, deterministic: bool, requires_grad: bool, backend: Optional[str]
+    op: str,
+    device: str,
+    dtype: torch.dtype,
+    deterministic: bool,
+    requires_grad: bool,
+    backend: Optional[str],
+    env: bool = True,
 ) -> str:
     """``REGISTRY[op].select`` for a call described by plain values, usable inside ``torch.compile``."""
     call = Call(device=torch.device(device), dtype=dtype, deterministic=deterministic, requires_grad=requires_grad)
-    return REGISTRY[op].select(call, backend)
+    return REGISTRY[op].select(call, backend, env=env)
 
 
 def select_for_tensor(

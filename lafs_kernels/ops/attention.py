@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from .._dispatch import BackendUnavailableError, Call, reference_and_kernels, register
+from .._dispatch import BackendUnavailableError, reference_and_kernels, register, select_for
 
 BACKENDS = register(reference_and_kernels("attention"))
 # The C++ kernel keeps a block's output rows in at most 4 vectors of 64 bytes.
@@ -110,7 +110,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def select_backend(q: Tensor, backend: Optional[str] = None) -> str:
     """The backend for a call on ``q [B, H, Tq, d]``: the C++ kernel where it can run, else torch's formula."""
-    name = BACKENDS.select(Call(device=q.device, dtype=q.dtype), backend, env=False)
+    name = select_for("attention", str(q.device), q.dtype, False, False, backend, env=False)
     if name == "cpu" and q.shape[3] > MAX_HEAD_WIDTH[q.dtype]:
         if backend == "cpu":
             raise BackendUnavailableError(

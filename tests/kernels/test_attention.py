@@ -118,3 +118,24 @@ def test_bad_inputs_get_clear_errors(rng):
     strided = torch.randn(1, 1, 4, 6)[..., ::2]
     with pytest.raises(RuntimeError, match="last dimension must be dense"):
         torch.ops.lafs_kernels._attention_fwd(strided, strided, strided, 1.0)
+
+
+def test_a_transformer_on_the_kernel_compiles_as_one_graph(rng):
+    """torch.compile(fullgraph=True) of a Part fViT transformer whose blocks take the C++ kernel ("auto" with more
+    than EXPLICIT_MAX_KEYS keys): the backend choice is constant-folded, the op traced through its fake
+    implementation; output and gradients match eager."""
+    if _extension.missing_reason("cpu"):
+        pytest.skip("C++ kernels not built")
+    from lafs.models.transformer import EXPLICIT_MAX_KEYS, PartTransformer, auto_attention_form
+
+    t = PartTransformer(num_landmarks=80, patch_size=2, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16)
+    t.last_block_cls_only = False  # the one block runs every token, so through the kernel
+    tokens = torch.randn(2, EXPLICIT_MAX_KEYS + 8, 12, generator=rng)
+    heads = torch.empty(2, 2, EXPLICIT_MAX_KEYS + 9, 8)  # [B, H, cls + tokens, d] as the block sees them
+    assert auto_attention_form(heads, heads) == "kernel"
+    eager = t(tokens)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), [t.layers[0][0].fn.fn.to_qkv.weight])
+    compiled = torch.compile(t, fullgraph=True, dynamic=False)(tokens)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), [t.layers[0][0].fn.fn.to_qkv.weight])
+    assert_close(compiled, eager, scale=10.0)
+    assert_close(compiled_grad, eager_grad, scale=10.0)
