@@ -59,6 +59,20 @@ def test_attention_and_its_gradients_match_the_formula(backend, rng, dtype, b, h
     assert_close(grad, expected_grad, scale=4.0)  # each gradient sums T terms of the backward's products
 
 
+@pytest.mark.parametrize("d", [40, 48, 64])  # 3 and 4 float32 vectors per row (float64 stops at 32)
+def test_wide_float32_heads_match_the_formula(backend, rng, d):
+    qkv, q, k, v = packed_qkv(rng, 2, 2, 70, d, torch.float32, tq=67)
+    out = attention(q, k, v, 0.2, backend=backend)
+    grad_out = torch.randn(out.shape, generator=rng)
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    leaf = qkv.detach().double().requires_grad_(True)
+    q64, k64, v64 = leaf.permute(2, 0, 3, 1, 4).unbind(0)
+    expected = formula_float64(q64[:, :, :67], k64, v64, 0.2)
+    (expected_grad,) = torch.autograd.grad(expected, leaf, grad_out.double())
+    assert_close(out, expected)
+    assert_close(grad, expected_grad, scale=4.0)
+
+
 def test_the_kernel_handles_wide_score_ranges(rng):
     """Scores spread over hundreds: most probabilities underflow, the softmax must stay exact (float64)."""
     _, q, k, v = packed_qkv(rng, 2, 2, 50, 8, torch.float64)
