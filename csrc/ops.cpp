@@ -65,6 +65,9 @@ TORCH_LIBRARY(lafs_kernels, m) {
   m.def(
       "_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
       "-> (Tensor, Tensor, Tensor)");
+  // The same gradients for q, k, v given as one contiguous qkv [B, T, 3, H, d] (q = qkv[:, :, 0] as [B, H, T, d]),
+  // written straight into grad_qkv [B, T, 3, H, d].
+  m.def("_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor");
   // CUDA runtime version the CUDA kernels were compiled against (e.g. 13000),
   // 0 when they were not compiled; `info` and the import check compare it.
   m.def("_cuda_runtime_version() -> int", &lafs_cuda_runtime_version);

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -357,41 +358,68 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   return {out.permute({0, 2, 1, 3}), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                 const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& out, const at::Tensor& lse,
-                                                                 double scale) {
-  check_inputs("_attention_bwd", q, k, v);
+// The gradients of q, k and v into grad_q [B, H, Tq, d] and grad_k, grad_v [B, H, T, d]: views of any layout
+// whose last dimension is dense and whose k and v rows share one stride.
+void run_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& grad_q,
+                  at::Tensor& grad_k, at::Tensor& grad_v) {
+  check_inputs(op, q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.stride(3) == 1 &&
                   out.stride(3) == 1 && grad_out.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
-              "_attention_bwd: grad_out and out must be like q, ", q.sizes(), " with a dense last dimension");
+              op, ": grad_out and out must be like q, ", q.sizes(), " with a dense last dimension");
   const int64_t B = q.size(0), H = q.size(1);
   const Shape s = shape_of(q, k);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, s.tq}) && lse.is_contiguous() &&
                   lse.scalar_type() == q.scalar_type(),
-              "_attention_bwd: lse must be a contiguous [B, H, Tq] in q's dtype");
-  at::Tensor grad_q = at::empty({B, s.tq, H, s.d}, q.options());
-  at::Tensor grad_k = at::empty({B, s.t, H, s.d}, q.options());
-  at::Tensor grad_v = at::empty({B, s.t, H, s.d}, q.options());
+              op, ": lse must be a contiguous [B, H, Tq] in q's dtype");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_attention_bwd", [&] {
     const int64_t scratch = 2 * s.d * s.t_pad + 3 * s.t * s.d_pad + kRows * (2 * s.d + 3 * s.d_pad + 2 * s.t_pad);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(scratch);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / H, h = p % H;
+        const auto pair_of = [&](at::Tensor& x) {
+          return x.mutable_data_ptr<scalar_t>() + b * x.stride(0) + h * x.stride(1);
+        };
         backward_pair<scalar_t>(pair_rows<scalar_t>(q, p, H), pair_rows<scalar_t>(k, p, H),
                                 pair_rows<scalar_t>(v, p, H), pair_rows<scalar_t>(out, p, H),
                                 pair_rows<scalar_t>(grad_out, p, H), lse.const_data_ptr<scalar_t>() + p * s.tq,
-                                static_cast<scalar_t>(scale), s,
-                                grad_q.mutable_data_ptr<scalar_t>() + (b * s.tq * H + h) * s.d,
-                                grad_k.mutable_data_ptr<scalar_t>() + (b * s.t * H + h) * s.d,
-                                grad_v.mutable_data_ptr<scalar_t>() + (b * s.t * H + h) * s.d, H * s.d, H * s.d,
-                                buffer.data());
+                                static_cast<scalar_t>(scale), s, pair_of(grad_q), pair_of(grad_k), pair_of(grad_v),
+                                grad_k.stride(2), grad_q.stride(2), buffer.data());
       }
     });
   });
-  return {grad_q.permute({0, 2, 1, 3}), grad_k.permute({0, 2, 1, 3}), grad_v.permute({0, 2, 1, 3})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale) {
+  check_inputs("_attention_bwd", q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
+  at::Tensor grad_q = at::empty({B, q.size(2), H, d}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor grad_k = at::empty({B, k.size(2), H, d}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor grad_v = at::empty({B, k.size(2), H, d}, q.options()).permute({0, 2, 1, 3});
+  run_backward("_attention_bwd", grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+// q, k, v [B, H, T, d] as views of one packed qkv [B, T, 3, H, d].
+std::array<at::Tensor, 3> unpack_qkv(const at::Tensor& qkv) {
+  return {qkv.select(2, 0).permute({0, 2, 1, 3}), qkv.select(2, 1).permute({0, 2, 1, 3}),
+          qkv.select(2, 2).permute({0, 2, 1, 3})};
+}
+
+at::Tensor attention_qkv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                 const at::Tensor& lse, double scale) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && qkv.is_contiguous(),
+              "_attention_qkv_bwd: qkv must be a contiguous [B, T, 3, H, d]; got ", qkv.sizes());
+  const auto [q, k, v] = unpack_qkv(qkv);
+  at::Tensor grad = at::empty_like(qkv);
+  auto [grad_q, grad_k, grad_v] = unpack_qkv(grad);
+  run_backward("_attention_qkv_bwd", grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  return grad;
 }
 
 }  // namespace
@@ -399,4 +427,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
 TORCH_LIBRARY_IMPL(lafs_kernels, CPU, m) {
   m.impl("_attention_fwd", &attention_fwd_cpu);
   m.impl("_attention_bwd", &attention_bwd_cpu);
+  m.impl("_attention_qkv_bwd", &attention_qkv_bwd_cpu);
 }

@@ -78,9 +78,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
+        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         # unbind, not qkv[0..2]: each select's backward would zero-fill a whole [3, B, H, N, d] gradient.
-        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attend(q, k, v, self.scale, self.form)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        form = auto_attention_form(q, k) if self.form == "auto" else self.form
+        if form == "kernel":  # the packed form: the kernel writes qkv's gradient in one piece
+            out = kernel_attention.attention_qkv(qkv, self.scale)
+        else:
+            out = attend(q, k, v, self.scale, form)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
     def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:

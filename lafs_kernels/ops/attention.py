@@ -91,6 +91,51 @@ def _backward_formula(ctx, grad_out, grad_lse):
 attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, H, T, d]: views of a packed ``qkv [B, T, 3, H, d]``."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("lafs_kernels::attention_qkv", mutates_args=())
+def attention_qkv_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`attention_op` on the q, k, v of a contiguous ``qkv [B, T, 3, H, d]``: (out [B, H, T, d], lse)."""
+    _extension.load()
+    return torch.ops.lafs_kernels._attention_fwd(*unpack_qkv(qkv), scale)
+
+
+@attention_qkv_op.register_fake
+def _(qkv, scale):
+    b, t, _, h, d = qkv.shape
+    return qkv.new_empty(b, t, h, d).permute(0, 2, 1, 3), qkv.new_empty(b, h, t)
+
+
+@torch.library.custom_op("lafs_kernels::attention_qkv_backward", mutates_args=())
+def attention_qkv_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
+    """grad_qkv [B, T, 3, H, d], written by the C++ kernel without stacking and reshaping three gradients."""
+    return torch.ops.lafs_kernels._attention_qkv_bwd(_dense_last(grad_out), qkv, out, lse, scale)
+
+
+@attention_qkv_backward_op.register_fake
+def _(grad_out, qkv, out, lse, scale):
+    return torch.empty_like(qkv)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.scale = scale
+
+
+def _qkv_backward_formula(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return attention_qkv_backward_op(grad_out, qkv, out, lse, ctx.scale), None
+
+
+attention_qkv_op.register_autograd(_qkv_backward_formula, setup_context=_setup_qkv_context)
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -119,6 +164,20 @@ def select_backend(q: Tensor, backend: Optional[str] = None) -> str:
             )
         return "torch"
     return name
+
+
+def attention_qkv(qkv: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """:func:`attention` of the q, k, v packed in ``qkv [B, T, 3, H, d]`` (a block's qkv projection, viewed) ->
+    [B, H, T, d].  The C++ backend writes the gradient of ``qkv`` in one piece, where three separate gradients
+    would be stacked and reshaped by autograd (two copies of ``qkv``'s size)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_qkv: qkv must be [B, T, 3, H, d], got {getattr(qkv, 'shape', type(qkv))}")
+    q, k, v = unpack_qkv(qkv)
+    _check_inputs(q, k, v)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if select_backend(q, backend) == "torch":
+        return reference_attention(q, k, v, scale)
+    return attention_qkv_op(qkv.contiguous(), scale)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:

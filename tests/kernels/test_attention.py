@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lafs_kernels import BackendUnavailableError, _extension
-from lafs_kernels.ops.attention import MAX_HEAD_WIDTH, attention, attention_op
+from lafs_kernels.ops.attention import MAX_HEAD_WIDTH, attention, attention_op, attention_qkv, attention_qkv_op
 
 from tolerances import assert_close
 
@@ -71,6 +71,35 @@ def test_wide_float32_heads_match_the_formula(backend, rng, d):
     (expected_grad,) = torch.autograd.grad(expected, leaf, grad_out.double())
     assert_close(out, expected)
     assert_close(grad, expected_grad, scale=4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b,h,t,d", [(1, 1, 1, 1), (2, 3, 37, 24), (1, 2, 197, 24), (2, 1, 70, 32)])
+def test_packed_qkv_attention_and_its_gradient_match_the_formula(backend, rng, dtype, b, h, t, d):
+    """attention_qkv: the same attention on a packed qkv [B, T, 3, H, d], its gradient written in one piece."""
+    qkv = torch.randn(b, t, 3, h, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_(True)
+    out = attention_qkv(qkv, 0.6, backend=backend)
+    grad_out = torch.randn(out.shape, generator=rng, dtype=torch.float64).to(dtype)
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    assert grad.shape == qkv.shape
+    assert grad.is_contiguous() or backend == "torch"  # the kernel's gradient is one piece
+    leaf = qkv.detach().double().requires_grad_(True)
+    expected = formula_float64(*leaf.permute(2, 0, 3, 1, 4).unbind(0), 0.6)
+    (expected_grad,) = torch.autograd.grad(expected, leaf, grad_out.double())
+    assert_close(out, expected)
+    assert_close(grad, expected_grad, scale=4.0)
+
+
+def test_packed_qkv_op_passes_torchs_checks(rng):
+    if _extension.missing_reason("cpu"):
+        pytest.skip("C++ kernels not built")
+    qkv = torch.randn(2, 9, 3, 2, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: attention_qkv(x, 0.8, backend="cpu"), (qkv,))
+    torch.library.opcheck(attention_qkv_op, (qkv, 0.8))
+    with pytest.raises(ValueError, match=r"qkv must be \[B, T, 3, H, d\]"):
+        attention_qkv(qkv[:, :, :2])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.lafs_kernels._attention_qkv_bwd(qkv[:, ::2].detach(), qkv[:, ::2].detach(), qkv, qkv, 1.0)
 
 
 def test_the_kernel_handles_wide_score_ranges(rng):

@@ -650,6 +650,7 @@ def test_attention_form_decides_which_kernel_runs(rng, monkeypatch, form, num_to
     for name, module, attr in (
         ("sdpa", transformer_module.F, "scaled_dot_product_attention"),
         ("kernel", transformer_module.kernel_attention, "attention"),
+        ("kernel", transformer_module.kernel_attention, "attention_qkv"),
     ):
         original = getattr(module, attr)
         monkeypatch.setattr(module, attr, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
