@@ -343,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor out = at::empty({B, s.tq, H, s.d}, q.options());
   at::Tensor lse = at::empty({B, H, s.tq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_attention_fwd", [&] {
-    const int64_t scratch = 2 * s.d * s.t_pad + s.t * s.d_pad + kRows * (s.d + s.t_pad + s.d_pad);
+    // keys_t, values, queries, probs, block_out of forward_pair_nv
+    const int64_t scratch = s.d * s.t_pad + s.t * s.d_pad + kRows * (s.d + s.t_pad + s.d_pad);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(scratch);
       for (int64_t p = begin; p < end; ++p) {
@@ -374,6 +375,7 @@ void run_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& 
                   lse.scalar_type() == q.scalar_type(),
               op, ": lse must be a contiguous [B, H, Tq] in q's dtype");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_attention_bwd", [&] {
+    // keys_t, values_t, keys, acc_k, acc_v, queries(_pad), grads(_pad), probs, dprobs, block_grad of backward_pair_nv
     const int64_t scratch = 2 * s.d * s.t_pad + 3 * s.t * s.d_pad + kRows * (2 * s.d + 3 * s.d_pad + 2 * s.t_pad);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(scratch);

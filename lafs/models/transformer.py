@@ -44,13 +44,24 @@ def auto_attention_form(q: torch.Tensor, k: torch.Tensor) -> str:
     return "kernel" if kernel_attention.select_backend(q) == "cpu" else "sdpa"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, form: str) -> torch.Tensor:
-    """softmax(q k^T * scale) v: q [B, H, Nq, d], k and v [B, H, N, d] -> [B, H, Nq, d], in ``form``."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    form: str,
+    qkv: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q [B, H, Nq, d], k and v [B, H, N, d] -> [B, H, Nq, d], in ``form``.  ``qkv``
+    [B, N, 3, H, d], when q, k and v are its views: the kernel then takes it packed and writes its gradient in one
+    piece."""
     if form == "auto":
         form = auto_attention_form(q, k)
     if form == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if form == "kernel":
+        if qkv is not None:
+            return kernel_attention.attention_qkv(qkv, scale)
         return kernel_attention.attention(q, k, v, scale)
     if form == "explicit":
         return kernel_attention.reference_attention(q, k, v, scale)
@@ -81,12 +92,8 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         # unbind, not qkv[0..2]: each select's backward would zero-fill a whole [3, B, H, N, d] gradient.
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        form = auto_attention_form(q, k) if self.form == "auto" else self.form
-        if form == "kernel":  # the packed form: the kernel writes qkv's gradient in one piece
-            out = kernel_attention.attention_qkv(qkv, self.scale)
-        else:
-            out = attend(q, k, v, self.scale, form)
+        q, k, v = kernel_attention.unpack_qkv(qkv)
+        out = attend(q, k, v, self.scale, self.form, qkv=qkv)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
     def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,20 @@ def _dense_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _heads_major(like: Tensor, b: int, t: int, h: int, d: int) -> Tensor:
+    """An empty [B, H, T, d] view of a [B, T, H, d] tensor: the layout the kernel writes."""
+    return like.new_empty(b, t, h, d).permute(0, 2, 1, 3)
+
+
+def _save_for_backward(ctx, inputs, output):
+    """Setup of both ops' autograd: their tensor inputs, out and lse saved; the trailing scale kept."""
+    *tensors, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.scale = scale
+
+
 @torch.library.custom_op("lafs_kernels::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(out [B, H, Tq, d], lse [B, H, Tq]: the log-sum-exp of each row of scaled scores) from the C++ kernel."""
@@ -50,7 +64,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor,
 @attention_op.register_fake
 def _(q, k, v, scale):
     b, h, tq, d = q.shape
-    return q.new_empty(b, tq, h, d).permute(0, 2, 1, 3), q.new_empty(b, h, tq)
+    return _heads_major(q, b, tq, h, d), q.new_empty(b, h, tq)
 
 
 @torch.library.custom_op("lafs_kernels::attention_backward", mutates_args=())
@@ -67,28 +81,14 @@ def attention_backward_op(
 def _(grad_out, q, k, v, out, lse, scale):
     b, h, tq, d = q.shape
     t = k.shape[2]
-    return (
-        q.new_empty(b, tq, h, d).permute(0, 2, 1, 3),
-        q.new_empty(b, t, h, d).permute(0, 2, 1, 3),
-        q.new_empty(b, t, h, d).permute(0, 2, 1, 3),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    return _heads_major(q, b, tq, h, d), _heads_major(q, b, t, h, d), _heads_major(q, b, t, h, d)
 
 
 def _backward_formula(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
-    return grad_q, grad_k, grad_v, None
+    return (*attention_backward_op(grad_out, *ctx.saved_tensors, ctx.scale), None)
 
 
-attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
+attention_op.register_autograd(_backward_formula, setup_context=_save_for_backward)
 
 
 def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +106,7 @@ def attention_qkv_op(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 @attention_qkv_op.register_fake
 def _(qkv, scale):
     b, t, _, h, d = qkv.shape
-    return qkv.new_empty(b, t, h, d).permute(0, 2, 1, 3), qkv.new_empty(b, h, t)
+    return _heads_major(qkv, b, t, h, d), qkv.new_empty(b, h, t)
 
 
 @torch.library.custom_op("lafs_kernels::attention_qkv_backward", mutates_args=())
@@ -120,20 +120,11 @@ def _(grad_out, qkv, out, lse, scale):
     return torch.empty_like(qkv)
 
 
-def _setup_qkv_context(ctx, inputs, output):
-    qkv, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.scale = scale
-
-
 def _qkv_backward_formula(ctx, grad_out, grad_lse):
-    qkv, out, lse = ctx.saved_tensors
-    return attention_qkv_backward_op(grad_out, qkv, out, lse, ctx.scale), None
+    return attention_qkv_backward_op(grad_out, *ctx.saved_tensors, ctx.scale), None
 
 
-attention_qkv_op.register_autograd(_qkv_backward_formula, setup_context=_setup_qkv_context)
+attention_qkv_op.register_autograd(_qkv_backward_formula, setup_context=_save_for_backward)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -151,6 +142,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise TypeError(f"attention: q, k and v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _prepared(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: Optional[str]) -> tuple[float, str]:
+    """(scale, backend name) of a checked call; ``scale`` defaults to ``d ** -0.5``."""
+    _check_inputs(q, k, v)
+    return (q.shape[3] ** -0.5 if scale is None else float(scale)), select_backend(q, backend)
 
 
 def select_backend(q: Tensor, backend: Optional[str] = None) -> str:
@@ -173,9 +170,8 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None, backend: Optional[
     if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention_qkv: qkv must be [B, T, 3, H, d], got {getattr(qkv, 'shape', type(qkv))}")
     q, k, v = unpack_qkv(qkv)
-    _check_inputs(q, k, v)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    if select_backend(q, backend) == "torch":
+    scale, name = _prepared(q, k, v, scale, backend)
+    if name == "torch":
         return reference_attention(q, k, v, scale)
     return attention_qkv_op(qkv.contiguous(), scale)[0]
 
@@ -183,8 +179,7 @@ def attention_qkv(qkv: Tensor, scale: Optional[float] = None, backend: Optional[
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
     """softmax(scale * q k^T) v for q [B, H, Tq, d], k and v [B, H, T, d] -> [B, H, Tq, d]; ``scale`` defaults to
     ``d ** -0.5``.  ``backend``: "torch" or "cpu" (None: the C++ kernel where it can run)."""
-    _check_inputs(q, k, v)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    if select_backend(q, backend) == "torch":
+    scale, name = _prepared(q, k, v, scale, backend)
+    if name == "torch":
         return reference_attention(q, k, v, scale)
     return attention_op(q, k, v, scale)[0]

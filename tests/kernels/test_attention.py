@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from lafs_kernels import BackendUnavailableError, _extension
+from lafs_kernels import BackendUnavailableError
 from lafs_kernels.ops.attention import MAX_HEAD_WIDTH, attention, attention_op, attention_qkv, attention_qkv_op
 
+from helpers.skips import CPU_KERNELS_MISSING, CPU_KERNELS_SKIP_REASON, NEEDS_CPU_KERNELS
 from tolerances import assert_close
 
 
 @pytest.fixture(params=["torch", "cpu"])
 def backend(request):
-    if request.param == "cpu" and _extension.missing_reason("cpu"):
-        pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
+    if request.param == "cpu" and CPU_KERNELS_MISSING:
+        pytest.skip(CPU_KERNELS_SKIP_REASON)
     return request.param
 
 
@@ -75,6 +76,7 @@ def test_wide_float32_heads_match_the_formula(backend, rng, d):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("b,h,t,d", [(1, 1, 1, 1), (2, 3, 37, 24), (1, 2, 197, 24), (2, 1, 70, 32)])
+@NEEDS_CPU_KERNELS
 def test_packed_qkv_attention_and_its_gradient_match_the_formula(backend, rng, dtype, b, h, t, d):
     """attention_qkv: the same attention on a packed qkv [B, T, 3, H, d], its gradient written in one piece."""
     qkv = torch.randn(b, t, 3, h, d, generator=rng, dtype=torch.float64).to(dtype).requires_grad_(True)
@@ -90,9 +92,8 @@ def test_packed_qkv_attention_and_its_gradient_match_the_formula(backend, rng, d
     assert_close(grad, expected_grad, scale=4.0)
 
 
+@NEEDS_CPU_KERNELS
 def test_packed_qkv_op_passes_torchs_checks(rng):
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
     qkv = torch.randn(2, 9, 3, 2, 5, generator=rng, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: attention_qkv(x, 0.8, backend="cpu"), (qkv,))
     torch.library.opcheck(attention_qkv_op, (qkv, 0.8))
@@ -102,11 +103,10 @@ def test_packed_qkv_op_passes_torchs_checks(rng):
         torch.ops.lafs_kernels._attention_qkv_bwd(qkv[:, ::2].detach(), qkv[:, ::2].detach(), qkv, qkv, 1.0)
 
 
+@NEEDS_CPU_KERNELS
 def test_the_kernel_handles_wide_score_ranges(rng):
     """Scores spread over hundreds: most probabilities underflow, the softmax must stay exact (float64)."""
     _, q, k, v = packed_qkv(rng, 2, 2, 50, 8, torch.float64)
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
     scale = 40.0
     out = attention(q, k, v, scale, backend="cpu")
     assert_close(out, formula_float64(q, k, v, scale))
@@ -114,9 +114,8 @@ def test_the_kernel_handles_wide_score_ranges(rng):
     assert_close(attention(q32, k32, v32, scale, backend="cpu"), formula_float64(q32, k32, v32, scale), scale=10.0)
 
 
+@NEEDS_CPU_KERNELS
 def test_the_kernel_output_transposes_back_without_a_copy(rng):
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
     _, q, k, v = packed_qkv(rng, 2, 3, 20, 8, torch.float32)
     out = attention(q, k, v, backend="cpu")
     assert out.transpose(1, 2).is_contiguous()  # [B, Tq, H, d]: the block's reshape to [B, Tq, H * d] is a view
@@ -125,8 +124,6 @@ def test_the_kernel_output_transposes_back_without_a_copy(rng):
 def test_gradcheck_and_opcheck_of_the_custom_op(rng):
     """torch's own checks of the op: gradients by finite differences, and its schema / fake / autograd
     registrations (torch.library.opcheck)."""
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
     _, q, k, v = packed_qkv(rng, 1, 2, 11, 5, torch.float64, tq=9)
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, 0.9, backend="cpu"), (q, k, v))
@@ -150,7 +147,7 @@ def test_bad_inputs_get_clear_errors(rng):
         attention(q, k.double(), v)
     with pytest.raises(TypeError, match="one float dtype"):
         attention(*(x.detach().to(torch.int64) for x in (q, k, v)))
-    if _extension.missing_reason("cpu"):
+    if CPU_KERNELS_MISSING:
         return
     wide = torch.randn(1, 1, 3, MAX_HEAD_WIDTH[torch.float32] + 1)
     with pytest.raises(BackendUnavailableError, match="head width of at most 64"):
@@ -163,12 +160,11 @@ def test_bad_inputs_get_clear_errors(rng):
         torch.ops.lafs_kernels._attention_fwd(strided, strided, strided, 1.0)
 
 
+@NEEDS_CPU_KERNELS
 def test_a_transformer_on_the_kernel_compiles_as_one_graph(rng):
     """torch.compile(fullgraph=True) of a Part fViT transformer whose blocks take the C++ kernel ("auto" with more
     than EXPLICIT_MAX_KEYS keys): the backend choice is constant-folded, the op traced through its fake
     implementation; output and gradients match eager."""
-    if _extension.missing_reason("cpu"):
-        pytest.skip("C++ kernels not built")
     from lafs.models.transformer import EXPLICIT_MAX_KEYS, PartTransformer, auto_attention_form
 
     t = PartTransformer(num_landmarks=80, patch_size=2, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16)

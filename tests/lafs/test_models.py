@@ -29,10 +29,10 @@ from lafs.models import transformer as transformer_module
 from lafs.models.official import infer_official_config
 from lafs.models.safe_load import load_checkpoint
 from lafs.models.transformer import ATTENTION_FORMS, EXPLICIT_MAX_KEYS
-from lafs_kernels import _extension
 
 from conftest import RUN_SALT
 from helpers.models import official_key, official_state_of, randomize_
+from helpers.skips import CPU_KERNELS_MISSING, CPU_KERNELS_SKIP_REASON
 from tolerances import assert_close
 
 SHAPES = json.loads((Path(__file__).parents[1] / "data" / "lafs_official_state_dict_shapes.json").read_text())
@@ -644,8 +644,8 @@ def test_attention_form_decides_which_kernel_runs(rng, monkeypatch, form, num_to
     """On the CPU "auto" takes the separate ops up to EXPLICIT_MAX_KEYS keys (cls token included) or
     EXPLICIT_MAX_QUERIES queries, our C++ kernel beyond where it can run, else torch's fused kernel; the other
     forms always take theirs.  Two blocks: one full, one for the cls row only; float64."""
-    if "kernel" in expected and _extension.missing_reason("cpu"):
-        pytest.skip(f"C++ kernels not built: {_extension.missing_reason('cpu')}")
+    if "kernel" in expected and CPU_KERNELS_MISSING:
+        pytest.skip(CPU_KERNELS_SKIP_REASON)
     calls = []
     for name, module, attr in (
         ("sdpa", transformer_module.F, "scaled_dot_product_attention"),
