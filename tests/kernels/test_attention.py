@@ -31,7 +31,9 @@ def formula_float64(q, k, v, scale):
     return torch.einsum("bhij,bhjd->bhid", weights, v.double())
 
 
-SHAPES = [  # (B, H, Tq, T, d): sequences and rows that are and are not multiples of a vector / an 8-row block
+# (B, H, Tq, T, d): sequences and rows that are and are not multiples of a vector / an 8-row block (a last block
+# of one row has its own path), float32 heads of half a vector (8), one and a half (24) and whole vectors
+SHAPES = [
     (1, 1, 1, 1, 1),
     (2, 3, 5, 5, 4),
     (2, 2, 1, 37, 24),  # the last block's cls row over a local view
@@ -39,6 +41,7 @@ SHAPES = [  # (B, H, Tq, T, d): sequences and rows that are and are not multiple
     (2, 1, 17, 33, 16),
     (1, 2, 197, 197, 24),  # a global view of part_fvit_tiny
     (1, 1, 9, 70, 32),
+    (3, 2, 25, 25, 8),  # a local view of the default run's size: three whole blocks and a single row
 ]
 
 
@@ -60,7 +63,7 @@ def test_attention_and_its_gradients_match_the_formula(backend, rng, dtype, b, h
     assert_close(grad, expected_grad, scale=4.0)  # each gradient sums T terms of the backward's products
 
 
-@pytest.mark.parametrize("d", [40, 48, 64])  # 3 and 4 float32 vectors per row (float64 stops at 32)
+@pytest.mark.parametrize("d", [40, 48, 56, 64])  # padded to 3 and 4 float32 vectors per row (float64 stops at 32)
 def test_wide_float32_heads_match_the_formula(backend, rng, d):
     qkv, q, k, v = packed_qkv(rng, 2, 2, 70, d, torch.float32, tq=67)
     out = attention(q, k, v, 0.2, backend=backend)
