@@ -22,7 +22,7 @@ the original path); the per-landmark ``grid_sample`` loop and the unfused
 margin loss stay, and so does the original's landmark-CNN call per global view.
 ``fused`` is our path: the step from the middle rung to it is the fused kernels, the attention kernels included
 (both lower rungs compute attention as the released code does, ``PartTransformer.attention_form`` "explicit"; ours
-"auto": on the CPU our C++ kernel for sequences longer than 64 keys, on a GPU torch's fused kernel), and, in
+"auto": on the CPU our C++ kernel for sequences longer than 32 keys, on a GPU torch's fused kernel), and, in
 pretraining, one landmark-CNN call for both global views instead of one each. CPU: the
 ``part_fvit_tiny`` preset in float32 with the demo recipe's DINO head sizes and half its pretraining batch; GPU:
 ``part_fvit_b`` with the WebFace4M recipes' batch sizes (128 supervised, 64 pretraining) under bfloat16 autocast.

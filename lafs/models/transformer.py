@@ -27,11 +27,11 @@ from lafs_kernels.ops import attention as kernel_attention
 #   "auto":     on a GPU "sdpa"; on the CPU "explicit" for at most EXPLICIT_MAX_KEYS keys or EXPLICIT_MAX_QUERIES
 #               queries (the last block's cls row), else "kernel" where the C++ kernel can run, else "sdpa".
 ATTENTION_FORMS = ("auto", "sdpa", "explicit", "kernel")
-# benchmarks/bench_attention.py, forward + backward on a 2-core AMD EPYC (README's runs): for 25-64 keys (LAFS
-# local views, the default run's views) the separate ops are as fast as ours or faster, and up to 1.2x faster than
-# torch's fused kernel; for 100-197 keys (a global view of 196 landmarks) ours beats the fused kernel by 1.2-1.4x
-# and the separate ops by 1.3-1.6x.
-EXPLICIT_MAX_KEYS = 64
+# benchmarks/bench_attention.py, forward + backward as a block runs it, three idle runs pooled on a 2-core AMD EPYC:
+# ours against the separate ops 0.93x at 25 keys (the default run's local views), 1.10x at 37 (LAFS local views)
+# and at 50 (the default run's global views), 1.30x at 64, 1.46x at 100 and 1.95x at 197 (a global view of 196
+# landmarks); against torch's fused kernel 1.07-1.61x.
+EXPLICIT_MAX_KEYS = 32
 EXPLICIT_MAX_QUERIES = 8
 
 

@@ -10,7 +10,7 @@ Backends: ``torch`` (the formula in torch ops: matmul, scale, softmax, matmul; a
 task per (b, h) and keeps a block of 8 query rows' scores in L1 from the score product through the softmax to the
 value product; its backward recomputes the probabilities from the forward's log-sum-exp instead of keeping the
 ``[B, H, Tq, T]`` probabilities.  It returns the output as a view of a ``[B, Tq, H, d]`` tensor, so a block's
-transpose back to ``[B, Tq, H * d]`` costs no copy.  For short sequences (tens of keys) and single query rows the
+transpose back to ``[B, Tq, H * d]`` costs no copy.  For sequences of 32 keys or fewer and single query rows the
 torch formula is as fast or faster on the CPU; ``lafs.models.transformer.attend`` chooses between them.
 ``LAFS_KERNELS_BACKEND`` does not apply here; ``backend=`` does.
 """
