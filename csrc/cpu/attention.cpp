@@ -274,8 +274,9 @@ struct Shape {
   int64_t tq, t, d, d_pad, t_pad;
 };
 
-// Calls body(first, std::integral_constant<int, R>) for each block of R query rows: kRows, or 1 for a sequence's
-// single last row (a cls token after whole blocks of patch tokens); other short last blocks are padded to kRows.
+// Calls body(first, std::integral_constant<int, R>) for each block of R query rows: kRows, or (float32) 1 for a
+// sequence's single last row (a cls token after whole blocks of patch tokens); other short last blocks are padded
+// to kRows.  float64 always takes kRows, for the build time (see padded_width).
 template <typename T, typename Body>
 LAFS_INLINE void for_row_blocks(int64_t tq, Body&& body) {
   for (int64_t first = 0; first < tq; first += kRows) {
