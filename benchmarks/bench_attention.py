@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lafs.models.transformer import attend
+from lafs.models.transformer import attend_packed
 
 import _harness
 from _harness import DEVICE, DTYPES, pick
@@ -52,8 +52,7 @@ def build_case(form: str, N: int, H: int, T: int, d: int, dtype: str, device: st
     grad_out = torch.randn(N, T, H * d, generator=generator, device=device).to(DTYPES[dtype])
 
     def case():
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = attend(q, k, v, SCALE, form, qkv=qkv).transpose(1, 2).reshape(N, T, H * d)
+        out = attend_packed(qkv, SCALE, form).transpose(1, 2).reshape(N, T, H * d)
         return _harness.grads_of(out, (qkv,), grad_out)
 
     return case

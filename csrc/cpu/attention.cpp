@@ -439,7 +439,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 // ones to 48 or 64; float64 (which serves the tests, where speed does not matter) at 4 vectors.  Each width is an
 // instantiation of every block routine, so fewer widths keep the build time down.
 int64_t padded_width(int64_t d, int64_t element_size) {
-  if (element_size == 8) return kMaxVecs * 8;
+  if (element_size == 8) return kMaxVecs * Lanes<double>::n;
   return d <= 32 ? round_up(d, 8) : d <= 48 ? 48 : 64;
 }
 

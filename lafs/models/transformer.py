@@ -44,28 +44,28 @@ def auto_attention_form(q: torch.Tensor, k: torch.Tensor) -> str:
     return "kernel" if kernel_attention.select_backend(q) == "cpu" else "sdpa"
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    form: str,
-    qkv: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v: q [B, H, Nq, d], k and v [B, H, N, d] -> [B, H, Nq, d], in ``form``.  ``qkv``
-    [B, N, 3, H, d], when q, k and v are its views: the kernel then takes it packed and writes its gradient in one
-    piece."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, form: str) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q [B, H, Nq, d], k and v [B, H, N, d] -> [B, H, Nq, d], in ``form``."""
     if form == "auto":
         form = auto_attention_form(q, k)
     if form == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if form == "kernel":
-        if qkv is not None:
-            return kernel_attention.attention_qkv(qkv, scale)
         return kernel_attention.attention(q, k, v, scale)
     if form == "explicit":
         return kernel_attention.reference_attention(q, k, v, scale)
     raise ValueError(f"attention form must be one of {ATTENTION_FORMS}; got {form!r}")
+
+
+def attend_packed(qkv: torch.Tensor, scale: float, form: str) -> torch.Tensor:
+    """:func:`attend` on the q, k, v of a block's packed projection ``qkv [B, N, 3, H, d]`` -> [B, H, N, d]; the
+    kernel form takes it packed and writes its gradient in one piece."""
+    q, k, v = kernel_attention.unpack_qkv(qkv)
+    if form == "auto":
+        form = auto_attention_form(q, k)
+    if form == "kernel":
+        return kernel_attention.attention_qkv(qkv, scale)
+    return attend(q, k, v, scale, form)
 
 
 class Attention(nn.Module):
@@ -91,9 +91,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
-        # unbind, not qkv[0..2]: each select's backward would zero-fill a whole [3, B, H, N, d] gradient.
-        q, k, v = kernel_attention.unpack_qkv(qkv)
-        out = attend(q, k, v, self.scale, self.form, qkv=qkv)
+        out = attend_packed(qkv, self.scale, self.form)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
     def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ attention_op.register_autograd(_backward_formula, setup_context=_save_for_backwa
 
 
 def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v [B, H, T, d]: views of a packed ``qkv [B, T, 3, H, d]``."""
+    """q, k, v [B, H, T, d]: views of a packed ``qkv [B, T, 3, H, d]`` (by unbind: a select per view would
+    zero-fill a whole qkv-sized gradient in each one's backward)."""
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
