@@ -21,11 +21,12 @@ def test_original_path_matches_fused_path(tmp_path, rng):
     """Same initial weights and data, four optimizer steps (the first at lr 0): every step's loss, accuracy and
     gradient norm, and the final weights, agree to float32 rounding carried through AdamW.
 
-    The landmark CNN is held at lr 0 here (its gradients are compared in the next test). Trained, its biases
-    ahead of a batch norm have a true gradient of 0 and a computed one of float32 noise, which AdamW turns into
-    steps of ~lr of either sign; the two paths' noise differs, so from the third step on their landmarks, and
-    then their losses and weights, drift apart at a rate set by chance (by 1e-4 relative in the loss and 1e-5 in
-    the weights' 99.9% quantile at 3 of seeds 0-199).
+    The landmark CNN is held at lr 0 here (its gradients are compared in the next test). Trained, AdamW moves
+    each of its weights by about lr per step whatever its gradient's size; where a landmark's gradient is near
+    zero its sign is the two gathers' float32 rounding, so that landmark moves one way on one path and the other
+    way on the other, and from the third step on the patches, then the losses and weights, drift apart at a rate
+    set by chance (by 1e-4 relative in the loss, 1e-5 in the weights' 99.9% quantile, at 3 of seeds 0-199; with
+    the fused path's landmark CNN in NCHW as well, so not its channels-last layout).
     With it held, over seeds 0-119 the loss agreed to 4.3e-7 relative, the gradient norm to 1.1e-5, the
     accuracy exactly and every transformer weight to 1.8e-7: the bounds below are 10x those.
     """
